@@ -1,0 +1,35 @@
+# ferry: the two quick-start commands and their parts.
+#   make demo    install what is missing, build, generate from the bundled model
+#   make test    install what is missing, build, run every test
+# CMake does the building; this file only sequences it.
+
+BUILD ?= build
+JOBS ?= $(shell nproc)
+MODEL ?= models/tiny-moe-code
+PROMPT ?= def fibonacci(n):
+
+.PHONY: all deps build demo test test-sanitize clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release
+	cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	$(BUILD)/ferry run $(MODEL) -p "$(PROMPT)" -n 64 --stats
+
+test: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+# The same tests built with AddressSanitizer and UndefinedBehaviorSanitizer.
+test-sanitize: deps
+	cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DFERRY_SANITIZE=address,undefined
+	cmake --build build-asan -j $(JOBS)
+	ctest --test-dir build-asan --output-on-failure -j $(JOBS)
+
+clean:
+	rm -rf $(BUILD) build-asan

@@ -1,0 +1,405 @@
+/*
+ * cli/main.c: the `ferry` command.
+ *
+ *   ferry run MODEL_DIR -p PROMPT [options]   generate text, streaming it to stdout
+ *
+ * Usage errors exit with status 2, runtime failures with 1; messages go to stderr.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ferry.h"
+
+static void usage_run(FILE *f)
+{
+    fprintf(f,
+            "usage: ferry run MODEL_DIR (-p PROMPT | -f FILE) [options]\n"
+            "\n"
+            "Generates text from a Hugging Face Mixtral-style checkpoint directory.\n"
+            "\n"
+            "  -p, --prompt TEXT   the prompt\n"
+            "  -f, --file FILE     read the prompt from FILE\n"
+            "  -n, --n-predict N   tokens to generate (default 64)\n"
+            "      --ctx C         KV cache capacity in tokens (default: the model's maximum,\n"
+            "                      capped at 4096)\n"
+            "      --temp T        sampling temperature; 0 = greedy (default 0)\n"
+            "      --top-k K       keep the K most probable tokens; 0 = off (default 0)\n"
+            "      --top-p P       nucleus sampling mass in (0, 1]; 1 = off (default 1)\n"
+            "      --seed S        random seed for sampling (default 0)\n"
+            "      --threads N     compute threads; 0 = one per physical core (default 0)\n"
+            "      --ignore-eos    keep generating after the end-of-sequence token\n"
+            "      --stats         print prefill and decode speed to stderr\n"
+            "      --json          print one JSON object (prompt_ids, ids, text, stats) instead\n"
+            "                      of streaming text\n"
+            "      --logits FILE   write the prompt's last-position logits (little-endian\n"
+            "                      float32, n_vocab values) to FILE\n"
+            "  -v, --verbose       log what the library does to stderr\n");
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: ferry COMMAND [args]\n"
+               "\n"
+               "commands:\n"
+               "  run       generate text from a model (ferry run --help)\n"
+               "  version   print the version\n");
+}
+
+static int bad_value(const char *opt, const char *val, const char *want)
+{
+    fprintf(stderr, "ferry run: %s expects %s, got '%s'\n", opt, want, val);
+    return 2;
+}
+
+static int parse_i64(const char *opt, const char *s, long long lo, long long hi, long long *out)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        char want[96];
+        snprintf(want, sizeof want, "an integer in [%lld, %lld]", lo, hi);
+        return bad_value(opt, s, want);
+    }
+    *out = v;
+    return 0;
+}
+
+static int parse_f(const char *opt, const char *s, double lo, double hi, double *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || !isfinite(v) || v < lo || v > hi) {
+        char want[96];
+        snprintf(want, sizeof want, "a number in [%g, %g]", lo, hi);
+        return bad_value(opt, s, want);
+    }
+    *out = v;
+    return 0;
+}
+
+static char *read_text_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "ferry run: cannot open %s: %s\n", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    while (buf) {
+        if (n + 1 >= cap) {
+            char *grown = realloc(buf, cap * 2);
+            if (!grown) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = grown;
+            cap *= 2;
+        }
+        size_t got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0)
+            break;
+    }
+    if (buf && ferror(f)) {
+        fprintf(stderr, "ferry run: cannot read %s: %s\n", path, strerror(errno));
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) {
+        buf[n] = 0;
+        *len = n;
+    } else {
+        fprintf(stderr, "ferry run: cannot read %s\n", path);
+    }
+    return buf;
+}
+
+typedef struct {
+    int stream;
+    char *text; /* generated text, for --json */
+    size_t len, cap;
+} run_sink;
+
+static int on_token(int32_t id, const char *text, size_t len, void *user)
+{
+    (void)id;
+    run_sink *s = user;
+    if (s->stream) {
+        fwrite(text, 1, len, stdout);
+        fflush(stdout);
+        return 0;
+    }
+    if (s->len + len + 1 > s->cap) {
+        size_t cap = (s->cap ? s->cap * 2 : 1024) + len;
+        char *grown = realloc(s->text, cap);
+        if (!grown)
+            return 1;
+        s->text = grown;
+        s->cap = cap;
+    }
+    memcpy(s->text + s->len, text, len);
+    s->len += len;
+    s->text[s->len] = 0;
+    return 0;
+}
+
+static int fail_lib(const char *what, ferry_status st)
+{
+    fprintf(stderr, "ferry run: %s: %s (%s)\n", what, ferry_last_error(), ferry_status_name(st));
+    return 1;
+}
+
+static cJSON *stats_json(const ferry_stats *s)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "prompt_tokens", (double)s->n_prompt_tokens);
+    cJSON_AddNumberToObject(o, "decode_tokens", (double)s->n_decode_tokens);
+    cJSON_AddNumberToObject(o, "prefill_seconds", s->prefill_seconds);
+    cJSON_AddNumberToObject(o, "decode_seconds", s->decode_seconds);
+    cJSON_AddNumberToObject(o, "sample_seconds", s->sample_seconds);
+    cJSON_AddNumberToObject(o, "prefill_tokens_per_s", s->prefill_tokens_per_s);
+    cJSON_AddNumberToObject(o, "decode_tokens_per_s", s->decode_tokens_per_s);
+    return o;
+}
+
+static cJSON *ids_json(const int32_t *ids, int32_t n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int32_t i = 0; i < n; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
+    return a;
+}
+
+static int cmd_run(int argc, char **argv)
+{
+    const char *model_dir = NULL, *prompt = NULL, *prompt_file = NULL, *logits_path = NULL;
+    long long n_predict = 64, n_ctx = 0, top_k = 0, seed = 0, n_threads = 0;
+    double temp = 0, top_p = 1;
+    int want_stats = 0, want_json = 0, ignore_eos = 0;
+    int rc;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEED_VALUE()                                                                           \
+    do {                                                                                       \
+        if (!v) {                                                                              \
+            fprintf(stderr, "ferry run: %s needs a value\n", a);                              \
+            return 2;                                                                          \
+        }                                                                                      \
+        i++;                                                                                   \
+    } while (0)
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage_run(stdout);
+            return 0;
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
+            NEED_VALUE();
+            prompt = v;
+        } else if (!strcmp(a, "-f") || !strcmp(a, "--file")) {
+            NEED_VALUE();
+            prompt_file = v;
+        } else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) {
+            NEED_VALUE();
+            if ((rc = parse_i64(a, v, 0, INT32_MAX, &n_predict)))
+                return rc;
+        } else if (!strcmp(a, "--ctx")) {
+            NEED_VALUE();
+            if ((rc = parse_i64(a, v, 1, INT32_MAX, &n_ctx)))
+                return rc;
+        } else if (!strcmp(a, "--temp")) {
+            NEED_VALUE();
+            if ((rc = parse_f(a, v, 0, 1e6, &temp)))
+                return rc;
+        } else if (!strcmp(a, "--top-k")) {
+            NEED_VALUE();
+            if ((rc = parse_i64(a, v, 0, INT32_MAX, &top_k)))
+                return rc;
+        } else if (!strcmp(a, "--top-p")) {
+            NEED_VALUE();
+            if ((rc = parse_f(a, v, 0, 1, &top_p)))
+                return rc;
+            if (top_p <= 0)
+                return bad_value(a, v, "a number in (0, 1]");
+        } else if (!strcmp(a, "--seed")) {
+            NEED_VALUE();
+            if ((rc = parse_i64(a, v, 0, LLONG_MAX, &seed)))
+                return rc;
+        } else if (!strcmp(a, "--threads")) {
+            NEED_VALUE();
+            if ((rc = parse_i64(a, v, 0, 1024, &n_threads)))
+                return rc;
+        } else if (!strcmp(a, "--logits")) {
+            NEED_VALUE();
+            logits_path = v;
+        } else if (!strcmp(a, "--stats")) {
+            want_stats = 1;
+        } else if (!strcmp(a, "--json")) {
+            want_json = 1;
+        } else if (!strcmp(a, "--ignore-eos")) {
+            ignore_eos = 1;
+        } else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
+            ferry_set_log(FERRY_LOG_DEBUG, NULL, NULL);
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "ferry run: unknown option '%s' (see ferry run --help)\n", a);
+            return 2;
+        } else if (!model_dir) {
+            model_dir = a;
+        } else {
+            fprintf(stderr, "ferry run: unexpected argument '%s'\n", a);
+            return 2;
+        }
+#undef NEED_VALUE
+    }
+    if (!model_dir) {
+        usage_run(stderr);
+        return 2;
+    }
+    if (!!prompt + !!prompt_file != 1) {
+        fprintf(stderr, "ferry run: give the prompt with exactly one of -p or -f\n");
+        return 2;
+    }
+
+    char *file_text = NULL;
+    size_t prompt_len = prompt ? strlen(prompt) : 0;
+    if (prompt_file) {
+        file_text = read_text_file(prompt_file, &prompt_len);
+        if (!file_text)
+            return 1;
+        prompt = file_text;
+    }
+
+    ferry_model *m = NULL;
+    ferry_context *c = NULL;
+    int32_t *prompt_ids = NULL, *ids = NULL;
+    float *logits = NULL;
+    run_sink sink = {.stream = !want_json};
+    int32_t n_prompt = 0, n_gen = 0;
+    ferry_model_info info;
+    ferry_status st;
+    rc = 1;
+
+    ferry_model_params mp = ferry_model_params_default();
+    mp.n_threads = (int32_t)n_threads;
+    if ((st = ferry_model_open(model_dir, &mp, &m))) {
+        rc = fail_lib(model_dir, st);
+        goto done;
+    }
+    ferry_model_get_info(m, &info);
+    ferry_context_params cp = ferry_context_params_default();
+    cp.n_ctx = (int32_t)n_ctx;
+    cp.temperature = (float)temp;
+    cp.top_k = (int32_t)top_k;
+    cp.top_p = (float)top_p;
+    cp.seed = (uint64_t)seed;
+    if ((st = ferry_context_create(m, &cp, &c))) {
+        rc = fail_lib("context", st);
+        goto done;
+    }
+    st = ferry_tokenize(m, prompt, prompt_len, 1, NULL, 0, &n_prompt);
+    if (st != FERRY_OK && st != FERRY_ERR_INVALID) {
+        rc = fail_lib("tokenize", st);
+        goto done;
+    }
+    prompt_ids = malloc(((size_t)n_prompt + 1) * sizeof *prompt_ids);
+    ids = malloc(((size_t)n_predict + 1) * sizeof *ids);
+    logits = malloc((size_t)info.n_vocab * sizeof *logits);
+    if (!prompt_ids || !ids || !logits) {
+        fprintf(stderr, "ferry run: out of memory\n");
+        goto done;
+    }
+    if ((st = ferry_tokenize(m, prompt, prompt_len, 1, prompt_ids, n_prompt, &n_prompt))) {
+        rc = fail_lib("tokenize", st);
+        goto done;
+    }
+    if (!want_json) {
+        fwrite(prompt, 1, prompt_len, stdout);
+        fflush(stdout);
+    }
+    ferry_generate_params gp = ferry_generate_params_default();
+    gp.n_predict = (int32_t)n_predict;
+    gp.stop_at_eos = !ignore_eos;
+    gp.prompt_logits = logits;
+    if ((st = ferry_generate(c, prompt_ids, n_prompt, &gp, on_token, &sink, ids,
+                             (int32_t)n_predict, &n_gen))) {
+        if (!want_json)
+            printf("\n");
+        rc = fail_lib("generate", st);
+        goto done;
+    }
+    if (!want_json) {
+        printf("\n");
+        fflush(stdout);
+    }
+
+    ferry_stats stats;
+    ferry_context_get_stats(c, &stats);
+    if (logits_path) {
+        FILE *f = fopen(logits_path, "wb");
+        int ok = f && fwrite(logits, sizeof(float), (size_t)info.n_vocab, f) == (size_t)info.n_vocab;
+        if (f && fclose(f) != 0)
+            ok = 0;
+        if (!ok) {
+            fprintf(stderr, "ferry run: cannot write %s: %s\n", logits_path, strerror(errno));
+            goto done;
+        }
+    }
+    if (want_json) {
+        cJSON *root = cJSON_CreateObject();
+        cJSON_AddItemToObject(root, "prompt_ids", ids_json(prompt_ids, n_prompt));
+        cJSON_AddItemToObject(root, "ids", ids_json(ids, n_gen));
+        cJSON_AddStringToObject(root, "text", sink.text ? sink.text : "");
+        cJSON_AddItemToObject(root, "stats", stats_json(&stats));
+        char *out = cJSON_PrintUnformatted(root);
+        if (out)
+            printf("%s\n", out);
+        free(out);
+        cJSON_Delete(root);
+    }
+    if (want_stats)
+        fprintf(stderr,
+                "prefill: %lld tokens in %.3f s (%.1f tokens/s)\n"
+                "decode:  %lld tokens in %.3f s (%.1f tokens/s)\n",
+                (long long)stats.n_prompt_tokens, stats.prefill_seconds,
+                stats.prefill_tokens_per_s, (long long)stats.n_decode_tokens,
+                stats.decode_seconds, stats.decode_tokens_per_s);
+    rc = 0;
+done:
+    free(sink.text);
+    free(prompt_ids);
+    free(ids);
+    free(logits);
+    free(file_text);
+    ferry_context_free(c);
+    ferry_model_close(m);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (!strcmp(argv[1], "run"))
+        return cmd_run(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
+        printf("ferry %s\n", ferry_version());
+        return 0;
+    }
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return 0;
+    }
+    fprintf(stderr, "ferry: unknown command '%s'\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,298 @@
+/*
+ * engine/config.c: parses and checks a Hugging Face Mixtral config.json.
+ *
+ * The fields read (a JSON object; others are ignored):
+ *   model_type "mixtral" (or absent, with architectures containing "MixtralForCausalLM")
+ *   vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+ *   num_local_experts, num_experts_per_tok, max_position_embeddings     required integers
+ *   rms_norm_eps                                       required number > 0
+ *   num_key_value_heads                                integer, default num_attention_heads
+ *   head_dim                                           integer or null, default
+ *                                                      hidden_size / num_attention_heads
+ *   rope_theta                                         number > 0, default 1e6
+ *   sliding_window                                     integer >= 0 or null (= none)
+ *   tie_word_embeddings                                bool, default false
+ *   bos_token_id                                       integer or null
+ *   eos_token_id                                       integer, list of integers, or null
+ *   rope_scaling                                       must be null or absent
+ * A field given the JSON value null is treated as absent.
+ */
+#include "engine/config.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/error.h"
+
+#define FERRY_CONFIG_MAX_FILE (16u * 1024 * 1024)
+
+/* The field, or NULL when absent or JSON null. */
+static const cJSON *field(const cJSON *root, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    return cJSON_IsNull(v) ? NULL : v;
+}
+
+/* Reads integer field key into *out, in [lo, hi]. Absent: *out = def when optional, else
+ * a failure. */
+static ferry_status get_int(const cJSON *root, const char *origin, const char *key,
+                            int required, int32_t def, int64_t lo, int64_t hi, int32_t *out)
+{
+    const cJSON *v = field(root, key);
+    if (!v) {
+        if (required)
+            return ferry_fail(FERRY_ERR_FORMAT, "%s: required field '%s' is missing", origin,
+                              key);
+        *out = def;
+        return FERRY_OK;
+    }
+    if (!cJSON_IsNumber(v) || !(fabs(v->valuedouble) < 9007199254740992.0) ||
+        v->valuedouble != floor(v->valuedouble))
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field '%s' is not an integer", origin, key);
+    double d = v->valuedouble;
+    if (d < (double)lo || d > (double)hi)
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field '%s' is %.0f, outside [%lld, %lld]",
+                          origin, key, d, (long long)lo, (long long)hi);
+    *out = (int32_t)d;
+    return FERRY_OK;
+}
+
+/* Reads a number field > 0 that stays finite and nonzero as a float. */
+static ferry_status get_positive(const cJSON *root, const char *origin, const char *key,
+                                 int required, float def, float *out)
+{
+    const cJSON *v = field(root, key);
+    if (!v) {
+        if (required)
+            return ferry_fail(FERRY_ERR_FORMAT, "%s: required field '%s' is missing", origin,
+                              key);
+        *out = def;
+        return FERRY_OK;
+    }
+    if (!cJSON_IsNumber(v))
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field '%s' is not a number", origin, key);
+    float f = (float)v->valuedouble;
+    if (!(v->valuedouble > 0) || !(f > 0) || !isfinite(f))
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field '%s' is %g, must be a positive float",
+                          origin, key, v->valuedouble);
+    *out = f;
+    return FERRY_OK;
+}
+
+static ferry_status check_model_type(const cJSON *root, const char *origin)
+{
+    const cJSON *type = field(root, "model_type");
+    if (type) {
+        if (!cJSON_IsString(type))
+            return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'model_type' is not a string", origin);
+        if (strcmp(type->valuestring, "mixtral") != 0)
+            return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: model_type '%s' is not supported "
+                              "(ferry runs 'mixtral')", origin, type->valuestring);
+        return FERRY_OK;
+    }
+    const cJSON *arch = field(root, "architectures");
+    if (!arch)
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: neither 'model_type' nor 'architectures' is "
+                          "given", origin);
+    if (!cJSON_IsArray(arch))
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'architectures' is not a list", origin);
+    for (const cJSON *a = arch->child; a; a = a->next)
+        if (cJSON_IsString(a) && strcmp(a->valuestring, "MixtralForCausalLM") == 0)
+            return FERRY_OK;
+    const cJSON *first = arch->child;
+    return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: architectures ['%s'%s] do not include "
+                      "MixtralForCausalLM", origin,
+                      cJSON_IsString(first) ? first->valuestring : "?",
+                      first && first->next ? ", ..." : "");
+}
+
+static ferry_status get_token_ids(const cJSON *root, const char *origin, int32_t vocab,
+                                  ferry_config *c)
+{
+    ferry_status st;
+    if ((st = get_int(root, origin, "bos_token_id", 0, -1, 0, vocab - 1, &c->bos_id)) != FERRY_OK)
+        return st;
+    const cJSON *eos = field(root, "eos_token_id");
+    c->n_eos = 0;
+    if (!eos || cJSON_IsNumber(eos)) {
+        if (eos) {
+            if ((st = get_int(root, origin, "eos_token_id", 1, 0, 0, vocab - 1, &c->eos_ids[0])) !=
+                FERRY_OK)
+                return st;
+            c->n_eos = 1;
+        }
+        return FERRY_OK;
+    }
+    if (!cJSON_IsArray(eos))
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'eos_token_id' is neither an integer nor "
+                          "a list", origin);
+    int n = cJSON_GetArraySize(eos);
+    if (n > FERRY_CONFIG_MAX_EOS)
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: field 'eos_token_id' lists %d ids, at most "
+                          "%d are supported", origin, n, FERRY_CONFIG_MAX_EOS);
+    int i = 0;
+    for (const cJSON *e = eos->child; e; e = e->next, i++) {
+        double d = cJSON_IsNumber(e) ? e->valuedouble : -1;
+        if (!(d >= 0 && d < vocab) || d != floor(d))
+            return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'eos_token_id'[%d] is not a token id "
+                              "in [0, %d)", origin, i, (int)vocab);
+        c->eos_ids[i] = (int32_t)d;
+    }
+    c->n_eos = n;
+    return FERRY_OK;
+}
+
+ferry_status ferry_config_parse(const char *json, size_t len, const char *origin,
+                                ferry_config *out)
+{
+    ferry_status st;
+    ferry_config c;
+    cJSON *root = NULL;
+    if (!json || !origin || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_config_parse: NULL argument");
+    memset(&c, 0, sizeof c);
+    root = cJSON_ParseWithLength(json, len);
+    if (!root)
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: not valid JSON", origin);
+    if (!cJSON_IsObject(root)) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: not a JSON object", origin);
+        goto fail;
+    }
+    if ((st = check_model_type(root, origin)) != FERRY_OK)
+        goto fail;
+    if (field(root, "rope_scaling")) {
+        st = ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: field 'rope_scaling' is set; ferry supports "
+                        "only plain RoPE", origin);
+        goto fail;
+    }
+
+    const int64_t dim = FERRY_CONFIG_MAX_DIM, count = FERRY_CONFIG_MAX_COUNT;
+    if ((st = get_int(root, origin, "vocab_size", 1, 0, 1, FERRY_CONFIG_MAX_VOCAB,
+                      &c.vocab_size)) != FERRY_OK ||
+        (st = get_int(root, origin, "hidden_size", 1, 0, 1, dim, &c.hidden_size)) != FERRY_OK ||
+        (st = get_int(root, origin, "intermediate_size", 1, 0, 1, dim,
+                      &c.intermediate_size)) != FERRY_OK ||
+        (st = get_int(root, origin, "num_hidden_layers", 1, 0, 1, count, &c.n_layers)) !=
+            FERRY_OK ||
+        (st = get_int(root, origin, "num_attention_heads", 1, 0, 1, count, &c.n_heads)) !=
+            FERRY_OK ||
+        (st = get_int(root, origin, "num_key_value_heads", 0, c.n_heads, 1, count,
+                      &c.n_kv_heads)) != FERRY_OK ||
+        (st = get_int(root, origin, "num_local_experts", 1, 0, 1, count, &c.n_experts)) !=
+            FERRY_OK ||
+        (st = get_int(root, origin, "num_experts_per_tok", 1, 0, 1, count,
+                      &c.n_experts_per_tok)) != FERRY_OK ||
+        (st = get_int(root, origin, "max_position_embeddings", 1, 0, 1, FERRY_CONFIG_MAX_VOCAB,
+                      &c.max_positions)) != FERRY_OK ||
+        (st = get_int(root, origin, "sliding_window", 0, 0, 0, INT32_MAX, &c.sliding_window)) !=
+            FERRY_OK ||
+        (st = get_positive(root, origin, "rms_norm_eps", 1, 0, &c.rms_eps)) != FERRY_OK ||
+        (st = get_positive(root, origin, "rope_theta", 0, 1e6f, &c.rope_theta)) != FERRY_OK ||
+        (st = get_token_ids(root, origin, c.vocab_size, &c)) != FERRY_OK)
+        goto fail;
+
+    if (field(root, "head_dim")) {
+        if ((st = get_int(root, origin, "head_dim", 1, 0, 1, dim, &c.head_dim)) != FERRY_OK)
+            goto fail;
+    } else if (c.hidden_size % c.n_heads != 0) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: no 'head_dim', and hidden_size %d is not a "
+                        "multiple of num_attention_heads %d", origin, (int)c.hidden_size,
+                        (int)c.n_heads);
+        goto fail;
+    } else {
+        c.head_dim = c.hidden_size / c.n_heads;
+    }
+    if (c.head_dim % 2 != 0) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: head_dim %d is odd; RoPE rotates pairs", origin,
+                        (int)c.head_dim);
+        goto fail;
+    }
+    if ((int64_t)c.n_heads * c.head_dim > dim) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: num_attention_heads %d x head_dim %d exceeds %lld",
+                        origin, (int)c.n_heads, (int)c.head_dim, (long long)dim);
+        goto fail;
+    }
+    if (c.n_heads % c.n_kv_heads != 0) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: num_attention_heads %d is not a multiple of "
+                        "num_key_value_heads %d", origin, (int)c.n_heads, (int)c.n_kv_heads);
+        goto fail;
+    }
+    if (c.n_experts_per_tok > c.n_experts) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: num_experts_per_tok %d exceeds num_local_experts "
+                        "%d", origin, (int)c.n_experts_per_tok, (int)c.n_experts);
+        goto fail;
+    }
+
+    const cJSON *tie = field(root, "tie_word_embeddings");
+    if (tie && !cJSON_IsBool(tie)) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: field 'tie_word_embeddings' is not a bool", origin);
+        goto fail;
+    }
+    c.tie_word_embeddings = cJSON_IsTrue(tie) ? 1 : 0;
+
+    cJSON_Delete(root);
+    *out = c;
+    return FERRY_OK;
+fail:
+    cJSON_Delete(root);
+    return st;
+}
+
+ferry_status ferry_config_load(const char *dir, ferry_config *out)
+{
+    ferry_status st;
+    char path[4096];
+    char *buf = NULL;
+    struct stat sb;
+    int fd = -1;
+    if (!dir || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_config_load: NULL argument");
+    if ((size_t)snprintf(path, sizeof path, "%s/config.json", dir) >= sizeof path)
+        return ferry_fail(FERRY_ERR_INVALID, "%s: path too long", dir);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (fstat(fd, &sb) != 0) {
+        st = ferry_fail(FERRY_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        st = ferry_fail(FERRY_ERR_IO, "%s: not a regular file", path);
+        goto fail;
+    }
+    if ((uint64_t)sb.st_size > FERRY_CONFIG_MAX_FILE) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: file is %lld bytes, more than the %u allowed",
+                        path, (long long)sb.st_size, FERRY_CONFIG_MAX_FILE);
+        goto fail;
+    }
+    size_t len = (size_t)sb.st_size, got = 0;
+    buf = malloc(len + 1);
+    if (!buf) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
+        goto fail;
+    }
+    while (got < len) {
+        ssize_t r = read(fd, buf + got, len - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            st = ferry_fail(FERRY_ERR_IO, "%s: cannot read: %s", path,
+                            r < 0 ? strerror(errno) : "file shrank");
+            goto fail;
+        }
+        got += (size_t)r;
+    }
+    buf[len] = 0;
+    st = ferry_config_parse(buf, len, path, out);
+fail:
+    free(buf);
+    close(fd);
+    return st;
+}

@@ -1,0 +1,384 @@
+/*
+ * engine/context.c: the generation context and the forward pass (see context.h).
+ *
+ * One layer, for n tokens at positions pos0..pos0+n-1 (Hugging Face MixtralDecoderLayer):
+ *   h = rmsnorm(x); q, k, v = h Wq^T, h Wk^T, h Wv^T; rope(q, k); k, v -> KV cache
+ *   x = x + attention(q, cache) Wo^T
+ *   h = rmsnorm(x); p = softmax(h Wg^T); top-k of p, renormalised
+ *   x = x + sum_j w_j * (silu(h W1_e^T) * (h W3_e^T)) W2_e^T   over the chosen experts e
+ * Experts run grouped: each chosen expert once over all the tokens routed to it.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/error.h"
+#include "engine/context.h"
+
+#define FERRY_DEFAULT_BATCH 128
+#define FERRY_DEFAULT_CTX_CAP 4096
+
+#define TRY(expr)                                                                              \
+    do {                                                                                       \
+        ferry_status st_ = (expr);                                                             \
+        if (st_ != FERRY_OK)                                                                   \
+            return st_;                                                                        \
+    } while (0)
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+ferry_context_params ferry_context_params_default(void)
+{
+    ferry_context_params p = {.n_ctx = 0, .n_batch = 0, .temperature = 0.0f, .top_k = 0, .top_p = 1.0f,
+                              .seed = 0};
+    return p;
+}
+
+static ferry_status dalloc(ferry_context *c, void **out, size_t n_elems, size_t elem_bytes,
+                           const char *what)
+{
+    ferry_backend *be = c->m->be;
+    if (n_elems != 0 && elem_bytes > SIZE_MAX / n_elems)
+        return ferry_fail(FERRY_ERR_NOMEM, "context: %s needs more than SIZE_MAX bytes", what);
+    ferry_status st = be->ops->alloc(be, n_elems * elem_bytes, out);
+    if (st)
+        return ferry_fail_prefix(st, "context: %s (%zu bytes)", what, n_elems * elem_bytes);
+    return FERRY_OK;
+}
+
+static ferry_status halloc(void **out, size_t n_elems, size_t elem_bytes, const char *what)
+{
+    *out = calloc(n_elems ? n_elems : 1, elem_bytes);
+    if (!*out)
+        return ferry_fail(FERRY_ERR_NOMEM, "context: out of memory for %s", what);
+    return FERRY_OK;
+}
+
+/* RoPE tables computed as Hugging Face does in float32: inv_freq = 1 / theta^(2i/dim),
+ * angle = pos * inv_freq, then cos and sin of the float32 angle. */
+static ferry_status build_rope_tables(ferry_context *c)
+{
+    const ferry_config *cfg = &c->m->cfg;
+    int32_t half = cfg->head_dim / 2;
+    size_t n = (size_t)c->n_ctx * (size_t)half;
+    float *h_cos = malloc(n * sizeof *h_cos), *h_sin = malloc(n * sizeof *h_sin);
+    float *inv = malloc((size_t)half * sizeof *inv);
+    ferry_status st = FERRY_OK;
+    if (!h_cos || !h_sin || !inv) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "context: out of memory for RoPE tables");
+        goto done;
+    }
+    for (int32_t i = 0; i < half; i++) {
+        float ex = (float)(2 * i) / (float)cfg->head_dim;
+        inv[i] = 1.0f / powf(cfg->rope_theta, ex);
+    }
+    for (int32_t pos = 0; pos < c->n_ctx; pos++)
+        for (int32_t i = 0; i < half; i++) {
+            float angle = (float)pos * inv[i];
+            h_cos[(size_t)pos * (size_t)half + (size_t)i] = (float)cos((double)angle);
+            h_sin[(size_t)pos * (size_t)half + (size_t)i] = (float)sin((double)angle);
+        }
+    ferry_backend *be = c->m->be;
+    if ((st = be->ops->upload(be, c->d_cos, h_cos, n * sizeof(float))))
+        goto done;
+    st = be->ops->upload(be, c->d_sin, h_sin, n * sizeof(float));
+done:
+    free(h_cos);
+    free(h_sin);
+    free(inv);
+    return st;
+}
+
+ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
+                                  ferry_context **out)
+{
+    if (!m || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_context_create: NULL argument");
+    ferry_context_params defaults = ferry_context_params_default();
+    if (!p)
+        p = &defaults;
+    const ferry_config *cfg = &m->cfg;
+    int32_t n_ctx = p->n_ctx;
+    if (n_ctx < 0)
+        return ferry_fail(FERRY_ERR_INVALID, "context size %d must be positive", (int)n_ctx);
+    if (n_ctx == 0)
+        n_ctx = cfg->max_positions < FERRY_DEFAULT_CTX_CAP ? cfg->max_positions
+                                                           : FERRY_DEFAULT_CTX_CAP;
+    if (p->n_batch < 0)
+        return ferry_fail(FERRY_ERR_INVALID, "batch size %d must be positive", (int)p->n_batch);
+    if (n_ctx > cfg->max_positions)
+        return ferry_fail(FERRY_ERR_INVALID,
+                          "context size %d exceeds the model's max_position_embeddings %d",
+                          (int)n_ctx, (int)cfg->max_positions);
+
+    ferry_context *c = calloc(1, sizeof *c);
+    if (!c)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for a context");
+    c->m = m;
+    c->p = *p;
+    c->n_ctx = n_ctx;
+    c->n_batch = p->n_batch ? p->n_batch : FERRY_DEFAULT_BATCH;
+    if (c->n_batch > n_ctx)
+        c->n_batch = n_ctx;
+
+    size_t B = (size_t)c->n_batch, d = (size_t)cfg->hidden_size, ff = (size_t)cfg->intermediate_size;
+    size_t k = (size_t)cfg->n_experts_per_tok, E = (size_t)cfg->n_experts;
+    size_t q_dim = (size_t)cfg->n_heads * (size_t)cfg->head_dim;
+    size_t kv_dim = (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim;
+    size_t kv_elems = (size_t)cfg->n_layers * (size_t)n_ctx * kv_dim;
+    size_t rope_elems = (size_t)n_ctx * (size_t)(cfg->head_dim / 2);
+    ferry_status st;
+    if ((st = ferry_sampler_init(&c->sampler, cfg->vocab_size, p->temperature, p->top_k, p->top_p,
+                                 p->seed)))
+        goto fail;
+    if ((st = dalloc(c, (void **)&c->d_k, kv_elems, sizeof(float), "key cache")) ||
+        (st = dalloc(c, (void **)&c->d_v, kv_elems, sizeof(float), "value cache")) ||
+        (st = dalloc(c, (void **)&c->d_cos, rope_elems, sizeof(float), "RoPE cos")) ||
+        (st = dalloc(c, (void **)&c->d_sin, rope_elems, sizeof(float), "RoPE sin")) ||
+        (st = dalloc(c, (void **)&c->d_x, B * d, sizeof(float), "residual")) ||
+        (st = dalloc(c, (void **)&c->d_h, B * d, sizeof(float), "normed")) ||
+        (st = dalloc(c, (void **)&c->d_q, B * q_dim, sizeof(float), "queries")) ||
+        (st = dalloc(c, (void **)&c->d_att, B * q_dim, sizeof(float), "attention")) ||
+        (st = dalloc(c, (void **)&c->d_router, B * E, sizeof(float), "router logits")) ||
+        (st = dalloc(c, (void **)&c->d_experts, B * k, sizeof(int32_t), "routing")) ||
+        (st = dalloc(c, (void **)&c->d_weights, B * k, sizeof(float), "routing weights")) ||
+        (st = dalloc(c, (void **)&c->d_xe, B * d, sizeof(float), "expert input")) ||
+        (st = dalloc(c, (void **)&c->d_a, B * ff, sizeof(float), "expert gate")) ||
+        (st = dalloc(c, (void **)&c->d_b, B * ff, sizeof(float), "expert up")) ||
+        (st = dalloc(c, (void **)&c->d_ye, B * d, sizeof(float), "expert output")) ||
+        (st = dalloc(c, (void **)&c->d_eo, B * k * d, sizeof(float), "expert outputs")) ||
+        (st = dalloc(c, (void **)&c->d_moe, B * d, sizeof(float), "MoE output")) ||
+        (st = dalloc(c, (void **)&c->d_logits, B * (size_t)cfg->vocab_size, sizeof(float),
+                     "logits")))
+        goto fail;
+    if ((st = halloc((void **)&c->h_router, B * E, sizeof(float), "router logits")) ||
+        (st = halloc((void **)&c->h_experts, B * k, sizeof(int32_t), "routing")) ||
+        (st = halloc((void **)&c->h_weights, B * k, sizeof(float), "routing weights")) ||
+        (st = halloc((void **)&c->h_hidden, B * d, sizeof(float), "hidden states")))
+        goto fail;
+    if ((st = ferry_dispatch_init(&c->dispatch, cfg->n_experts, (int32_t)(B * k))))
+        goto fail;
+    if ((st = build_rope_tables(c)))
+        goto fail;
+    *out = c;
+    return FERRY_OK;
+fail:
+    ferry_context_free(c);
+    return st;
+}
+
+void ferry_context_free(ferry_context *c)
+{
+    if (!c)
+        return;
+    ferry_backend *be = c->m->be;
+    void *dev[] = {c->d_k,  c->d_v,      c->d_cos,     c->d_sin,     c->d_x,  c->d_h,
+                   c->d_q,  c->d_att,    c->d_router,  c->d_experts, c->d_weights,
+                   c->d_xe, c->d_a,      c->d_b,       c->d_ye,      c->d_eo, c->d_moe,
+                   c->d_logits};
+    for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+        if (dev[i])
+            be->ops->free(be, dev[i]);
+    free(c->h_router);
+    free(c->h_experts);
+    free(c->h_weights);
+    free(c->h_hidden);
+    ferry_dispatch_free(&c->dispatch);
+    ferry_sampler_free(&c->sampler);
+    free(c);
+}
+
+void ferry_context_reset(ferry_context *c)
+{
+    if (!c)
+        return;
+    c->n_past = 0;
+    memset(&c->stats, 0, sizeof c->stats);
+}
+
+int32_t ferry_context_n_past(const ferry_context *c) { return c ? c->n_past : 0; }
+
+void ferry_context_set_observer(ferry_context *c, const ferry_observer *obs)
+{
+    if (obs)
+        c->obs = *obs;
+    else
+        memset(&c->obs, 0, sizeof c->obs);
+}
+
+/* The MoE block for n tokens: router, grouping by expert, each chosen expert once over its
+ * tokens, weighted combine. Reads c->d_h, adds into c->d_x. */
+static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t n)
+{
+    ferry_model *m = c->m;
+    ferry_backend *be = m->be;
+    const ferry_backend_ops *o = be->ops;
+    const ferry_config *cfg = &m->cfg;
+    const ferry_layer_weights *L = &m->layers[l];
+    int32_t d = cfg->hidden_size, ff = cfg->intermediate_size, k = cfg->n_experts_per_tok;
+    int32_t E = cfg->n_experts;
+
+    TRY(o->matmul(be, c->d_router, c->d_h, &L->gate, n));
+    TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k));
+    TRY(o->download(be, c->h_experts, c->d_experts, (size_t)n * (size_t)k * sizeof(int32_t)));
+    if (c->obs.on_route) {
+        TRY(o->download(be, c->h_weights, c->d_weights, (size_t)n * (size_t)k * sizeof(float)));
+        TRY(o->download(be, c->h_router, c->d_router, (size_t)n * (size_t)E * sizeof(float)));
+        c->obs.on_route(c->obs.user, l, pos0, n, c->h_router, c->h_experts, c->h_weights);
+    }
+    TRY(ferry_dispatch_build(&c->dispatch, c->h_experts, n, k));
+    for (int32_t e = 0; e < E; e++) {
+        int32_t me = ferry_dispatch_count(&c->dispatch, e);
+        if (me == 0)
+            continue;
+        int32_t off = c->dispatch.offsets[e];
+        const ferry_expert_weights *X = &L->experts[e];
+        TRY(o->gather_rows(be, c->d_xe, c->d_h, c->dispatch.tokens + off, me, d));
+        TRY(o->matmul(be, c->d_a, c->d_xe, &X->w1, me));
+        TRY(o->matmul(be, c->d_b, c->d_xe, &X->w3, me));
+        TRY(o->silu_mul(be, c->d_a, c->d_a, c->d_b, (size_t)me * (size_t)ff));
+        TRY(o->matmul(be, c->d_ye, c->d_a, &X->w2, me));
+        TRY(o->scatter_rows(be, c->d_eo, c->d_ye, c->dispatch.rows + off, me, d));
+    }
+    TRY(o->combine(be, c->d_moe, c->d_eo, c->d_weights, n, k, d));
+    TRY(o->add(be, c->d_x, c->d_moe, (size_t)n * (size_t)d));
+    return FERRY_OK;
+}
+
+static ferry_status observe_hidden(ferry_context *c, int32_t layer, int32_t pos0, int32_t n,
+                                   const float *d_rows)
+{
+    if (!c->obs.on_hidden)
+        return FERRY_OK;
+    ferry_backend *be = c->m->be;
+    size_t bytes = (size_t)n * (size_t)c->m->cfg.hidden_size * sizeof(float);
+    TRY(be->ops->download(be, c->h_hidden, d_rows, bytes));
+    c->obs.on_hidden(c->obs.user, layer, pos0, n, c->h_hidden);
+    return FERRY_OK;
+}
+
+/* One chunk of n <= n_batch tokens at positions n_past.. . Writes logits of every row to
+ * logits_all (n, V) and/or of the last row to logits_last, when not NULL. */
+static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t n,
+                                  float *logits_all, float *logits_last)
+{
+    ferry_model *m = c->m;
+    ferry_backend *be = m->be;
+    const ferry_backend_ops *o = be->ops;
+    const ferry_config *cfg = &m->cfg;
+    int32_t d = cfg->hidden_size, pos0 = c->n_past;
+    size_t kv_dim = (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim;
+    size_t layer_kv = (size_t)c->n_ctx * kv_dim;
+    ferry_attn_shape shape = {
+        .n_heads = cfg->n_heads,
+        .n_kv_heads = cfg->n_kv_heads,
+        .head_dim = cfg->head_dim,
+        .sliding_window = cfg->sliding_window,
+        .scale = 1.0f / sqrtf((float)cfg->head_dim),
+    };
+
+    TRY(o->embedding(be, c->d_x, &m->embed, ids, n));
+    TRY(observe_hidden(c, -1, pos0, n, c->d_x));
+    for (int32_t l = 0; l < cfg->n_layers; l++) {
+        const ferry_layer_weights *L = &m->layers[l];
+        float *k_cache = c->d_k + (size_t)l * layer_kv, *v_cache = c->d_v + (size_t)l * layer_kv;
+        float *k_new = k_cache + (size_t)pos0 * kv_dim, *v_new = v_cache + (size_t)pos0 * kv_dim;
+
+        TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->attn_norm, n, d, cfg->rms_eps));
+        TRY(o->matmul(be, c->d_q, c->d_h, &L->wq, n));
+        TRY(o->matmul(be, k_new, c->d_h, &L->wk, n));
+        TRY(o->matmul(be, v_new, c->d_h, &L->wv, n));
+        TRY(o->rope(be, c->d_q, n, cfg->n_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
+        TRY(o->rope(be, k_new, n, cfg->n_kv_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
+        TRY(o->attention(be, c->d_att, c->d_q, k_cache, v_cache, n, pos0, &shape));
+        TRY(o->matmul(be, c->d_h, c->d_att, &L->wo, n));
+        TRY(o->add(be, c->d_x, c->d_h, (size_t)n * (size_t)d));
+
+        TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->ffn_norm, n, d, cfg->rms_eps));
+        TRY(moe_block(c, l, pos0, n));
+        if (l + 1 < cfg->n_layers)
+            TRY(observe_hidden(c, l, pos0, n, c->d_x));
+    }
+
+    /* final norm and LM head, only for the rows someone wants */
+    int32_t first = logits_all ? 0 : n - 1;
+    int32_t rows = n - first;
+    if (logits_all || logits_last || c->obs.on_hidden) {
+        size_t V = (size_t)cfg->vocab_size;
+        TRY(o->rmsnorm(be, c->d_h, c->d_x + (size_t)first * (size_t)d, &m->final_norm, rows, d,
+                       cfg->rms_eps));
+        TRY(observe_hidden(c, cfg->n_layers, pos0 + first, rows, c->d_h));
+        TRY(o->matmul(be, c->d_logits, c->d_h, &m->lm_head, rows));
+        if (logits_all)
+            TRY(o->download(be, logits_all, c->d_logits, (size_t)rows * V * sizeof(float)));
+        if (logits_last)
+            TRY(o->download(be, logits_last, c->d_logits + (size_t)(rows - 1) * V,
+                            V * sizeof(float)));
+    }
+    c->n_past += n;
+    return FERRY_OK;
+}
+
+ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t n,
+                                   float *logits_all, float *logits_last)
+{
+    if (!c || n <= 0 || !ids)
+        return ferry_fail(FERRY_ERR_INVALID, "eval: need at least one token");
+    if ((int64_t)c->n_past + n > c->n_ctx)
+        return ferry_fail(FERRY_ERR_INVALID,
+                          "context is full: %d tokens held + %d new exceed its capacity of %d "
+                          "(raise --ctx, up to max_position_embeddings %d)",
+                          (int)c->n_past, (int)n, (int)c->n_ctx, (int)c->m->cfg.max_positions);
+    int32_t V = c->m->cfg.vocab_size;
+    for (int32_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V)
+            return ferry_fail(FERRY_ERR_INVALID, "eval: token %d at index %d is outside [0, %d)",
+                              (int)ids[i], (int)i, (int)V);
+
+    double t0 = now_seconds();
+    int32_t start_past = c->n_past;
+    ferry_status st = FERRY_OK;
+    pthread_mutex_lock(&c->m->lock);
+    for (int32_t i = 0; i < n && st == FERRY_OK; i += c->n_batch) {
+        int32_t chunk = n - i < c->n_batch ? n - i : c->n_batch;
+        int last = i + chunk == n;
+        st = forward_chunk(c, ids + i, chunk, logits_all ? logits_all + (size_t)i * (size_t)V : NULL,
+                           last ? logits_last : NULL);
+    }
+    pthread_mutex_unlock(&c->m->lock);
+    if (st) {
+        c->n_past = start_past; /* the cache rows past n_past are garbage and get overwritten */
+        return st;
+    }
+    double dt = now_seconds() - t0;
+    if (n > 1) {
+        c->stats.n_prompt_tokens += n;
+        c->stats.prefill_seconds += dt;
+    } else {
+        c->stats.n_decode_tokens += n;
+        c->stats.decode_seconds += dt;
+    }
+    return FERRY_OK;
+}
+
+ferry_status ferry_eval(ferry_context *c, const int32_t *ids, int32_t n, float *logits)
+{
+    return ferry_context_forward(c, ids, n, NULL, logits);
+}
+
+ferry_status ferry_context_get_stats(const ferry_context *c, ferry_stats *out)
+{
+    if (!c || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_context_get_stats: NULL argument");
+    ferry_stats s = c->stats;
+    s.prefill_tokens_per_s = s.prefill_seconds > 0 ? (double)s.n_prompt_tokens / s.prefill_seconds : 0;
+    s.decode_tokens_per_s = s.decode_seconds > 0 ? (double)s.n_decode_tokens / s.decode_seconds : 0;
+    *out = s;
+    return FERRY_OK;
+}

@@ -1,0 +1,74 @@
+/*
+ * engine/context.h: the generation context (internal view): KV cache, scratch buffers,
+ * sampler and statistics, and the forward pass written against the backend table.
+ *
+ * Scratch is sized at creation for n_batch tokens per forward call; longer inputs are run
+ * in chunks of n_batch, so nothing is allocated per token.
+ */
+#ifndef FERRY_ENGINE_CONTEXT_H
+#define FERRY_ENGINE_CONTEXT_H
+
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "ferry.h"
+#include "moe/dispatch.h"
+
+/* Watches the forward pass (tests, routing traces, predictors). Called on the thread
+ * running the forward, with host arrays valid only during the call. */
+typedef struct {
+    /* After layer l's router: n tokens at positions pos0.., router logits (n, n_experts),
+     * chosen experts (n, k) ascending and their weights (n, k). */
+    void (*on_route)(void *user, int32_t layer, int32_t pos0, int32_t n, const float *logits,
+                     const int32_t *experts, const float *weights);
+    /* Hidden states (n, d_model): layer -1 after the embedding, 0 <= l < n_layers - 1 after
+     * layer l's residual update, n_layers after the final norm (only for the rows whose
+     * logits are computed); the last layer's pre-norm output is not reported. */
+    void (*on_hidden)(void *user, int32_t layer, int32_t pos0, int32_t n, const float *hidden);
+    void *user;
+} ferry_observer;
+
+struct ferry_context {
+    ferry_model *m;
+    ferry_context_params p;
+    int32_t n_ctx;
+    int32_t n_batch;
+    int32_t n_past;
+    ferry_sampler sampler;
+    ferry_stats stats;
+    ferry_observer obs;
+
+    /* device memory */
+    float *d_k, *d_v;     /* (n_layers, n_ctx, n_kv_heads * head_dim) */
+    float *d_cos, *d_sin; /* (n_ctx, head_dim / 2) */
+    float *d_x;           /* (n_batch, d) residual stream */
+    float *d_h;           /* (n_batch, d) normed */
+    float *d_q;           /* (n_batch, n_heads * head_dim) */
+    float *d_att;         /* (n_batch, n_heads * head_dim) */
+    float *d_router;      /* (n_batch, n_experts) */
+    int32_t *d_experts;   /* (n_batch, k) */
+    float *d_weights;     /* (n_batch, k) */
+    float *d_xe;          /* (n_batch, d) rows routed to one expert */
+    float *d_a, *d_b;     /* (n_batch, d_ff) */
+    float *d_ye;          /* (n_batch, d) */
+    float *d_eo;          /* (n_batch * k, d) per-token expert outputs */
+    float *d_moe;         /* (n_batch, d) */
+    float *d_logits;      /* (n_batch, n_vocab) */
+
+    /* host memory */
+    float *h_router;      /* (n_batch, n_experts) only when observed */
+    int32_t *h_experts;   /* (n_batch, k) */
+    float *h_weights;     /* (n_batch, k) */
+    float *h_hidden;      /* (n_batch, d) only when observed */
+    ferry_dispatch dispatch;
+};
+
+/* Runs n tokens (any n; chunks of n_batch internally) after the n_past already cached.
+ * logits_all, when not NULL, receives (n, n_vocab) logits of every position;
+ * logits_last, when not NULL, the last position's. Same errors as ferry_eval. */
+ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t n,
+                                   float *logits_all, float *logits_last);
+
+/* Installs (or with NULL, removes) an observer. */
+void ferry_context_set_observer(ferry_context *c, const ferry_observer *obs);
+
+#endif

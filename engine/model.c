@@ -1,0 +1,239 @@
+/*
+ * engine/model.c: opening a checkpoint directory and binding its tensors (see model.h),
+ * plus the public model-level calls (info, tokenize, detokenize).
+ *
+ * Tensor names are the Hugging Face Mixtral names:
+ *   model.embed_tokens.weight                                     (vocab, hidden)
+ *   model.layers.N.input_layernorm.weight                         (hidden)
+ *   model.layers.N.self_attn.{q,k,v,o}_proj.weight
+ *   model.layers.N.post_attention_layernorm.weight                (hidden)
+ *   model.layers.N.block_sparse_moe.gate.weight                   (experts, hidden)
+ *   model.layers.N.block_sparse_moe.experts.E.{w1,w3}.weight      (ffn, hidden)
+ *   model.layers.N.block_sparse_moe.experts.E.w2.weight           (hidden, ffn)
+ *   model.norm.weight                                             (hidden)
+ *   lm_head.weight                                                (vocab, hidden), absent when tied
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+#include "engine/model.h"
+#include "offload/topology.h"
+
+ferry_model_params ferry_model_params_default(void)
+{
+    ferry_model_params p = {.n_threads = 0};
+    return p;
+}
+
+static ferry_status keep_owned(ferry_model *m, void *ptr)
+{
+    if (m->n_owned == m->cap_owned) {
+        int32_t cap = m->cap_owned ? m->cap_owned * 2 : 64;
+        void **grown = realloc(m->owned, (size_t)cap * sizeof *grown);
+        if (!grown)
+            return ferry_fail(FERRY_ERR_NOMEM, "out of memory binding tensors");
+        m->owned = grown;
+        m->cap_owned = cap;
+    }
+    m->owned[m->n_owned++] = ptr;
+    return FERRY_OK;
+}
+
+/* Finds `name` with the given shape and binds it as a weight of rows x cols (a 1-D
+ * tensor of d elements binds as 1 x d). */
+static ferry_status bind(ferry_model *m, const char *name, int32_t n_dims, int64_t d0, int64_t d1,
+                         ferry_weight *out)
+{
+    const int64_t shape[2] = {d0, d1};
+    const ferry_st_tensor *t;
+    ferry_dtype dtype;
+    ferry_status st = ferry_st_get(m->st, name, n_dims, shape, &t, &dtype);
+    if (st)
+        return st;
+    const void *data = t->data;
+    int host = m->be->ops->host_memory;
+    if (!host || ((uintptr_t)data % ferry_dtype_size(dtype)) != 0) {
+        void *copy;
+        st = m->be->ops->alloc(m->be, t->n_bytes, &copy);
+        if (st)
+            return ferry_fail_prefix(st, "tensor '%s'", name);
+        st = keep_owned(m, copy);
+        if (st) {
+            m->be->ops->free(m->be, copy);
+            return st;
+        }
+        st = m->be->ops->upload(m->be, copy, data, t->n_bytes);
+        if (st)
+            return ferry_fail_prefix(st, "tensor '%s'", name);
+        data = copy;
+    }
+    out->d_data = data;
+    out->dtype = dtype;
+    out->rows = n_dims == 1 ? 1 : d0;
+    out->cols = n_dims == 1 ? d0 : d1;
+    m->n_params += d0 * (n_dims == 1 ? 1 : d1);
+    return FERRY_OK;
+}
+
+static ferry_status bind_layer(ferry_model *m, int32_t l)
+{
+    const ferry_config *c = &m->cfg;
+    ferry_layer_weights *L = &m->layers[l];
+    int64_t d = c->hidden_size, ff = c->intermediate_size;
+    int64_t q_dim = (int64_t)c->n_heads * c->head_dim, kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
+    char name[256];
+    ferry_status st;
+#define BIND(suffix, nd, a, b, dst)                                                             \
+    do {                                                                                        \
+        snprintf(name, sizeof name, "model.layers.%d.%s", (int)l, suffix);                      \
+        if ((st = bind(m, name, nd, a, b, dst)))                                                \
+            return st;                                                                          \
+    } while (0)
+    BIND("input_layernorm.weight", 1, d, 0, &L->attn_norm);
+    BIND("post_attention_layernorm.weight", 1, d, 0, &L->ffn_norm);
+    BIND("self_attn.q_proj.weight", 2, q_dim, d, &L->wq);
+    BIND("self_attn.k_proj.weight", 2, kv_dim, d, &L->wk);
+    BIND("self_attn.v_proj.weight", 2, kv_dim, d, &L->wv);
+    BIND("self_attn.o_proj.weight", 2, d, q_dim, &L->wo);
+    BIND("block_sparse_moe.gate.weight", 2, c->n_experts, d, &L->gate);
+    L->experts = calloc((size_t)c->n_experts, sizeof *L->experts);
+    if (!L->experts)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for layer %d's experts", (int)l);
+    for (int32_t e = 0; e < c->n_experts; e++) {
+        char sfx[96];
+        snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w1.weight", (int)e);
+        BIND(sfx, 2, ff, d, &L->experts[e].w1);
+        snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w3.weight", (int)e);
+        BIND(sfx, 2, ff, d, &L->experts[e].w3);
+        snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w2.weight", (int)e);
+        BIND(sfx, 2, d, ff, &L->experts[e].w2);
+    }
+#undef BIND
+    return FERRY_OK;
+}
+
+ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferry_model **out)
+{
+    if (!dir || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_model_open: NULL argument");
+    ferry_model_params defaults = ferry_model_params_default();
+    if (!p)
+        p = &defaults;
+    if (p->n_threads < 0)
+        return ferry_fail(FERRY_ERR_INVALID, "thread count %d must be >= 0", (int)p->n_threads);
+    ferry_model *m = calloc(1, sizeof *m);
+    if (!m)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory opening %s", dir);
+    ferry_status st;
+    if ((st = ferry_config_load(dir, &m->cfg)))
+        goto fail;
+    if ((st = ferry_tokenizer_load(dir, &m->tok)))
+        goto fail;
+    if (ferry_tokenizer_n_vocab(m->tok) > m->cfg.vocab_size) {
+        st = ferry_fail(FERRY_ERR_FORMAT,
+                        "%s: tokenizer.json has %d tokens, config.json vocab_size is %d", dir,
+                        (int)ferry_tokenizer_n_vocab(m->tok), (int)m->cfg.vocab_size);
+        goto fail;
+    }
+    if ((st = ferry_st_open_dir(dir, &m->st)))
+        goto fail;
+    int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
+    if ((st = ferry_backend_cpu_create(n_threads, &m->be)))
+        goto fail;
+    if (pthread_mutex_init(&m->lock, NULL) != 0) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "cannot create the model lock");
+        goto fail;
+    }
+    m->lock_ready = 1;
+
+    const ferry_config *c = &m->cfg;
+    if ((st = bind(m, "model.embed_tokens.weight", 2, c->vocab_size, c->hidden_size, &m->embed)))
+        goto fail;
+    if ((st = bind(m, "model.norm.weight", 1, c->hidden_size, 0, &m->final_norm)))
+        goto fail;
+    if (c->tie_word_embeddings) {
+        m->lm_head = m->embed;
+    } else if ((st = bind(m, "lm_head.weight", 2, c->vocab_size, c->hidden_size, &m->lm_head))) {
+        goto fail;
+    }
+    m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
+    if (!m->layers) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for %d layers", (int)c->n_layers);
+        goto fail;
+    }
+    for (int32_t l = 0; l < c->n_layers; l++)
+        if ((st = bind_layer(m, l)))
+            goto fail;
+    ferry_log(FERRY_LOG_INFO, "%s: %d layers, %d experts (top-%d), %lld parameters", dir,
+              (int)c->n_layers, (int)c->n_experts, (int)c->n_experts_per_tok,
+              (long long)m->n_params);
+    *out = m;
+    return FERRY_OK;
+fail:
+    ferry_model_close(m);
+    return st;
+}
+
+void ferry_model_close(ferry_model *m)
+{
+    if (!m)
+        return;
+    if (m->layers) {
+        for (int32_t l = 0; l < m->cfg.n_layers; l++)
+            free(m->layers[l].experts);
+        free(m->layers);
+    }
+    for (int32_t i = 0; i < m->n_owned; i++)
+        m->be->ops->free(m->be, m->owned[i]);
+    free(m->owned);
+    ferry_backend_destroy(m->be);
+    ferry_st_close(m->st);
+    ferry_tokenizer_free(m->tok);
+    if (m->lock_ready)
+        pthread_mutex_destroy(&m->lock);
+    free(m);
+}
+
+ferry_status ferry_model_get_info(const ferry_model *m, ferry_model_info *out)
+{
+    if (!m || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_model_get_info: NULL argument");
+    const ferry_config *c = &m->cfg;
+    ferry_model_info i = {
+        .n_vocab = c->vocab_size,
+        .d_model = c->hidden_size,
+        .d_ff = c->intermediate_size,
+        .n_layers = c->n_layers,
+        .n_heads = c->n_heads,
+        .n_kv_heads = c->n_kv_heads,
+        .head_dim = c->head_dim,
+        .n_experts = c->n_experts,
+        .n_experts_used = c->n_experts_per_tok,
+        .max_positions = c->max_positions,
+        .bos_id = c->bos_id >= 0 ? c->bos_id : ferry_tokenizer_bos_id(m->tok),
+        .eos_id = c->n_eos > 0 ? c->eos_ids[0] : ferry_tokenizer_eos_id(m->tok),
+        .rope_theta = c->rope_theta,
+        .rms_eps = c->rms_eps,
+        .n_params = m->n_params,
+    };
+    *out = i;
+    return FERRY_OK;
+}
+
+ferry_status ferry_tokenize(const ferry_model *m, const char *text, size_t len, int add_special,
+                            int32_t *ids, int32_t cap, int32_t *n_out)
+{
+    if (!m || (!text && len) || !n_out || (cap > 0 && !ids) || cap < 0)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_tokenize: invalid arguments");
+    return ferry_tokenizer_encode(m->tok, text ? text : "", len, add_special, ids, cap, n_out);
+}
+
+ferry_status ferry_detokenize(const ferry_model *m, const int32_t *ids, int32_t n,
+                              int skip_special, char *text, size_t cap, size_t *len_out)
+{
+    if (!m || (n > 0 && !ids) || n < 0 || !len_out || (cap > 0 && !text))
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_detokenize: invalid arguments");
+    return ferry_tokenizer_decode(m->tok, ids, n, skip_special, text, cap, len_out);
+}

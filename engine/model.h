@@ -1,0 +1,57 @@
+/*
+ * engine/model.h: the opened model (internal). A ferry_model binds a checkpoint's tensors
+ * to the backend: config, tokenizer, the dense weights (embeddings, attention, norms,
+ * routers, LM head) and every expert's w1, w3, w2.
+ *
+ * Weights of a host-memory backend point straight into the safetensors mappings (a
+ * tensor whose address is not aligned for its dtype is copied once); other backends get
+ * device copies. The model is immutable after ferry_model_open; `lock` serialises the
+ * contexts' use of the shared backend.
+ */
+#ifndef FERRY_ENGINE_MODEL_H
+#define FERRY_ENGINE_MODEL_H
+
+#include <pthread.h>
+
+#include "engine/config.h"
+#include "engine/safetensors.h"
+#include "engine/tokenizer.h"
+#include "ferry.h"
+#include "kernels/backend.h"
+
+typedef struct {
+    ferry_weight w1; /* (d_ff, d_model) gate projection */
+    ferry_weight w3; /* (d_ff, d_model) up projection */
+    ferry_weight w2; /* (d_model, d_ff) down projection */
+} ferry_expert_weights;
+
+typedef struct {
+    ferry_weight attn_norm; /* (1, d_model) input_layernorm */
+    ferry_weight ffn_norm;  /* (1, d_model) post_attention_layernorm */
+    ferry_weight wq;        /* (n_heads * head_dim, d_model) */
+    ferry_weight wk;        /* (n_kv_heads * head_dim, d_model) */
+    ferry_weight wv;        /* (n_kv_heads * head_dim, d_model) */
+    ferry_weight wo;        /* (d_model, n_heads * head_dim) */
+    ferry_weight gate;      /* (n_experts, d_model) router */
+    ferry_expert_weights *experts; /* (n_experts) */
+} ferry_layer_weights;
+
+struct ferry_model {
+    ferry_config cfg;
+    ferry_st_set *st;
+    ferry_tokenizer *tok;
+    ferry_backend *be;
+    pthread_mutex_t lock;
+    int lock_ready;
+
+    ferry_weight embed;      /* (n_vocab, d_model) */
+    ferry_weight final_norm; /* (1, d_model) */
+    ferry_weight lm_head;    /* (n_vocab, d_model); the embedding when tied */
+    ferry_layer_weights *layers; /* (n_layers) */
+
+    void **owned;            /* device copies or aligned host copies of tensors */
+    int32_t n_owned, cap_owned;
+    int64_t n_params;
+};
+
+#endif

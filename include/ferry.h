@@ -1,0 +1,198 @@
+/*
+ * ferry.h: the public C API of libferry, an inference engine for Mixture-of-Experts
+ * language models (Mixtral-style checkpoints in the Hugging Face layout).
+ *
+ * This is the only header a user includes. Every object is an opaque handle; every
+ * fallible call returns a ferry_status and, on failure, leaves a message that
+ * ferry_last_error() returns (thread-local: read it on the thread that made the call).
+ * Out-parameters are written only on success. Pointers passed in are borrowed unless
+ * a comment says "takes ownership".
+ *
+ * Threads: a ferry_model is immutable once open and may be shared by contexts on
+ * different threads; a ferry_context is used by one thread at a time.
+ */
+#ifndef FERRY_H
+#define FERRY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+    FERRY_OK = 0,
+    FERRY_ERR_NOMEM = 1,       /* an allocation failed */
+    FERRY_ERR_IO = 2,          /* a file could not be opened, read or mapped */
+    FERRY_ERR_FORMAT = 3,      /* a file is malformed: header, JSON, shapes, offsets */
+    FERRY_ERR_INVALID = 4,     /* an argument or option is out of range */
+    FERRY_ERR_DEVICE = 5,      /* the compute device failed */
+    FERRY_ERR_UNSUPPORTED = 6, /* valid input that this build cannot handle */
+} ferry_status;
+
+/* The message of the last failure on this thread ("" if none). The string stays valid
+ * until the next failing ferry call on this thread. Thread-safe. */
+const char *ferry_last_error(void);
+
+/* A constant name for a status code ("FERRY_ERR_FORMAT"). Thread-safe. */
+const char *ferry_status_name(ferry_status s);
+
+/* The library version, "MAJOR.MINOR.PATCH". */
+const char *ferry_version(void);
+
+/* ---- logging ---------------------------------------------------------------- */
+
+typedef enum { FERRY_LOG_ERROR = 0, FERRY_LOG_WARN = 1, FERRY_LOG_INFO = 2, FERRY_LOG_DEBUG = 3 } ferry_log_level;
+typedef void (*ferry_log_fn)(ferry_log_level level, const char *msg, void *user);
+
+/* Sends library log lines at or below `level` to fn (NULL restores the default, which
+ * writes to stderr). The library never prints anything else. Not thread-safe: call
+ * before opening models. */
+void ferry_set_log(ferry_log_level level, ferry_log_fn fn, void *user);
+
+/* ---- model ------------------------------------------------------------------- */
+
+typedef struct ferry_model ferry_model;
+
+typedef struct {
+    int32_t n_threads; /* compute threads; 0 = one per physical core */
+} ferry_model_params;
+
+ferry_model_params ferry_model_params_default(void);
+
+/* Opens a Hugging Face Mixtral-style checkpoint directory: config.json, one
+ * model.safetensors or shards listed in model.safetensors.index.json, tokenizer.json
+ * (and tokenizer_config.json when present). Tensors are memory-mapped and validated
+ * (offsets, sizes, dtypes, shapes against config.json) before use. On success *out owns
+ * the model; free it with ferry_model_close. Returns FERRY_ERR_IO (missing or unreadable
+ * file), FERRY_ERR_FORMAT (malformed file; the message names file and tensor or field),
+ * FERRY_ERR_UNSUPPORTED (a valid checkpoint this build cannot run), FERRY_ERR_NOMEM,
+ * FERRY_ERR_INVALID (NULL arguments). Thread-safe. */
+ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferry_model **out);
+
+/* Frees the model. NULL-safe. Every context of the model must be freed first. */
+void ferry_model_close(ferry_model *m);
+
+typedef struct {
+    int32_t n_vocab;
+    int32_t d_model;      /* hidden_size */
+    int32_t d_ff;         /* intermediate_size (one expert) */
+    int32_t n_layers;
+    int32_t n_heads;
+    int32_t n_kv_heads;
+    int32_t head_dim;
+    int32_t n_experts;
+    int32_t n_experts_used; /* top-k */
+    int32_t max_positions;
+    int32_t bos_id;
+    int32_t eos_id;
+    float rope_theta;
+    float rms_eps;
+    int64_t n_params;
+} ferry_model_info;
+
+/* Fills *out with the model's shape. FERRY_ERR_INVALID on NULL. Thread-safe. */
+ferry_status ferry_model_get_info(const ferry_model *m, ferry_model_info *out);
+
+/* ---- tokenizer --------------------------------------------------------------- */
+
+/* Encodes UTF-8 text (len bytes; need not be NUL-terminated) into token ids as the
+ * checkpoint's tokenizer.json does in Hugging Face tokenizers. add_special != 0 adds the
+ * BOS/EOS tokens the post-processor (or tokenizer_config.json) asks for. Writes up to
+ * cap ids to ids (ids may be NULL when cap is 0) and the full count to *n_out; if the
+ * count exceeds cap, returns FERRY_ERR_INVALID with *n_out set so the caller can retry
+ * with a larger buffer. Thread-safe. */
+ferry_status ferry_tokenize(const ferry_model *m, const char *text, size_t len, int add_special,
+                            int32_t *ids, int32_t cap, int32_t *n_out);
+
+/* Decodes ids into UTF-8 text as Hugging Face's decode(skip_special_tokens) does.
+ * Writes at most cap bytes including a terminating NUL to text and the full length
+ * (without the NUL) to *len_out; FERRY_ERR_INVALID if it does not fit (with *len_out
+ * set) or an id is out of range. Thread-safe. */
+ferry_status ferry_detokenize(const ferry_model *m, const int32_t *ids, int32_t n,
+                              int skip_special, char *text, size_t cap, size_t *len_out);
+
+/* ---- generation context -------------------------------------------------------- */
+
+typedef struct ferry_context ferry_context;
+
+typedef struct {
+    int32_t n_ctx;       /* KV cache capacity in tokens; 0 = min(model maximum, 4096) */
+    int32_t n_batch;     /* most tokens per forward step (longer prompts run in chunks);
+                            0 = 128. Results do not depend on it. */
+    float temperature;   /* 0 = greedy */
+    int32_t top_k;       /* 0 = off */
+    float top_p;         /* 1 = off */
+    uint64_t seed;
+} ferry_context_params;
+
+ferry_context_params ferry_context_params_default(void);
+
+/* Creates a generation context (KV cache, scratch, sampler) for the model. Borrows the
+ * model, which must outlive the context. Returns FERRY_ERR_INVALID (bad params, message
+ * names the field), FERRY_ERR_NOMEM. */
+ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
+                                  ferry_context **out);
+
+/* Frees the context. NULL-safe. */
+void ferry_context_free(ferry_context *c);
+
+/* Empties the KV cache and the statistics; the next ferry_eval starts at position 0. */
+void ferry_context_reset(ferry_context *c);
+
+/* Number of tokens currently held in the KV cache. */
+int32_t ferry_context_n_past(const ferry_context *c);
+
+/* Runs the model over n tokens appended after those already in the KV cache (a prompt
+ * in one forward, or one token at a time). If logits is not NULL, writes the n_vocab
+ * logits of the last of the n tokens to it. FERRY_ERR_INVALID if the tokens would not
+ * fit in the context (the message gives the numbers) or an id is out of range; the KV
+ * cache is then unchanged. */
+ferry_status ferry_eval(ferry_context *c, const int32_t *ids, int32_t n, float *logits);
+
+/* Called once per generated token with the token id and the UTF-8 text it completes
+ * (possibly empty while a multi-byte character is pending; never a broken sequence;
+ * empty for special tokens such as EOS). After the last token, bytes still pending (an
+ * unfinished character, shown as U+FFFD) arrive in one more call with id -1.
+ * Return nonzero to stop generation. */
+typedef int (*ferry_token_fn)(int32_t id, const char *text, size_t len, void *user);
+
+typedef struct {
+    int32_t n_predict;   /* maximum tokens to generate */
+    int stop_at_eos;     /* nonzero: stop after the end-of-sequence token */
+    float *prompt_logits; /* when not NULL: receives the n_vocab logits of the prompt's last
+                             position (borrowed; the caller sizes it) */
+} ferry_generate_params;
+
+ferry_generate_params ferry_generate_params_default(void);
+
+/* Generates up to p->n_predict tokens continuing prompt_ids (which the caller usually
+ * gets from ferry_tokenize with BOS) on an empty KV cache, calling fn for each token
+ * (fn may be NULL). Writes the generated ids to out_ids (capacity out_cap, may be NULL
+ * when out_cap is 0) and their count to *n_out (ids beyond out_cap are not stored).
+ * Generation stops at EOS (when asked), after n_predict tokens or when fn returns
+ * nonzero. FERRY_ERR_INVALID when prompt plus n_predict exceeds the context capacity,
+ * before anything runs. */
+ferry_status ferry_generate(ferry_context *c, const int32_t *prompt_ids, int32_t n_prompt,
+                            const ferry_generate_params *p, ferry_token_fn fn, void *user,
+                            int32_t *out_ids, int32_t out_cap, int32_t *n_out);
+
+typedef struct {
+    int64_t n_prompt_tokens;   /* tokens evaluated in prefill (n > 1 per call) */
+    int64_t n_decode_tokens;   /* tokens evaluated one at a time */
+    double prefill_seconds;
+    double decode_seconds;
+    double sample_seconds;
+    double prefill_tokens_per_s;
+    double decode_tokens_per_s;
+} ferry_stats;
+
+/* Statistics since the context was created or last reset. */
+ferry_status ferry_context_get_stats(const ferry_context *c, ferry_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

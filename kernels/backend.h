@@ -1,0 +1,110 @@
+/*
+ * kernels/backend.h: the backend table. The forward pass is written once against it; the
+ * CPU backend (kernels/cpu) is the reference implementation of every entry, and other
+ * backends are tested against it.
+ *
+ * Conventions for every op:
+ * - Pointers named d_* are device memory of this backend (for the CPU backend, host
+ *   memory). Activations are float32, row-major, one row per token.
+ * - A matrix weight is row-major (rows, cols) as stored in the checkpoint (PyTorch's
+ *   Linear layout, out_features x in_features), in f32, f16 or bf16; products
+ *   accumulate in float32.
+ * - Each output row depends only on its own input row (and, for attention, the KV cache),
+ *   never on the other rows of the batch or on the thread count: this is what makes
+ *   prefill, decode and any reordering of tokens produce bit-identical results.
+ * - Ops check their arguments and return FERRY_ERR_INVALID on nonsense; they never abort.
+ */
+#ifndef FERRY_KERNELS_BACKEND_H
+#define FERRY_KERNELS_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ferry.h"
+#include "kernels/dtype.h"
+
+typedef struct {
+    const void *d_data; /* (rows, cols) of dtype */
+    ferry_dtype dtype;
+    int64_t rows;
+    int64_t cols;
+} ferry_weight;
+
+/* Shape of one attention call. */
+typedef struct {
+    int32_t n_heads;
+    int32_t n_kv_heads;     /* divides n_heads (grouped-query attention) */
+    int32_t head_dim;
+    int32_t sliding_window; /* 0 = attend to every earlier position */
+    float scale;            /* usually 1/sqrt(head_dim) */
+} ferry_attn_shape;
+
+typedef struct ferry_backend ferry_backend;
+
+typedef struct {
+    const char *name;
+    int host_memory; /* nonzero: device pointers are host pointers (weights map in place) */
+    void (*destroy)(ferry_backend *b);
+
+    /* memory */
+    ferry_status (*alloc)(ferry_backend *b, size_t n_bytes, void **d_out);
+    void (*free)(ferry_backend *b, void *d);
+    ferry_status (*upload)(ferry_backend *b, void *d_dst, const void *h_src, size_t n_bytes);
+    ferry_status (*download)(ferry_backend *b, void *h_dst, const void *d_src, size_t n_bytes);
+    ferry_status (*synchronize)(ferry_backend *b);
+
+    /* d_out (n, table->cols) = rows ids of table; ids is a host array. */
+    ferry_status (*embedding)(ferry_backend *b, float *d_out, const ferry_weight *table,
+                              const int32_t *ids, int32_t n);
+    /* d_out (n, d) = x / sqrt(mean(x^2) + eps) * w; w has d elements. d_out may be d_x. */
+    ferry_status (*rmsnorm)(ferry_backend *b, float *d_out, const float *d_x,
+                            const ferry_weight *w, int32_t n, int32_t d, float eps);
+    /* d_out (n, w->rows) = d_x (n, w->cols) . w^T. d_out must not alias d_x. */
+    ferry_status (*matmul)(ferry_backend *b, float *d_out, const float *d_x, const ferry_weight *w,
+                           int32_t n);
+    /* Rotates d_x (n, n_heads * head_dim) in place, Hugging Face rotate-half convention:
+     * pairs (i, i + head_dim/2) of each head; token t is at position pos0 + t. d_cos and
+     * d_sin are (max positions, head_dim/2) tables. */
+    ferry_status (*rope)(ferry_backend *b, float *d_x, int32_t n, int32_t n_heads,
+                         int32_t head_dim, int32_t pos0, const float *d_cos, const float *d_sin);
+    /* Causal attention for n query tokens at positions pos0..pos0+n-1 over the cache
+     * rows 0..pos0+n-1 (which already hold these tokens' keys and values).
+     * d_q, d_out: (n, n_heads * head_dim); d_k, d_v: (capacity, n_kv_heads * head_dim). */
+    ferry_status (*attention)(ferry_backend *b, float *d_out, const float *d_q, const float *d_k,
+                              const float *d_v, int32_t n, int32_t pos0,
+                              const ferry_attn_shape *shape);
+    /* d_out[i] = silu(d_gate[i]) * d_up[i]; d_out may be d_gate. */
+    ferry_status (*silu_mul)(ferry_backend *b, float *d_out, const float *d_gate,
+                             const float *d_up, size_t n);
+    /* d_x[i] += d_y[i] */
+    ferry_status (*add)(ferry_backend *b, float *d_x, const float *d_y, size_t n);
+    /* Router: softmax over each row of d_logits (n, n_experts), the k largest
+     * probabilities (ties to the lower index), renormalised to sum to 1. Writes the chosen
+     * experts in ascending id order to d_experts (n, k) and their weights to d_weights. */
+    ferry_status (*router_topk)(ferry_backend *b, int32_t *d_experts, float *d_weights,
+                                const float *d_logits, int32_t n, int32_t n_experts, int32_t k);
+    /* d_out (m, d) = rows idx[0..m) of d_x; idx is a host array. */
+    ferry_status (*gather_rows)(ferry_backend *b, float *d_out, const float *d_x,
+                                const int32_t *idx, int32_t m, int32_t d);
+    /* Rows idx[0..m) of d_out = rows of d_y (m, d); idx is a host array, no duplicates. */
+    ferry_status (*scatter_rows)(ferry_backend *b, float *d_out, const float *d_y,
+                                 const int32_t *idx, int32_t m, int32_t d);
+    /* MoE combine: d_out (n, d) = sum over j < k, in order, of d_weights[t, j] *
+     * d_y[t * k + j] (d_y is (n * k, d)). */
+    ferry_status (*combine)(ferry_backend *b, float *d_out, const float *d_y,
+                            const float *d_weights, int32_t n, int32_t k, int32_t d);
+} ferry_backend_ops;
+
+struct ferry_backend {
+    const ferry_backend_ops *ops;
+    void *impl;
+};
+
+/* Creates the CPU reference backend with n_threads threads (0 = every core). On success
+ * *out owns it; destroy with ferry_backend_destroy. FERRY_ERR_NOMEM, FERRY_ERR_INVALID. */
+ferry_status ferry_backend_cpu_create(int32_t n_threads, ferry_backend **out);
+
+/* Destroys any backend. NULL-safe. */
+void ferry_backend_destroy(ferry_backend *b);
+
+#endif

@@ -1,0 +1,502 @@
+/*
+ * kernels/cpu/backend_cpu.c: the CPU reference backend. Plain loops with float32
+ * accumulation, written to be read; the heavy ops (matmul, attention) are split over the
+ * thread pool by output rows, so each output element is computed by one thread in a
+ * fixed order and results do not depend on the thread count or the batch.
+ *
+ * "Device" memory is ordinary host memory (64-byte aligned).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/error.h"
+#include "core/pool.h"
+#include "kernels/backend.h"
+
+typedef struct {
+    ferry_pool *pool;
+} cpu_impl;
+
+static ferry_pool *pool_of(ferry_backend *b) { return ((cpu_impl *)b->impl)->pool; }
+
+/* ---- memory ------------------------------------------------------------------- */
+
+static ferry_status cpu_alloc(ferry_backend *b, size_t n_bytes, void **d_out)
+{
+    (void)b;
+    size_t rounded = (n_bytes + 63) & ~(size_t)63;
+    if (rounded < n_bytes)
+        return ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes", n_bytes);
+    void *p = aligned_alloc(64, rounded ? rounded : 64);
+    if (!p)
+        return ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes", n_bytes);
+    *d_out = p;
+    return FERRY_OK;
+}
+
+static void cpu_free(ferry_backend *b, void *d)
+{
+    (void)b;
+    free(d);
+}
+
+static ferry_status cpu_copy(ferry_backend *b, void *dst, const void *src, size_t n_bytes)
+{
+    (void)b;
+    if (n_bytes && (!dst || !src))
+        return ferry_fail(FERRY_ERR_INVALID, "copy of %zu bytes with a NULL pointer", n_bytes);
+    if (n_bytes)
+        memmove(dst, src, n_bytes);
+    return FERRY_OK;
+}
+
+static ferry_status cpu_synchronize(ferry_backend *b)
+{
+    (void)b;
+    return FERRY_OK;
+}
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+/* Widens n elements of a weight row starting at element offset off into f32. */
+static void widen(float *dst, const ferry_weight *w, int64_t row, int64_t off, int64_t n)
+{
+    const char *base = (const char *)w->d_data;
+    size_t at = (size_t)(row * w->cols + off);
+    switch (w->dtype) {
+    case FERRY_DTYPE_F32:
+        memcpy(dst, (const float *)base + at, (size_t)n * sizeof(float));
+        break;
+    case FERRY_DTYPE_BF16: {
+        const uint16_t *s = (const uint16_t *)base + at;
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = ferry_bf16_to_f32(s[i]);
+        break;
+    }
+    case FERRY_DTYPE_F16: {
+        const uint16_t *s = (const uint16_t *)base + at;
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = ferry_f16_to_f32(s[i]);
+        break;
+    }
+    default:
+        break;
+    }
+}
+
+static ferry_status check_weight(const ferry_weight *w, const char *op)
+{
+    if (!w || !w->d_data || w->rows <= 0 || w->cols <= 0 || (int)w->dtype < 0 ||
+        w->dtype >= FERRY_DTYPE_COUNT)
+        return ferry_fail(FERRY_ERR_INVALID, "%s: invalid weight", op);
+    return FERRY_OK;
+}
+
+/* ---- embedding, norms, elementwise --------------------------------------------- */
+
+static ferry_status cpu_embedding(ferry_backend *b, float *d_out, const ferry_weight *table,
+                                  const int32_t *ids, int32_t n)
+{
+    (void)b;
+    ferry_status st = check_weight(table, "embedding");
+    if (st)
+        return st;
+    for (int32_t t = 0; t < n; t++) {
+        if (ids[t] < 0 || ids[t] >= table->rows)
+            return ferry_fail(FERRY_ERR_INVALID, "embedding: token id %d is outside [0, %lld)",
+                              (int)ids[t], (long long)table->rows);
+    }
+    for (int32_t t = 0; t < n; t++)
+        widen(d_out + (size_t)t * (size_t)table->cols, table, ids[t], 0, table->cols);
+    return FERRY_OK;
+}
+
+static ferry_status cpu_rmsnorm(ferry_backend *b, float *d_out, const float *d_x,
+                                const ferry_weight *w, int32_t n, int32_t d, float eps)
+{
+    (void)b;
+    ferry_status st = check_weight(w, "rmsnorm");
+    if (st)
+        return st;
+    if (w->rows * w->cols != d || d > 1 << 20)
+        return ferry_fail(FERRY_ERR_INVALID, "rmsnorm: weight has %lld elements, rows have %d",
+                          (long long)(w->rows * w->cols), (int)d);
+    float wf[1024];
+    for (int32_t t = 0; t < n; t++) {
+        const float *x = d_x + (size_t)t * (size_t)d;
+        float *y = d_out + (size_t)t * (size_t)d;
+        double ss = 0;
+        for (int32_t i = 0; i < d; i++)
+            ss += (double)x[i] * (double)x[i];
+        float inv = (float)(1.0 / sqrt(ss / d + (double)eps));
+        for (int32_t i0 = 0; i0 < d; i0 += 1024) {
+            int32_t m = d - i0 < 1024 ? d - i0 : 1024;
+            widen(wf, w, 0, i0, m);
+            for (int32_t i = 0; i < m; i++)
+                y[i0 + i] = wf[i] * (x[i0 + i] * inv);
+        }
+    }
+    return FERRY_OK;
+}
+
+static ferry_status cpu_silu_mul(ferry_backend *b, float *d_out, const float *d_gate,
+                                 const float *d_up, size_t n)
+{
+    (void)b;
+    for (size_t i = 0; i < n; i++) {
+        float g = d_gate[i];
+        d_out[i] = (g / (1.0f + expf(-g))) * d_up[i];
+    }
+    return FERRY_OK;
+}
+
+static ferry_status cpu_add(ferry_backend *b, float *d_x, const float *d_y, size_t n)
+{
+    (void)b;
+    for (size_t i = 0; i < n; i++)
+        d_x[i] += d_y[i];
+    return FERRY_OK;
+}
+
+/* ---- matmul --------------------------------------------------------------------- */
+
+/* The canonical dot product: element i goes to lane i % 8, lanes are summed pairwise at
+ * the end. Weight rows are widened to f32 in chunks of FERRY_MM_CHUNK (a multiple of 8,
+ * so lanes line up across chunks) and each chunk serves up to FERRY_MM_TOKENS tokens. */
+#define FERRY_MM_CHUNK 512
+#define FERRY_MM_TOKENS 32
+#define FERRY_MM_ROWS_PER_TASK 8
+
+typedef struct {
+    float *out;
+    const float *x;
+    const ferry_weight *w;
+    int32_t n;
+} matmul_job;
+
+static inline void dot_lanes(float acc[8], const float *x, const float *w, int64_t m)
+{
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += x[i + l] * w[i + l];
+    for (; i < m; i++)
+        acc[i & 7] += x[i] * w[i];
+}
+
+static inline float reduce_lanes(const float acc[8])
+{
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static void matmul_task(void *vp, int32_t task)
+{
+    const matmul_job *job = vp;
+    const ferry_weight *w = job->w;
+    int64_t cols = w->cols, rows = w->rows;
+    int64_t j0 = (int64_t)task * FERRY_MM_ROWS_PER_TASK;
+    int64_t j1 = j0 + FERRY_MM_ROWS_PER_TASK < rows ? j0 + FERRY_MM_ROWS_PER_TASK : rows;
+    float wf[FERRY_MM_CHUNK];
+    float acc[FERRY_MM_TOKENS][8];
+    for (int64_t j = j0; j < j1; j++) {
+        for (int32_t t0 = 0; t0 < job->n; t0 += FERRY_MM_TOKENS) {
+            int32_t tn = job->n - t0 < FERRY_MM_TOKENS ? job->n - t0 : FERRY_MM_TOKENS;
+            memset(acc, 0, sizeof acc);
+            for (int64_t c0 = 0; c0 < cols; c0 += FERRY_MM_CHUNK) {
+                int64_t m = cols - c0 < FERRY_MM_CHUNK ? cols - c0 : FERRY_MM_CHUNK;
+                const float *wr;
+                if (w->dtype == FERRY_DTYPE_F32) {
+                    wr = (const float *)w->d_data + j * cols + c0;
+                } else {
+                    widen(wf, w, j, c0, m);
+                    wr = wf;
+                }
+                for (int32_t t = 0; t < tn; t++)
+                    dot_lanes(acc[t], job->x + (size_t)(t0 + t) * (size_t)cols + c0, wr, m);
+            }
+            for (int32_t t = 0; t < tn; t++)
+                job->out[(size_t)(t0 + t) * (size_t)rows + (size_t)j] = reduce_lanes(acc[t]);
+        }
+    }
+}
+
+static ferry_status cpu_matmul(ferry_backend *b, float *d_out, const float *d_x,
+                               const ferry_weight *w, int32_t n)
+{
+    ferry_status st = check_weight(w, "matmul");
+    if (st)
+        return st;
+    if (n < 0 || (n > 0 && (!d_out || !d_x)))
+        return ferry_fail(FERRY_ERR_INVALID, "matmul: %d rows with NULL buffers", (int)n);
+    if (n == 0)
+        return FERRY_OK;
+    matmul_job job = {d_out, d_x, w, n};
+    int64_t n_tasks = (w->rows + FERRY_MM_ROWS_PER_TASK - 1) / FERRY_MM_ROWS_PER_TASK;
+    /* small products are not worth waking the workers for */
+    if (w->rows * w->cols * (int64_t)n < (1 << 16)) {
+        for (int64_t t = 0; t < n_tasks; t++)
+            matmul_task(&job, (int32_t)t);
+        return FERRY_OK;
+    }
+    ferry_pool_run(pool_of(b), (int32_t)n_tasks, matmul_task, &job);
+    return FERRY_OK;
+}
+
+/* ---- rope ----------------------------------------------------------------------- */
+
+static ferry_status cpu_rope(ferry_backend *b, float *d_x, int32_t n, int32_t n_heads,
+                             int32_t head_dim, int32_t pos0, const float *d_cos,
+                             const float *d_sin)
+{
+    (void)b;
+    if (head_dim <= 0 || head_dim % 2 || pos0 < 0)
+        return ferry_fail(FERRY_ERR_INVALID, "rope: head_dim %d, pos0 %d", (int)head_dim,
+                          (int)pos0);
+    int32_t half = head_dim / 2;
+    for (int32_t t = 0; t < n; t++) {
+        const float *c = d_cos + (size_t)(pos0 + t) * (size_t)half;
+        const float *s = d_sin + (size_t)(pos0 + t) * (size_t)half;
+        for (int32_t h = 0; h < n_heads; h++) {
+            float *v = d_x + ((size_t)t * (size_t)n_heads + (size_t)h) * (size_t)head_dim;
+            for (int32_t i = 0; i < half; i++) {
+                float a = v[i], bb = v[i + half];
+                /* q * cos + rotate_half(q) * sin, rotate_half(q) = (-q2, q1) */
+                v[i] = a * c[i] - bb * s[i];
+                v[i + half] = bb * c[i] + a * s[i];
+            }
+        }
+    }
+    return FERRY_OK;
+}
+
+/* ---- attention ------------------------------------------------------------------- */
+
+#define FERRY_ATT_BLOCK 128
+
+typedef struct {
+    float *out;
+    const float *q, *k, *v;
+    int32_t n, pos0;
+    const ferry_attn_shape *shape;
+} attn_job;
+
+/* One (token, head): softmax(q.K^T * scale) V over the visible positions, with the
+ * softmax computed blockwise (running max and sum) so no buffer scales with the context. */
+static void attn_task(void *vp, int32_t task)
+{
+    const attn_job *job = vp;
+    const ferry_attn_shape *sh = job->shape;
+    int32_t t = task / sh->n_heads, h = task % sh->n_heads;
+    int32_t hd = sh->head_dim;
+    int32_t kvh = h / (sh->n_heads / sh->n_kv_heads);
+    size_t kv_stride = (size_t)sh->n_kv_heads * (size_t)hd;
+    const float *q = job->q + ((size_t)t * (size_t)sh->n_heads + (size_t)h) * (size_t)hd;
+    float *o = job->out + ((size_t)t * (size_t)sh->n_heads + (size_t)h) * (size_t)hd;
+    int32_t pos = job->pos0 + t;
+    int32_t first = 0;
+    if (sh->sliding_window > 0 && pos - sh->sliding_window + 1 > 0)
+        first = pos - sh->sliding_window + 1;
+
+    float scores[FERRY_ATT_BLOCK];
+    float m = -INFINITY, l = 0;
+    for (int32_t d = 0; d < hd; d++)
+        o[d] = 0;
+    for (int32_t j0 = first; j0 <= pos; j0 += FERRY_ATT_BLOCK) {
+        int32_t jn = pos + 1 - j0 < FERRY_ATT_BLOCK ? pos + 1 - j0 : FERRY_ATT_BLOCK;
+        float bm = -INFINITY;
+        for (int32_t j = 0; j < jn; j++) {
+            const float *kr = job->k + (size_t)(j0 + j) * kv_stride + (size_t)kvh * (size_t)hd;
+            float s = 0;
+            for (int32_t d = 0; d < hd; d++)
+                s += q[d] * kr[d];
+            scores[j] = s * sh->scale;
+            if (scores[j] > bm)
+                bm = scores[j];
+        }
+        float m_new = bm > m ? bm : m;
+        float corr = expf(m - m_new); /* 0 on the first block (m = -inf) */
+        l *= corr;
+        for (int32_t d = 0; d < hd; d++)
+            o[d] *= corr;
+        for (int32_t j = 0; j < jn; j++) {
+            const float *vr = job->v + (size_t)(j0 + j) * kv_stride + (size_t)kvh * (size_t)hd;
+            float p = expf(scores[j] - m_new);
+            l += p;
+            for (int32_t d = 0; d < hd; d++)
+                o[d] += p * vr[d];
+        }
+        m = m_new;
+    }
+    float inv = 1.0f / l;
+    for (int32_t d = 0; d < hd; d++)
+        o[d] *= inv;
+}
+
+static ferry_status cpu_attention(ferry_backend *b, float *d_out, const float *d_q,
+                                  const float *d_k, const float *d_v, int32_t n, int32_t pos0,
+                                  const ferry_attn_shape *shape)
+{
+    if (!shape || shape->n_heads <= 0 || shape->n_kv_heads <= 0 || shape->head_dim <= 0 ||
+        shape->n_heads % shape->n_kv_heads || pos0 < 0 || n < 0)
+        return ferry_fail(FERRY_ERR_INVALID, "attention: invalid shape");
+    attn_job job = {d_out, d_q, d_k, d_v, n, pos0, shape};
+    int64_t n_tasks = (int64_t)n * shape->n_heads;
+    int64_t work = n_tasks * (int64_t)(pos0 + n) * shape->head_dim;
+    if (work < (1 << 15)) {
+        for (int64_t i = 0; i < n_tasks; i++)
+            attn_task(&job, (int32_t)i);
+        return FERRY_OK;
+    }
+    ferry_pool_run(pool_of(b), (int32_t)n_tasks, attn_task, &job);
+    return FERRY_OK;
+}
+
+/* ---- MoE pieces ------------------------------------------------------------------- */
+
+static ferry_status cpu_router_topk(ferry_backend *b, int32_t *d_experts, float *d_weights,
+                                    const float *d_logits, int32_t n, int32_t n_experts,
+                                    int32_t k)
+{
+    (void)b;
+    if (n_experts <= 0 || n_experts > 1024 || k <= 0 || k > n_experts)
+        return ferry_fail(FERRY_ERR_INVALID, "router: top-%d of %d experts", (int)k,
+                          (int)n_experts);
+    float prob[1024];
+    int32_t pick[1024];
+    for (int32_t t = 0; t < n; t++) {
+        const float *lg = d_logits + (size_t)t * (size_t)n_experts;
+        float mx = lg[0];
+        for (int32_t e = 1; e < n_experts; e++)
+            mx = lg[e] > mx ? lg[e] : mx;
+        float sum = 0;
+        for (int32_t e = 0; e < n_experts; e++) {
+            prob[e] = expf(lg[e] - mx);
+            sum += prob[e];
+        }
+        for (int32_t e = 0; e < n_experts; e++)
+            prob[e] /= sum;
+        /* k largest, ties to the lower index */
+        for (int32_t j = 0; j < k; j++) {
+            int32_t best = -1;
+            for (int32_t e = 0; e < n_experts; e++) {
+                int taken = 0;
+                for (int32_t i = 0; i < j; i++)
+                    taken |= pick[i] == e;
+                if (!taken && (best < 0 || prob[e] > prob[best]))
+                    best = e;
+            }
+            pick[j] = best;
+        }
+        float wsum = 0;
+        for (int32_t j = 0; j < k; j++)
+            wsum += prob[pick[j]];
+        /* ascending expert order */
+        for (int32_t j = 1; j < k; j++)
+            for (int32_t i = j; i > 0 && pick[i - 1] > pick[i]; i--) {
+                int32_t tmp = pick[i];
+                pick[i] = pick[i - 1];
+                pick[i - 1] = tmp;
+            }
+        for (int32_t j = 0; j < k; j++) {
+            d_experts[(size_t)t * (size_t)k + (size_t)j] = pick[j];
+            d_weights[(size_t)t * (size_t)k + (size_t)j] = prob[pick[j]] / wsum;
+        }
+    }
+    return FERRY_OK;
+}
+
+static ferry_status cpu_gather_rows(ferry_backend *b, float *d_out, const float *d_x,
+                                    const int32_t *idx, int32_t m, int32_t d)
+{
+    (void)b;
+    for (int32_t i = 0; i < m; i++)
+        memcpy(d_out + (size_t)i * (size_t)d, d_x + (size_t)idx[i] * (size_t)d,
+               (size_t)d * sizeof(float));
+    return FERRY_OK;
+}
+
+static ferry_status cpu_scatter_rows(ferry_backend *b, float *d_out, const float *d_y,
+                                     const int32_t *idx, int32_t m, int32_t d)
+{
+    (void)b;
+    for (int32_t i = 0; i < m; i++)
+        memcpy(d_out + (size_t)idx[i] * (size_t)d, d_y + (size_t)i * (size_t)d,
+               (size_t)d * sizeof(float));
+    return FERRY_OK;
+}
+
+static ferry_status cpu_combine(ferry_backend *b, float *d_out, const float *d_y,
+                                const float *d_weights, int32_t n, int32_t k, int32_t d)
+{
+    (void)b;
+    for (int32_t t = 0; t < n; t++) {
+        float *o = d_out + (size_t)t * (size_t)d;
+        for (int32_t i = 0; i < d; i++)
+            o[i] = 0;
+        for (int32_t j = 0; j < k; j++) {
+            float w = d_weights[(size_t)t * (size_t)k + (size_t)j];
+            const float *y = d_y + ((size_t)t * (size_t)k + (size_t)j) * (size_t)d;
+            for (int32_t i = 0; i < d; i++) {
+                float p = y[i] * w;
+                o[i] += p;
+            }
+        }
+    }
+    return FERRY_OK;
+}
+
+/* ---- table ------------------------------------------------------------------------ */
+
+static void cpu_destroy(ferry_backend *b)
+{
+    if (!b)
+        return;
+    cpu_impl *impl = b->impl;
+    if (impl)
+        ferry_pool_destroy(impl->pool);
+    free(impl);
+    free(b);
+}
+
+static const ferry_backend_ops cpu_ops = {
+    .name = "cpu",
+    .host_memory = 1,
+    .destroy = cpu_destroy,
+    .alloc = cpu_alloc,
+    .free = cpu_free,
+    .upload = cpu_copy,
+    .download = cpu_copy,
+    .synchronize = cpu_synchronize,
+    .embedding = cpu_embedding,
+    .rmsnorm = cpu_rmsnorm,
+    .matmul = cpu_matmul,
+    .rope = cpu_rope,
+    .attention = cpu_attention,
+    .silu_mul = cpu_silu_mul,
+    .add = cpu_add,
+    .router_topk = cpu_router_topk,
+    .gather_rows = cpu_gather_rows,
+    .scatter_rows = cpu_scatter_rows,
+    .combine = cpu_combine,
+};
+
+ferry_status ferry_backend_cpu_create(int32_t n_threads, ferry_backend **out)
+{
+    ferry_backend *b = calloc(1, sizeof *b);
+    cpu_impl *impl = calloc(1, sizeof *impl);
+    if (!b || !impl) {
+        free(b);
+        free(impl);
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for the CPU backend");
+    }
+    b->ops = &cpu_ops;
+    b->impl = impl;
+    ferry_status st = ferry_pool_create(n_threads, &impl->pool);
+    if (st) {
+        cpu_destroy(b);
+        return st;
+    }
+    *out = b;
+    return FERRY_OK;
+}

@@ -1,0 +1,27 @@
+/*
+ * offload/topology.h: what the machine looks like, read through hwloc: cores, NUMA nodes.
+ * Later offload pieces use it to pin threads and place expert memory NUMA-locally; the
+ * engine uses it now to choose how many compute threads to start.
+ */
+#ifndef FERRY_OFFLOAD_TOPOLOGY_H
+#define FERRY_OFFLOAD_TOPOLOGY_H
+
+#include <stdint.h>
+
+#include "ferry.h"
+
+typedef struct {
+    int32_t n_physical_cores; /* cores, not hardware threads */
+    int32_t n_logical_cpus;   /* hardware threads this process may run on */
+    int32_t n_numa_nodes;     /* at least 1 */
+} ferry_topology;
+
+/* Reads the topology of the CPUs this process may use. When hwloc cannot load it, falls
+ * back to the online CPU count (cores = CPUs, one NUMA node) and logs a warning; never
+ * fails. Thread-safe. */
+void ferry_topology_read(ferry_topology *out);
+
+/* The default compute thread count: one per physical core. */
+int32_t ferry_topology_default_threads(void);
+
+#endif

@@ -1,0 +1,104 @@
+/*
+ * tests/check_util.c: see check_util.h.
+ */
+#include "tests/check_util.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+double tu_rel_l2(const float *a, const float *b, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)b[i];
+        num += d * d;
+        den += (double)b[i] * (double)b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+void tu_assert_close(const char *what, const float *a, const float *b, size_t n, double atol,
+                     double rtol)
+{
+    double max_err = 0;
+    size_t max_i = 0, n_bad = 0;
+    char bad[512] = "";
+    size_t used = 0;
+    for (size_t i = 0; i < n; i++) {
+        double err = fabs((double)a[i] - (double)b[i]);
+        if (!(err <= max_err))
+            max_err = err, max_i = i;
+        if (!(err <= atol + rtol * fabs((double)b[i]))) {
+            if (n_bad < 5 && used < sizeof bad - 64)
+                used += (size_t)snprintf(bad + used, sizeof bad - used, " [%zu] %.7g vs %.7g;", i,
+                                         (double)a[i], (double)b[i]);
+            n_bad++;
+        }
+    }
+    ck_assert_msg(n_bad == 0, "%s: %zu of %zu differ (max abs err %.3g at %zu):%s", what, n_bad,
+                  n, max_err, max_i, bad);
+}
+
+uint64_t tu_rand_u64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+float tu_rand_uniform(uint64_t *state, float lo, float hi)
+{
+    return lo + (hi - lo) * (float)((tu_rand_u64(state) >> 40) * (1.0 / 16777216.0));
+}
+
+void tu_scratch_dir(char *path, const char *name)
+{
+    char cmd[1100];
+    snprintf(path, 512, "%.250s/scratch/%.200s.%d", FERRY_BINARY_DIR, name, (int)getpid());
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", path, path);
+    ck_assert_msg(system(cmd) == 0, "cannot make %s", path);
+}
+
+void tu_write_file(char *path, const char *name, const void *data, size_t len)
+{
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s/scratch", FERRY_BINARY_DIR);
+    mkdir(dir, 0755);
+    snprintf(path, 512, "%s/%.200s.%d", dir, name, (int)getpid());
+    FILE *f = fopen(path, "wb");
+    ck_assert_msg(f != NULL, "cannot write %s: %s", path, strerror(errno));
+    ck_assert(fwrite(data, 1, len, f) == len);
+    ck_assert(fclose(f) == 0);
+}
+
+char *tu_read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "cannot read %s: %s", path, strerror(errno));
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    ck_assert(buf != NULL);
+    ck_assert((long)fread(buf, 1, (size_t)n, f) == n);
+    buf[n] = 0;
+    fclose(f);
+    if (len)
+        *len = (size_t)n;
+    return buf;
+}
+
+int tu_run_suite(Suite *s)
+{
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
