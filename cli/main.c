@@ -290,7 +290,7 @@ static int cmd_run(int argc, char **argv)
     ferry_model_params mp = ferry_model_params_default();
     mp.n_threads = (int32_t)n_threads;
     if ((st = ferry_model_open(model_dir, &mp, &m))) {
-        rc = fail_lib(model_dir, st);
+        rc = fail_lib("cannot load the model", st);
         goto done;
     }
     ferry_model_get_info(m, &info);

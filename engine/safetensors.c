@@ -20,8 +20,9 @@
  * elements x dtype size neither overflows nor differs from end - begin; no two tensors of
  * a file overlap; no name appears twice, in one file or across shards. The index must be
  * a JSON object with a weight_map of plain file names (no '/', not "." or ".."), each
- * shard must exist, and the index and the shards must list the same tensors in the same
- * places. Gaps between tensors are allowed.
+ * shard must exist, and every tensor the index lists must be in the shard it names (a
+ * shard may hold tensors the index does not list; they are kept, as transformers keeps
+ * them). Gaps between tensors are allowed.
  *
  * The set owns: the file paths, one private read-only mapping per file (the descriptor
  * is closed once mapped), the tensor records with their names (one allocation each), and
@@ -726,14 +727,12 @@ static ferry_status open_index(const char *dir, const char *index_path, ferry_st
         }
         listed[i] = 1;
     }
-    for (int32_t i = 0; i < s->n_tensors; i++) {
-        if (!listed[i]) {
-            st = ferry_fail(FERRY_ERR_FORMAT, "%s: tensor '%s' is in shard %s but not in the "
-                            "weight_map", index_path, s->tensors[i].name,
-                            s->files[s->tensors[i].file_index].path);
-            goto fail;
-        }
-    }
+    /* Loaders such as transformers read whole shards, so a tensor the index forgot is
+     * still part of the checkpoint: keep it, and say so. */
+    for (int32_t i = 0; i < s->n_tensors; i++)
+        if (!listed[i])
+            ferry_log(FERRY_LOG_INFO, "%s: tensor '%s' is in shard %s but not in the weight_map",
+                      index_path, s->tensors[i].name, s->files[s->tensors[i].file_index].path);
     free(listed);
     free(shards);
     cJSON_Delete(root);

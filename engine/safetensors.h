@@ -76,8 +76,8 @@ ferry_status ferry_st_open_file(const char *path, ferry_st_set **out);
 /* Opens the checkpoint in directory dir: the shards listed in
  * dir/model.safetensors.index.json when that file exists, else dir/model.safetensors.
  * The index must name plain file names in dir, and every tensor it lists must be in the
- * shard it names; shards may hold no tensor the index does not list, and no name may
- * appear twice. Ownership and return codes as ferry_st_open_file; FERRY_ERR_IO also when
+ * shard it names; a tensor a shard holds but the index omits is kept (and logged); no
+ * name may appear twice. Ownership and return codes as ferry_st_open_file; FERRY_ERR_IO also when
  * neither file exists or a shard is missing. Thread-safe. */
 ferry_status ferry_st_open_dir(const char *dir, ferry_st_set **out);
 

@@ -1,0 +1,134 @@
+"""tests/test_cli.py: the `ferry` command end to end, against the bundled model and the
+Hugging Face reference outputs: streamed text, --json, --logits, --stats, sampling
+options, and the errors for bad options and bad model directories.
+
+Run by CTest as: python3 tests/test_cli.py FERRY_BINARY
+"""
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models", "tiny-moe-code")
+REF = os.path.join(ROOT, "tests", "fixtures", "tiny-moe-code.ref.json")
+FERRY = None
+
+
+def ferry(*args, check=True):
+    p = subprocess.run([FERRY, *args], capture_output=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError("ferry %s failed (%d): %s" % (args, p.returncode, p.stderr.decode()))
+    return p
+
+
+class CliTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        with open(REF) as f:
+            cls.ref = json.load(f)["cases"]
+
+    def test_run_streams_reference_greedy_text(self):
+        case = self.ref[0]
+        p = ferry("run", MODEL, "-p", case["prompt"], "-n", "32", "--ignore-eos",
+                  "--threads", "2")
+        self.assertEqual(p.stdout.decode(), case["greedy_text"] + "\n")
+
+    def test_json_has_ids_text_and_stats(self):
+        case = self.ref[1]
+        p = ferry("run", MODEL, "-p", case["prompt"], "-n", "32", "--ignore-eos", "--json")
+        out = json.loads(p.stdout)
+        self.assertEqual(out["prompt_ids"], case["ids"])
+        self.assertEqual(out["ids"], case["greedy_ids"])
+        self.assertEqual(case["prompt"] + out["text"], case["greedy_text"])
+        self.assertEqual(out["stats"]["prompt_tokens"], len(case["ids"]))
+        self.assertEqual(out["stats"]["decode_tokens"], 31)
+        self.assertGreater(out["stats"]["decode_tokens_per_s"], 0)
+
+    def test_logits_file_matches_reference(self):
+        case = self.ref[2]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "logits.f32")
+            ferry("run", MODEL, "-p", case["prompt"], "-n", "1", "--logits", path)
+            data = open(path, "rb").read()
+        ref = case["last_logits"]
+        self.assertEqual(len(data), 4 * len(ref))
+        got = struct.unpack("<%df" % len(ref), data)
+        num = sum((a - b) ** 2 for a, b in zip(got, ref))
+        den = sum(b * b for b in ref)
+        self.assertLess(math.sqrt(num / den), 1e-4)
+
+    def test_stats_go_to_stderr(self):
+        p = ferry("run", MODEL, "-p", "def fibonacci(n):", "-n", "8", "--stats")
+        err = p.stderr.decode()
+        self.assertRegex(err, r"prefill: \d+ tokens in [0-9.]+ s \([0-9.]+ tokens/s\)")
+        self.assertRegex(err, r"decode:  7 tokens in [0-9.]+ s \([0-9.]+ tokens/s\)")
+        self.assertNotIn("tokens/s", p.stdout.decode())
+
+    def test_sampling_is_reproducible_by_seed(self):
+        args = ["run", MODEL, "-p", "import os\n", "-n", "24", "--temp", "0.9", "--top-k", "50",
+                "--top-p", "0.95", "--json", "--ignore-eos"]
+        a = json.loads(ferry(*args, "--seed", "7").stdout)["ids"]
+        b = json.loads(ferry(*args, "--seed", "7").stdout)["ids"]
+        c = json.loads(ferry(*args, "--seed", "8").stdout)["ids"]
+        self.assertEqual(a, b)
+        self.assertNotEqual(a, c)
+
+    def test_prompt_from_file(self):
+        case = self.ref[3]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "prompt.txt")
+            with open(path, "w") as f:
+                f.write(case["prompt"])
+            out = json.loads(ferry("run", MODEL, "-f", path, "-n", "4", "--json").stdout)
+        self.assertEqual(out["prompt_ids"], case["ids"])
+        self.assertEqual(out["ids"], case["greedy_ids"][:4])
+
+    def test_context_too_small_is_an_error(self):
+        p = ferry("run", MODEL, "-p", "def fibonacci(n):", "-n", "64", "--ctx", "16", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("context holds 16", p.stderr.decode())
+
+    def test_bad_options_exit_2(self):
+        for args, msg in [
+            (["run", MODEL, "-p", "x", "--temp", "hot"], "--temp expects a number"),
+            (["run", MODEL, "-p", "x", "--top-p", "0"], "--top-p expects"),
+            (["run", MODEL, "-p", "x", "--top-p", "1.5"], "--top-p expects"),
+            (["run", MODEL, "-p", "x", "-n", "-3"], "-n expects an integer"),
+            (["run", MODEL, "-p", "x", "--ctx", "0"], "--ctx expects an integer"),
+            (["run", MODEL, "-p", "x", "--bogus"], "unknown option '--bogus'"),
+            (["run", MODEL, "-p"], "-p needs a value"),
+            (["run", MODEL], "exactly one of -p or -f"),
+            (["launch"], "unknown command 'launch'"),
+        ]:
+            p = ferry(*args, check=False)
+            self.assertEqual(p.returncode, 2, args)
+            self.assertIn(msg, p.stderr.decode(), args)
+
+    def test_bad_model_dirs_exit_1_naming_the_problem(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            p = ferry("run", os.path.join(tmp, "nope"), "-p", "x", check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("config.json", p.stderr.decode())
+
+            bad = os.path.join(tmp, "truncated")
+            shutil.copytree(MODEL, bad)
+            shard = os.path.join(bad, "model-00003-of-00003.safetensors")
+            os.chmod(shard, 0o644)
+            with open(shard, "r+b") as f:
+                f.truncate(1000000)
+            p = ferry("run", bad, "-p", "x", check=False)
+            self.assertEqual(p.returncode, 1)
+            err = p.stderr.decode()
+            self.assertIn("model-00003-of-00003.safetensors", err)
+            self.assertIn("FERRY_ERR_FORMAT", err)
+
+
+if __name__ == "__main__":
+    FERRY = os.path.abspath(sys.argv.pop(1))
+    unittest.main(verbosity=2)
