@@ -59,7 +59,7 @@ static ferry_tokenizer *load_variant(cJSON *root, const char *config)
 static void set_field(cJSON *obj, const char *name, const char *json)
 {
     cJSON *v = json ? cJSON_Parse(json) : cJSON_CreateNull();
-    ck_assert_msg(v != NULL, "bad test JSON %s", json);
+    ck_assert_msg(v != NULL, "bad test JSON %s", json ? json : "null");
     if (cJSON_HasObjectItem(obj, name))
         cJSON_ReplaceItemInObjectCaseSensitive(obj, name, v);
     else

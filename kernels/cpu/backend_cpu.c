@@ -175,14 +175,20 @@ typedef struct {
     int32_t n;
 } matmul_job;
 
-static inline void dot_lanes(float acc[8], const float *x, const float *w, int64_t m)
+/* Accumulates x . w into the 8 lanes of acc. The lanes live in locals during the loop:
+ * through the pointer, the compiler would have to assume acc aliases x or w. */
+static inline void dot_lanes(float *restrict acc, const float *restrict x,
+                             const float *restrict w, int64_t m)
 {
+    float a[8];
+    memcpy(a, acc, sizeof a);
     int64_t i = 0;
     for (; i + 8 <= m; i += 8)
         for (int l = 0; l < 8; l++)
-            acc[l] += x[i + l] * w[i + l];
+            a[l] += x[i + l] * w[i + l];
     for (; i < m; i++)
-        acc[i & 7] += x[i] * w[i];
+        a[i & 7] += x[i] * w[i];
+    memcpy(acc, a, sizeof a);
 }
 
 static inline float reduce_lanes(const float acc[8])
@@ -234,7 +240,7 @@ static ferry_status cpu_matmul(ferry_backend *b, float *d_out, const float *d_x,
     matmul_job job = {d_out, d_x, w, n};
     int64_t n_tasks = (w->rows + FERRY_MM_ROWS_PER_TASK - 1) / FERRY_MM_ROWS_PER_TASK;
     /* small products are not worth waking the workers for */
-    if (w->rows * w->cols * (int64_t)n < (1 << 16)) {
+    if (w->rows * w->cols * (int64_t)n < (1 << 18)) {
         for (int64_t t = 0; t < n_tasks; t++)
             matmul_task(&job, (int32_t)t);
         return FERRY_OK;
@@ -307,10 +313,9 @@ static void attn_task(void *vp, int32_t task)
         float bm = -INFINITY;
         for (int32_t j = 0; j < jn; j++) {
             const float *kr = job->k + (size_t)(j0 + j) * kv_stride + (size_t)kvh * (size_t)hd;
-            float s = 0;
-            for (int32_t d = 0; d < hd; d++)
-                s += q[d] * kr[d];
-            scores[j] = s * sh->scale;
+            float acc[8] = {0};
+            dot_lanes(acc, q, kr, hd);
+            scores[j] = reduce_lanes(acc) * sh->scale;
             if (scores[j] > bm)
                 bm = scores[j];
         }
