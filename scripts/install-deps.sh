@@ -3,7 +3,7 @@
 # Needs root or sudo only when something is missing.
 set -euo pipefail
 
-packages=(build-essential cmake pkg-config libcjson-dev check liburing-dev libhwloc-dev python3)
+packages=(build-essential cmake pkg-config libcjson-dev check liburing-dev libhwloc-dev libxxhash-dev python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
