@@ -27,24 +27,28 @@ ferry_model_params ferry_model_params_default(void)
     return p;
 }
 
-static ferry_status keep_owned(ferry_model *m, void *ptr)
+/* Records a copy the model frees at close: device memory or (on_device 0) host memory. */
+static ferry_status keep_owned(ferry_model *m, void *ptr, int on_device)
 {
     if (m->n_owned == m->cap_owned) {
         int32_t cap = m->cap_owned ? m->cap_owned * 2 : 64;
-        void **grown = realloc(m->owned, (size_t)cap * sizeof *grown);
+        ferry_owned *grown = realloc(m->owned, (size_t)cap * sizeof *grown);
         if (!grown)
             return ferry_fail(FERRY_ERR_NOMEM, "out of memory binding tensors");
         m->owned = grown;
         m->cap_owned = cap;
     }
-    m->owned[m->n_owned++] = ptr;
+    m->owned[m->n_owned++] = (ferry_owned){ptr, on_device};
     return FERRY_OK;
 }
 
+
 /* Finds `name` with the given shape and binds it as a weight of rows x cols (a 1-D
- * tensor of d elements binds as 1 x d). */
-static ferry_status bind(ferry_model *m, const char *name, int32_t n_dims, int64_t d0, int64_t d1,
-                         ferry_weight *out)
+ * tensor of d elements binds as 1 x d). Dense weights go to the device (in place when the
+ * backend may use host memory); experts (on_host) stay in host memory, where the expert
+ * store reads them, copied only when misaligned for their dtype. */
+static ferry_status bind_tensor(ferry_model *m, const char *name, int32_t n_dims, int64_t d0,
+                                int64_t d1, int on_host, ferry_weight *out)
 {
     const int64_t shape[2] = {d0, d1};
     const ferry_st_tensor *t;
@@ -53,13 +57,23 @@ static ferry_status bind(ferry_model *m, const char *name, int32_t n_dims, int64
     if (st)
         return st;
     const void *data = t->data;
-    int host = m->be->ops->host_memory;
-    if (!host || ((uintptr_t)data % ferry_dtype_size(dtype)) != 0) {
+    int misaligned = ((uintptr_t)data % ferry_dtype_size(dtype)) != 0;
+    if (on_host && misaligned) {
+        void *copy = malloc(t->n_bytes ? t->n_bytes : 1);
+        if (!copy)
+            return ferry_fail(FERRY_ERR_NOMEM, "tensor '%s': out of memory", name);
+        if ((st = keep_owned(m, copy, 0))) {
+            free(copy);
+            return st;
+        }
+        memcpy(copy, data, t->n_bytes);
+        data = copy;
+    } else if (!on_host && (!m->be->map_host_weights || misaligned)) {
         void *copy;
         st = m->be->ops->alloc(m->be, t->n_bytes, &copy);
         if (st)
             return ferry_fail_prefix(st, "tensor '%s'", name);
-        st = keep_owned(m, copy);
+        st = keep_owned(m, copy, 1);
         if (st) {
             m->be->ops->free(m->be, copy);
             return st;
@@ -77,6 +91,12 @@ static ferry_status bind(ferry_model *m, const char *name, int32_t n_dims, int64
     return FERRY_OK;
 }
 
+static ferry_status bind(ferry_model *m, const char *name, int32_t n_dims, int64_t d0, int64_t d1,
+                         ferry_weight *out)
+{
+    return bind_tensor(m, name, n_dims, d0, d1, 0, out);
+}
+
 static ferry_status bind_layer(ferry_model *m, int32_t l)
 {
     const ferry_config *c = &m->cfg;
@@ -85,12 +105,13 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     int64_t q_dim = (int64_t)c->n_heads * c->head_dim, kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
     char name[256];
     ferry_status st;
-#define BIND(suffix, nd, a, b, dst)                                                             \
+#define BIND_AT(suffix, nd, a, b, on_host, dst)                                                 \
     do {                                                                                        \
         snprintf(name, sizeof name, "model.layers.%d.%s", (int)l, suffix);                      \
-        if ((st = bind(m, name, nd, a, b, dst)))                                                \
+        if ((st = bind_tensor(m, name, nd, a, b, on_host, dst)))                                \
             return st;                                                                          \
     } while (0)
+#define BIND(suffix, nd, a, b, dst) BIND_AT(suffix, nd, a, b, 0, dst)
     BIND("input_layernorm.weight", 1, d, 0, &L->attn_norm);
     BIND("post_attention_layernorm.weight", 1, d, 0, &L->ffn_norm);
     BIND("self_attn.q_proj.weight", 2, q_dim, d, &L->wq);
@@ -104,13 +125,14 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     for (int32_t e = 0; e < c->n_experts; e++) {
         char sfx[96];
         snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w1.weight", (int)e);
-        BIND(sfx, 2, ff, d, &L->experts[e].w1);
+        BIND_AT(sfx, 2, ff, d, 1, &L->experts[e].w1);
         snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w3.weight", (int)e);
-        BIND(sfx, 2, ff, d, &L->experts[e].w3);
+        BIND_AT(sfx, 2, ff, d, 1, &L->experts[e].w3);
         snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w2.weight", (int)e);
-        BIND(sfx, 2, d, ff, &L->experts[e].w2);
+        BIND_AT(sfx, 2, d, ff, 1, &L->experts[e].w2);
     }
 #undef BIND
+#undef BIND_AT
     return FERRY_OK;
 }
 
@@ -140,7 +162,7 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     if ((st = ferry_st_open_dir(dir, &m->st)))
         goto fail;
     int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
-    if ((st = ferry_backend_cpu_create(n_threads, &m->be)))
+    if ((st = ferry_backend_cpu_create(n_threads, 0, &m->be)))
         goto fail;
     if (pthread_mutex_init(&m->lock, NULL) != 0) {
         st = ferry_fail(FERRY_ERR_NOMEM, "cannot create the model lock");
@@ -185,8 +207,12 @@ void ferry_model_close(ferry_model *m)
             free(m->layers[l].experts);
         free(m->layers);
     }
-    for (int32_t i = 0; i < m->n_owned; i++)
-        m->be->ops->free(m->be, m->owned[i]);
+    for (int32_t i = 0; i < m->n_owned; i++) {
+        if (m->owned[i].on_device)
+            m->be->ops->free(m->be, m->owned[i].ptr);
+        else
+            free(m->owned[i].ptr);
+    }
     free(m->owned);
     ferry_backend_destroy(m->be);
     ferry_st_close(m->st);

@@ -33,8 +33,14 @@ typedef struct {
     ferry_weight wv;        /* (n_kv_heads * head_dim, d_model) */
     ferry_weight wo;        /* (d_model, n_heads * head_dim) */
     ferry_weight gate;      /* (n_experts, d_model) router */
-    ferry_expert_weights *experts; /* (n_experts) */
+    ferry_expert_weights *experts; /* (n_experts) in host memory: the expert store's source,
+                                      and used in place when the backend maps host weights */
 } ferry_layer_weights;
+
+typedef struct {
+    void *ptr;
+    int on_device;
+} ferry_owned;
 
 struct ferry_model {
     ferry_config cfg;
@@ -49,7 +55,7 @@ struct ferry_model {
     ferry_weight lm_head;    /* (n_vocab, d_model); the embedding when tied */
     ferry_layer_weights *layers; /* (n_layers) */
 
-    void **owned;            /* device copies or aligned host copies of tensors */
+    ferry_owned *owned;      /* device copies, or aligned host copies of experts */
     int32_t n_owned, cap_owned;
     int64_t n_params;
 };

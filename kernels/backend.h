@@ -43,7 +43,6 @@ typedef struct ferry_backend ferry_backend;
 
 typedef struct {
     const char *name;
-    int host_memory; /* nonzero: device pointers are host pointers (weights map in place) */
     void (*destroy)(ferry_backend *b);
 
     /* memory */
@@ -52,6 +51,19 @@ typedef struct {
     ferry_status (*upload)(ferry_backend *b, void *d_dst, const void *h_src, size_t n_bytes);
     ferry_status (*download)(ferry_backend *b, void *h_dst, const void *d_src, size_t n_bytes);
     ferry_status (*synchronize)(ferry_backend *b);
+    /* Device memory: the budget (0 = no limit) and what is allocated now. */
+    size_t (*mem_capacity)(ferry_backend *b);
+    size_t (*mem_used)(ferry_backend *b);
+
+    /* Asynchronous host-to-device copy on the backend's copy queue (the copy engine),
+     * overlapping the ops. Copies land in submission order; *ticket identifies this one.
+     * h_src and d_dst must stay valid until it lands. Thread-safe. */
+    ferry_status (*copy_async)(ferry_backend *b, void *d_dst, const void *h_src, size_t n_bytes,
+                               uint64_t *ticket);
+    /* Blocks until the copy with this ticket, and every earlier one, has landed. */
+    ferry_status (*copy_wait)(ferry_backend *b, uint64_t ticket);
+    /* Nonzero once the copy with this ticket has landed. */
+    int (*copy_done)(ferry_backend *b, uint64_t ticket);
 
     /* d_out (n, table->cols) = rows ids of table; ids is a host array. */
     ferry_status (*embedding)(ferry_backend *b, float *d_out, const ferry_weight *table,
@@ -98,11 +110,18 @@ typedef struct {
 struct ferry_backend {
     const ferry_backend_ops *ops;
     void *impl;
+    int map_host_weights; /* nonzero: weights may stay where they are in host memory */
 };
 
-/* Creates the CPU reference backend with n_threads threads (0 = every core). On success
- * *out owns it; destroy with ferry_backend_destroy. FERRY_ERR_NOMEM, FERRY_ERR_INVALID. */
-ferry_status ferry_backend_cpu_create(int32_t n_threads, ferry_backend **out);
+/* Creates the CPU reference backend with n_threads threads (0 = every core).
+ * device_bytes = 0: "device" memory is plain host memory without limit, and weights are
+ * used in place. device_bytes > 0: the backend keeps a separate device arena of exactly
+ * that size, every alloc comes from it (FERRY_ERR_NOMEM beyond it), and data gets there
+ * only by copies, done by a copy worker thread for copy_async: the same cache, store and
+ * prefetch code then runs on the CPU as on a GPU and really moves bytes.
+ * On success *out owns it; destroy with ferry_backend_destroy. FERRY_ERR_NOMEM,
+ * FERRY_ERR_INVALID. */
+ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, ferry_backend **out);
 
 /* Destroys any backend. NULL-safe. */
 void ferry_backend_destroy(ferry_backend *b);

@@ -52,7 +52,7 @@ static void *make_weight(ferry_weight *w, float *vals, int64_t rows, int64_t col
 static ferry_backend *cpu(int32_t n_threads)
 {
     ferry_backend *b;
-    ck_assert_int_eq(ferry_backend_cpu_create(n_threads, &b), FERRY_OK);
+    ck_assert_int_eq(ferry_backend_cpu_create(n_threads, 0, &b), FERRY_OK);
     return b;
 }
 

@@ -10,35 +10,173 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <pthread.h>
+
+#include "core/arena.h"
 #include "core/error.h"
 #include "core/pool.h"
 #include "kernels/backend.h"
 
+#define FERRY_COPY_QUEUE 1024
+
+typedef struct {
+    void *dst;
+    const void *src;
+    size_t n_bytes;
+} copy_job;
+
 typedef struct {
     ferry_pool *pool;
+
+    /* device arena (device_bytes > 0) */
+    void *arena_mem;
+    ferry_arena *arena;
+    pthread_mutex_t arena_mu;
+    size_t unbounded_used; /* bytes allocated without an arena */
+
+    /* copy engine: a ring of jobs served in order by one worker */
+    pthread_t copier;
+    int copier_started;
+    pthread_mutex_t copy_mu;
+    pthread_cond_t copy_work, copy_landed;
+    copy_job queue[FERRY_COPY_QUEUE];
+    uint64_t submitted; /* tickets 1..submitted handed out */
+    uint64_t landed;    /* tickets 1..landed done */
+    int stop;
 } cpu_impl;
 
 static ferry_pool *pool_of(ferry_backend *b) { return ((cpu_impl *)b->impl)->pool; }
 
 /* ---- memory ------------------------------------------------------------------- */
 
+/* Without an arena each block carries its size in a 64-byte header, for mem_used. */
+#define FERRY_CPU_HDR 64
+
 static ferry_status cpu_alloc(ferry_backend *b, size_t n_bytes, void **d_out)
 {
-    (void)b;
+    cpu_impl *impl = b->impl;
+    if (impl->arena) {
+        pthread_mutex_lock(&impl->arena_mu);
+        ferry_status st = ferry_arena_alloc(impl->arena, n_bytes, d_out);
+        pthread_mutex_unlock(&impl->arena_mu);
+        return st;
+    }
     size_t rounded = (n_bytes + 63) & ~(size_t)63;
-    if (rounded < n_bytes)
+    if (rounded < n_bytes || rounded > SIZE_MAX - FERRY_CPU_HDR)
         return ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes", n_bytes);
-    void *p = aligned_alloc(64, rounded ? rounded : 64);
+    char *p = aligned_alloc(64, rounded + FERRY_CPU_HDR);
     if (!p)
         return ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes", n_bytes);
-    *d_out = p;
+    memcpy(p, &rounded, sizeof rounded);
+    pthread_mutex_lock(&impl->arena_mu);
+    impl->unbounded_used += rounded;
+    pthread_mutex_unlock(&impl->arena_mu);
+    *d_out = p + FERRY_CPU_HDR;
     return FERRY_OK;
 }
 
 static void cpu_free(ferry_backend *b, void *d)
 {
-    (void)b;
-    free(d);
+    cpu_impl *impl = b->impl;
+    if (!d)
+        return;
+    pthread_mutex_lock(&impl->arena_mu);
+    if (impl->arena) {
+        ferry_arena_free(impl->arena, d);
+    } else {
+        size_t rounded;
+        memcpy(&rounded, (char *)d - FERRY_CPU_HDR, sizeof rounded);
+        impl->unbounded_used -= rounded;
+        free((char *)d - FERRY_CPU_HDR);
+    }
+    pthread_mutex_unlock(&impl->arena_mu);
+}
+
+static size_t cpu_mem_capacity(ferry_backend *b)
+{
+    cpu_impl *impl = b->impl;
+    return impl->arena ? ferry_arena_capacity(impl->arena) : 0;
+}
+
+static size_t cpu_mem_used(ferry_backend *b)
+{
+    cpu_impl *impl = b->impl;
+    pthread_mutex_lock(&impl->arena_mu);
+    size_t used = impl->arena ? ferry_arena_used(impl->arena) : impl->unbounded_used;
+    pthread_mutex_unlock(&impl->arena_mu);
+    return used;
+}
+
+/* ---- the copy engine ------------------------------------------------------------ */
+
+static void *copier_main(void *vp)
+{
+    cpu_impl *impl = vp;
+    pthread_mutex_lock(&impl->copy_mu);
+    for (;;) {
+        while (!impl->stop && impl->landed == impl->submitted)
+            pthread_cond_wait(&impl->copy_work, &impl->copy_mu);
+        if (impl->landed == impl->submitted)
+            break; /* stopping with nothing queued */
+        copy_job job = impl->queue[impl->landed % FERRY_COPY_QUEUE];
+        pthread_mutex_unlock(&impl->copy_mu);
+        memcpy(job.dst, job.src, job.n_bytes);
+        pthread_mutex_lock(&impl->copy_mu);
+        impl->landed++;
+        pthread_cond_broadcast(&impl->copy_landed);
+    }
+    pthread_mutex_unlock(&impl->copy_mu);
+    return NULL;
+}
+
+static ferry_status cpu_copy_async(ferry_backend *b, void *d_dst, const void *h_src,
+                                   size_t n_bytes, uint64_t *ticket)
+{
+    cpu_impl *impl = b->impl;
+    if (n_bytes && (!d_dst || !h_src))
+        return ferry_fail(FERRY_ERR_INVALID, "copy of %zu bytes with a NULL pointer", n_bytes);
+    if (!impl->copier_started) {
+        /* no copy engine without an arena: the copy is done by the time it is queued */
+        if (n_bytes)
+            memcpy(d_dst, h_src, n_bytes);
+        pthread_mutex_lock(&impl->copy_mu);
+        *ticket = ++impl->submitted;
+        impl->landed = impl->submitted;
+        pthread_mutex_unlock(&impl->copy_mu);
+        return FERRY_OK;
+    }
+    pthread_mutex_lock(&impl->copy_mu);
+    while (impl->submitted - impl->landed >= FERRY_COPY_QUEUE)
+        pthread_cond_wait(&impl->copy_landed, &impl->copy_mu);
+    impl->queue[impl->submitted % FERRY_COPY_QUEUE] = (copy_job){d_dst, h_src, n_bytes};
+    *ticket = ++impl->submitted;
+    pthread_cond_signal(&impl->copy_work);
+    pthread_mutex_unlock(&impl->copy_mu);
+    return FERRY_OK;
+}
+
+static ferry_status cpu_copy_wait(ferry_backend *b, uint64_t ticket)
+{
+    cpu_impl *impl = b->impl;
+    pthread_mutex_lock(&impl->copy_mu);
+    if (ticket > impl->submitted) {
+        pthread_mutex_unlock(&impl->copy_mu);
+        return ferry_fail(FERRY_ERR_INVALID, "copy ticket %llu was never issued",
+                          (unsigned long long)ticket);
+    }
+    while (impl->landed < ticket)
+        pthread_cond_wait(&impl->copy_landed, &impl->copy_mu);
+    pthread_mutex_unlock(&impl->copy_mu);
+    return FERRY_OK;
+}
+
+static int cpu_copy_done(ferry_backend *b, uint64_t ticket)
+{
+    cpu_impl *impl = b->impl;
+    pthread_mutex_lock(&impl->copy_mu);
+    int done = impl->landed >= ticket;
+    pthread_mutex_unlock(&impl->copy_mu);
+    return done;
 }
 
 static ferry_status cpu_copy(ferry_backend *b, void *dst, const void *src, size_t n_bytes)
@@ -458,21 +596,39 @@ static void cpu_destroy(ferry_backend *b)
     if (!b)
         return;
     cpu_impl *impl = b->impl;
-    if (impl)
+    if (impl) {
+        if (impl->copier_started) {
+            pthread_mutex_lock(&impl->copy_mu);
+            impl->stop = 1;
+            pthread_cond_signal(&impl->copy_work);
+            pthread_mutex_unlock(&impl->copy_mu);
+            pthread_join(impl->copier, NULL);
+        }
         ferry_pool_destroy(impl->pool);
+        ferry_arena_destroy(impl->arena);
+        free(impl->arena_mem);
+        pthread_mutex_destroy(&impl->arena_mu);
+        pthread_mutex_destroy(&impl->copy_mu);
+        pthread_cond_destroy(&impl->copy_work);
+        pthread_cond_destroy(&impl->copy_landed);
+    }
     free(impl);
     free(b);
 }
 
 static const ferry_backend_ops cpu_ops = {
     .name = "cpu",
-    .host_memory = 1,
     .destroy = cpu_destroy,
     .alloc = cpu_alloc,
     .free = cpu_free,
     .upload = cpu_copy,
     .download = cpu_copy,
     .synchronize = cpu_synchronize,
+    .mem_capacity = cpu_mem_capacity,
+    .mem_used = cpu_mem_used,
+    .copy_async = cpu_copy_async,
+    .copy_wait = cpu_copy_wait,
+    .copy_done = cpu_copy_done,
     .embedding = cpu_embedding,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
@@ -486,7 +642,7 @@ static const ferry_backend_ops cpu_ops = {
     .combine = cpu_combine,
 };
 
-ferry_status ferry_backend_cpu_create(int32_t n_threads, ferry_backend **out)
+ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, ferry_backend **out)
 {
     ferry_backend *b = calloc(1, sizeof *b);
     cpu_impl *impl = calloc(1, sizeof *impl);
@@ -497,11 +653,34 @@ ferry_status ferry_backend_cpu_create(int32_t n_threads, ferry_backend **out)
     }
     b->ops = &cpu_ops;
     b->impl = impl;
+    b->map_host_weights = device_bytes == 0;
+    pthread_mutex_init(&impl->arena_mu, NULL);
+    pthread_mutex_init(&impl->copy_mu, NULL);
+    pthread_cond_init(&impl->copy_work, NULL);
+    pthread_cond_init(&impl->copy_landed, NULL);
     ferry_status st = ferry_pool_create(n_threads, &impl->pool);
-    if (st) {
-        cpu_destroy(b);
-        return st;
+    if (st)
+        goto fail;
+    if (device_bytes > 0) {
+        size_t rounded = (device_bytes + FERRY_ARENA_ALIGN - 1) / FERRY_ARENA_ALIGN *
+                         FERRY_ARENA_ALIGN;
+        impl->arena_mem = rounded >= device_bytes ? aligned_alloc(FERRY_ARENA_ALIGN, rounded) : NULL;
+        if (!impl->arena_mem) {
+            st = ferry_fail(FERRY_ERR_NOMEM, "cannot reserve a device arena of %zu bytes",
+                            device_bytes);
+            goto fail;
+        }
+        if ((st = ferry_arena_create(impl->arena_mem, device_bytes, &impl->arena)))
+            goto fail;
+        if (pthread_create(&impl->copier, NULL, copier_main, impl) != 0) {
+            st = ferry_fail(FERRY_ERR_NOMEM, "cannot start the copy worker thread");
+            goto fail;
+        }
+        impl->copier_started = 1;
     }
     *out = b;
     return FERRY_OK;
+fail:
+    cpu_destroy(b);
+    return st;
 }
