@@ -38,7 +38,49 @@ static void usage_run(FILE *f)
             "                      of streaming text\n"
             "      --logits FILE   write the prompt's last-position logits (little-endian\n"
             "                      float32, n_vocab values) to FILE\n"
-            "  -v, --verbose       log what the library does to stderr\n");
+            "  -v, --verbose       log what the library does to stderr\n"
+            "\n"
+            "Expert offloading (the output does not change, only where experts live):\n"
+            "      --gpu-mem SIZE  device memory budget (bytes, or with K/M/G suffixes); the\n"
+            "                      experts that do not fit stay in the store and are cached\n"
+            "                      in expert slots (default: everything resident)\n"
+            "      --offload T     where experts live: ram (default) or nvme\n"
+            "      --pack FILE     the packed expert file for --offload nvme (ferry pack)\n"
+            "      --host-cache SIZE  RAM cache in front of the pack file (default 1G)\n"
+            "      --reader R      NVMe reads: auto (default), uring or pread\n"
+            "      --policy P      expert cache eviction: lru (default), lfu, layer-lru,\n"
+            "                      predicted\n"
+            "      --prefetch on|off  fetch the experts the next layer used last time while\n"
+            "                      this layer computes (default on)\n");
+}
+
+/* Parses "123", "64K", "1.5G" (powers of 1024) into bytes. */
+static int parse_size(const char *opt, const char *s, unsigned long long *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    double mul = 1;
+    if (end != s && *end) {
+        switch (*end) {
+        case 'k': case 'K': mul = 1024.0; break;
+        case 'm': case 'M': mul = 1024.0 * 1024; break;
+        case 'g': case 'G': mul = 1024.0 * 1024 * 1024; break;
+        case 't': case 'T': mul = 1024.0 * 1024 * 1024 * 1024; break;
+        default: mul = 0; break;
+        }
+        end++;
+        if (*end == 'i' && end[1] == 'B')
+            end += 2;
+        else if (*end == 'B')
+            end++;
+    }
+    if (errno || end == s || *end || mul == 0 || !(v * mul >= 1) || v * mul > 1e18) {
+        fprintf(stderr, "ferry: %s expects a size such as 512M or 6G, got '%s'\n", opt, s);
+        return 2;
+    }
+    *out = (unsigned long long)(v * mul);
+    return 0;
 }
 
 static void usage(FILE *f)
@@ -47,6 +89,8 @@ static void usage(FILE *f)
                "\n"
                "commands:\n"
                "  run       generate text from a model (ferry run --help)\n"
+               "  pack      write the packed expert file of a model for --offload nvme\n"
+               "            (ferry pack MODEL_DIR OUT_FILE)\n"
                "  version   print the version\n");
 }
 
@@ -180,12 +224,69 @@ static cJSON *ids_json(const int32_t *ids, int32_t n)
     return a;
 }
 
+#define MIB(x) ((double)(x) / (1024.0 * 1024.0))
+
+static void print_offload_stats(const ferry_context *c, const ferry_model_info *info)
+{
+    ferry_offload_stats o;
+    ferry_layer_stats *ls = calloc((size_t)info->n_layers, sizeof *ls);
+    if (!ls || ferry_context_get_offload_stats(c, &o, ls, info->n_layers) != FERRY_OK ||
+        !o.enabled) {
+        free(ls);
+        return;
+    }
+    fprintf(stderr,
+            "memory plan: budget %.1f MiB = dense %.1f MiB + KV cache and workspace %.1f MiB + "
+            "%d expert slots x %.2f MiB (%.1f MiB)\n",
+            MIB(o.budget_bytes), MIB(o.dense_bytes), MIB(o.context_bytes), (int)o.n_slots,
+            MIB(o.slot_bytes), MIB(o.slots_bytes));
+    int64_t lookups = o.hits + o.misses;
+    fprintf(stderr,
+            "experts: %s tier%s, %lld lookups, hit rate %.1f%%, %.1f MiB moved to the device, "
+            "%.1f MiB read from disk, stalled %.3f s\n",
+            o.tier == FERRY_OFFLOAD_NVME ? "nvme" : "ram",
+            o.tier == FERRY_OFFLOAD_NVME ? (o.uses_uring ? " (io_uring)" : " (pread)") : "",
+            (long long)lookups, lookups ? 100.0 * (double)o.hits / (double)lookups : 0.0,
+            MIB(o.bytes_to_device), MIB(o.bytes_from_disk), o.stall_seconds);
+    fprintf(stderr, "prefetch: %lld issued, %lld used, %lld wasted\n",
+            (long long)o.prefetch_issued, (long long)o.prefetch_used,
+            (long long)o.prefetch_wasted);
+    fprintf(stderr, "layer  hits  misses  prefetch issued/used/wasted  evictions\n");
+    for (int32_t l = 0; l < info->n_layers; l++)
+        fprintf(stderr, "%5d %5lld %7lld  %8lld/%lld/%lld %18lld\n", (int)l, (long long)ls[l].hits,
+                (long long)ls[l].misses, (long long)ls[l].prefetch_issued,
+                (long long)ls[l].prefetch_used, (long long)ls[l].prefetch_wasted,
+                (long long)ls[l].evictions);
+    free(ls);
+}
+
+static int cmd_pack(int argc, char **argv)
+{
+    if (argc == 1 && (!strcmp(argv[0], "-h") || !strcmp(argv[0], "--help"))) {
+        printf("usage: ferry pack MODEL_DIR OUT_FILE\n\nWrites the packed expert file "
+               "(every expert's w1, w3, w2, 4 KiB aligned, with checksums) that --offload "
+               "nvme reads.\n");
+        return 0;
+    }
+    if (argc != 2) {
+        fprintf(stderr, "usage: ferry pack MODEL_DIR OUT_FILE\n");
+        return 2;
+    }
+    ferry_status st = ferry_pack_model(argv[0], argv[1]);
+    if (st) {
+        fprintf(stderr, "ferry pack: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
+        return 1;
+    }
+    return 0;
+}
+
 static int cmd_run(int argc, char **argv)
 {
     const char *model_dir = NULL, *prompt = NULL, *prompt_file = NULL, *logits_path = NULL;
     long long n_predict = 64, n_ctx = 0, top_k = 0, seed = 0, n_threads = 0;
     double temp = 0, top_p = 1;
     int want_stats = 0, want_json = 0, ignore_eos = 0;
+    ferry_model_params mp = ferry_model_params_default();
     int rc;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -240,6 +341,56 @@ static int cmd_run(int argc, char **argv)
         } else if (!strcmp(a, "--logits")) {
             NEED_VALUE();
             logits_path = v;
+        } else if (!strcmp(a, "--gpu-mem") || !strcmp(a, "--host-cache")) {
+            NEED_VALUE();
+            unsigned long long bytes;
+            if ((rc = parse_size(a, v, &bytes)))
+                return rc;
+            if (a[2] == 'g')
+                mp.gpu_mem_bytes = bytes;
+            else
+                mp.host_cache_bytes = bytes;
+        } else if (!strcmp(a, "--offload")) {
+            NEED_VALUE();
+            if (!strcmp(v, "ram"))
+                mp.offload = FERRY_OFFLOAD_RAM;
+            else if (!strcmp(v, "nvme"))
+                mp.offload = FERRY_OFFLOAD_NVME;
+            else
+                return bad_value(a, v, "ram or nvme");
+        } else if (!strcmp(a, "--pack")) {
+            NEED_VALUE();
+            mp.pack_path = v;
+        } else if (!strcmp(a, "--reader")) {
+            NEED_VALUE();
+            if (!strcmp(v, "auto"))
+                mp.reader = FERRY_READ_AUTO;
+            else if (!strcmp(v, "uring"))
+                mp.reader = FERRY_READ_URING;
+            else if (!strcmp(v, "pread"))
+                mp.reader = FERRY_READ_PREAD;
+            else
+                return bad_value(a, v, "auto, uring or pread");
+        } else if (!strcmp(a, "--policy")) {
+            NEED_VALUE();
+            if (!strcmp(v, "lru"))
+                mp.policy = FERRY_CACHE_LRU;
+            else if (!strcmp(v, "lfu"))
+                mp.policy = FERRY_CACHE_LFU;
+            else if (!strcmp(v, "layer-lru"))
+                mp.policy = FERRY_CACHE_LAYER_LRU;
+            else if (!strcmp(v, "predicted"))
+                mp.policy = FERRY_CACHE_PREDICTED;
+            else
+                return bad_value(a, v, "lru, lfu, layer-lru or predicted");
+        } else if (!strcmp(a, "--prefetch")) {
+            NEED_VALUE();
+            if (!strcmp(v, "on"))
+                mp.prefetch = 1;
+            else if (!strcmp(v, "off"))
+                mp.prefetch = 0;
+            else
+                return bad_value(a, v, "on or off");
         } else if (!strcmp(a, "--stats")) {
             want_stats = 1;
         } else if (!strcmp(a, "--json")) {
@@ -287,8 +438,12 @@ static int cmd_run(int argc, char **argv)
     ferry_status st;
     rc = 1;
 
-    ferry_model_params mp = ferry_model_params_default();
     mp.n_threads = (int32_t)n_threads;
+    if (mp.gpu_mem_bytes == 0 && (mp.offload != FERRY_OFFLOAD_RAM || mp.pack_path)) {
+        fprintf(stderr, "ferry run: --offload and --pack need a device budget (--gpu-mem SIZE)\n");
+        rc = 2;
+        goto done;
+    }
     if ((st = ferry_model_open(model_dir, &mp, &m))) {
         rc = fail_lib("cannot load the model", st);
         goto done;
@@ -364,13 +519,15 @@ static int cmd_run(int argc, char **argv)
         free(out);
         cJSON_Delete(root);
     }
-    if (want_stats)
+    if (want_stats) {
         fprintf(stderr,
                 "prefill: %lld tokens in %.3f s (%.1f tokens/s)\n"
                 "decode:  %lld tokens in %.3f s (%.1f tokens/s)\n",
                 (long long)stats.n_prompt_tokens, stats.prefill_seconds,
                 stats.prefill_tokens_per_s, (long long)stats.n_decode_tokens,
                 stats.decode_seconds, stats.decode_tokens_per_s);
+        print_offload_stats(c, &info);
+    }
     rc = 0;
 done:
     free(sink.text);
@@ -391,6 +548,8 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "run"))
         return cmd_run(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "pack"))
+        return cmd_pack(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
         printf("ferry %s\n", ferry_version());
         return 0;

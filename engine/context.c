@@ -133,6 +133,7 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
     size_t kv_dim = (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim;
     size_t kv_elems = (size_t)cfg->n_layers * (size_t)n_ctx * kv_dim;
     size_t rope_elems = (size_t)n_ctx * (size_t)(cfg->head_dim / 2);
+    size_t used_before = m->be->ops->mem_used(m->be);
     ferry_status st;
     if ((st = ferry_sampler_init(&c->sampler, cfg->vocab_size, p->temperature, p->top_k, p->top_p,
                                  p->seed)))
@@ -166,6 +167,22 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
         goto fail;
     if ((st = build_rope_tables(c)))
         goto fail;
+    if (m->store) {
+        if ((st = halloc((void **)&c->prev_used, (size_t)cfg->n_layers * E, 1, "routing history")) ||
+            (st = halloc((void **)&c->held_slot, E, sizeof(int32_t), "expert slots")) ||
+            (st = halloc((void **)&c->held_expert, E, sizeof(int32_t), "expert slots")) ||
+            (st = halloc((void **)&c->held_ready, E, 1, "expert slots")) ||
+            (st = halloc((void **)&c->layer_stats0, (size_t)cfg->n_layers,
+                         sizeof(ferry_cache_layer_stats), "cache statistics")))
+            goto fail;
+        pthread_mutex_lock(&m->lock);
+        if (!m->cache)
+            st = ferry_model_plan_slots(m, m->be->ops->mem_used(m->be) - used_before);
+        pthread_mutex_unlock(&m->lock);
+        if (st)
+            goto fail;
+        ferry_cache_get_stats(m->cache, c->layer_stats0);
+    }
     *out = c;
     return FERRY_OK;
 fail:
@@ -189,6 +206,11 @@ void ferry_context_free(ferry_context *c)
     free(c->h_experts);
     free(c->h_weights);
     free(c->h_hidden);
+    free(c->prev_used);
+    free(c->held_slot);
+    free(c->held_expert);
+    free(c->held_ready);
+    free(c->layer_stats0);
     ferry_dispatch_free(&c->dispatch);
     ferry_sampler_free(&c->sampler);
     free(c);
@@ -200,6 +222,9 @@ void ferry_context_reset(ferry_context *c)
         return;
     c->n_past = 0;
     memset(&c->stats, 0, sizeof c->stats);
+    c->stall_seconds = 0;
+    if (c->m->cache)
+        ferry_cache_get_stats(c->m->cache, c->layer_stats0);
 }
 
 int32_t ferry_context_n_past(const ferry_context *c) { return c ? c->n_past : 0; }
@@ -212,6 +237,130 @@ void ferry_context_set_observer(ferry_context *c, const ferry_observer *obs)
         memset(&c->obs, 0, sizeof c->obs);
 }
 
+/* Applies expert e to the tokens the dispatch routed to it, writing their output rows. */
+static ferry_status run_expert(ferry_context *c, int32_t e, const ferry_expert_weights *X)
+{
+    ferry_backend *be = c->m->be;
+    const ferry_backend_ops *o = be->ops;
+    int32_t d = c->m->cfg.hidden_size, ff = c->m->cfg.intermediate_size;
+    int32_t me = ferry_dispatch_count(&c->dispatch, e), off = c->dispatch.offsets[e];
+    TRY(o->gather_rows(be, c->d_xe, c->d_h, c->dispatch.tokens + off, me, d));
+    TRY(o->matmul(be, c->d_a, c->d_xe, &X->w1, me));
+    TRY(o->matmul(be, c->d_b, c->d_xe, &X->w3, me));
+    TRY(o->silu_mul(be, c->d_a, c->d_a, c->d_b, (size_t)me * (size_t)ff));
+    TRY(o->matmul(be, c->d_ye, c->d_a, &X->w2, me));
+    TRY(o->scatter_rows(be, c->d_eo, c->d_ye, c->dispatch.rows + off, me, d));
+    return FERRY_OK;
+}
+
+/* The weights of the expert held in a device slot: [w1 | w3 | w2] as the store lays it out. */
+static ferry_expert_weights slot_weights(const ferry_model *m, int32_t layer, int32_t e,
+                                         int32_t slot)
+{
+    const ferry_expert_layout *lay = ferry_store_layout(m->store, layer, e);
+    const ferry_layer_weights *L = &m->layers[layer];
+    const char *base = m->d_slots + (size_t)slot * m->slot_bytes;
+    ferry_expert_weights X = L->experts[e]; /* shapes */
+    X.w1.d_data = base;
+    X.w1.dtype = lay->dtype[0];
+    X.w3.d_data = base + lay->part_bytes[0];
+    X.w3.dtype = lay->dtype[1];
+    X.w2.d_data = base + lay->part_bytes[0] + lay->part_bytes[1];
+    X.w2.dtype = lay->dtype[2];
+    return X;
+}
+
+/* Computes and releases the experts held in this wave: ready ones first, then each one in
+ * flight as soon as it lands, so a miss only holds up the work that needs it. */
+static ferry_status run_wave(ferry_context *c, int32_t layer, int32_t n_held)
+{
+    ferry_model *m = c->m;
+    ferry_status st = FERRY_OK;
+    for (int pass = 0; pass < 2; pass++)
+        for (int32_t i = 0; i < n_held; i++) {
+            if (c->held_slot[i] < 0 || (pass == 0 && !c->held_ready[i]))
+                continue;
+            int32_t slot = c->held_slot[i], e = c->held_expert[i];
+            if (st == FERRY_OK && pass == 1) {
+                double t0 = now_seconds();
+                if (ferry_cache_wait_ready(m->cache, slot) != FERRY_OK)
+                    st = ferry_prefetch_failure(m->prefetch, layer, e);
+                c->stall_seconds += now_seconds() - t0;
+            }
+            if (st == FERRY_OK) {
+                ferry_expert_weights X = slot_weights(m, layer, e, slot);
+                st = run_expert(c, e, &X);
+            }
+            ferry_cache_release(m->cache, slot);
+            c->held_slot[i] = -1;
+        }
+    return st;
+}
+
+/* Experts come through the cache: acquire every expert the layer needs (hits are pinned,
+ * misses queued as demand fills), in waves when the cache cannot pin them all at once;
+ * then tell the prefetcher what the next layer used last time. */
+static ferry_status moe_offloaded(ferry_context *c, int32_t l)
+{
+    ferry_model *m = c->m;
+    const ferry_config *cfg = &m->cfg;
+    int32_t E = cfg->n_experts;
+    uint8_t *used = c->prev_used + (size_t)l * (size_t)E;
+
+    /* prefetch hint for the next layer: the experts it used in the previous step */
+    if (m->params.prefetch && l + 1 < cfg->n_layers) {
+        const uint8_t *next = c->prev_used + (size_t)(l + 1) * (size_t)E;
+        int32_t hint[1024], n_hint = 0;
+        for (int32_t e = 0; e < E && n_hint < 1024; e++)
+            if (next[e])
+                hint[n_hint++] = e;
+        if (n_hint > 0)
+            ferry_prefetch_hint(m->prefetch, l + 1, hint, NULL, n_hint);
+    }
+
+    int32_t e = 0, n_held = 0;
+    while (e < E) {
+        if (ferry_dispatch_count(&c->dispatch, e) == 0) {
+            used[e] = 0;
+            e++;
+            continue;
+        }
+        int32_t slot;
+        ferry_cache_result res;
+        ferry_status st = ferry_cache_acquire(m->cache, l, e, 1, &slot, &res);
+        if (st == FERRY_ERR_NOMEM) {
+            if (n_held > 0) {
+                TRY(run_wave(c, l, n_held)); /* frees our pins, then retry */
+                n_held = 0;
+                continue;
+            }
+            /* every slot is pinned by prefetches in flight: they finish on their own */
+            struct timespec ts = {0, 100000};
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        if (st)
+            return st;
+        used[e] = 1;
+        if (res == FERRY_CACHE_FILL) {
+            if ((st = ferry_prefetch_demand(m->prefetch, l, e, slot))) {
+                ferry_cache_mark_failed(m->cache, slot);
+                ferry_cache_release(m->cache, slot);
+                return st;
+            }
+        } else if (res == FERRY_CACHE_PENDING) {
+            ferry_prefetch_promote(m->prefetch, l, e);
+        }
+        c->held_slot[n_held] = slot;
+        c->held_expert[n_held] = e;
+        c->held_ready[n_held] = res == FERRY_CACHE_HIT;
+        n_held++;
+        e++;
+    }
+    ferry_prefetch_cancel(m->prefetch, l); /* queued prefetches this layer did not need */
+    return run_wave(c, l, n_held);
+}
+
 /* The MoE block for n tokens: router, grouping by expert, each chosen expert once over its
  * tokens, weighted combine. Reads c->d_h, adds into c->d_x. */
 static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t n)
@@ -221,7 +370,7 @@ static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t
     const ferry_backend_ops *o = be->ops;
     const ferry_config *cfg = &m->cfg;
     const ferry_layer_weights *L = &m->layers[l];
-    int32_t d = cfg->hidden_size, ff = cfg->intermediate_size, k = cfg->n_experts_per_tok;
+    int32_t d = cfg->hidden_size, k = cfg->n_experts_per_tok;
     int32_t E = cfg->n_experts;
 
     TRY(o->matmul(be, c->d_router, c->d_h, &L->gate, n));
@@ -233,18 +382,12 @@ static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t
         c->obs.on_route(c->obs.user, l, pos0, n, c->h_router, c->h_experts, c->h_weights);
     }
     TRY(ferry_dispatch_build(&c->dispatch, c->h_experts, n, k));
-    for (int32_t e = 0; e < E; e++) {
-        int32_t me = ferry_dispatch_count(&c->dispatch, e);
-        if (me == 0)
-            continue;
-        int32_t off = c->dispatch.offsets[e];
-        const ferry_expert_weights *X = &L->experts[e];
-        TRY(o->gather_rows(be, c->d_xe, c->d_h, c->dispatch.tokens + off, me, d));
-        TRY(o->matmul(be, c->d_a, c->d_xe, &X->w1, me));
-        TRY(o->matmul(be, c->d_b, c->d_xe, &X->w3, me));
-        TRY(o->silu_mul(be, c->d_a, c->d_a, c->d_b, (size_t)me * (size_t)ff));
-        TRY(o->matmul(be, c->d_ye, c->d_a, &X->w2, me));
-        TRY(o->scatter_rows(be, c->d_eo, c->d_ye, c->dispatch.rows + off, me, d));
+    if (m->store) {
+        TRY(moe_offloaded(c, l));
+    } else {
+        for (int32_t e = 0; e < E; e++)
+            if (ferry_dispatch_count(&c->dispatch, e) > 0)
+                TRY(run_expert(c, e, &L->experts[e]));
     }
     TRY(o->combine(be, c->d_moe, c->d_eo, c->d_weights, n, k, d));
     TRY(o->add(be, c->d_x, c->d_moe, (size_t)n * (size_t)d));
@@ -380,5 +523,61 @@ ferry_status ferry_context_get_stats(const ferry_context *c, ferry_stats *out)
     s.prefill_tokens_per_s = s.prefill_seconds > 0 ? (double)s.n_prompt_tokens / s.prefill_seconds : 0;
     s.decode_tokens_per_s = s.decode_seconds > 0 ? (double)s.n_decode_tokens / s.decode_seconds : 0;
     *out = s;
+    return FERRY_OK;
+}
+
+ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offload_stats *out,
+                                             ferry_layer_stats *layers, int32_t n_layers)
+{
+    if (!c || !out || n_layers < 0 || (n_layers > 0 && !layers))
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_context_get_offload_stats: bad arguments");
+    const ferry_model *m = c->m;
+    ferry_offload_stats o;
+    memset(&o, 0, sizeof o);
+    if (!m->cache) {
+        for (int32_t l = 0; l < n_layers; l++)
+            memset(&layers[l], 0, sizeof layers[l]);
+        *out = o;
+        return FERRY_OK;
+    }
+    int32_t L = m->cfg.n_layers;
+    ferry_cache_layer_stats *now = calloc((size_t)L, sizeof *now);
+    if (!now)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+    ferry_cache_get_stats(m->cache, now);
+    for (int32_t l = 0; l < L; l++) {
+        const ferry_cache_layer_stats *a = &now[l], *b = &c->layer_stats0[l];
+        ferry_layer_stats d = {a->hits - b->hits,
+                               a->misses - b->misses,
+                               a->prefetch_issued - b->prefetch_issued,
+                               a->prefetch_used - b->prefetch_used,
+                               a->prefetch_wasted - b->prefetch_wasted,
+                               a->evictions - b->evictions};
+        if (l < n_layers)
+            layers[l] = d;
+        o.hits += d.hits;
+        o.misses += d.misses;
+        o.prefetch_issued += d.prefetch_issued;
+        o.prefetch_used += d.prefetch_used;
+        o.prefetch_wasted += d.prefetch_wasted;
+    }
+    free(now);
+    ferry_prefetch_stats ps;
+    ferry_prefetch_get_stats(m->prefetch, &ps);
+    ferry_store_stats ss;
+    ferry_store_get_stats(m->store, &ss);
+    o.enabled = 1;
+    o.tier = ferry_store_tier(m->store) == FERRY_TIER_NVME ? FERRY_OFFLOAD_NVME : FERRY_OFFLOAD_RAM;
+    o.uses_uring = ss.uses_uring;
+    o.n_slots = m->n_slots;
+    o.slot_bytes = m->slot_bytes;
+    o.budget_bytes = m->be->ops->mem_capacity(m->be);
+    o.dense_bytes = m->dense_bytes;
+    o.context_bytes = m->context_bytes;
+    o.slots_bytes = (uint64_t)m->n_slots * m->slot_bytes;
+    o.bytes_to_device = ps.bytes_to_device;
+    o.bytes_from_disk = ss.disk_bytes;
+    o.stall_seconds = c->stall_seconds;
+    *out = o;
     return FERRY_OK;
 }

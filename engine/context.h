@@ -60,6 +60,14 @@ struct ferry_context {
     float *h_weights;     /* (n_batch, k) */
     float *h_hidden;      /* (n_batch, d) only when observed */
     ferry_dispatch dispatch;
+
+    /* offloading: the experts each layer used in the previous step (prefetch hints) */
+    uint8_t *prev_used;   /* (n_layers, n_experts) */
+    int32_t *held_slot;   /* (n_experts) per wave: slot of each acquired expert */
+    int32_t *held_expert; /* (n_experts) */
+    uint8_t *held_ready;  /* (n_experts) */
+    double stall_seconds;
+    ferry_cache_layer_stats *layer_stats0; /* (n_layers) cache counters at reset */
 };
 
 /* Runs n tokens (any n; chunks of n_batch internally) after the n_past already cached.

@@ -19,12 +19,120 @@
 
 #include "core/error.h"
 #include "engine/model.h"
+#include "offload/pack.h"
+#include "offload/reader.h"
 #include "offload/topology.h"
 
 ferry_model_params ferry_model_params_default(void)
 {
-    ferry_model_params p = {.n_threads = 0};
+    ferry_model_params p = {.n_threads = 0,
+                            .gpu_mem_bytes = 0,
+                            .offload = FERRY_OFFLOAD_RAM,
+                            .pack_path = NULL,
+                            .host_cache_bytes = 0,
+                            .reader = FERRY_READ_AUTO,
+                            .policy = FERRY_CACHE_LRU,
+                            .prefetch = 1};
     return p;
+}
+
+#define FERRY_DEFAULT_HOST_CACHE (1ull << 30)
+#define MIB(x) ((double)(x) / (1024.0 * 1024.0))
+
+static ferry_status check_offload_params(const ferry_model_params *p)
+{
+    if (p->gpu_mem_bytes == 0)
+        return FERRY_OK;
+    if (p->offload != FERRY_OFFLOAD_RAM && p->offload != FERRY_OFFLOAD_NVME)
+        return ferry_fail(FERRY_ERR_INVALID, "offload tier %d is neither ram (0) nor nvme (1)",
+                          (int)p->offload);
+    if (p->offload == FERRY_OFFLOAD_NVME && (!p->pack_path || !p->pack_path[0]))
+        return ferry_fail(FERRY_ERR_INVALID, "--offload nvme needs a pack file (--pack FILE, "
+                                             "written by ferry pack)");
+    if (p->policy < FERRY_CACHE_LRU || p->policy > FERRY_CACHE_PREDICTED)
+        return ferry_fail(FERRY_ERR_INVALID, "cache policy %d is not one of 0..3", (int)p->policy);
+    if (p->reader < FERRY_READ_AUTO || p->reader > FERRY_READ_PREAD)
+        return ferry_fail(FERRY_ERR_INVALID, "reader %d is not one of 0..2", (int)p->reader);
+    return FERRY_OK;
+}
+
+/* The RAM tier's source: the experts' host tensors. */
+static ferry_status expert_source(void *user, int32_t layer, int32_t expert, const void *parts[3],
+                                  ferry_expert_layout *layout)
+{
+    const ferry_model *m = user;
+    const ferry_expert_weights *X = &m->layers[layer].experts[expert];
+    const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
+    for (int k = 0; k < 3; k++) {
+        parts[k] = w[k]->d_data;
+        layout->dtype[k] = w[k]->dtype;
+        layout->part_bytes[k] = (size_t)(w[k]->rows * w[k]->cols) * ferry_dtype_size(w[k]->dtype);
+    }
+    return FERRY_OK;
+}
+
+static ferry_status open_store(ferry_model *m)
+{
+    const ferry_config *c = &m->cfg;
+    if (m->params.offload == FERRY_OFFLOAD_RAM)
+        return ferry_store_create_ram(c->n_layers, c->n_experts, expert_source, m, &m->store);
+    ferry_store_nvme_params np = {
+        .pack_path = m->pack_path,
+        .n_layers = c->n_layers,
+        .n_experts = c->n_experts,
+        .d_model = c->hidden_size,
+        .d_ff = c->intermediate_size,
+        .host_cache_bytes = m->params.host_cache_bytes ? (size_t)m->params.host_cache_bytes
+                                                        : (size_t)FERRY_DEFAULT_HOST_CACHE,
+        .reader_mode = m->params.reader == FERRY_READ_URING   ? FERRY_READER_URING
+                       : m->params.reader == FERRY_READ_PREAD ? FERRY_READER_PREAD
+                                                              : FERRY_READER_AUTO,
+    };
+    return ferry_store_create_nvme(&np, &m->store);
+}
+
+ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
+{
+    ferry_backend *be = m->be;
+    size_t budget = be->ops->mem_capacity(be), used = be->ops->mem_used(be);
+    size_t slot = (ferry_store_max_expert_bytes(m->store) + 255) / 256 * 256;
+    int32_t k = m->cfg.n_experts_per_tok, total = m->cfg.n_layers * m->cfg.n_experts;
+    size_t left = budget > used ? budget - used : 0;
+    size_t n = left / slot;
+    if (n > (size_t)total)
+        n = (size_t)total;
+    if (n < (size_t)k) {
+        size_t need = used + (size_t)k * slot;
+        return ferry_fail(FERRY_ERR_NOMEM,
+                          "--gpu-mem %.1f MiB is too small: dense weights %.1f MiB + KV cache and "
+                          "workspace %.1f MiB + %d expert slots x %.2f MiB (the top-%d of one "
+                          "layer) need %.1f MiB (%zu bytes)",
+                          MIB(budget), MIB(m->dense_bytes), MIB(context_bytes), (int)k, MIB(slot),
+                          (int)k, MIB(need), need);
+    }
+    ferry_status st = be->ops->alloc(be, n * slot, (void **)&m->d_slots);
+    if (st)
+        return st;
+    m->slot_bytes = slot;
+    m->n_slots = (int32_t)n;
+    m->context_bytes = context_bytes;
+    ferry_cache_params cp = {.n_slots = (int32_t)n,
+                             .n_layers = m->cfg.n_layers,
+                             .n_experts = m->cfg.n_experts,
+                             .policy = (ferry_cache_policy)m->params.policy};
+    if ((st = ferry_cache_create(&cp, &m->cache)))
+        return st;
+    ferry_prefetch_params pp = {.d_slots = m->d_slots,
+                                .slot_bytes = slot,
+                                .n_slots = (int32_t)n,
+                                .max_prefetch_bytes = (n / 2 > 0 ? n / 2 : 1) * slot};
+    if ((st = ferry_prefetch_create(&pp, be, m->store, m->cache, &m->prefetch)))
+        return st;
+    ferry_log(FERRY_LOG_INFO,
+              "device budget %.1f MiB: dense %.1f MiB, context %.1f MiB, %d expert slots x %.2f "
+              "MiB",
+              MIB(budget), MIB(m->dense_bytes), MIB(context_bytes), (int)n, MIB(slot));
+    return FERRY_OK;
 }
 
 /* Records a copy the model frees at close: device memory or (on_device 0) host memory. */
@@ -161,8 +269,19 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     }
     if ((st = ferry_st_open_dir(dir, &m->st)))
         goto fail;
+    if ((st = check_offload_params(p)))
+        goto fail;
+    m->params = *p;
+    if (p->pack_path) {
+        m->pack_path = strdup(p->pack_path);
+        if (!m->pack_path) {
+            st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+            goto fail;
+        }
+        m->params.pack_path = m->pack_path;
+    }
     int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
-    if ((st = ferry_backend_cpu_create(n_threads, 0, &m->be)))
+    if ((st = ferry_backend_cpu_create(n_threads, (size_t)p->gpu_mem_bytes, &m->be)))
         goto fail;
     if (pthread_mutex_init(&m->lock, NULL) != 0) {
         st = ferry_fail(FERRY_ERR_NOMEM, "cannot create the model lock");
@@ -171,6 +290,22 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     m->lock_ready = 1;
 
     const ferry_config *c = &m->cfg;
+    if (p->gpu_mem_bytes > 0) {
+        /* dense bytes = the checkpoint minus its experts: say so before failing a bind */
+        uint64_t all = 0, experts = 0;
+        for (int32_t i = 0; i < ferry_st_count(m->st); i++) {
+            const ferry_st_tensor *t = ferry_st_at(m->st, i);
+            all += t->n_bytes;
+            if (strstr(t->name, ".block_sparse_moe.experts."))
+                experts += t->n_bytes;
+        }
+        if (all - experts > p->gpu_mem_bytes) {
+            st = ferry_fail(FERRY_ERR_NOMEM, "--gpu-mem %.1f MiB cannot hold the dense weights "
+                            "(%.1f MiB) and the experts of one layer", MIB(p->gpu_mem_bytes),
+                            MIB(all - experts));
+            goto fail;
+        }
+    }
     if ((st = bind(m, "model.embed_tokens.weight", 2, c->vocab_size, c->hidden_size, &m->embed)))
         goto fail;
     if ((st = bind(m, "model.norm.weight", 1, c->hidden_size, 0, &m->final_norm)))
@@ -188,6 +323,9 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     for (int32_t l = 0; l < c->n_layers; l++)
         if ((st = bind_layer(m, l)))
             goto fail;
+    m->dense_bytes = m->be->ops->mem_used(m->be);
+    if (p->gpu_mem_bytes > 0 && (st = open_store(m)))
+        goto fail;
     ferry_log(FERRY_LOG_INFO, "%s: %d layers, %d experts (top-%d), %lld parameters", dir,
               (int)c->n_layers, (int)c->n_experts, (int)c->n_experts_per_tok,
               (long long)m->n_params);
@@ -202,6 +340,12 @@ void ferry_model_close(ferry_model *m)
 {
     if (!m)
         return;
+    ferry_prefetch_destroy(m->prefetch);
+    ferry_cache_destroy(m->cache);
+    if (m->d_slots)
+        m->be->ops->free(m->be, m->d_slots);
+    ferry_store_destroy(m->store);
+    free(m->pack_path);
     if (m->layers) {
         for (int32_t l = 0; l < m->cfg.n_layers; l++)
             free(m->layers[l].experts);
@@ -262,4 +406,47 @@ ferry_status ferry_detokenize(const ferry_model *m, const int32_t *ids, int32_t 
     if (!m || (n > 0 && !ids) || n < 0 || !len_out || (cap > 0 && !text))
         return ferry_fail(FERRY_ERR_INVALID, "ferry_detokenize: invalid arguments");
     return ferry_tokenizer_decode(m->tok, ids, n, skip_special, text, cap, len_out);
+}
+
+/* ---- ferry pack ---------------------------------------------------------------------- */
+
+typedef struct {
+    ferry_st_set *st;
+} pack_src;
+
+static ferry_status pack_source(void *user, int32_t layer, int32_t expert, int32_t which,
+                                const void **data, ferry_dtype *dtype)
+{
+    static const char *names[3] = {"w1", "w3", "w2"};
+    const pack_src *ps = user;
+    char name[160];
+    snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.%s.weight",
+             (int)layer, (int)expert, names[which]);
+    const ferry_st_tensor *t = ferry_st_find(ps->st, name);
+    if (!t)
+        return ferry_fail(FERRY_ERR_FORMAT, "tensor '%s' is missing", name);
+    ferry_dtype dt;
+    ferry_status st = ferry_st_get(ps->st, name, t->n_dims, t->shape, &t, &dt);
+    if (st)
+        return st;
+    *data = t->data;
+    *dtype = dt;
+    return FERRY_OK;
+}
+
+ferry_status ferry_pack_model(const char *model_dir, const char *out_path)
+{
+    if (!model_dir || !out_path)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_pack_model: NULL argument");
+    /* open the whole model, so every shape is checked against config.json first */
+    ferry_model *m;
+    ferry_status st = ferry_model_open(model_dir, NULL, &m);
+    if (st)
+        return st;
+    ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
+                              m->cfg.intermediate_size};
+    pack_src ps = {m->st};
+    st = ferry_pack_write(out_path, &shape, pack_source, NULL, &ps);
+    ferry_model_close(m);
+    return st;
 }

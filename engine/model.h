@@ -18,6 +18,9 @@
 #include "engine/tokenizer.h"
 #include "ferry.h"
 #include "kernels/backend.h"
+#include "offload/cache.h"
+#include "offload/prefetch.h"
+#include "offload/store.h"
 
 typedef struct {
     ferry_weight w1; /* (d_ff, d_model) gate projection */
@@ -58,6 +61,24 @@ struct ferry_model {
     ferry_owned *owned;      /* device copies, or aligned host copies of experts */
     int32_t n_owned, cap_owned;
     int64_t n_params;
+
+    /* Expert offloading (params.gpu_mem_bytes > 0). The store is built at open; the slots,
+     * cache and prefetch pipeline when the first context has taken its share of the budget. */
+    ferry_model_params params;
+    char *pack_path;          /* owned copy of params.pack_path */
+    ferry_store *store;
+    size_t dense_bytes;       /* device bytes of the dense weights */
+    size_t context_bytes;     /* device bytes of the first context */
+    size_t slot_bytes;        /* one expert slot, aligned */
+    int32_t n_slots;
+    char *d_slots;            /* (n_slots, slot_bytes) */
+    ferry_cache *cache;
+    ferry_prefetch *prefetch;
 };
+
+/* Builds the expert slots, cache and prefetch pipeline from what is left of the device
+ * budget (called by the first context once its buffers are allocated). FERRY_ERR_NOMEM
+ * with the memory plan in the message when fewer than top-k slots fit. */
+ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes);
 
 #endif

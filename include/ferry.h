@@ -55,8 +55,29 @@ void ferry_set_log(ferry_log_level level, ferry_log_fn fn, void *user);
 
 typedef struct ferry_model ferry_model;
 
+typedef enum { FERRY_OFFLOAD_RAM = 0, FERRY_OFFLOAD_NVME = 1 } ferry_offload_tier;
+typedef enum {
+    FERRY_CACHE_LRU = 0,       /* least recently used */
+    FERRY_CACHE_LFU = 1,       /* least frequently used */
+    FERRY_CACHE_LAYER_LRU = 2, /* a fixed share of slots per layer, LRU within it */
+    FERRY_CACHE_PREDICTED = 3  /* evict what the routing predictor scores lowest */
+} ferry_cache_policy_id;
+/* How the NVMe tier reads: io_uring where the kernel allows it, else a pread thread pool. */
+typedef enum { FERRY_READ_AUTO = 0, FERRY_READ_URING = 1, FERRY_READ_PREAD = 2 } ferry_reader_id;
+
 typedef struct {
     int32_t n_threads; /* compute threads; 0 = one per physical core */
+    /* Expert offloading. gpu_mem_bytes = 0: everything resident, nothing offloaded. Else the
+     * device budget: dense weights, KV cache and workspace are placed in it and the rest
+     * becomes expert slots, a cache in front of the expert store. */
+    uint64_t gpu_mem_bytes;
+    int32_t offload;           /* ferry_offload_tier: where experts live */
+    const char *pack_path;     /* FERRY_OFFLOAD_NVME: the file written by ferry_pack_model */
+    uint64_t host_cache_bytes; /* FERRY_OFFLOAD_NVME: RAM cache in front of the disk; 0 = 1 GiB */
+    int32_t reader;            /* FERRY_OFFLOAD_NVME: ferry_reader_id (io_uring or preads) */
+    int32_t policy;            /* ferry_cache_policy_id */
+    int32_t prefetch;          /* nonzero: fetch the experts the next layer will probably use
+                                  while this one computes */
 } ferry_model_params;
 
 ferry_model_params ferry_model_params_default(void);
@@ -73,6 +94,12 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
 
 /* Frees the model. NULL-safe. Every context of the model must be freed first. */
 void ferry_model_close(ferry_model *m);
+
+/* Writes the packed expert file of the checkpoint in model_dir to out_path (atomically):
+ * a header with the model's shape and each expert's offset, size and checksum, then every
+ * expert's w1, w3, w2 contiguous and 4 KiB aligned, for the NVMe tier. Returns the codes
+ * of ferry_model_open, and FERRY_ERR_IO when out_path cannot be written. */
+ferry_status ferry_pack_model(const char *model_dir, const char *out_path);
 
 typedef struct {
     int32_t n_vocab;
@@ -190,6 +217,35 @@ typedef struct {
 
 /* Statistics since the context was created or last reset. */
 ferry_status ferry_context_get_stats(const ferry_context *c, ferry_stats *out);
+
+typedef struct {
+    int64_t hits, misses;              /* demand lookups in the expert cache */
+    int64_t prefetch_issued, prefetch_used, prefetch_wasted;
+    int64_t evictions;
+} ferry_layer_stats;
+
+typedef struct {
+    int32_t enabled;          /* 0 when the model runs fully resident */
+    int32_t tier;             /* ferry_offload_tier */
+    int32_t uses_uring;       /* NVMe tier: io_uring (1) or the pread fallback (0) */
+    int32_t n_slots;          /* expert slots in the device budget */
+    uint64_t slot_bytes;
+    uint64_t budget_bytes;    /* --gpu-mem */
+    uint64_t dense_bytes;     /* dense weights on the device */
+    uint64_t context_bytes;   /* KV cache and workspace of the first context */
+    uint64_t slots_bytes;     /* n_slots x slot_bytes */
+    int64_t hits, misses;     /* totals over layers */
+    int64_t prefetch_issued, prefetch_used, prefetch_wasted;
+    uint64_t bytes_to_device; /* expert bytes copied into slots */
+    uint64_t bytes_from_disk; /* read from the pack file */
+    double stall_seconds;     /* forward pass waiting for experts */
+} ferry_offload_stats;
+
+/* Offload statistics of the model's expert cache (shared by its contexts) since the
+ * context was created or reset; per-layer counters go to layers[0..n_layers) when layers
+ * is not NULL (n_layers may be smaller than the model's). */
+ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offload_stats *out,
+                                             ferry_layer_stats *layers, int32_t n_layers);
 
 #ifdef __cplusplus
 }

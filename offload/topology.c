@@ -4,6 +4,8 @@
 #include "offload/topology.h"
 
 #include <hwloc.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "core/error.h"
@@ -47,4 +49,34 @@ int32_t ferry_topology_default_threads(void)
     ferry_topology t;
     ferry_topology_read(&t);
     return t.n_physical_cores;
+}
+
+/* Host memory for the expert store comes from mmap (page-aligned, returned to the system on
+ * free) and is bound to the caller's NUMA node when hwloc can. */
+ferry_status ferry_host_alloc(size_t n_bytes, void **out)
+{
+    size_t len = n_bytes ? n_bytes : 1;
+    void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes of host memory", n_bytes);
+    hwloc_topology_t topo;
+    if (hwloc_topology_init(&topo) == 0) {
+        if (hwloc_topology_load(topo) == 0 &&
+            hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE) > 1) {
+            hwloc_bitmap_t set = hwloc_bitmap_alloc();
+            if (set && hwloc_get_cpubind(topo, set, HWLOC_CPUBIND_THREAD) == 0 &&
+                hwloc_set_area_membind(topo, p, len, set, HWLOC_MEMBIND_BIND, 0) != 0)
+                ferry_log(FERRY_LOG_DEBUG, "hwloc cannot bind %zu bytes to the local node", len);
+            hwloc_bitmap_free(set);
+        }
+        hwloc_topology_destroy(topo);
+    }
+    *out = p;
+    return FERRY_OK;
+}
+
+void ferry_host_free(void *p, size_t n_bytes)
+{
+    if (p)
+        munmap(p, n_bytes ? n_bytes : 1);
 }

@@ -24,4 +24,10 @@ void ferry_topology_read(ferry_topology *out);
 /* The default compute thread count: one per physical core. */
 int32_t ferry_topology_default_threads(void);
 
+/* Allocates n_bytes of page-aligned host memory bound to the NUMA node of the calling
+ * thread (through hwloc; plain page-aligned memory where binding is unavailable). Free
+ * with ferry_host_free and the same size. FERRY_ERR_NOMEM naming the size. Thread-safe. */
+ferry_status ferry_host_alloc(size_t n_bytes, void **out);
+void ferry_host_free(void *p, size_t n_bytes);
+
 #endif
