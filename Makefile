@@ -8,7 +8,7 @@ JOBS ?= $(shell nproc)
 MODEL ?= models/tiny-moe-code
 PROMPT ?= def fibonacci(n):
 
-.PHONY: all deps build demo test test-sanitize clean
+.PHONY: all deps build demo test test-sanitize test-tsan clean
 
 all: build
 
@@ -31,5 +31,12 @@ test-sanitize: deps
 	cmake --build build-asan -j $(JOBS)
 	ctest --test-dir build-asan --output-on-failure -j $(JOBS)
 
+# The multithreaded parts (thread pool, copy engine, expert cache, prefetch pipeline,
+# NVMe reader) under ThreadSanitizer.
+test-tsan: deps
+	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFERRY_SANITIZE=thread
+	cmake --build build-tsan -j $(JOBS)
+	ctest --test-dir build-tsan --output-on-failure -j $(JOBS) -R 'kernels|cache|pack|offload'
+
 clean:
-	rm -rf $(BUILD) build-asan
+	rm -rf $(BUILD) build-asan build-tsan

@@ -17,6 +17,8 @@
 #include "engine/context.h"
 
 #define FERRY_DEFAULT_BATCH 128
+#define FERRY_LOGIT_ROWS 16
+#define MIB(x) ((double)(x) / (1024.0 * 1024.0))
 #define FERRY_DEFAULT_CTX_CAP 4096
 
 #define TRY(expr)                                                                              \
@@ -138,26 +140,55 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
     if ((st = ferry_sampler_init(&c->sampler, cfg->vocab_size, p->temperature, p->top_k, p->top_p,
                                  p->seed)))
         goto fail;
-    if ((st = dalloc(c, (void **)&c->d_k, kv_elems, sizeof(float), "key cache")) ||
-        (st = dalloc(c, (void **)&c->d_v, kv_elems, sizeof(float), "value cache")) ||
-        (st = dalloc(c, (void **)&c->d_cos, rope_elems, sizeof(float), "RoPE cos")) ||
-        (st = dalloc(c, (void **)&c->d_sin, rope_elems, sizeof(float), "RoPE sin")) ||
-        (st = dalloc(c, (void **)&c->d_x, B * d, sizeof(float), "residual")) ||
-        (st = dalloc(c, (void **)&c->d_h, B * d, sizeof(float), "normed")) ||
-        (st = dalloc(c, (void **)&c->d_q, B * q_dim, sizeof(float), "queries")) ||
-        (st = dalloc(c, (void **)&c->d_att, B * q_dim, sizeof(float), "attention")) ||
-        (st = dalloc(c, (void **)&c->d_router, B * E, sizeof(float), "router logits")) ||
-        (st = dalloc(c, (void **)&c->d_experts, B * k, sizeof(int32_t), "routing")) ||
-        (st = dalloc(c, (void **)&c->d_weights, B * k, sizeof(float), "routing weights")) ||
-        (st = dalloc(c, (void **)&c->d_xe, B * d, sizeof(float), "expert input")) ||
-        (st = dalloc(c, (void **)&c->d_a, B * ff, sizeof(float), "expert gate")) ||
-        (st = dalloc(c, (void **)&c->d_b, B * ff, sizeof(float), "expert up")) ||
-        (st = dalloc(c, (void **)&c->d_ye, B * d, sizeof(float), "expert output")) ||
-        (st = dalloc(c, (void **)&c->d_eo, B * k * d, sizeof(float), "expert outputs")) ||
-        (st = dalloc(c, (void **)&c->d_moe, B * d, sizeof(float), "MoE output")) ||
-        (st = dalloc(c, (void **)&c->d_logits, B * (size_t)cfg->vocab_size, sizeof(float),
-                     "logits")))
-        goto fail;
+    const struct {
+        void **ptr;
+        size_t n_elems, elem_bytes;
+        const char *what;
+    } bufs[] = {
+        {(void **)&c->d_k, kv_elems, sizeof(float), "key cache"},
+        {(void **)&c->d_v, kv_elems, sizeof(float), "value cache"},
+        {(void **)&c->d_cos, rope_elems, sizeof(float), "RoPE cos"},
+        {(void **)&c->d_sin, rope_elems, sizeof(float), "RoPE sin"},
+        {(void **)&c->d_x, B * d, sizeof(float), "residual"},
+        {(void **)&c->d_h, B * d, sizeof(float), "normed"},
+        {(void **)&c->d_q, B * q_dim, sizeof(float), "queries"},
+        {(void **)&c->d_att, B * q_dim, sizeof(float), "attention"},
+        {(void **)&c->d_router, B * E, sizeof(float), "router logits"},
+        {(void **)&c->d_experts, B * k, sizeof(int32_t), "routing"},
+        {(void **)&c->d_weights, B * k, sizeof(float), "routing weights"},
+        {(void **)&c->d_xe, B * d, sizeof(float), "expert input"},
+        {(void **)&c->d_a, B * ff, sizeof(float), "expert gate"},
+        {(void **)&c->d_b, B * ff, sizeof(float), "expert up"},
+        {(void **)&c->d_ye, B * d, sizeof(float), "expert output"},
+        {(void **)&c->d_eo, B * k * d, sizeof(float), "expert outputs"},
+        {(void **)&c->d_moe, B * d, sizeof(float), "MoE output"},
+        {(void **)&c->d_logits, (B < FERRY_LOGIT_ROWS ? B : FERRY_LOGIT_ROWS) *
+                                    (size_t)cfg->vocab_size, sizeof(float), "logits"},
+    };
+    size_t n_bufs = sizeof bufs / sizeof bufs[0];
+    if (m->store) {
+        /* with a device budget, say up front what this context needs next to the rest */
+        size_t kv_bytes = 2 * kv_elems * sizeof(float), all = 0;
+        for (size_t i = 0; i < n_bufs; i++)
+            all += (bufs[i].n_elems * bufs[i].elem_bytes + 255) / 256 * 256;
+        size_t slot = (ferry_store_max_expert_bytes(m->store) + 255) / 256 * 256;
+        size_t slots = m->cache ? 0 : (size_t)cfg->n_experts_per_tok * slot;
+        size_t budget = m->be->ops->mem_capacity(m->be);
+        if (used_before + all + slots > budget) {
+            st = ferry_fail(FERRY_ERR_NOMEM,
+                            "--gpu-mem %.1f MiB is too small for a context of %d tokens: dense "
+                            "weights %.1f MiB + KV cache %.1f MiB + workspace %.1f MiB + %d "
+                            "expert slots x %.2f MiB need %.1f MiB (%zu bytes); raise --gpu-mem "
+                            "or lower --ctx",
+                            MIB(budget), (int)n_ctx, MIB(m->dense_bytes), MIB(kv_bytes),
+                            MIB(all - kv_bytes), m->cache ? 0 : (int)cfg->n_experts_per_tok,
+                            MIB(slot), MIB(used_before + all + slots), used_before + all + slots);
+            goto fail;
+        }
+    }
+    for (size_t i = 0; i < n_bufs; i++)
+        if ((st = dalloc(c, bufs[i].ptr, bufs[i].n_elems, bufs[i].elem_bytes, bufs[i].what)))
+            goto fail;
     if ((st = halloc((void **)&c->h_router, B * E, sizeof(float), "router logits")) ||
         (st = halloc((void **)&c->h_experts, B * k, sizeof(int32_t), "routing")) ||
         (st = halloc((void **)&c->h_weights, B * k, sizeof(float), "routing weights")) ||
@@ -457,12 +488,17 @@ static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t 
         TRY(o->rmsnorm(be, c->d_h, c->d_x + (size_t)first * (size_t)d, &m->final_norm, rows, d,
                        cfg->rms_eps));
         TRY(observe_hidden(c, cfg->n_layers, pos0 + first, rows, c->d_h));
-        TRY(o->matmul(be, c->d_logits, c->d_h, &m->lm_head, rows));
-        if (logits_all)
-            TRY(o->download(be, logits_all, c->d_logits, (size_t)rows * V * sizeof(float)));
-        if (logits_last)
-            TRY(o->download(be, logits_last, c->d_logits + (size_t)(rows - 1) * V,
-                            V * sizeof(float)));
+        /* the LM head in groups of FERRY_LOGIT_ROWS rows: its output is the largest buffer */
+        for (int32_t r0 = 0; r0 < rows; r0 += FERRY_LOGIT_ROWS) {
+            int32_t nr = rows - r0 < FERRY_LOGIT_ROWS ? rows - r0 : FERRY_LOGIT_ROWS;
+            TRY(o->matmul(be, c->d_logits, c->d_h + (size_t)r0 * (size_t)d, &m->lm_head, nr));
+            if (logits_all)
+                TRY(o->download(be, logits_all + (size_t)r0 * V, c->d_logits,
+                                (size_t)nr * V * sizeof(float)));
+            if (logits_last && r0 + nr == rows)
+                TRY(o->download(be, logits_last, c->d_logits + (size_t)(nr - 1) * V,
+                                V * sizeof(float)));
+        }
     }
     c->n_past += n;
     return FERRY_OK;

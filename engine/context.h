@@ -52,7 +52,7 @@ struct ferry_context {
     float *d_ye;          /* (n_batch, d) */
     float *d_eo;          /* (n_batch * k, d) per-token expert outputs */
     float *d_moe;         /* (n_batch, d) */
-    float *d_logits;      /* (n_batch, n_vocab) */
+    float *d_logits;      /* (min(n_batch, 16), n_vocab) */
 
     /* host memory */
     float *h_router;      /* (n_batch, n_experts) only when observed */

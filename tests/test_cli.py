@@ -55,7 +55,8 @@ class CliTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "logits.f32")
             ferry("run", MODEL, "-p", case["prompt"], "-n", "1", "--logits", path)
-            data = open(path, "rb").read()
+            with open(path, "rb") as f:
+                data = f.read()
         ref = case["last_logits"]
         self.assertEqual(len(data), 4 * len(ref))
         got = struct.unpack("<%df" % len(ref), data)
@@ -93,6 +94,55 @@ class CliTest(unittest.TestCase):
         p = ferry("run", MODEL, "-p", "def fibonacci(n):", "-n", "64", "--ctx", "16", check=False)
         self.assertEqual(p.returncode, 1)
         self.assertIn("context holds 16", p.stderr.decode())
+
+    def test_offloaded_runs_print_the_same_text(self):
+        args = ["run", MODEL, "-p", "def fibonacci(n):", "-n", "40", "--ctx", "256"]
+        want = ferry(*args).stdout
+        with tempfile.TemporaryDirectory() as tmp:
+            pack = os.path.join(tmp, "tiny.pack")
+            p = ferry("pack", MODEL, pack)
+            self.assertEqual(p.stdout, b"")
+            self.assertGreater(os.path.getsize(pack), 20 * 1024 * 1024)
+            for extra in (["--gpu-mem", "8M"],
+                          ["--gpu-mem", "8M", "--prefetch", "off", "--policy", "lfu"],
+                          ["--gpu-mem", "12M", "--policy", "layer-lru"],
+                          ["--gpu-mem", "8M", "--offload", "nvme", "--pack", pack,
+                           "--host-cache", "4M", "--reader", "pread"],
+                          ["--gpu-mem", "64M", "--offload", "nvme", "--pack", pack]):
+                p = ferry(*args, *extra, "--stats")
+                self.assertEqual(p.stdout, want, extra)
+                err = p.stderr.decode()
+                self.assertRegex(err, r"memory plan: budget [0-9.]+ MiB = dense [0-9.]+ MiB", extra)
+                self.assertRegex(err, r"hit rate [0-9.]+%, [0-9.]+ MiB moved to the device", extra)
+                self.assertRegex(err, r"prefetch: \d+ issued, \d+ used, \d+ wasted", extra)
+                if "nvme" in extra:
+                    self.assertRegex(err, r"nvme tier \((io_uring|pread)\)")
+                    self.assertNotIn(" 0.0 MiB read from disk", err)
+
+    def test_offload_errors(self):
+        p = ferry("run", MODEL, "-p", "x", "--gpu-mem", "6M", "--ctx", "256", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("--gpu-mem 6.0 MiB is too small for a context of 256 tokens", p.stderr.decode())
+        p = ferry("run", MODEL, "-p", "x", "--gpu-mem", "8M", "--offload", "nvme", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("--pack", p.stderr.decode())
+        for args, msg in [
+            (["--gpu-mem", "lots"], "--gpu-mem expects a size"),
+            (["--gpu-mem", "0"], "--gpu-mem expects a size"),
+            (["--offload", "tape"], "--offload expects ram or nvme"),
+            (["--policy", "random"], "--policy expects lru, lfu, layer-lru or predicted"),
+            (["--prefetch", "maybe"], "--prefetch expects on or off"),
+            (["--offload", "nvme"], "need a device budget"),
+        ]:
+            p = ferry("run", MODEL, "-p", "x", *args, check=False)
+            self.assertEqual(p.returncode, 2, args)
+            self.assertIn(msg, p.stderr.decode(), args)
+        p = ferry("pack", MODEL, check=False)
+        self.assertEqual(p.returncode, 2)
+        with tempfile.TemporaryDirectory() as tmp:
+            p = ferry("pack", os.path.join(tmp, "none"), os.path.join(tmp, "x.pack"), check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertFalse(os.path.exists(os.path.join(tmp, "x.pack")))
 
     def test_bad_options_exit_2(self):
         for args, msg in [
