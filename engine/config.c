@@ -224,6 +224,11 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
                         "num_key_value_heads %d", origin, (int)c.n_heads, (int)c.n_kv_heads);
         goto fail;
     }
+    if (c.n_experts > FERRY_CONFIG_MAX_EXPERTS) {
+        st = ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: num_local_experts %d is more than the %d "
+                        "this build routes", origin, (int)c.n_experts, FERRY_CONFIG_MAX_EXPERTS);
+        goto fail;
+    }
     if (c.n_experts_per_tok > c.n_experts) {
         st = ferry_fail(FERRY_ERR_FORMAT, "%s: num_experts_per_tok %d exceeds num_local_experts "
                         "%d", origin, (int)c.n_experts_per_tok, (int)c.n_experts);

@@ -17,6 +17,7 @@
 #define FERRY_CONFIG_MAX_DIM (1 << 20)   /* hidden, intermediate, head_dim, heads x head_dim */
 #define FERRY_CONFIG_MAX_VOCAB (1 << 24) /* also the limit on max_position_embeddings */
 #define FERRY_CONFIG_MAX_COUNT (1 << 12) /* layers, heads, experts */
+#define FERRY_CONFIG_MAX_EXPERTS 1024     /* experts per layer the router and cache handle */
 
 typedef struct {
     int32_t vocab_size;        /* vocab_size */

@@ -338,7 +338,15 @@ static ferry_status moe_offloaded(ferry_context *c, int32_t l)
     int32_t E = cfg->n_experts;
     uint8_t *used = c->prev_used + (size_t)l * (size_t)E;
 
-    /* prefetch hint for the next layer: the experts it used in the previous step */
+    /* The routing guess for the next layer, until the predictor lands: the experts it used
+     * in the previous step. It drives prefetching and the predicted eviction policy. */
+    if (m->params.policy == FERRY_CACHE_PREDICTED && l + 1 < cfg->n_layers) {
+        const uint8_t *next = c->prev_used + (size_t)(l + 1) * (size_t)E;
+        float scores[1024];
+        for (int32_t e = 0; e < E && e < 1024; e++)
+            scores[e] = next[e] ? 1.0f : 0.0f;
+        ferry_cache_set_scores(m->cache, l + 1, scores);
+    }
     if (m->params.prefetch && l + 1 < cfg->n_layers) {
         const uint8_t *next = c->prev_used + (size_t)(l + 1) * (size_t)E;
         int32_t hint[1024], n_hint = 0;

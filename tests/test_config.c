@@ -222,6 +222,8 @@ static const bad_field g_bad_fields[] = {
      "num_attention_heads 6 is not a multiple of num_key_value_heads 12"},
     {"num_experts_per_tok", "9", FERRY_ERR_FORMAT,
      "num_experts_per_tok 9 exceeds num_local_experts 8"},
+    {"num_local_experts", "1025", FERRY_ERR_UNSUPPORTED,
+     "num_local_experts 1025 is more than the 1024 this build routes"},
     {"head_dim", "33", FERRY_ERR_FORMAT, "head_dim 33 is odd"},
     {"head_dim", "0", FERRY_ERR_FORMAT, "field 'head_dim' is 0"},
     {"head_dim", "\"32\"", FERRY_ERR_FORMAT, "field 'head_dim' is not an integer"},
