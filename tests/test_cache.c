@@ -541,53 +541,56 @@ START_TEST(test_cache_prefetch_accounting)
     ferry_cache_get_stats(c, st);
     assert_stats("prefetch then demand", &st[0],
                  (ferry_cache_layer_stats){.hits = 2, .prefetch_issued = 1, .prefetch_used = 1});
-    /* 4. prefetch 1 (slot 1, stamped at load). 5. prefetching it again counts nothing and
-     * does not refresh it. 6. demand 2 misses and evicts the older 0 (used: no waste).
-     * 7. demand 3 misses and evicts 1, never used: wasted. */
+    /* 4. prefetch 1 (slot 1, stamped at load, @4). 5. demand 0 (@5). 6. prefetching 1 again
+     * counts nothing and does not refresh it, so 1 stays the least recent. 7. demand 2
+     * misses and evicts 1, never used: wasted. 8. demand 3 evicts 0 (used: no waste). */
     acquire_expect(c, 0, 1, 0, FERRY_CACHE_FILL, 1);
     ferry_cache_mark_ready(c, 1);
     ferry_cache_release(c, 1);
+    acquire_expect(c, 0, 0, 1, FERRY_CACHE_HIT, 0);
+    ferry_cache_release(c, 0);
     acquire_expect(c, 0, 1, 0, FERRY_CACHE_HIT, 1);
     ferry_cache_release(c, 1);
     for (int32_t e = 2; e <= 3; e++) {
-        int32_t s = acquire_expect(c, 0, e, 1, FERRY_CACHE_FILL, e == 2 ? 0 : 1);
+        int32_t s = acquire_expect(c, 0, e, 1, FERRY_CACHE_FILL, e == 2 ? 1 : 0);
         ferry_cache_mark_ready(c, s);
         ferry_cache_release(c, s);
     }
     ferry_cache_get_stats(c, st);
     assert_stats("prefetch evicted unused", &st[0],
-                 (ferry_cache_layer_stats){.hits = 2, .misses = 2, .prefetch_issued = 2,
+                 (ferry_cache_layer_stats){.hits = 3, .misses = 2, .prefetch_issued = 2,
                                            .prefetch_used = 1, .prefetch_wasted = 1,
                                            .evictions = 2});
-    /* 8. prefetch 4 evicts 2 (slot 0); a demand finds it in flight: a pending hit, used. */
-    acquire_expect(c, 0, 4, 0, FERRY_CACHE_FILL, 0);
-    acquire_expect(c, 0, 4, 1, FERRY_CACHE_PENDING, 0);
-    ferry_cache_mark_ready(c, 0);
-    ck_assert_int_eq(ferry_cache_wait_ready(c, 0), FERRY_OK);
-    ferry_cache_release(c, 0);
-    ferry_cache_release(c, 0);
-    /* 9. prefetch 5 evicts 3 (slot 1) and fails: wasted, and slot 1 is free. */
-    acquire_expect(c, 0, 5, 0, FERRY_CACHE_FILL, 1);
-    ferry_cache_mark_failed(c, 1);
+    /* 9. prefetch 4 evicts 2 (slot 1, older than 3 in slot 0); a demand finds it in
+     * flight: a pending hit, and the prefetch is used. */
+    acquire_expect(c, 0, 4, 0, FERRY_CACHE_FILL, 1);
+    acquire_expect(c, 0, 4, 1, FERRY_CACHE_PENDING, 1);
+    ferry_cache_mark_ready(c, 1);
+    ck_assert_int_eq(ferry_cache_wait_ready(c, 1), FERRY_OK);
     ferry_cache_release(c, 1);
+    ferry_cache_release(c, 1);
+    /* 10. prefetch 5 evicts 3 (slot 0) and fails: wasted, and slot 0 is free. */
+    acquire_expect(c, 0, 5, 0, FERRY_CACHE_FILL, 0);
+    ferry_cache_mark_failed(c, 0);
+    ferry_cache_release(c, 0);
     ferry_cache_get_stats(c, st);
     assert_stats("pending use and failed prefetch", &st[0],
-                 (ferry_cache_layer_stats){.hits = 3, .hits_pending = 1, .misses = 2,
+                 (ferry_cache_layer_stats){.hits = 4, .hits_pending = 1, .misses = 2,
                                            .prefetch_issued = 4, .prefetch_used = 2,
                                            .prefetch_wasted = 2, .evictions = 4});
-    /* 10. prefetch (1,0) takes the free slot 1. 11. demand (0,6) evicts the older (0,4).
-     * 12. demand (0,7) evicts (1,0), never used: layer 1's waste and eviction. */
-    acquire_expect(c, 1, 0, 0, FERRY_CACHE_FILL, 1);
-    ferry_cache_mark_ready(c, 1);
-    ferry_cache_release(c, 1);
+    /* 11. prefetch (1,0) takes the free slot 0. 12. demand (0,6) evicts the older (0,4)
+     * (slot 1). 13. demand (0,7) evicts (1,0), never used: layer 1's waste and eviction. */
+    acquire_expect(c, 1, 0, 0, FERRY_CACHE_FILL, 0);
+    ferry_cache_mark_ready(c, 0);
+    ferry_cache_release(c, 0);
     for (int32_t e = 6; e <= 7; e++) {
-        int32_t s = acquire_expect(c, 0, e, 1, FERRY_CACHE_FILL, e == 6 ? 0 : 1);
+        int32_t s = acquire_expect(c, 0, e, 1, FERRY_CACHE_FILL, e == 6 ? 1 : 0);
         ferry_cache_mark_ready(c, s);
         ferry_cache_release(c, s);
     }
     ferry_cache_get_stats(c, st);
     assert_stats("layer 0", &st[0],
-                 (ferry_cache_layer_stats){.hits = 3, .hits_pending = 1, .misses = 4,
+                 (ferry_cache_layer_stats){.hits = 4, .hits_pending = 1, .misses = 4,
                                            .prefetch_issued = 4, .prefetch_used = 2,
                                            .prefetch_wasted = 2, .evictions = 5});
     assert_stats("layer 1", &st[1],
@@ -598,8 +601,9 @@ START_TEST(test_cache_prefetch_accounting)
     assert_stats("reset 0", &st[0], (ferry_cache_layer_stats){0});
     assert_stats("reset 1", &st[1], (ferry_cache_layer_stats){0});
     /* Reset keeps the contents. */
-    acquire_expect(c, 0, 7, 1, FERRY_CACHE_HIT, 1);
-    ferry_cache_release(c, 1);
+    acquire_expect(c, 0, 7, 1, FERRY_CACHE_HIT, 0);
+    ferry_cache_release(c, 0);
+    ck_assert_msg(ferry_cache_check(c, 1) == FERRY_OK, "%s", ferry_last_error());
     ferry_cache_destroy(c);
 }
 END_TEST
