@@ -97,6 +97,19 @@ done:
     return st;
 }
 
+/* The model's offload counters are shared by its contexts: a context reports the change
+ * since it was created or reset. */
+static void snapshot_offload_counters(ferry_context *c)
+{
+    ferry_prefetch_stats ps;
+    ferry_store_stats ss;
+    ferry_cache_get_stats(c->m->cache, c->layer_stats0);
+    ferry_prefetch_get_stats(c->m->prefetch, &ps);
+    ferry_store_get_stats(c->m->store, &ss);
+    c->bytes_to_device0 = ps.bytes_to_device;
+    c->bytes_from_disk0 = ss.disk_bytes;
+}
+
 ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
                                   ferry_context **out)
 {
@@ -212,7 +225,7 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
         pthread_mutex_unlock(&m->lock);
         if (st)
             goto fail;
-        ferry_cache_get_stats(m->cache, c->layer_stats0);
+        snapshot_offload_counters(c);
     }
     *out = c;
     return FERRY_OK;
@@ -255,7 +268,7 @@ void ferry_context_reset(ferry_context *c)
     memset(&c->stats, 0, sizeof c->stats);
     c->stall_seconds = 0;
     if (c->m->cache)
-        ferry_cache_get_stats(c->m->cache, c->layer_stats0);
+        snapshot_offload_counters(c);
 }
 
 int32_t ferry_context_n_past(const ferry_context *c) { return c ? c->n_past : 0; }
@@ -619,8 +632,8 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
     o.dense_bytes = m->dense_bytes;
     o.context_bytes = m->context_bytes;
     o.slots_bytes = (uint64_t)m->n_slots * m->slot_bytes;
-    o.bytes_to_device = ps.bytes_to_device;
-    o.bytes_from_disk = ss.disk_bytes;
+    o.bytes_to_device = ps.bytes_to_device - c->bytes_to_device0;
+    o.bytes_from_disk = ss.disk_bytes - c->bytes_from_disk0;
     o.stall_seconds = c->stall_seconds;
     *out = o;
     return FERRY_OK;

@@ -68,6 +68,7 @@ struct ferry_context {
     uint8_t *held_ready;  /* (n_experts) */
     double stall_seconds;
     ferry_cache_layer_stats *layer_stats0; /* (n_layers) cache counters at reset */
+    uint64_t bytes_to_device0, bytes_from_disk0;  /* pipeline and store counters at reset */
 };
 
 /* Runs n tokens (any n; chunks of n_batch internally) after the n_past already cached.
