@@ -507,8 +507,8 @@ ferry_status ferry_reader_create(const char *path, ferry_reader_mode mode, int32
     }
     r->fd_direct = open(path, O_RDONLY | O_CLOEXEC | O_DIRECT);
     if (r->fd_direct < 0 && !atomic_flag_test_and_set(&g_logged_direct))
-        ferry_log(FERRY_LOG_WARN, "%s: O_DIRECT refused (%s; tmpfs?); reading through the page "
-                  "cache", path, strerror(errno));
+        ferry_log(FERRY_LOG_WARN, "%s: the filesystem refuses O_DIRECT (%s); reading through the "
+                  "page cache", path, strerror(errno));
     r->direct_ok = r->fd_direct >= 0;
 
     if (mode != FERRY_READER_PREAD) {
@@ -691,7 +691,7 @@ static int uring_wait_step_locked(ferry_reader *r, int64_t deadline)
     }
     if (rc == -ETIME) {
         reap_locked(r);
-        return deadline >= 0 && now_ns() >= deadline ? -ETIME : 0;
+        return deadline >= 0 && now_ns() >= deadline && !r->done_head ? -ETIME : 0;
     }
     return rc;
 }
