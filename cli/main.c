@@ -251,12 +251,16 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
     fprintf(stderr, "prefetch: %lld issued, %lld used, %lld wasted\n",
             (long long)o.prefetch_issued, (long long)o.prefetch_used,
             (long long)o.prefetch_wasted);
-    fprintf(stderr, "layer  hits  misses  prefetch issued/used/wasted  evictions\n");
-    for (int32_t l = 0; l < info->n_layers; l++)
-        fprintf(stderr, "%5d %5lld %7lld  %8lld/%lld/%lld %18lld\n", (int)l, (long long)ls[l].hits,
-                (long long)ls[l].misses, (long long)ls[l].prefetch_issued,
-                (long long)ls[l].prefetch_used, (long long)ls[l].prefetch_wasted,
-                (long long)ls[l].evictions);
+    fprintf(stderr, "layer   hits misses  prefetch issued/used/wasted  evictions  to device MiB"
+                    "  from disk MiB  stall s\n");
+    for (int32_t l = 0; l < info->n_layers; l++) {
+        char pre[48];
+        snprintf(pre, sizeof pre, "%lld/%lld/%lld", (long long)ls[l].prefetch_issued,
+                 (long long)ls[l].prefetch_used, (long long)ls[l].prefetch_wasted);
+        fprintf(stderr, "%5d %6lld %6lld  %27s  %9lld  %13.1f  %13.1f  %7.3f\n", (int)l,
+                (long long)ls[l].hits, (long long)ls[l].misses, pre, (long long)ls[l].evictions,
+                MIB(ls[l].bytes_to_device), MIB(ls[l].bytes_from_disk), ls[l].stall_seconds);
+    }
     free(ls);
 }
 

@@ -108,6 +108,9 @@ static void snapshot_offload_counters(ferry_context *c)
     ferry_store_get_stats(c->m->store, &ss);
     c->bytes_to_device0 = ps.bytes_to_device;
     c->bytes_from_disk0 = ss.disk_bytes;
+    ferry_prefetch_layer_bytes(c->m->prefetch, c->layer_device0);
+    ferry_store_layer_disk_bytes(c->m->store, c->layer_disk0);
+    memset(c->layer_stall, 0, (size_t)c->m->cfg.n_layers * sizeof *c->layer_stall);
 }
 
 ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
@@ -217,7 +220,13 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
             (st = halloc((void **)&c->held_expert, E, sizeof(int32_t), "expert slots")) ||
             (st = halloc((void **)&c->held_ready, E, 1, "expert slots")) ||
             (st = halloc((void **)&c->layer_stats0, (size_t)cfg->n_layers,
-                         sizeof(ferry_cache_layer_stats), "cache statistics")))
+                         sizeof(ferry_cache_layer_stats), "cache statistics")) ||
+            (st = halloc((void **)&c->layer_device0, (size_t)cfg->n_layers, sizeof(uint64_t),
+                         "statistics")) ||
+            (st = halloc((void **)&c->layer_disk0, (size_t)cfg->n_layers, sizeof(uint64_t),
+                         "statistics")) ||
+            (st = halloc((void **)&c->layer_stall, (size_t)cfg->n_layers, sizeof(double),
+                         "statistics")))
             goto fail;
         pthread_mutex_lock(&m->lock);
         if (!m->cache)
@@ -255,6 +264,9 @@ void ferry_context_free(ferry_context *c)
     free(c->held_expert);
     free(c->held_ready);
     free(c->layer_stats0);
+    free(c->layer_device0);
+    free(c->layer_disk0);
+    free(c->layer_stall);
     ferry_dispatch_free(&c->dispatch);
     ferry_sampler_free(&c->sampler);
     free(c);
@@ -329,7 +341,9 @@ static ferry_status run_wave(ferry_context *c, int32_t layer, int32_t n_held)
                 double t0 = now_seconds();
                 if (ferry_cache_wait_ready(m->cache, slot) != FERRY_OK)
                     st = ferry_prefetch_failure(m->prefetch, layer, e);
-                c->stall_seconds += now_seconds() - t0;
+                double dt = now_seconds() - t0;
+                c->stall_seconds += dt;
+                c->layer_stall[layer] += dt;
             }
             if (st == FERRY_OK) {
                 ferry_expert_weights X = slot_weights(m, layer, e, slot);
@@ -599,9 +613,16 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
     }
     int32_t L = m->cfg.n_layers;
     ferry_cache_layer_stats *now = calloc((size_t)L, sizeof *now);
-    if (!now)
+    uint64_t *dev = calloc((size_t)L, sizeof *dev), *disk = calloc((size_t)L, sizeof *disk);
+    if (!now || !dev || !disk) {
+        free(now);
+        free(dev);
+        free(disk);
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+    }
     ferry_cache_get_stats(m->cache, now);
+    ferry_prefetch_layer_bytes(m->prefetch, dev);
+    ferry_store_layer_disk_bytes(m->store, disk);
     for (int32_t l = 0; l < L; l++) {
         const ferry_cache_layer_stats *a = &now[l], *b = &c->layer_stats0[l];
         ferry_layer_stats d = {a->hits - b->hits,
@@ -609,7 +630,10 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
                                a->prefetch_issued - b->prefetch_issued,
                                a->prefetch_used - b->prefetch_used,
                                a->prefetch_wasted - b->prefetch_wasted,
-                               a->evictions - b->evictions};
+                               a->evictions - b->evictions,
+                               dev[l] - c->layer_device0[l],
+                               disk[l] - c->layer_disk0[l],
+                               c->layer_stall[l]};
         if (l < n_layers)
             layers[l] = d;
         o.hits += d.hits;
@@ -619,6 +643,8 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
         o.prefetch_wasted += d.prefetch_wasted;
     }
     free(now);
+    free(dev);
+    free(disk);
     ferry_prefetch_stats ps;
     ferry_prefetch_get_stats(m->prefetch, &ps);
     ferry_store_stats ss;

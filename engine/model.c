@@ -13,9 +13,12 @@
  *   model.norm.weight                                             (hidden)
  *   lm_head.weight                                                (vocab, hidden), absent when tied
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <xxhash.h>
 
 #include "core/error.h"
 #include "engine/model.h"
@@ -46,9 +49,6 @@ static ferry_status check_offload_params(const ferry_model_params *p)
     if (p->offload != FERRY_OFFLOAD_RAM && p->offload != FERRY_OFFLOAD_NVME)
         return ferry_fail(FERRY_ERR_INVALID, "offload tier %d is neither ram (0) nor nvme (1)",
                           (int)p->offload);
-    if (p->offload == FERRY_OFFLOAD_NVME && (!p->pack_path || !p->pack_path[0]))
-        return ferry_fail(FERRY_ERR_INVALID, "--offload nvme needs a pack file (--pack FILE, "
-                                             "written by ferry pack)");
     if (p->policy < FERRY_CACHE_LRU || p->policy > FERRY_CACHE_PREDICTED)
         return ferry_fail(FERRY_ERR_INVALID, "cache policy %d is not one of 0..3", (int)p->policy);
     if (p->reader < FERRY_READ_AUTO || p->reader > FERRY_READ_PREAD)
@@ -71,11 +71,89 @@ static ferry_status expert_source(void *user, int32_t layer, int32_t expert, con
     return FERRY_OK;
 }
 
-static ferry_status open_store(ferry_model *m)
+/* The pack writer's source when ferry packs a model it has open: its host expert tensors. */
+static ferry_status open_model_source(void *user, int32_t layer, int32_t expert, int32_t which,
+                                      const void **data, ferry_dtype *dtype)
+{
+    const ferry_model *m = user;
+    const ferry_expert_weights *X = &m->layers[layer].experts[expert];
+    const ferry_weight *w = which == FERRY_PACK_W1 ? &X->w1 : which == FERRY_PACK_W3 ? &X->w3 : &X->w2;
+    *data = w->d_data;
+    *dtype = w->dtype;
+    return FERRY_OK;
+}
+
+/* With --offload nvme and no --pack, the pack lives in ferry's cache folder
+ * ($FERRY_CACHE_DIR, else $XDG_CACHE_HOME/ferry, else ~/.cache/ferry), named after the
+ * model folder's real path, and is (re)written when missing or older than a shard. */
+static ferry_status default_pack(ferry_model *m, const char *dir)
+{
+    const char *base = getenv("FERRY_CACHE_DIR");
+    char folder[3800], path[4096];
+    if (base && base[0]) {
+        snprintf(folder, sizeof folder, "%s", base);
+    } else if ((base = getenv("XDG_CACHE_HOME")) && base[0]) {
+        snprintf(folder, sizeof folder, "%s/ferry", base);
+    } else if ((base = getenv("HOME")) && base[0]) {
+        snprintf(folder, sizeof folder, "%s/.cache/ferry", base);
+    } else {
+        return ferry_fail(FERRY_ERR_INVALID, "--offload nvme without --pack needs a cache "
+                          "folder: set FERRY_CACHE_DIR or HOME, or give --pack FILE");
+    }
+    char *real = realpath(dir, NULL);
+    if (!real)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot resolve the path: %s", dir, strerror(errno));
+    const char *name = strrchr(real, '/');
+    name = name && name[1] ? name + 1 : "model";
+    int len = snprintf(path, sizeof path, "%.3800s/%.200s-%016llx.pack", folder, name,
+                       (unsigned long long)XXH3_64bits(real, strlen(real)));
+    free(real);
+    if (len < 0 || (size_t)len >= sizeof path)
+        return ferry_fail(FERRY_ERR_INVALID, "%s: cache folder path too long", folder);
+
+    struct stat ps;
+    int fresh = stat(path, &ps) == 0;
+    for (int32_t i = 0; fresh && i < ferry_st_file_count(m->st); i++) {
+        struct stat ss;
+        if (stat(ferry_st_file_path(m->st, i), &ss) != 0 || ss.st_mtime > ps.st_mtime)
+            fresh = 0;
+    }
+    if (!fresh) {
+        /* create the folder and its parents */
+        for (char *q = folder + 1; *q; q++)
+            if (*q == '/') {
+                *q = 0;
+                mkdir(folder, 0755);
+                *q = '/';
+            }
+        if (mkdir(folder, 0755) != 0 && errno != EEXIST)
+            return ferry_fail(FERRY_ERR_IO, "%s: cannot create the cache folder: %s", folder,
+                              strerror(errno));
+        ferry_log(FERRY_LOG_WARN, "no --pack given: writing the packed expert file %s (once)",
+                  path);
+        ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
+                                  m->cfg.intermediate_size};
+        ferry_status st = ferry_pack_write(path, &shape, open_model_source, NULL, m);
+        if (st)
+            return st;
+    }
+    m->pack_path = strdup(path);
+    if (!m->pack_path)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+    m->params.pack_path = m->pack_path;
+    return FERRY_OK;
+}
+
+static ferry_status open_store(ferry_model *m, const char *dir)
 {
     const ferry_config *c = &m->cfg;
     if (m->params.offload == FERRY_OFFLOAD_RAM)
         return ferry_store_create_ram(c->n_layers, c->n_experts, expert_source, m, &m->store);
+    if (!m->pack_path) {
+        ferry_status st = default_pack(m, dir);
+        if (st)
+            return st;
+    }
     ferry_store_nvme_params np = {
         .pack_path = m->pack_path,
         .n_layers = c->n_layers,
@@ -125,6 +203,7 @@ ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
     ferry_prefetch_params pp = {.d_slots = m->d_slots,
                                 .slot_bytes = slot,
                                 .n_slots = (int32_t)n,
+                                .n_layers = m->cfg.n_layers,
                                 .max_prefetch_bytes = (n / 2 > 0 ? n / 2 : 1) * slot};
     if ((st = ferry_prefetch_create(&pp, be, m->store, m->cache, &m->prefetch)))
         return st;
@@ -324,7 +403,7 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         if ((st = bind_layer(m, l)))
             goto fail;
     m->dense_bytes = m->be->ops->mem_used(m->be);
-    if (p->gpu_mem_bytes > 0 && (st = open_store(m)))
+    if (p->gpu_mem_bytes > 0 && (st = open_store(m, dir)))
         goto fail;
     ferry_log(FERRY_LOG_INFO, "%s: %d layers, %d experts (top-%d), %lld parameters", dir,
               (int)c->n_layers, (int)c->n_experts, (int)c->n_experts_per_tok,
@@ -410,30 +489,6 @@ ferry_status ferry_detokenize(const ferry_model *m, const int32_t *ids, int32_t 
 
 /* ---- ferry pack ---------------------------------------------------------------------- */
 
-typedef struct {
-    ferry_st_set *st;
-} pack_src;
-
-static ferry_status pack_source(void *user, int32_t layer, int32_t expert, int32_t which,
-                                const void **data, ferry_dtype *dtype)
-{
-    static const char *names[3] = {"w1", "w3", "w2"};
-    const pack_src *ps = user;
-    char name[160];
-    snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.experts.%d.%s.weight",
-             (int)layer, (int)expert, names[which]);
-    const ferry_st_tensor *t = ferry_st_find(ps->st, name);
-    if (!t)
-        return ferry_fail(FERRY_ERR_FORMAT, "tensor '%s' is missing", name);
-    ferry_dtype dt;
-    ferry_status st = ferry_st_get(ps->st, name, t->n_dims, t->shape, &t, &dt);
-    if (st)
-        return st;
-    *data = t->data;
-    *dtype = dt;
-    return FERRY_OK;
-}
-
 ferry_status ferry_pack_model(const char *model_dir, const char *out_path)
 {
     if (!model_dir || !out_path)
@@ -445,8 +500,7 @@ ferry_status ferry_pack_model(const char *model_dir, const char *out_path)
         return st;
     ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
                               m->cfg.intermediate_size};
-    pack_src ps = {m->st};
-    st = ferry_pack_write(out_path, &shape, pack_source, NULL, &ps);
+    st = ferry_pack_write(out_path, &shape, open_model_source, NULL, m);
     ferry_model_close(m);
     return st;
 }

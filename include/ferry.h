@@ -72,7 +72,11 @@ typedef struct {
      * becomes expert slots, a cache in front of the expert store. */
     uint64_t gpu_mem_bytes;
     int32_t offload;           /* ferry_offload_tier: where experts live */
-    const char *pack_path;     /* FERRY_OFFLOAD_NVME: the file written by ferry_pack_model */
+    const char *pack_path;     /* FERRY_OFFLOAD_NVME: the file written by ferry_pack_model;
+                                  NULL: ferry writes one into its cache folder
+                                  ($FERRY_CACHE_DIR, else $XDG_CACHE_HOME/ferry, else
+                                  ~/.cache/ferry) when it is missing or older than the
+                                  checkpoint, and logs that it does */
     uint64_t host_cache_bytes; /* FERRY_OFFLOAD_NVME: RAM cache in front of the disk; 0 = 1 GiB */
     int32_t reader;            /* FERRY_OFFLOAD_NVME: ferry_reader_id (io_uring or preads) */
     int32_t policy;            /* ferry_cache_policy_id */
@@ -222,6 +226,9 @@ typedef struct {
     int64_t hits, misses;              /* demand lookups in the expert cache */
     int64_t prefetch_issued, prefetch_used, prefetch_wasted;
     int64_t evictions;
+    uint64_t bytes_to_device;          /* this layer's experts copied into slots */
+    uint64_t bytes_from_disk;          /* this layer's experts read from the pack file */
+    double stall_seconds;              /* the forward pass waiting for this layer's experts */
 } ferry_layer_stats;
 
 typedef struct {

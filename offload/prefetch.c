@@ -41,6 +41,7 @@ struct ferry_prefetch {
     char fail_msg[512];
 
     ferry_prefetch_stats stats;
+    uint64_t *layer_bytes; /* (n_layers) */
 };
 
 /* Index of the request to serve next: the oldest demand, else the best-scored prefetch.
@@ -80,6 +81,7 @@ static ferry_status serve(ferry_prefetch *pf, const fetch_req *r)
     if (st == FERRY_OK) {
         pthread_mutex_lock(&pf->mu);
         pf->stats.bytes_to_device += n;
+        pf->layer_bytes[r->layer] += n;
         pf->stats.fills++;
         pthread_mutex_unlock(&pf->mu);
     }
@@ -126,7 +128,8 @@ static void *worker_main(void *vp)
 ferry_status ferry_prefetch_create(const ferry_prefetch_params *p, ferry_backend *be,
                                    ferry_store *store, ferry_cache *cache, ferry_prefetch **out)
 {
-    if (!p || !be || !store || !cache || !p->d_slots || p->n_slots <= 0 || !p->slot_bytes)
+    if (!p || !be || !store || !cache || !p->d_slots || p->n_slots <= 0 || !p->slot_bytes ||
+        p->n_layers <= 0)
         return ferry_fail(FERRY_ERR_INVALID, "prefetch: invalid parameters");
     ferry_prefetch *pf = calloc(1, sizeof *pf);
     if (!pf)
@@ -139,7 +142,8 @@ ferry_status ferry_prefetch_create(const ferry_prefetch_params *p, ferry_backend
     pthread_mutex_init(&pf->mu, NULL);
     pthread_cond_init(&pf->work, NULL);
     pf->queue = calloc((size_t)p->n_slots, sizeof *pf->queue);
-    if (!pf->queue) {
+    pf->layer_bytes = calloc((size_t)p->n_layers, sizeof *pf->layer_bytes);
+    if (!pf->queue || !pf->layer_bytes) {
         ferry_prefetch_destroy(pf);
         return ferry_fail(FERRY_ERR_NOMEM, "prefetch: out of memory");
     }
@@ -173,6 +177,7 @@ void ferry_prefetch_destroy(ferry_prefetch *pf)
     pthread_mutex_destroy(&pf->mu);
     pthread_cond_destroy(&pf->work);
     free(pf->queue);
+    free(pf->layer_bytes);
     free(pf);
 }
 
@@ -287,5 +292,12 @@ void ferry_prefetch_get_stats(ferry_prefetch *pf, ferry_prefetch_stats *out)
 {
     pthread_mutex_lock(&pf->mu);
     *out = pf->stats;
+    pthread_mutex_unlock(&pf->mu);
+}
+
+void ferry_prefetch_layer_bytes(ferry_prefetch *pf, uint64_t *out)
+{
+    pthread_mutex_lock(&pf->mu);
+    memcpy(out, pf->layer_bytes, (size_t)pf->p.n_layers * sizeof *out);
     pthread_mutex_unlock(&pf->mu);
 }

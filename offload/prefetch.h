@@ -31,6 +31,7 @@ typedef struct {
     char *d_slots;              /* the slot arena on the device: n_slots x slot_bytes */
     size_t slot_bytes;
     int32_t n_slots;
+    int32_t n_layers;           /* for the per-layer byte counts */
     size_t max_prefetch_bytes;  /* queued prefetches beyond this are not issued */
 } ferry_prefetch_params;
 
@@ -74,5 +75,8 @@ typedef struct {
 } ferry_prefetch_stats;
 
 void ferry_prefetch_get_stats(ferry_prefetch *pf, ferry_prefetch_stats *out);
+
+/* Bytes copied into slots for each layer's experts: out[n_layers]. */
+void ferry_prefetch_layer_bytes(ferry_prefetch *pf, uint64_t *out);
 
 #endif

@@ -54,6 +54,7 @@ struct ferry_store {
     pthread_mutex_t read_mu; /* one reader waiter at a time */
     pthread_cond_t changed;
     ferry_store_stats stats;
+    uint64_t *layer_disk; /* (n_layers) bytes read */
 };
 
 static double now_seconds(void)
@@ -76,10 +77,11 @@ static ferry_store *store_new(ferry_tier tier, int32_t n_layers, int32_t n_exper
     size_t n = (size_t)n_layers * (size_t)n_experts;
     s->layouts = calloc(n, sizeof *s->layouts);
     s->offsets = calloc(n, sizeof *s->offsets);
+    s->layer_disk = calloc((size_t)n_layers, sizeof *s->layer_disk);
     pthread_mutex_init(&s->mu, NULL);
     pthread_mutex_init(&s->read_mu, NULL);
     pthread_cond_init(&s->changed, NULL);
-    if (!s->layouts || !s->offsets) {
+    if (!s->layouts || !s->offsets || !s->layer_disk) {
         ferry_store_destroy(s);
         return NULL;
     }
@@ -196,6 +198,7 @@ void ferry_store_destroy(ferry_store *s)
     free(s->where);
     free(s->layouts);
     free(s->offsets);
+    free(s->layer_disk);
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->read_mu);
     pthread_cond_destroy(&s->changed);
@@ -241,6 +244,7 @@ static ferry_status read_expert(ferry_store *s, int32_t layer, int32_t expert, i
     s->stats.disk_seconds += now_seconds() - t0;
     if (st == FERRY_OK) {
         s->stats.disk_bytes += n;
+        s->layer_disk[layer] += n;
         s->stats.disk_reads++;
     }
     pthread_mutex_unlock(&s->mu);
@@ -328,5 +332,13 @@ void ferry_store_get_stats(const ferry_store *s, ferry_store_stats *out)
     ferry_store *m = (ferry_store *)s;
     pthread_mutex_lock(&m->mu);
     *out = s->stats;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void ferry_store_layer_disk_bytes(const ferry_store *s, uint64_t *out)
+{
+    ferry_store *m = (ferry_store *)s;
+    pthread_mutex_lock(&m->mu);
+    memcpy(out, s->layer_disk, (size_t)s->n_layers * sizeof *out);
     pthread_mutex_unlock(&m->mu);
 }

@@ -87,4 +87,7 @@ typedef struct {
 
 void ferry_store_get_stats(const ferry_store *s, ferry_store_stats *out);
 
+/* Bytes read from disk for each layer's experts: out[n_layers]. */
+void ferry_store_layer_disk_bytes(const ferry_store *s, uint64_t *out);
+
 #endif

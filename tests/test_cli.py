@@ -123,9 +123,14 @@ class CliTest(unittest.TestCase):
         p = ferry("run", MODEL, "-p", "x", "--gpu-mem", "6M", "--ctx", "256", check=False)
         self.assertEqual(p.returncode, 1)
         self.assertIn("--gpu-mem 6.0 MiB is too small for a context of 256 tokens", p.stderr.decode())
-        p = ferry("run", MODEL, "-p", "x", "--gpu-mem", "8M", "--offload", "nvme", check=False)
-        self.assertEqual(p.returncode, 1)
-        self.assertIn("--pack", p.stderr.decode())
+        with tempfile.TemporaryDirectory() as tmp:
+            bad = os.path.join(tmp, "bad.pack")
+            with open(bad, "wb") as f:
+                f.write(b"FERRYPK1" + bytes(5000))
+            p = ferry("run", MODEL, "-p", "x", "--gpu-mem", "8M", "--offload", "nvme",
+                      "--pack", bad, "--ctx", "256", check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("bad.pack", p.stderr.decode())
         for args, msg in [
             (["--gpu-mem", "lots"], "--gpu-mem expects a size"),
             (["--gpu-mem", "0"], "--gpu-mem expects a size"),

@@ -287,8 +287,6 @@ START_TEST(test_offload_bad_options)
     mp.gpu_mem_bytes = 64ull << 20;
     mp.offload = FERRY_OFFLOAD_NVME;
     ferry_model *m = NULL;
-    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_INVALID);
-    ck_assert_ptr_nonnull(strstr(ferry_last_error(), "--pack"));
     mp.pack_path = FERRY_BINARY_DIR "/scratch/no-such.pack";
     ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_IO);
     ck_assert_ptr_nonnull(strstr(ferry_last_error(), "no-such.pack"));
@@ -298,6 +296,35 @@ START_TEST(test_offload_bad_options)
     mp.policy = 9;
     ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_INVALID);
     ck_assert_ptr_null(m);
+}
+END_TEST
+
+/* --offload nvme without a pack file: ferry writes one into its cache folder once, and
+ * rewrites it when the checkpoint is newer. */
+START_TEST(test_offload_default_pack_in_cache_folder)
+{
+    char dir[512], cache[600];
+    tu_scratch_dir(dir, "offload_cache");
+    snprintf(cache, sizeof cache, "%.500s/cache/ferry", dir);
+    setenv("FERRY_CACHE_DIR", cache, 1);
+    ferry_model_params mp = ferry_model_params_default();
+    mp.n_threads = 2;
+    mp.offload = FERRY_OFFLOAD_NVME;
+    mp.gpu_mem_bytes = g_min_budget + 4ull * 430080;
+    run_result r;
+    ck_assert_msg(run_case(&mp, 0, &r, NULL) == FERRY_OK, "%s", ferry_last_error());
+    assert_same(&r, &g_resident[0], "default pack");
+    free(r.logits);
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "test $(ls '%s'/tiny-moe-code-*.pack | wc -l) = 1", cache);
+    ck_assert_msg(system(cmd) == 0, "no pack written in %s", cache);
+    /* a second run reuses it: make it unreadable as a pack and expect the error */
+    snprintf(cmd, sizeof cmd, "for f in '%s'/*.pack; do printf garbage > \"$f\"; done", cache);
+    ck_assert(system(cmd) == 0);
+    ferry_model *m = NULL;
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_FORMAT);
+    ck_assert_ptr_nonnull(strstr(ferry_last_error(), cache));
+    unsetenv("FERRY_CACHE_DIR");
 }
 END_TEST
 
@@ -313,6 +340,7 @@ static Suite *offload_suite(void)
     tcase_add_test(tc, test_offload_nvme_tier_is_lossless);
     tcase_add_test(tc, test_offload_corrupt_pack_names_the_expert);
     tcase_add_test(tc, test_offload_bad_options);
+    tcase_add_test(tc, test_offload_default_pack_in_cache_folder);
     suite_add_tcase(s, tc);
     return s;
 }
