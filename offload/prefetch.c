@@ -34,6 +34,8 @@ struct ferry_prefetch {
     uint64_t seq;
     size_t queued_prefetch_bytes;
     int stop;
+    int busy;            /* the worker is serving a request */
+    pthread_cond_t idle; /* signalled when the queue empties and the worker is done */
 
     /* the last failure, for the thread that waits on the slot */
     int32_t fail_layer, fail_expert;
@@ -102,6 +104,7 @@ static void *worker_main(void *vp)
         remove_at(pf, i);
         if (!r.demand)
             pf->queued_prefetch_bytes -= pf->p.slot_bytes;
+        pf->busy = 1;
         pthread_mutex_unlock(&pf->mu);
 
         ferry_status st = serve(pf, &r);
@@ -120,6 +123,9 @@ static void *worker_main(void *vp)
         if (r.owns_pin)
             ferry_cache_release(pf->cache, r.slot);
         pthread_mutex_lock(&pf->mu);
+        pf->busy = 0;
+        if (pf->n_queued == 0)
+            pthread_cond_broadcast(&pf->idle);
     }
     pthread_mutex_unlock(&pf->mu);
     return NULL;
@@ -141,6 +147,7 @@ ferry_status ferry_prefetch_create(const ferry_prefetch_params *p, ferry_backend
     pf->fail_layer = pf->fail_expert = -1;
     pthread_mutex_init(&pf->mu, NULL);
     pthread_cond_init(&pf->work, NULL);
+    pthread_cond_init(&pf->idle, NULL);
     pf->queue = calloc((size_t)p->n_slots, sizeof *pf->queue);
     pf->layer_bytes = calloc((size_t)p->n_layers, sizeof *pf->layer_bytes);
     if (!pf->queue || !pf->layer_bytes) {
@@ -176,6 +183,7 @@ void ferry_prefetch_destroy(ferry_prefetch *pf)
     }
     pthread_mutex_destroy(&pf->mu);
     pthread_cond_destroy(&pf->work);
+    pthread_cond_destroy(&pf->idle);
     free(pf->queue);
     free(pf->layer_bytes);
     free(pf);
@@ -299,5 +307,13 @@ void ferry_prefetch_layer_bytes(ferry_prefetch *pf, uint64_t *out)
 {
     pthread_mutex_lock(&pf->mu);
     memcpy(out, pf->layer_bytes, (size_t)pf->p.n_layers * sizeof *out);
+    pthread_mutex_unlock(&pf->mu);
+}
+
+void ferry_prefetch_drain(ferry_prefetch *pf)
+{
+    pthread_mutex_lock(&pf->mu);
+    while (pf->n_queued > 0 || pf->busy)
+        pthread_cond_wait(&pf->idle, &pf->mu);
     pthread_mutex_unlock(&pf->mu);
 }

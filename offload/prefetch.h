@@ -63,6 +63,10 @@ int32_t ferry_prefetch_hint(ferry_prefetch *pf, int32_t layer, const int32_t *ex
  * Returns how many were cancelled. */
 int32_t ferry_prefetch_cancel(ferry_prefetch *pf, int32_t layer);
 
+/* Blocks until nothing is queued or in service (for simulations that want each
+ * prefetch to land before the next demand). */
+void ferry_prefetch_drain(ferry_prefetch *pf);
+
 /* After ferry_cache_wait_ready failed on a slot: the failure's status and message for
  * (layer, expert), re-raised as this thread's last error. */
 ferry_status ferry_prefetch_failure(ferry_prefetch *pf, int32_t layer, int32_t expert);
