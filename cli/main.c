@@ -50,8 +50,14 @@ static void usage_run(FILE *f)
             "      --reader R      NVMe reads: auto (default), uring or pread\n"
             "      --policy P      expert cache eviction: lru (default), lfu, layer-lru,\n"
             "                      predicted\n"
-            "      --prefetch on|off  fetch the experts the next layer used last time while\n"
-            "                      this layer computes (default on)\n");
+            "      --prefetch on|off  fetch the experts the next layers will probably use\n"
+            "                      while this layer computes (default on)\n"
+            "      --predictor P   what names them: gate (default: the next layers' routers\n"
+            "                      applied to this layer's output), stats, combined, or\n"
+            "                      recency (what the next layer used last time)\n"
+            "      --predictor-stats FILE  statistics for stats/combined (ferry predictor fit)\n"
+            "      --lookahead D   prefetch layers l+1 .. l+D, D in 1..3 (default 1)\n"
+            "      --slots N       use at most N expert slots of the budget\n");
 }
 
 /* Parses "123", "64K", "1.5G" (powers of 1024) into bytes. */
@@ -91,12 +97,26 @@ static void usage(FILE *f)
                "  run       generate text from a model (ferry run --help)\n"
                "  pack      write the packed expert file of a model for --offload nvme\n"
                "            (ferry pack MODEL_DIR OUT_FILE)\n"
+               "  trace     write the routing trace of a text (ferry trace --help)\n"
+               "  predictor fit routing statistics, evaluate predictors (ferry predictor --help)\n"
                "  version   print the version\n");
 }
 
 static int bad_value(const char *opt, const char *val, const char *want)
 {
     fprintf(stderr, "ferry run: %s expects %s, got '%s'\n", opt, want, val);
+    return 2;
+}
+
+static int parse_predictor(const char *opt, const char *v, int32_t *out)
+{
+    static const char *names[] = {"recency", "gate", "stats", "combined"};
+    for (int32_t i = 0; i < 4; i++)
+        if (!strcmp(v, names[i])) {
+            *out = i;
+            return 0;
+        }
+    fprintf(stderr, "ferry: %s expects recency, gate, stats or combined, got '%s'\n", opt, v);
     return 2;
 }
 
@@ -251,6 +271,16 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
     fprintf(stderr, "prefetch: %lld issued, %lld used, %lld wasted\n",
             (long long)o.prefetch_issued, (long long)o.prefetch_used,
             (long long)o.prefetch_wasted);
+    static const char *pred_names[] = {"recency", "gate", "stats", "combined"};
+    if (o.predictor > 0 && o.predictor < 4) {
+        fprintf(stderr, "predictor %s, live on decoded tokens:", pred_names[o.predictor]);
+        for (int d = 1; d <= 3; d++)
+            if (o.predictions[d] > 0)
+                fprintf(stderr, "  lookahead %d: precision@%d %.3f recall@%d %.3f (%lld)", d,
+                        (int)info->n_experts_used, o.precision[d], (int)info->n_experts_used,
+                        o.recall[d], (long long)o.predictions[d]);
+        fprintf(stderr, "\n");
+    }
     fprintf(stderr, "layer   hits misses  prefetch issued/used/wasted  evictions  to device MiB"
                     "  from disk MiB  stall s\n");
     for (int32_t l = 0; l < info->n_layers; l++) {
@@ -281,6 +311,209 @@ static int cmd_pack(int argc, char **argv)
         fprintf(stderr, "ferry pack: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
         return 1;
     }
+    return 0;
+}
+
+static ferry_model *open_plain(const char *cmd, const char *dir)
+{
+    ferry_model *m;
+    ferry_status st = ferry_model_open(dir, NULL, &m);
+    if (st) {
+        fprintf(stderr, "ferry %s: cannot load the model: %s (%s)\n", cmd, ferry_last_error(),
+                ferry_status_name(st));
+        return NULL;
+    }
+    return m;
+}
+
+static int cmd_trace(int argc, char **argv)
+{
+    const char *dir = NULL, *input = NULL, *out = NULL;
+    long long seq_len = 512;
+    int probs = 0, rc;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            printf("usage: ferry trace MODEL_DIR --input TEXT_FILE --out TRACE [--seq-len N] "
+                   "[--probs]\n\nRuns the model over the text in sequences of up to N tokens "
+                   "(default 512, each starting with BOS) and writes its routing trace\n"
+                   "(moe-routing-trace v1); --probs adds the router probabilities.\n");
+            return 0;
+        } else if ((!strcmp(a, "--input") || !strcmp(a, "--out") || !strcmp(a, "--seq-len")) &&
+                   !v) {
+            fprintf(stderr, "ferry trace: %s needs a value\n", a);
+            return 2;
+        } else if (!strcmp(a, "--input")) {
+            input = argv[++i];
+        } else if (!strcmp(a, "--out")) {
+            out = argv[++i];
+        } else if (!strcmp(a, "--seq-len")) {
+            if ((rc = parse_i64(a, argv[++i], 2, 1 << 20, &seq_len)))
+                return rc;
+        } else if (!strcmp(a, "--probs")) {
+            probs = 1;
+        } else if (a[0] == '-') {
+            fprintf(stderr, "ferry trace: unknown option '%s'\n", a);
+            return 2;
+        } else if (!dir) {
+            dir = a;
+        } else {
+            fprintf(stderr, "ferry trace: unexpected argument '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!dir || !input || !out) {
+        fprintf(stderr, "usage: ferry trace MODEL_DIR --input TEXT_FILE --out TRACE\n");
+        return 2;
+    }
+    size_t len;
+    char *text = read_text_file(input, &len);
+    if (!text)
+        return 1;
+    ferry_model *m = open_plain("trace", dir);
+    rc = 1;
+    if (m) {
+        int64_t n = 0;
+        ferry_status st = ferry_trace_text(m, text, len, (int32_t)seq_len, probs, out, &n);
+        if (st)
+            fprintf(stderr, "ferry trace: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
+        else
+            fprintf(stderr, "ferry trace: %lld tokens routed, written to %s\n", (long long)n, out);
+        rc = st ? 1 : 0;
+    }
+    ferry_model_close(m);
+    free(text);
+    return rc;
+}
+
+static void print_report(const ferry_predictor_report *r)
+{
+    for (int d = 1; d <= 3; d++)
+        if (r->predictions[d] > 0)
+            printf("lookahead %d: precision@%d %.3f recall@%d %.3f\n", d, (int)r->k,
+                   r->precision[d], (int)r->k, r->recall[d]);
+    printf("cost: %.2f us per token\n", r->seconds_per_token * 1e6);
+}
+
+static int cmd_predictor(int argc, char **argv)
+{
+    if (argc < 1 || !strcmp(argv[0], "-h") || !strcmp(argv[0], "--help")) {
+        FILE *f = argc < 1 ? stderr : stdout;
+        fprintf(f, "usage: ferry predictor fit TRACE... --out FILE\n"
+                   "       ferry predictor eval MODEL_DIR (--text FILE | --trace TRACE)\n"
+                   "                            [--predictor gate|stats|combined]\n"
+                   "                            [--predictor-stats FILE] [--seq-len N]\n\n"
+                   "fit: routing statistics from traces, for the stats and combined predictors.\n"
+                   "eval: precision@k and recall@k of a predictor at lookahead 1, 2, 3 (live\n"
+                   "over a text, or over a trace for the stats predictor).\n");
+        return argc < 1 ? 2 : 0;
+    }
+    int rc;
+    if (!strcmp(argv[0], "fit")) {
+        const char *out = NULL;
+        const char **paths = calloc((size_t)argc, sizeof *paths);
+        int32_t n = 0;
+        if (!paths)
+            return 1;
+        for (int i = 1; i < argc; i++) {
+            if (!strcmp(argv[i], "--out") && i + 1 < argc) {
+                out = argv[++i];
+            } else if (argv[i][0] == '-') {
+                fprintf(stderr, "ferry predictor fit: unknown option '%s'\n", argv[i]);
+                free(paths);
+                return 2;
+            } else {
+                paths[n++] = argv[i];
+            }
+        }
+        if (!out || n == 0) {
+            fprintf(stderr, "usage: ferry predictor fit TRACE... --out FILE\n");
+            free(paths);
+            return 2;
+        }
+        ferry_status st = ferry_predictor_fit(paths, n, out);
+        free(paths);
+        if (st) {
+            fprintf(stderr, "ferry predictor fit: %s (%s)\n", ferry_last_error(),
+                    ferry_status_name(st));
+            return 1;
+        }
+        return 0;
+    }
+    if (strcmp(argv[0], "eval") != 0) {
+        fprintf(stderr, "ferry predictor: unknown subcommand '%s' (fit or eval)\n", argv[0]);
+        return 2;
+    }
+    const char *dir = NULL, *text_path = NULL, *trace_path = NULL, *stats = NULL;
+    int32_t kind = 1; /* gate */
+    long long seq_len = 512;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int takes = !strcmp(a, "--text") || !strcmp(a, "--trace") || !strcmp(a, "--predictor") ||
+                    !strcmp(a, "--predictor-stats") || !strcmp(a, "--seq-len");
+        if (takes && !v) {
+            fprintf(stderr, "ferry predictor eval: %s needs a value\n", a);
+            return 2;
+        }
+        if (!strcmp(a, "--text")) {
+            text_path = argv[++i];
+        } else if (!strcmp(a, "--trace")) {
+            trace_path = argv[++i];
+        } else if (!strcmp(a, "--predictor-stats")) {
+            stats = argv[++i];
+        } else if (!strcmp(a, "--predictor")) {
+            if ((rc = parse_predictor(a, argv[++i], &kind)))
+                return rc;
+            if (kind == 0) {
+                fprintf(stderr, "ferry predictor eval: evaluate gate, stats or combined\n");
+                return 2;
+            }
+        } else if (!strcmp(a, "--seq-len")) {
+            if ((rc = parse_i64(a, argv[++i], 2, 1 << 20, &seq_len)))
+                return rc;
+        } else if (a[0] == '-') {
+            fprintf(stderr, "ferry predictor eval: unknown option '%s'\n", a);
+            return 2;
+        } else if (!dir && !trace_path) {
+            dir = a;
+        } else {
+            fprintf(stderr, "ferry predictor eval: unexpected argument '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!!text_path + !!trace_path != 1 || (text_path && !dir)) {
+        fprintf(stderr, "usage: ferry predictor eval MODEL_DIR (--text FILE | --trace TRACE)\n");
+        return 2;
+    }
+    ferry_predictor_report r;
+    ferry_status st;
+    if (trace_path) {
+        if (kind != 2) {
+            fprintf(stderr, "ferry predictor eval: a trace has no hidden states; with --trace "
+                            "use --predictor stats\n");
+            return 2;
+        }
+        st = ferry_predictor_eval_trace_file(trace_path, stats, &r);
+    } else {
+        size_t len;
+        char *text = read_text_file(text_path, &len);
+        if (!text)
+            return 1;
+        ferry_model *m = open_plain("predictor eval", dir);
+        if (!m) {
+            free(text);
+            return 1;
+        }
+        st = ferry_predictor_eval_text(m, text, len, (int32_t)seq_len, kind, stats, &r);
+        ferry_model_close(m);
+        free(text);
+    }
+    if (st) {
+        fprintf(stderr, "ferry predictor eval: %s (%s)\n", ferry_last_error(),
+                ferry_status_name(st));
+        return 1;
+    }
+    print_report(&r);
     return 0;
 }
 
@@ -395,6 +628,25 @@ static int cmd_run(int argc, char **argv)
                 mp.prefetch = 0;
             else
                 return bad_value(a, v, "on or off");
+        } else if (!strcmp(a, "--predictor")) {
+            NEED_VALUE();
+            if ((rc = parse_predictor(a, v, &mp.predictor)))
+                return rc;
+        } else if (!strcmp(a, "--predictor-stats")) {
+            NEED_VALUE();
+            mp.predictor_stats_path = v;
+        } else if (!strcmp(a, "--lookahead")) {
+            NEED_VALUE();
+            long long d;
+            if ((rc = parse_i64(a, v, 1, 3, &d)))
+                return rc;
+            mp.lookahead = (int32_t)d;
+        } else if (!strcmp(a, "--slots")) {
+            NEED_VALUE();
+            long long s;
+            if ((rc = parse_i64(a, v, 1, INT32_MAX, &s)))
+                return rc;
+            mp.max_slots = (int32_t)s;
         } else if (!strcmp(a, "--stats")) {
             want_stats = 1;
         } else if (!strcmp(a, "--json")) {
@@ -554,6 +806,10 @@ int main(int argc, char **argv)
         return cmd_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "pack"))
         return cmd_pack(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "trace"))
+        return cmd_trace(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "predictor"))
+        return cmd_predictor(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
         printf("ferry %s\n", ferry_version());
         return 0;

@@ -228,6 +228,26 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
             (st = halloc((void **)&c->layer_stall, (size_t)cfg->n_layers, sizeof(double),
                          "statistics")))
             goto fail;
+        if (m->params.predictor != FERRY_PREDICT_RECENCY) {
+            static const ferry_predictor_kind kinds[] = {FERRY_PREDICTOR_GATE, FERRY_PREDICTOR_GATE,
+                                                         FERRY_PREDICTOR_STATS,
+                                                         FERRY_PREDICTOR_COMBINED};
+            ferry_predictor_params pp = {.n_layers = cfg->n_layers,
+                                         .n_experts = cfg->n_experts,
+                                         .top_k = cfg->n_experts_per_tok,
+                                         .d_model = cfg->hidden_size,
+                                         .rms_eps = cfg->rms_eps,
+                                         .gates = m->gates,
+                                         .ffn_norms = m->ffn_norms,
+                                         .stats = m->route_stats};
+            if ((st = ferry_predictor_create(kinds[m->params.predictor], &pp, &c->predictor)) ||
+                (st = halloc((void **)&c->h_scores, E, sizeof(float), "predictor scores")) ||
+                (st = halloc((void **)&c->h_top, E, sizeof(int32_t), "predictor scores")) ||
+                (st = halloc((void **)&c->pred_top, (size_t)cfg->n_layers * 4 * k, sizeof(int32_t),
+                             "predictions")) ||
+                (st = halloc((void **)&c->pred_valid, (size_t)cfg->n_layers * 4, 1, "predictions")))
+                goto fail;
+        }
         pthread_mutex_lock(&m->lock);
         if (!m->cache)
             st = ferry_model_plan_slots(m, m->be->ops->mem_used(m->be) - used_before);
@@ -267,6 +287,11 @@ void ferry_context_free(ferry_context *c)
     free(c->layer_device0);
     free(c->layer_disk0);
     free(c->layer_stall);
+    ferry_predictor_destroy(c->predictor);
+    free(c->h_scores);
+    free(c->h_top);
+    free(c->pred_top);
+    free(c->pred_valid);
     ferry_dispatch_free(&c->dispatch);
     ferry_sampler_free(&c->sampler);
     free(c);
@@ -281,6 +306,12 @@ void ferry_context_reset(ferry_context *c)
     c->stall_seconds = 0;
     if (c->m->cache)
         snapshot_offload_counters(c);
+    if (c->predictor) {
+        ferry_predictor_reset(c->predictor);
+        memset(c->pred_valid, 0, (size_t)c->m->cfg.n_layers * 4);
+        memset(c->pred_n, 0, sizeof c->pred_n);
+        memset(c->pred_correct, 0, sizeof c->pred_correct);
+    }
 }
 
 int32_t ferry_context_n_past(const ferry_context *c) { return c ? c->n_past : 0; }
@@ -365,16 +396,17 @@ static ferry_status moe_offloaded(ferry_context *c, int32_t l)
     int32_t E = cfg->n_experts;
     uint8_t *used = c->prev_used + (size_t)l * (size_t)E;
 
-    /* The routing guess for the next layer, until the predictor lands: the experts it used
-     * in the previous step. It drives prefetching and the predicted eviction policy. */
-    if (m->params.policy == FERRY_CACHE_PREDICTED && l + 1 < cfg->n_layers) {
+    /* The recency guess for the next layer: the experts it used in the previous step. It
+     * drives prefetching and the predicted eviction policy when no predictor is chosen. */
+    int recency = m->params.predictor == FERRY_PREDICT_RECENCY;
+    if (recency && m->params.policy == FERRY_CACHE_PREDICTED && l + 1 < cfg->n_layers) {
         const uint8_t *next = c->prev_used + (size_t)(l + 1) * (size_t)E;
         float scores[1024];
         for (int32_t e = 0; e < E && e < 1024; e++)
             scores[e] = next[e] ? 1.0f : 0.0f;
         ferry_cache_set_scores(m->cache, l + 1, scores);
     }
-    if (m->params.prefetch && l + 1 < cfg->n_layers) {
+    if (recency && m->params.prefetch && l + 1 < cfg->n_layers) {
         const uint8_t *next = c->prev_used + (size_t)(l + 1) * (size_t)E;
         int32_t hint[1024], n_hint = 0;
         for (int32_t e = 0; e < E && n_hint < 1024; e++)
@@ -425,6 +457,59 @@ static ferry_status moe_offloaded(ferry_context *c, int32_t l)
     }
     ferry_prefetch_cancel(m->prefetch, l); /* queued prefetches this layer did not need */
     return run_wave(c, l, n_held);
+}
+
+/* During decode, after layer l: scores the live prediction made earlier for this layer,
+ * feeds the predictor the token's hidden state and experts, and prefetches (and scores,
+ * for the predicted policy) the experts it names for layers l+1 .. l+lookahead. */
+static ferry_status predict_after_layer(ferry_context *c, int32_t l)
+{
+    ferry_model *m = c->m;
+    const ferry_config *cfg = &m->cfg;
+    int32_t E = cfg->n_experts, k = cfg->n_experts_per_tok;
+    ferry_backend *be = m->be;
+    for (int32_t d = 1; d <= 3; d++) {
+        uint8_t *valid = &c->pred_valid[(size_t)l * 4 + (size_t)d];
+        if (!*valid)
+            continue;
+        const int32_t *pred = c->pred_top + ((size_t)l * 4 + (size_t)d) * (size_t)k;
+        for (int32_t i = 0; i < k; i++)
+            for (int32_t j = 0; j < k; j++)
+                c->pred_correct[d] += pred[i] == c->h_experts[j];
+        c->pred_n[d]++;
+        *valid = 0;
+    }
+    TRY(be->ops->download(be, c->h_hidden, c->d_x, (size_t)cfg->hidden_size * sizeof(float)));
+    ferry_predictor_observe(c->predictor, l, c->h_hidden, c->h_experts);
+    for (int32_t d = 1; d <= m->params.lookahead && l + d < cfg->n_layers; d++) {
+        TRY(ferry_predictor_predict(c->predictor, l, d, c->h_scores));
+        int32_t *pred = c->pred_top + ((size_t)(l + d) * 4 + (size_t)d) * (size_t)k;
+        ferry_predictor_top(c->h_scores, E, k, pred);
+        c->pred_valid[(size_t)(l + d) * 4 + (size_t)d] = 1;
+        if (m->params.policy == FERRY_CACHE_PREDICTED)
+            ferry_cache_set_scores(m->cache, l + d, c->h_scores);
+        if (m->params.prefetch) {
+            float s[FERRY_CONFIG_MAX_EXPERTS];
+            for (int32_t i = 0; i < k; i++)
+                s[i] = c->h_scores[pred[i]];
+            ferry_prefetch_hint(m->prefetch, l + d, pred, s, k);
+        }
+    }
+    /* after the last layer, the next token's layer 0: the statistics' guess where the
+     * predictor has one, else the experts this token used there */
+    if (l == cfg->n_layers - 1 && m->params.prefetch) {
+        int32_t n = 0;
+        if (ferry_predictor_predict_next_token(c->predictor, 0, c->h_scores) == FERRY_OK) {
+            ferry_predictor_top(c->h_scores, E, k, c->h_top);
+            n = k;
+        } else {
+            for (int32_t e = 0; e < E; e++)
+                if (c->prev_used[e])
+                    c->h_top[n++] = e;
+        }
+        ferry_prefetch_hint(m->prefetch, 0, c->h_top, NULL, n);
+    }
+    return FERRY_OK;
 }
 
 /* The MoE block for n tokens: router, grouping by expert, each chosen expert once over its
@@ -511,6 +596,8 @@ static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t 
 
         TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->ffn_norm, n, d, cfg->rms_eps));
         TRY(moe_block(c, l, pos0, n));
+        if (c->predictor && n == 1)
+            TRY(predict_after_layer(c, l));
         if (l + 1 < cfg->n_layers)
             TRY(observe_hidden(c, l, pos0, n, c->d_x));
     }
@@ -661,6 +748,13 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
     o.bytes_to_device = ps.bytes_to_device - c->bytes_to_device0;
     o.bytes_from_disk = ss.disk_bytes - c->bytes_from_disk0;
     o.stall_seconds = c->stall_seconds;
+    o.predictor = m->params.predictor;
+    for (int32_t d = 1; d <= 3; d++) {
+        int32_t k = m->cfg.n_experts_per_tok;
+        o.predictions[d] = c->pred_n[d];
+        o.precision[d] = c->pred_n[d] ? (double)c->pred_correct[d] / ((double)c->pred_n[d] * k) : 0;
+        o.recall[d] = o.precision[d]; /* k predicted, k chosen */
+    }
     *out = o;
     return FERRY_OK;
 }

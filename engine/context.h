@@ -71,6 +71,14 @@ struct ferry_context {
     uint64_t bytes_to_device0, bytes_from_disk0;  /* pipeline and store counters at reset */
     uint64_t *layer_device0, *layer_disk0;        /* (n_layers) the same per layer */
     double *layer_stall;                          /* (n_layers) since reset */
+
+    /* prediction during decode (offloading with a predictor other than recency) */
+    ferry_predictor *predictor;
+    float *h_scores;        /* (n_experts) */
+    int32_t *h_top;         /* (n_experts) */
+    int32_t *pred_top;      /* (n_layers, 4, k): the set predicted for layer j at distance d */
+    uint8_t *pred_valid;    /* (n_layers, 4) */
+    int64_t pred_n[4], pred_correct[4];
 };
 
 /* Runs n tokens (any n; chunks of n_batch internally) after the n_past already cached.

@@ -35,7 +35,11 @@ ferry_model_params ferry_model_params_default(void)
                             .host_cache_bytes = 0,
                             .reader = FERRY_READ_AUTO,
                             .policy = FERRY_CACHE_LRU,
-                            .prefetch = 1};
+                            .prefetch = 1,
+                            .predictor = FERRY_PREDICT_GATE,
+                            .predictor_stats_path = NULL,
+                            .lookahead = 1,
+                            .max_slots = 0};
     return p;
 }
 
@@ -53,6 +57,17 @@ static ferry_status check_offload_params(const ferry_model_params *p)
         return ferry_fail(FERRY_ERR_INVALID, "cache policy %d is not one of 0..3", (int)p->policy);
     if (p->reader < FERRY_READ_AUTO || p->reader > FERRY_READ_PREAD)
         return ferry_fail(FERRY_ERR_INVALID, "reader %d is not one of 0..2", (int)p->reader);
+    if (p->predictor < FERRY_PREDICT_RECENCY || p->predictor > FERRY_PREDICT_COMBINED)
+        return ferry_fail(FERRY_ERR_INVALID, "predictor %d is not one of 0..3", (int)p->predictor);
+    if ((p->predictor == FERRY_PREDICT_STATS || p->predictor == FERRY_PREDICT_COMBINED) &&
+        (!p->predictor_stats_path || !p->predictor_stats_path[0]))
+        return ferry_fail(FERRY_ERR_INVALID, "the stats and combined predictors need a "
+                                             "statistics file (--predictor-stats FILE, written by "
+                                             "ferry predictor fit)");
+    if (p->lookahead < 1 || p->lookahead > 3)
+        return ferry_fail(FERRY_ERR_INVALID, "lookahead %d is not in 1..3", (int)p->lookahead);
+    if (p->max_slots < 0)
+        return ferry_fail(FERRY_ERR_INVALID, "slot count %d must be >= 0", (int)p->max_slots);
     return FERRY_OK;
 }
 
@@ -144,6 +159,37 @@ static ferry_status default_pack(ferry_model *m, const char *dir)
     return FERRY_OK;
 }
 
+/* What the contexts' predictors read: each layer's router and post-attention norm (the
+ * CPU backend's device memory is host memory), and the fitted statistics. */
+static ferry_status open_predictor_inputs(ferry_model *m)
+{
+    const ferry_config *c = &m->cfg;
+    m->gates = calloc((size_t)c->n_layers, sizeof *m->gates);
+    m->ffn_norms = calloc((size_t)c->n_layers, sizeof *m->ffn_norms);
+    if (!m->gates || !m->ffn_norms)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        m->gates[l] = m->layers[l].gate;
+        m->ffn_norms[l] = m->layers[l].ffn_norm;
+    }
+    if (m->params.predictor == FERRY_PREDICT_STATS ||
+        m->params.predictor == FERRY_PREDICT_COMBINED) {
+        ferry_status st = ferry_routing_stats_load(m->params.predictor_stats_path, &m->route_stats);
+        if (st)
+            return st;
+        int32_t L, E, K;
+        ferry_routing_stats_shape(m->route_stats, &L, &E, &K);
+        if (L != c->n_layers || E != c->n_experts || K != c->n_experts_per_tok)
+            return ferry_fail(FERRY_ERR_INVALID,
+                              "%s: statistics of %d layers x %d experts (top-%d), the model has "
+                              "%d x %d (top-%d)",
+                              m->params.predictor_stats_path, (int)L, (int)E, (int)K,
+                              (int)c->n_layers, (int)c->n_experts, (int)c->n_experts_per_tok);
+    }
+    m->params.predictor_stats_path = NULL; /* borrowed from the caller; loaded now */
+    return FERRY_OK;
+}
+
 static ferry_status open_store(ferry_model *m, const char *dir)
 {
     const ferry_config *c = &m->cfg;
@@ -179,6 +225,8 @@ ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
     size_t n = left / slot;
     if (n > (size_t)total)
         n = (size_t)total;
+    if (m->params.max_slots > 0 && n > (size_t)m->params.max_slots)
+        n = (size_t)m->params.max_slots;
     if (n < (size_t)k) {
         size_t need = used + (size_t)k * slot;
         return ferry_fail(FERRY_ERR_NOMEM,
@@ -336,6 +384,15 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     if (!m)
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory opening %s", dir);
     ferry_status st;
+    {
+        size_t n = strlen(dir);
+        while (n > 1 && dir[n - 1] == '/')
+            n--;
+        size_t b = n;
+        while (b > 0 && dir[b - 1] != '/')
+            b--;
+        snprintf(m->name, sizeof m->name, "%.*s", (int)(n - b), dir + b);
+    }
     if ((st = ferry_config_load(dir, &m->cfg)))
         goto fail;
     if ((st = ferry_tokenizer_load(dir, &m->tok)))
@@ -405,6 +462,8 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     m->dense_bytes = m->be->ops->mem_used(m->be);
     if (p->gpu_mem_bytes > 0 && (st = open_store(m, dir)))
         goto fail;
+    if (p->gpu_mem_bytes > 0 && (st = open_predictor_inputs(m)))
+        goto fail;
     ferry_log(FERRY_LOG_INFO, "%s: %d layers, %d experts (top-%d), %lld parameters", dir,
               (int)c->n_layers, (int)c->n_experts, (int)c->n_experts_per_tok,
               (long long)m->n_params);
@@ -424,6 +483,9 @@ void ferry_model_close(ferry_model *m)
     if (m->d_slots)
         m->be->ops->free(m->be, m->d_slots);
     ferry_store_destroy(m->store);
+    ferry_routing_stats_free(m->route_stats);
+    free(m->gates);
+    free(m->ffn_norms);
     free(m->pack_path);
     if (m->layers) {
         for (int32_t l = 0; l < m->cfg.n_layers; l++)

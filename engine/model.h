@@ -21,6 +21,7 @@
 #include "offload/cache.h"
 #include "offload/prefetch.h"
 #include "offload/store.h"
+#include "predictor/predictor.h"
 
 typedef struct {
     ferry_weight w1; /* (d_ff, d_model) gate projection */
@@ -46,6 +47,7 @@ typedef struct {
 } ferry_owned;
 
 struct ferry_model {
+    char name[128]; /* the checkpoint folder's name */
     ferry_config cfg;
     ferry_st_set *st;
     ferry_tokenizer *tok;
@@ -74,6 +76,8 @@ struct ferry_model {
     char *d_slots;            /* (n_slots, slot_bytes) */
     ferry_cache *cache;
     ferry_prefetch *prefetch;
+    ferry_weight *gates, *ffn_norms;   /* (n_layers) views, for the gate predictor */
+    ferry_routing_stats *route_stats;  /* for the stats and combined predictors */
 };
 
 /* Builds the expert slots, cache and prefetch pipeline from what is left of the device

@@ -62,6 +62,15 @@ typedef enum {
     FERRY_CACHE_LAYER_LRU = 2, /* a fixed share of slots per layer, LRU within it */
     FERRY_CACHE_PREDICTED = 3  /* evict what the routing predictor scores lowest */
 } ferry_cache_policy_id;
+/* What names the experts to prefetch: the experts each layer used in the previous step
+ * (recency), the next layers' routers applied to the current hidden state (gate), fitted
+ * routing statistics (stats, needs predictor_stats_path), or both (combined). */
+typedef enum {
+    FERRY_PREDICT_RECENCY = 0,
+    FERRY_PREDICT_GATE = 1,
+    FERRY_PREDICT_STATS = 2,
+    FERRY_PREDICT_COMBINED = 3
+} ferry_predict_id;
 /* How the NVMe tier reads: io_uring where the kernel allows it, else a pread thread pool. */
 typedef enum { FERRY_READ_AUTO = 0, FERRY_READ_URING = 1, FERRY_READ_PREAD = 2 } ferry_reader_id;
 
@@ -80,8 +89,12 @@ typedef struct {
     uint64_t host_cache_bytes; /* FERRY_OFFLOAD_NVME: RAM cache in front of the disk; 0 = 1 GiB */
     int32_t reader;            /* FERRY_OFFLOAD_NVME: ferry_reader_id (io_uring or preads) */
     int32_t policy;            /* ferry_cache_policy_id */
-    int32_t prefetch;          /* nonzero: fetch the experts the next layer will probably use
+    int32_t prefetch;          /* nonzero: fetch the experts the next layers will probably use
                                   while this one computes */
+    int32_t predictor;         /* ferry_predict_id: what names those experts */
+    const char *predictor_stats_path; /* stats and combined: the file of ferry predictor fit */
+    int32_t lookahead;         /* predict and prefetch layers l+1 .. l+lookahead (1..3) */
+    int32_t max_slots;         /* at most this many expert slots (0: what the budget holds) */
 } ferry_model_params;
 
 ferry_model_params ferry_model_params_default(void);
@@ -246,6 +259,10 @@ typedef struct {
     uint64_t bytes_to_device; /* expert bytes copied into slots */
     uint64_t bytes_from_disk; /* read from the pack file */
     double stall_seconds;     /* forward pass waiting for experts */
+    /* the predictor, measured live on decoded tokens: index d = lookahead distance */
+    int32_t predictor;                  /* ferry_predict_id */
+    int64_t predictions[4];             /* top-k sets predicted for layer l+d */
+    double precision[4], recall[4];     /* of those sets against the experts then chosen */
 } ferry_offload_stats;
 
 /* Offload statistics of the model's expert cache (shared by its contexts) since the
@@ -253,6 +270,40 @@ typedef struct {
  * is not NULL (n_layers may be smaller than the model's). */
 ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offload_stats *out,
                                              ferry_layer_stats *layers, int32_t n_layers);
+
+/* ---- routing traces and predictors -------------------------------------------------- */
+
+/* Runs the model over UTF-8 text in sequences of up to seq_len tokens (the text is
+ * tokenized once; each sequence starts with BOS) and writes its routing trace
+ * ("moe-routing-trace v1", with router probabilities when with_probs) to out_path. The
+ * number of tokens traced goes to *n_tokens (may be NULL). FERRY_ERR_INVALID (seq_len < 2,
+ * empty text), FERRY_ERR_IO, FERRY_ERR_NOMEM. Uses its own context. */
+ferry_status ferry_trace_text(ferry_model *m, const char *text, size_t len, int32_t seq_len,
+                              int with_probs, const char *out_path, int64_t *n_tokens);
+
+/* Fits routing statistics from n trace files (of one shape) into out_path, for the stats
+ * and combined predictors. FERRY_ERR_IO, FERRY_ERR_FORMAT naming the file at fault. */
+ferry_status ferry_predictor_fit(const char *const *trace_paths, int32_t n, const char *out_path);
+
+typedef struct {
+    int32_t k;               /* experts per prediction (the model's top-k) */
+    int64_t predictions[4];  /* index d = lookahead distance 1..3 */
+    double precision[4];     /* precision@k */
+    double recall[4];        /* recall@k */
+    double seconds_per_token; /* predictor cost per token (observe + predict, every layer) */
+} ferry_predictor_report;
+
+/* Evaluates a predictor (ferry_predict_id other than recency; stats_path for stats and
+ * combined) live: runs the model over text in sequences of up to seq_len tokens and, for
+ * every token and layer l, compares the predicted top-k experts of layer l+d with those
+ * chosen. FERRY_ERR_INVALID, FERRY_ERR_IO, FERRY_ERR_FORMAT, FERRY_ERR_NOMEM. */
+ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t len,
+                                       int32_t seq_len, int32_t predictor,
+                                       const char *stats_path, ferry_predictor_report *out);
+
+/* The same over a routing trace (the stats predictor only: a trace has no hidden states). */
+ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char *stats_path,
+                                             ferry_predictor_report *out);
 
 #ifdef __cplusplus
 }

@@ -9,9 +9,12 @@
  *   matrix, then softmax) to the hidden state after layer l. No training.
  * - stats: fitted transition statistics (ferry_routing_stats): P(expert at l+d | experts
  *   at l) and, at the same layer, P(expert for token t | experts for token t-1).
- * - combined: a mix of the two.
- * A predictor holds per-sequence state (the previous token's experts); reset it between
- * sequences. Scoring allocates nothing. One thread at a time.
+ * - combined: a mix of the two, weighted by measurement: the gate applied to the hidden
+ *   state moved by the previous token's update over the same layers (which carries the
+ *   same-layer recency) where hidden states are observed, the statistics where not and
+ *   for the next token (predictor.c has the numbers).
+ * A predictor holds per-sequence state (the previous token's hidden states); reset it
+ * between sequences. Scoring allocates nothing. One thread at a time.
  */
 #ifndef FERRY_PREDICTOR_PREDICTOR_H
 #define FERRY_PREDICTOR_PREDICTOR_H
@@ -55,6 +58,15 @@ void ferry_routing_stats_free(ferry_routing_stats *s);
 void ferry_routing_stats_shape(const ferry_routing_stats *s, int32_t *n_layers,
                                int32_t *n_experts, int32_t *top_k);
 
+/* The fitted transition table P(e' | e), (n_experts, n_experts) row-major, row e = an expert
+ * chosen at `layer`: for d = 1..3, of e' being among the experts of layer + d in the same
+ * token; for d = 0, among the experts of the same layer for the next token of the sequence.
+ * Add-one smoothed: P(e' | e) = (count(e, e') + 1) / (sum over e'' of count(e, e'') +
+ * n_experts), so each row sums to 1. NULL when layer or d is out of range (layer + d must
+ * be < n_layers). The table belongs to s and lives as long as it. Thread-safe. */
+const float *ferry_routing_stats_transition(const ferry_routing_stats *s, int32_t layer,
+                                            int32_t d);
+
 /* ---- predictors ------------------------------------------------------------------------ */
 
 typedef struct {
@@ -91,8 +103,9 @@ void ferry_predictor_observe(ferry_predictor *p, int32_t layer, const float *hid
  * for d or layer out of range or nothing observed yet at layer. */
 ferry_status ferry_predictor_predict(ferry_predictor *p, int32_t layer, int32_t d, float *scores);
 
-/* Scores for layer 0 of the next token (stats and combined: from the current token's
- * layer-0 experts through the same-layer statistics; gate: FERRY_ERR_UNSUPPORTED). */
+/* Scores for layer `layer` of the next token (stats and combined: from the current token's
+ * experts at that layer through the same-layer statistics; gate: FERRY_ERR_UNSUPPORTED).
+ * FERRY_ERR_INVALID for layer out of range or nothing observed yet at layer. */
 ferry_status ferry_predictor_predict_next_token(ferry_predictor *p, int32_t layer,
                                                 float *scores);
 
@@ -102,7 +115,9 @@ ferry_status ferry_predictor_predict_next_token(ferry_predictor *p, int32_t laye
 void ferry_predictor_top(const float *scores, int32_t n, int32_t k, int32_t *top);
 
 typedef struct {
-    int64_t n_predictions[FERRY_PREDICT_MAX_LOOKAHEAD + 1]; /* index d */
+    /* index d = lookahead 1..3; index 0: the same layer of the next token
+     * (ferry_predictor_predict_next_token) */
+    int64_t n_predictions[FERRY_PREDICT_MAX_LOOKAHEAD + 1];
     int64_t n_correct[FERRY_PREDICT_MAX_LOOKAHEAD + 1];     /* predicted top-k ∩ actual */
     int32_t k;
 } ferry_predictor_eval;
@@ -113,7 +128,11 @@ double ferry_predictor_eval_precision(const ferry_predictor_eval *e, int32_t d);
 double ferry_predictor_eval_recall(const ferry_predictor_eval *e, int32_t d, int32_t top_k);
 
 /* Replays a trace through a stats predictor (no hidden states needed), predicting every
- * layer l+d from layer l for d = 1..3, and accumulates into *e (zero it first). */
+ * layer l+d from layer l for d = 1..3 and (index 0) every layer of the next token within a
+ * sequence, and accumulates into *e (zero it first; e->k = 0 means the trace's top_k). A
+ * combined predictor may be replayed too: without hidden states it uses its statistics
+ * alone. The predictor is reset at each sequence. FERRY_ERR_INVALID (a gate predictor, a
+ * trace of another shape, k outside 1..n_experts). */
 ferry_status ferry_predictor_eval_trace(ferry_predictor *p, const ferry_trace *tr,
                                         ferry_predictor_eval *e);
 

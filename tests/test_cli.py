@@ -6,6 +6,7 @@ Run by CTest as: python3 tests/test_cli.py FERRY_BINARY
 """
 import json
 import math
+import re
 import os
 import shutil
 import struct
@@ -138,6 +139,9 @@ class CliTest(unittest.TestCase):
             (["--policy", "random"], "--policy expects lru, lfu, layer-lru or predicted"),
             (["--prefetch", "maybe"], "--prefetch expects on or off"),
             (["--offload", "nvme"], "need a device budget"),
+            (["--predictor", "psychic"], "--predictor expects recency, gate, stats or combined"),
+            (["--lookahead", "4"], "--lookahead expects an integer in [1, 3]"),
+            (["--slots", "0"], "--slots expects an integer"),
         ]:
             p = ferry("run", MODEL, "-p", "x", *args, check=False)
             self.assertEqual(p.returncode, 2, args)
@@ -148,6 +152,59 @@ class CliTest(unittest.TestCase):
             p = ferry("pack", os.path.join(tmp, "none"), os.path.join(tmp, "x.pack"), check=False)
             self.assertEqual(p.returncode, 1)
             self.assertFalse(os.path.exists(os.path.join(tmp, "x.pack")))
+
+    def test_trace_fit_and_eval(self):
+        heldout = os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            text = os.path.join(tmp, "in.txt")
+            with open(heldout) as f, open(text, "w") as g:
+                g.write(f.read()[:6000])
+            trace = os.path.join(tmp, "t.trace")
+            p = ferry("trace", MODEL, "--input", text, "--out", trace, "--seq-len", "256",
+                      "--probs")
+            self.assertRegex(p.stderr.decode(), r"\d+ tokens routed")
+            with open(trace, "rb") as f:
+                header = json.loads(f.readline())
+                body = f.read()
+            self.assertEqual(header["format"], "moe-routing-trace v1")
+            self.assertEqual((header["layers"], header["experts"], header["top_k"]), (6, 8, 2))
+            n = header["tokens"]
+            self.assertEqual(sum(header["sequence_lengths"]), n)
+            self.assertTrue(all(x <= 256 for x in header["sequence_lengths"]))
+            self.assertEqual(len(body), n * 6 * 2 + n * 6 * 8 * 4)
+            stats = os.path.join(tmp, "r.stats")
+            ferry("predictor", "fit", trace, "--out", stats)
+            out = ferry("predictor", "eval", "--trace", trace, "--predictor", "stats",
+                        "--predictor-stats", stats).stdout.decode()
+            for d in (1, 2, 3):
+                self.assertRegex(out, r"lookahead %d: precision@2 0\.\d{3} recall@2 0\.\d{3}" % d)
+            out = ferry("predictor", "eval", MODEL, "--text", text).stdout.decode()
+            recall1 = float(re.search(r"lookahead 1: precision@2 [0-9.]+ recall@2 ([0-9.]+)",
+                                      out).group(1))
+            self.assertGreater(recall1, 0.8)
+            p = ferry("predictor", "eval", "--trace", trace, "--predictor", "gate", check=False)
+            self.assertEqual(p.returncode, 2)
+            self.assertIn("no hidden states", p.stderr.decode())
+            p = ferry("predictor", "fit", os.path.join(tmp, "none.trace"), "--out", stats,
+                      check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("none.trace", p.stderr.decode())
+
+    def test_run_with_predictors_prints_the_same_text(self):
+        args = ["run", MODEL, "-p", "class Stack:\n", "-n", "48", "--ctx", "256"]
+        want = ferry(*args).stdout
+        for extra in (["--predictor", "gate", "--lookahead", "2"],
+                      ["--predictor", "gate", "--policy", "predicted"],
+                      ["--predictor", "recency", "--slots", "3"]):
+            p = ferry(*args, "--gpu-mem", "16M", "--slots", "6", *extra, "--stats")
+            self.assertEqual(p.stdout, want, extra)
+            if "gate" in extra:
+                self.assertRegex(p.stderr.decode(),
+                                 r"predictor gate, live on decoded tokens:  lookahead 1: "
+                                 r"precision@2 0\.\d{3} recall@2 0\.\d{3} \(\d+\)")
+        p = ferry(*args, "--gpu-mem", "16M", "--predictor", "stats", check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("--predictor-stats", p.stderr.decode())
 
     def test_bad_options_exit_2(self):
         for args, msg in [

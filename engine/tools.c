@@ -1,0 +1,343 @@
+/*
+ * engine/tools.c: routing traces of text, fitting and evaluating routing predictors (the
+ * library side of `ferry trace` and `ferry predictor fit|eval`).
+ *
+ * Text is tokenized once, without BOS, and cut into sequences of seq_len - 1 tokens, each
+ * run with BOS in front on an empty KV cache, in one forward per sequence with an observer
+ * collecting every layer's routing (and hidden states, for predictor evaluation). The BOS
+ * position is part of each sequence's trace, as it is part of every real sequence.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/error.h"
+#include "engine/context.h"
+#include "predictor/predictor.h"
+#include "predictor/trace.h"
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* What the observer collects for one sequence. */
+typedef struct {
+    int32_t n_layers, n_experts, k, d;
+    int32_t cap;      /* positions */
+    uint8_t *experts; /* (cap, n_layers, k) trace order */
+    float *probs;     /* (cap, n_layers, n_experts) or NULL */
+    float *hidden;    /* (cap, n_layers, d) after each layer, or NULL */
+} seq_record;
+
+static void record_route(void *user, int32_t layer, int32_t pos0, int32_t n, const float *logits,
+                         const int32_t *experts, const float *weights)
+{
+    seq_record *r = user;
+    (void)weights;
+    for (int32_t t = 0; t < n; t++) {
+        size_t row = (size_t)(pos0 + t) * (size_t)r->n_layers + (size_t)layer;
+        for (int32_t j = 0; j < r->k; j++)
+            r->experts[row * (size_t)r->k + (size_t)j] = (uint8_t)experts[(size_t)t * r->k + j];
+        if (r->probs) {
+            const float *lg = logits + (size_t)t * (size_t)r->n_experts;
+            float *p = r->probs + row * (size_t)r->n_experts;
+            float mx = lg[0], sum = 0;
+            for (int32_t e = 1; e < r->n_experts; e++)
+                mx = lg[e] > mx ? lg[e] : mx;
+            for (int32_t e = 0; e < r->n_experts; e++)
+                sum += p[e] = expf(lg[e] - mx);
+            for (int32_t e = 0; e < r->n_experts; e++)
+                p[e] /= sum;
+        }
+    }
+}
+
+static void record_hidden(void *user, int32_t layer, int32_t pos0, int32_t n, const float *h)
+{
+    seq_record *r = user;
+    if (!r->hidden || layer < 0 || layer >= r->n_layers)
+        return;
+    for (int32_t t = 0; t < n; t++)
+        memcpy(r->hidden + ((size_t)(pos0 + t) * (size_t)r->n_layers + (size_t)layer) * (size_t)r->d,
+               h + (size_t)t * (size_t)r->d, (size_t)r->d * sizeof(float));
+}
+
+/* The text's tokens without BOS, in a fresh array. */
+static ferry_status tokenize_all(ferry_model *m, const char *text, size_t len, int32_t **ids,
+                                 int32_t *n)
+{
+    int32_t count = 0;
+    ferry_status st = ferry_tokenize(m, text, len, 0, NULL, 0, &count);
+    if (st != FERRY_OK && st != FERRY_ERR_INVALID)
+        return st;
+    if (count == 0)
+        return ferry_fail(FERRY_ERR_INVALID, "the text has no tokens");
+    int32_t *v = malloc((size_t)count * sizeof *v);
+    if (!v)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for %d tokens", (int)count);
+    if ((st = ferry_tokenize(m, text, len, 0, v, count, &count))) {
+        free(v);
+        return st;
+    }
+    *ids = v;
+    *n = count;
+    return FERRY_OK;
+}
+
+/* Runs every sequence of the text through the model; calls each(user, record, n_positions)
+ * after each sequence. */
+typedef ferry_status (*seq_fn)(void *user, const seq_record *r, int32_t n);
+
+static ferry_status run_sequences(ferry_model *m, const char *text, size_t len, int32_t seq_len,
+                                  int with_probs, int with_hidden, seq_fn each, void *user)
+{
+    if (seq_len < 2)
+        return ferry_fail(FERRY_ERR_INVALID, "sequence length %d: need at least 2 (BOS and a "
+                                             "token)", (int)seq_len);
+    const ferry_config *cfg = &m->cfg;
+    int32_t *ids = NULL, n_ids = 0, *seq = NULL;
+    ferry_context *c = NULL;
+    seq_record r = {cfg->n_layers, cfg->n_experts, cfg->n_experts_per_tok, cfg->hidden_size,
+                    seq_len, NULL, NULL, NULL};
+    ferry_status st = tokenize_all(m, text, len, &ids, &n_ids);
+    if (st)
+        return st;
+    ferry_context_params cp = ferry_context_params_default();
+    cp.n_ctx = seq_len;
+    if ((st = ferry_context_create(m, &cp, &c)))
+        goto done;
+    seq = malloc((size_t)seq_len * sizeof *seq);
+    r.experts = malloc((size_t)seq_len * (size_t)r.n_layers * (size_t)r.k);
+    if (with_probs)
+        r.probs = malloc((size_t)seq_len * (size_t)r.n_layers * (size_t)r.n_experts * sizeof(float));
+    if (with_hidden)
+        r.hidden = malloc((size_t)seq_len * (size_t)r.n_layers * (size_t)r.d * sizeof(float));
+    if (!seq || !r.experts || (with_probs && !r.probs) || (with_hidden && !r.hidden)) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for a sequence of %d tokens", (int)seq_len);
+        goto done;
+    }
+    ferry_observer obs = {record_route, with_hidden ? record_hidden : NULL, &r};
+    ferry_context_set_observer(c, &obs);
+    int32_t bos = m->cfg.bos_id >= 0 ? m->cfg.bos_id : ferry_tokenizer_bos_id(m->tok);
+    for (int32_t i = 0; i < n_ids; i += seq_len - 1) {
+        int32_t n = n_ids - i < seq_len - 1 ? n_ids - i : seq_len - 1;
+        int32_t at = 0;
+        if (bos >= 0)
+            seq[at++] = bos;
+        memcpy(seq + at, ids + i, (size_t)n * sizeof *seq);
+        ferry_context_reset(c);
+        if ((st = ferry_context_forward(c, seq, at + n, NULL, NULL)))
+            goto done;
+        if ((st = each(user, &r, at + n)))
+            goto done;
+    }
+done:
+    free(ids);
+    free(seq);
+    free(r.experts);
+    free(r.probs);
+    free(r.hidden);
+    ferry_context_free(c);
+    return st;
+}
+
+static ferry_status append_to_trace(void *user, const seq_record *r, int32_t n)
+{
+    return ferry_trace_append(user, n, r->experts, r->probs);
+}
+
+ferry_status ferry_trace_text(ferry_model *m, const char *text, size_t len, int32_t seq_len,
+                              int with_probs, const char *out_path, int64_t *n_tokens)
+{
+    if (!m || (!text && len) || !out_path)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_trace_text: NULL argument");
+    if (m->cfg.n_experts > 256)
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "a trace stores expert ids as bytes: %d experts",
+                          (int)m->cfg.n_experts);
+    ferry_trace *tr;
+    ferry_status st = ferry_trace_create(m->cfg.n_layers, m->cfg.n_experts,
+                                         m->cfg.n_experts_per_tok, with_probs, m->name, &tr);
+    if (st)
+        return st;
+    if ((st = run_sequences(m, text, len, seq_len, with_probs, 0, append_to_trace, tr)) == FERRY_OK)
+        st = ferry_trace_save(tr, out_path);
+    if (st == FERRY_OK && n_tokens)
+        *n_tokens = tr->n_tokens;
+    ferry_trace_free(tr);
+    return st;
+}
+
+ferry_status ferry_predictor_fit(const char *const *trace_paths, int32_t n, const char *out_path)
+{
+    if (!trace_paths || n <= 0 || !out_path)
+        return ferry_fail(FERRY_ERR_INVALID, "predictor fit: no traces");
+    ferry_trace **tr = calloc((size_t)n, sizeof *tr);
+    if (!tr)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+    ferry_status st = FERRY_OK;
+    ferry_routing_stats *s = NULL;
+    for (int32_t i = 0; i < n && st == FERRY_OK; i++)
+        st = ferry_trace_load(trace_paths[i], &tr[i]);
+    if (st == FERRY_OK)
+        st = ferry_routing_stats_fit((const ferry_trace *const *)tr, n, &s);
+    if (st == FERRY_OK)
+        st = ferry_routing_stats_save(s, out_path);
+    ferry_routing_stats_free(s);
+    for (int32_t i = 0; i < n; i++)
+        ferry_trace_free(tr[i]);
+    free(tr);
+    return st;
+}
+
+static void report_from_eval(const ferry_predictor_eval *e, int32_t k, ferry_predictor_report *out)
+{
+    memset(out, 0, sizeof *out);
+    out->k = k;
+    for (int32_t d = 1; d <= 3; d++) {
+        out->predictions[d] = e->n_predictions[d];
+        out->precision[d] = ferry_predictor_eval_precision(e, d);
+        out->recall[d] = ferry_predictor_eval_recall(e, d, k);
+    }
+}
+
+typedef struct {
+    ferry_predictor *p;
+    ferry_predictor_eval e;
+    float *scores;
+    int32_t *top;
+    double seconds;
+    int64_t tokens;
+} live_eval;
+
+/* Replays one recorded sequence through the predictor, token by token. */
+static ferry_status eval_sequence(void *user, const seq_record *r, int32_t n)
+{
+    live_eval *le = user;
+    ferry_predictor_reset(le->p);
+    int32_t experts[64];
+    for (int32_t t = 0; t < n; t++) {
+        for (int32_t l = 0; l < r->n_layers; l++) {
+            size_t row = (size_t)t * (size_t)r->n_layers + (size_t)l;
+            for (int32_t j = 0; j < r->k; j++)
+                experts[j] = r->experts[row * (size_t)r->k + (size_t)j];
+            double t0 = now_seconds();
+            ferry_predictor_observe(le->p, l, r->hidden + row * (size_t)r->d, experts);
+            for (int32_t d = 1; d <= 3 && l + d < r->n_layers; d++) {
+                ferry_status st = ferry_predictor_predict(le->p, l, d, le->scores);
+                if (st)
+                    return st;
+                ferry_predictor_top(le->scores, r->n_experts, r->k, le->top);
+                le->seconds += now_seconds() - t0;
+                const uint8_t *actual = r->experts + (row + (size_t)d) * (size_t)r->k;
+                for (int32_t i = 0; i < r->k; i++)
+                    for (int32_t j = 0; j < r->k; j++)
+                        le->e.n_correct[d] += le->top[i] == actual[j];
+                le->e.n_predictions[d]++;
+                t0 = now_seconds();
+            }
+        }
+        le->tokens++;
+    }
+    return FERRY_OK;
+}
+
+ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t len,
+                                       int32_t seq_len, int32_t predictor,
+                                       const char *stats_path, ferry_predictor_report *out)
+{
+    if (!m || (!text && len) || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_predictor_eval_text: NULL argument");
+    static const ferry_predictor_kind kinds[] = {FERRY_PREDICTOR_GATE, FERRY_PREDICTOR_GATE,
+                                                 FERRY_PREDICTOR_STATS, FERRY_PREDICTOR_COMBINED};
+    if (predictor < FERRY_PREDICT_GATE || predictor > FERRY_PREDICT_COMBINED)
+        return ferry_fail(FERRY_ERR_INVALID, "predictor %d: evaluate gate, stats or combined",
+                          (int)predictor);
+    const ferry_config *cfg = &m->cfg;
+    if (cfg->n_experts_per_tok > 64)
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "top-%d routing", (int)cfg->n_experts_per_tok);
+    ferry_routing_stats *rs = NULL;
+    ferry_weight *gates = calloc((size_t)cfg->n_layers, sizeof *gates);
+    ferry_weight *norms = calloc((size_t)cfg->n_layers, sizeof *norms);
+    live_eval le;
+    memset(&le, 0, sizeof le);
+    le.scores = malloc((size_t)cfg->n_experts * sizeof *le.scores);
+    le.top = malloc((size_t)cfg->n_experts * sizeof *le.top);
+    ferry_status st = FERRY_OK;
+    if (!gates || !norms || !le.scores || !le.top) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    for (int32_t l = 0; l < cfg->n_layers; l++) {
+        gates[l] = m->layers[l].gate;
+        norms[l] = m->layers[l].ffn_norm;
+    }
+    if (predictor != FERRY_PREDICT_GATE) {
+        if (!stats_path) {
+            st = ferry_fail(FERRY_ERR_INVALID, "the stats and combined predictors need a "
+                                               "statistics file (ferry predictor fit)");
+            goto done;
+        }
+        if ((st = ferry_routing_stats_load(stats_path, &rs)))
+            goto done;
+    }
+    ferry_predictor_params pp = {.n_layers = cfg->n_layers,
+                                 .n_experts = cfg->n_experts,
+                                 .top_k = cfg->n_experts_per_tok,
+                                 .d_model = cfg->hidden_size,
+                                 .rms_eps = cfg->rms_eps,
+                                 .gates = gates,
+                                 .ffn_norms = norms,
+                                 .stats = rs};
+    if ((st = ferry_predictor_create(kinds[predictor], &pp, &le.p)))
+        goto done;
+    le.e.k = cfg->n_experts_per_tok;
+    if ((st = run_sequences(m, text, len, seq_len, 0, 1, eval_sequence, &le)))
+        goto done;
+    report_from_eval(&le.e, cfg->n_experts_per_tok, out);
+    out->seconds_per_token = le.tokens ? le.seconds / (double)le.tokens : 0;
+done:
+    ferry_predictor_destroy(le.p);
+    ferry_routing_stats_free(rs);
+    free(gates);
+    free(norms);
+    free(le.scores);
+    free(le.top);
+    return st;
+}
+
+ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char *stats_path,
+                                             ferry_predictor_report *out)
+{
+    if (!trace_path || !stats_path || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "predictor eval: a trace and a statistics file are "
+                                             "needed");
+    ferry_trace *tr = NULL;
+    ferry_routing_stats *rs = NULL;
+    ferry_predictor *p = NULL;
+    ferry_status st;
+    if ((st = ferry_trace_load(trace_path, &tr)) || (st = ferry_routing_stats_load(stats_path, &rs)))
+        goto done;
+    ferry_predictor_params pp = {.n_layers = tr->n_layers,
+                                 .n_experts = tr->n_experts,
+                                 .top_k = tr->top_k,
+                                 .stats = rs};
+    if ((st = ferry_predictor_create(FERRY_PREDICTOR_STATS, &pp, &p)))
+        goto done;
+    ferry_predictor_eval e;
+    memset(&e, 0, sizeof e);
+    e.k = tr->top_k;
+    double t0 = now_seconds();
+    if ((st = ferry_predictor_eval_trace(p, tr, &e)))
+        goto done;
+    report_from_eval(&e, tr->top_k, out);
+    out->seconds_per_token = tr->n_tokens ? (now_seconds() - t0) / (double)tr->n_tokens : 0;
+done:
+    ferry_predictor_destroy(p);
+    ferry_routing_stats_free(rs);
+    ferry_trace_free(tr);
+    return st;
+}
