@@ -9,7 +9,9 @@
  * ferry_prefetch_demand, a PENDING to ferry_prefetch_promote; when the cache cannot pin
  * another slot, the wave held so far is used and released and the acquire retried; then
  * stale prefetches of the layer are cancelled and the wave is waited for, checked and
- * released.
+ * released. The prefetch path follows predict_after_layer; it departs from the forward
+ * pass in two ways, both for determinism: each layer's prefetches are drained before the
+ * next demand, and they stay pinned until then (on a GPU they would still be in flight).
  *
  * Belady's MIN: next_use[i] is the index of the next access to the same key (N when
  * none). The resident keys sit in a max-heap on their next use with lazy deletion: an
@@ -20,7 +22,6 @@
  */
 #include "engine/sim.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -240,9 +241,8 @@ typedef struct {
     int32_t *held_expert; /* (top_k) */
     int32_t *route;       /* (top_k) the token's experts at the layer, for the predictor */
     float *scores;        /* (n_experts) */
-    int32_t *hint;        /* (n_experts) experts by descending score */
-    float *hint_scores;   /* (n_experts) */
-    int32_t *pinned;      /* (n_experts) slots of the prefetch batch in flight */
+    int32_t *hint;        /* (n_experts) the experts of one hint */
+    int32_t *pinned;      /* (lookahead + 1, n_experts) slots of the prefetches in flight */
     ferry_cache_layer_stats *stats; /* (n_layers) */
 } sim_state;
 
@@ -309,11 +309,14 @@ static ferry_status check_params(const ferry_trace *tr, const ferry_sim_params *
     if (p->prefetch_k < 0 || p->prefetch_k > tr->n_experts)
         return ferry_fail(FERRY_ERR_INVALID, "sim: prefetch_k %d is outside 0..%d (n_experts)",
                           (int)p->prefetch_k, (int)tr->n_experts);
-    if (p->predictor && p->predictor_kind != FERRY_PREDICTOR_STATS)
+    if (p->predictor && p->predictor_kind == FERRY_PREDICTOR_GATE)
         return ferry_fail(FERRY_ERR_INVALID,
-                          "sim: the %s predictor needs hidden states, which a routing trace "
-                          "does not have; use a stats predictor",
-                          ferry_predictor_kind_name(p->predictor_kind));
+                          "sim: the gate predictor needs hidden states, which a routing trace "
+                          "does not have; use a stats or combined predictor");
+    if (p->predictor && p->predictor_kind != FERRY_PREDICTOR_STATS &&
+        p->predictor_kind != FERRY_PREDICTOR_COMBINED)
+        return ferry_fail(FERRY_ERR_INVALID, "sim: predictor kind %d is not a predictor kind",
+                          (int)p->predictor_kind);
     if (p->n_tokens < 0 || p->n_tokens > tr->n_tokens)
         return ferry_fail(FERRY_ERR_INVALID, "sim: n_tokens %lld is outside 0..%lld",
                           (long long)p->n_tokens, (long long)tr->n_tokens);
@@ -337,7 +340,6 @@ static void sim_free(sim_state *s)
     free(s->route);
     free(s->scores);
     free(s->hint);
-    free(s->hint_scores);
     free(s->pinned);
     free(s->stats);
 }
@@ -354,11 +356,10 @@ static ferry_status sim_build(sim_state *s)
     s->route = malloc(k * sizeof *s->route);
     s->scores = malloc(E * sizeof *s->scores);
     s->hint = malloc(E * sizeof *s->hint);
-    s->hint_scores = malloc(E * sizeof *s->hint_scores);
-    s->pinned = malloc(E * sizeof *s->pinned);
+    s->pinned = malloc((FERRY_PREDICT_MAX_LOOKAHEAD + 1) * E * sizeof *s->pinned);
     s->stats = malloc((size_t)tr->n_layers * sizeof *s->stats);
     if (!s->expected || !s->h_slot || !s->held_slot || !s->held_expert || !s->route || !s->scores ||
-        !s->hint || !s->hint_scores || !s->pinned || !s->stats)
+        !s->hint || !s->pinned || !s->stats)
         return ferry_fail(FERRY_ERR_NOMEM, "sim: out of memory for %zu dummy experts", n_keys);
     for (size_t i = 0; i < n_keys; i++)
         fill_expert_bytes(s->expected + i * SIM_EXPERT_BYTES, (uint32_t)i);
@@ -467,65 +468,56 @@ static ferry_status demand_layer(sim_state *s, int32_t layer, const uint8_t *ids
     return finish_wave(s, layer, n_held);
 }
 
-/* The k best experts by score, highest first (ties to the lower id, NaN lowest), into
- * s->hint and s->hint_scores. O(k n_experts). */
-static void order_by_score(sim_state *s, int32_t k)
+/* Hints the prefetch_k best experts of layer `target` by s->scores (ferry_predictor_top:
+ * ascending ids, as the forward pass hints them), one at a time, pinning each prefetch it
+ * issues into s->pinned: on a GPU a batch is still in flight while the rest is issued, so no
+ * prefetch of the batch can evict another; without the pin that would depend on how fast
+ * the worker is. */
+static ferry_status hint_batch(sim_state *s, int32_t target, int32_t *n_pinned)
 {
-    int32_t E = s->tr->n_experts;
-    for (int32_t j = 0; j < k; j++) {
-        int32_t best = -1;
-        for (int32_t e = 0; e < E; e++) {
-            int taken = 0;
-            for (int32_t q = 0; q < j && !taken; q++)
-                taken = s->hint[q] == e;
-            if (taken)
-                continue;
-            float v = isnan(s->scores[e]) ? -INFINITY : s->scores[e];
-            float b = best < 0 ? 0 : isnan(s->scores[best]) ? -INFINITY : s->scores[best];
-            if (best < 0 || v > b)
-                best = e;
+    ferry_predictor_top(s->scores, s->tr->n_experts, s->prefetch_k, s->hint);
+    for (int32_t j = 0; j < s->prefetch_k; j++) {
+        float score = s->scores[s->hint[j]];
+        if (ferry_prefetch_hint(s->pf, target, &s->hint[j], &score, 1) != 1)
+            continue;
+        int32_t slot;
+        ferry_cache_result res;
+        /* issued, so resident or in flight: this pins it and counts nothing */
+        ferry_status st = ferry_cache_acquire(s->cache, target, s->hint[j], 0, &slot, &res);
+        if (st)
+            return st;
+        s->pinned[(*n_pinned)++] = slot;
+        if (res == FERRY_CACHE_FILL) { /* its fill failed in between: give the slot back */
+            ferry_cache_mark_failed(s->cache, slot);
+            return ferry_prefetch_failure(s->pf, target, s->hint[j]);
         }
-        s->hint[j] = best;
-        s->hint_scores[j] = s->scores[best];
     }
+    return FERRY_OK;
 }
 
-/* After layer's demands: the predictor sees the layer's experts and names those of layer +
- * lookahead, which are hinted to the pipeline (and scored in the cache for the predicted
- * policy); the prefetches land before the next demand. */
-static ferry_status predict_and_prefetch(sim_state *s, int32_t layer, const uint8_t *ids)
+/* After layer's demands, as the forward pass's predict_after_layer: the predictor sees the
+ * layer's experts and names those of layers layer+1 .. layer+lookahead, which are scored in
+ * the cache (predicted policy) and hinted to the pipeline; after the last layer, the next
+ * token's layer 0 (when the sequence goes on). The prefetches land before the next demand. */
+static ferry_status predict_and_prefetch(sim_state *s, int32_t layer, const uint8_t *ids,
+                                         int next_in_seq)
 {
     const ferry_trace *tr = s->tr;
     for (int32_t j = 0; j < tr->top_k; j++)
         s->route[j] = ids[j];
     ferry_predictor_observe(s->p.predictor, layer, NULL, s->route);
-    int32_t target = layer + s->p.lookahead;
-    if (target >= tr->n_layers)
-        return FERRY_OK;
-    ferry_status st = ferry_predictor_predict(s->p.predictor, layer, s->p.lookahead, s->scores);
-    if (st)
-        return st;
-    if (s->p.policy == FERRY_POLICY_PREDICTED)
-        ferry_cache_set_scores(s->cache, target, s->scores);
-    order_by_score(s, s->prefetch_k);
-    /* One hint per expert, and each prefetch it issues pinned until the batch has landed:
-     * on a GPU the batch is still in flight while it is issued, so no prefetch of the batch
-     * can evict another; without the pin that would depend on how fast the worker is. */
+    ferry_status st = FERRY_OK;
     int32_t n_pinned = 0;
-    for (int32_t j = 0; j < s->prefetch_k && st == FERRY_OK; j++) {
-        if (ferry_prefetch_hint(s->pf, target, &s->hint[j], &s->hint_scores[j], 1) != 1)
-            continue;
-        int32_t slot;
-        ferry_cache_result res;
-        /* issued, so resident or in flight: this pins it and counts nothing */
-        if ((st = ferry_cache_acquire(s->cache, target, s->hint[j], 0, &slot, &res)))
+    for (int32_t d = 1; d <= s->p.lookahead && layer + d < tr->n_layers && !st; d++) {
+        if ((st = ferry_predictor_predict(s->p.predictor, layer, d, s->scores)))
             break;
-        s->pinned[n_pinned++] = slot;
-        if (res == FERRY_CACHE_FILL) { /* its fill failed in between: give the slot back */
-            ferry_cache_mark_failed(s->cache, slot);
-            st = ferry_prefetch_failure(s->pf, target, s->hint[j]);
-        }
+        if (s->p.policy == FERRY_POLICY_PREDICTED)
+            ferry_cache_set_scores(s->cache, layer + d, s->scores);
+        st = hint_batch(s, layer + d, &n_pinned);
     }
+    if (!st && layer == tr->n_layers - 1 && next_in_seq &&
+        !(st = ferry_predictor_predict_next_token(s->p.predictor, 0, s->scores)))
+        st = hint_batch(s, 0, &n_pinned);
     ferry_prefetch_drain(s->pf);
     for (int32_t j = 0; j < n_pinned; j++)
         ferry_cache_release(s->cache, s->pinned[j]);
@@ -547,7 +539,7 @@ static ferry_status replay(sim_state *s, int64_t n_tok)
             const uint8_t *ids = ferry_trace_at(tr, t, l);
             ferry_status st = demand_layer(s, l, ids);
             if (st == FERRY_OK && s->p.predictor)
-                st = predict_and_prefetch(s, l, ids);
+                st = predict_and_prefetch(s, l, ids, t + 1 < seq_end);
             if (st)
                 return ferry_fail_prefix(st, "sim: token %lld layer %d", (long long)t, (int)l);
         }

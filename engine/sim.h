@@ -5,9 +5,11 @@
  * (offload/cache.h) and prefetch pipeline (offload/prefetch.h), on a CPU backend with a
  * device arena of small dummy experts, exactly as the forward pass drives them: for each
  * token, layer by layer, demand-acquire the token's experts, fill misses through the
- * pipeline, wait, use, release; with a predictor, hint the predicted experts of layer
- * l + lookahead. Every slot's bytes are checked against the expert the cache says it holds,
- * so a run is also a proof that the pipeline delivered the right experts.
+ * pipeline, wait, use, release; with a predictor, after each layer l, as the forward
+ * pass's predict_after_layer does, hint the predicted experts of layers l+1 .. l+lookahead
+ * (and, after the last layer, of the next token's layer 0). Every slot's bytes are checked
+ * against the expert the cache says it holds, so a run is also a proof that the pipeline
+ * delivered the right experts.
  *
  * Next to it, Belady's MIN (evict the resident expert whose next use is farthest in the
  * future) on the same demand sequence and number of slots: the fewest misses any demand
@@ -29,15 +31,16 @@
 typedef struct {
     int32_t n_slots;           /* device expert slots, >= 1 (layer-lru: >= n_layers) */
     ferry_cache_policy policy; /* eviction policy of the cache */
-    /* NULL: no prefetching. Borrowed; reset at each sequence start, observed with the
-     * trace's experts and no hidden state, so it must be of the stats kind (the trace has
-     * no hidden states for a gate or combined predictor). predictor_kind says which kind
-     * it is (the predictor interface does not tell). */
+    /* NULL: no prefetching. Borrowed; reset at each sequence start and observed with the
+     * trace's experts and no hidden state, so it must be of the stats or combined kind (a
+     * combined one then uses its statistics alone); the trace has no hidden states for a
+     * gate predictor. predictor_kind says which kind it is (the predictor interface does not
+     * tell). */
     ferry_predictor *predictor;
     ferry_predictor_kind predictor_kind;
     int32_t lookahead;     /* 1..FERRY_PREDICT_MAX_LOOKAHEAD: after layer l, prefetch the
-                              predicted experts of layer l + lookahead */
-    int32_t prefetch_k;    /* experts prefetched per prediction, 0 = the trace's top_k;
+                              predicted experts of layers l+1 .. l+lookahead */
+    int32_t prefetch_k;    /* experts prefetched per predicted layer, 0 = the trace's top_k;
                               at most n_experts */
     uint64_t expert_bytes; /* bytes one expert moves, for the byte figures (the real
                               model's expert size); 0 = the sim's dummy expert size */
@@ -72,7 +75,7 @@ typedef struct {
  * Creates and destroys its own backend, store, cache and pipeline; borrows tr and the
  * predictor (whose per-sequence state it changes). FERRY_ERR_INVALID naming the parameter
  * at fault (n_slots < 1, or < n_layers with layer-lru; lookahead outside 1..3; prefetch_k
- * outside 0..n_experts; a gate or combined predictor; n_tokens outside 0..tokens; an empty
+ * outside 0..n_experts; a gate predictor; n_tokens outside 0..tokens; an empty
  * or malformed trace), FERRY_ERR_NOMEM, FERRY_ERR_DEVICE when a slot does not hold the
  * bytes of the expert the cache says it does, or the pipeline's error. *out is written only
  * on success. One thread; several runs may go on at once on different threads when they

@@ -526,8 +526,9 @@ ferry_status ferry_trace_slice(const ferry_trace *tr, int64_t t0, int64_t n, fer
         if (lo < hi)
             s->seq_lengths[s->n_seqs++] = hi - lo;
     }
-    memcpy(s->experts, ferry_trace_at(tr, t0, 0), (size_t)n * ids_per_token(tr));
-    if (tr->probs)
+    if (n > 0)
+        memcpy(s->experts, ferry_trace_at(tr, t0, 0), (size_t)n * ids_per_token(tr));
+    if (n > 0 && tr->probs)
         memcpy(s->probs, tr->probs + (size_t)t0 * probs_per_token(tr),
                (size_t)n * probs_per_token(tr) * sizeof(float));
     s->n_tokens = n;
