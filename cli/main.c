@@ -98,13 +98,14 @@ static void usage(FILE *f)
                "  pack      write the packed expert file of a model for --offload nvme\n"
                "            (ferry pack MODEL_DIR OUT_FILE)\n"
                "  trace     write the routing trace of a text (ferry trace --help)\n"
+               "  sim       replay a routing trace through the expert cache (ferry sim --help)\n"
                "  predictor fit routing statistics, evaluate predictors (ferry predictor --help)\n"
                "  version   print the version\n");
 }
 
 static int bad_value(const char *opt, const char *val, const char *want)
 {
-    fprintf(stderr, "ferry run: %s expects %s, got '%s'\n", opt, want, val);
+    fprintf(stderr, "ferry: %s expects %s, got '%s'\n", opt, want, val);
     return 2;
 }
 
@@ -145,6 +146,51 @@ static int parse_f(const char *opt, const char *s, double lo, double hi, double 
         return bad_value(opt, s, want);
     }
     *out = v;
+    return 0;
+}
+
+static int parse_policy(const char *opt, const char *v, int32_t *out)
+{
+    static const char *names[] = {"lru", "lfu", "layer-lru", "predicted"};
+    for (int32_t i = 0; i < 4; i++)
+        if (!strcmp(v, names[i])) {
+            *out = i;
+            return 0;
+        }
+    return bad_value(opt, v, "lru, lfu, layer-lru or predicted");
+}
+
+/* The cache-replay options of ferry sim and ferry predictor eval. Returns -1 when a is not
+ * one of them, else 0 or a usage error's exit status; *i moves past the value. */
+static int parse_sim_option(const char *cmd, int argc, char **argv, int *i, ferry_sim_options *o)
+{
+    const char *a = argv[*i];
+    if (strcmp(a, "--slots") && strcmp(a, "--policy") && strcmp(a, "--lookahead") &&
+        strcmp(a, "--expert-bytes"))
+        return -1;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "ferry %s: %s needs a value\n", cmd, a);
+        return 2;
+    }
+    const char *v = argv[++*i];
+    long long n;
+    unsigned long long bytes;
+    int rc;
+    if (!strcmp(a, "--slots")) {
+        if ((rc = parse_i64(a, v, 1, INT32_MAX, &n)))
+            return rc;
+        o->n_slots = (int32_t)n;
+    } else if (!strcmp(a, "--policy")) {
+        return parse_policy(a, v, &o->policy);
+    } else if (!strcmp(a, "--lookahead")) {
+        if ((rc = parse_i64(a, v, 1, 3, &n)))
+            return rc;
+        o->lookahead = (int32_t)n;
+    } else {
+        if ((rc = parse_size(a, v, &bytes)))
+            return rc;
+        o->expert_bytes = bytes;
+    }
     return 0;
 }
 
@@ -386,13 +432,120 @@ static int cmd_trace(int argc, char **argv)
     return rc;
 }
 
-static void print_report(const ferry_predictor_report *r)
+static void print_sim(const char *what, const ferry_sim_report *r)
 {
+    printf("%s: hit rate %.3f (%lld of %lld lookups), %lld experts moved", what, r->hit_rate,
+           (long long)r->hits, (long long)r->lookups, (long long)r->experts_moved);
+    if (r->expert_bytes)
+        printf(" (%.1f MiB)", (double)r->bytes_moved / 1048576.0);
+    if (r->prefetch_issued) {
+        printf(", prefetches %lld issued, %lld used, %lld wasted", (long long)r->prefetch_issued,
+               (long long)r->prefetch_used, (long long)r->prefetch_wasted);
+        if (r->expert_bytes)
+            printf(" (%.1f MiB)", (double)r->prefetch_bytes_wasted / 1048576.0);
+    }
+    printf("\n");
+}
+
+static void print_report(const ferry_predictor_report *r, const ferry_sim_options *o)
+{
+    static const char *policies[] = {"lru", "lfu", "layer-lru", "predicted"};
     for (int d = 1; d <= 3; d++)
         if (r->predictions[d] > 0)
             printf("lookahead %d: precision@%d %.3f recall@%d %.3f\n", d, (int)r->k,
                    r->precision[d], (int)r->k, r->recall[d]);
     printf("cost: %.2f us per token\n", r->seconds_per_token * 1e6);
+    const ferry_sim_report *a = &r->cache_only, *b = &r->with_prefetch;
+    printf("cache of %d of %d experts, %s:\n", (int)a->n_slots, (int)a->n_experts_total,
+           policies[o->policy == FERRY_CACHE_PREDICTED ? FERRY_CACHE_LRU : o->policy]);
+    print_sim("  without prefetch", a);
+    char what[96];
+    snprintf(what, sizeof what, "  prefetch, lookahead %d, %s", o->lookahead ? (int)o->lookahead : 1,
+             policies[o->policy]);
+    print_sim(what, b);
+    printf("  Belady (best demand paging, no prefetch): hit rate %.3f\n", a->belady_hit_rate);
+}
+
+static int cmd_sim(int argc, char **argv)
+{
+    if (argc < 1 || !strcmp(argv[0], "-h") || !strcmp(argv[0], "--help")) {
+        FILE *f = argc < 1 ? stderr : stdout;
+        fprintf(f, "usage: ferry sim TRACE --slots N [--policy lru|lfu|layer-lru|predicted]\n"
+                   "                 [--predictor stats --predictor-stats FILE]\n"
+                   "                 [--lookahead D] [--expert-bytes SIZE]\n\n"
+                   "Replays a routing trace through ferry's expert cache and prefetch pipeline\n"
+                   "with N device slots and reports the hit rate, the experts (and, with\n"
+                   "--expert-bytes, bytes) moved and the prefetches wasted, next to Belady's\n"
+                   "optimal demand paging for N slots. With --predictor the predictor's experts\n"
+                   "for layers l+1..l+D are prefetched after layer l (D = --lookahead, 1..3).\n");
+        return argc < 1 ? 2 : 0;
+    }
+    ferry_sim_options o = ferry_sim_options_default();
+    const char *trace = NULL;
+    int have_slots = 0, rc;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--slots"))
+            have_slots = 1;
+        if ((rc = parse_sim_option("sim", argc, argv, &i, &o)) >= 0) {
+            if (rc)
+                return rc;
+        } else if (!strcmp(a, "--predictor") || !strcmp(a, "--predictor-stats")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "ferry sim: %s needs a value\n", a);
+                return 2;
+            }
+            const char *v = argv[++i];
+            if (!strcmp(a, "--predictor-stats")) {
+                o.predictor_stats_path = v;
+            } else {
+                if ((rc = parse_predictor(a, v, &o.predictor)))
+                    return rc;
+                if (o.predictor != FERRY_PREDICT_STATS) {
+                    fprintf(stderr, "ferry sim: a trace has no hidden states: --predictor stats "
+                                    "(ferry predictor eval --text runs gate and combined)\n");
+                    return 2;
+                }
+                o.prefetch = 1;
+            }
+        } else if (a[0] == '-') {
+            fprintf(stderr, "ferry sim: unknown option '%s'\n", a);
+            return 2;
+        } else if (!trace) {
+            trace = a;
+        } else {
+            fprintf(stderr, "ferry sim: unexpected argument '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!trace || !have_slots) {
+        fprintf(stderr, "usage: ferry sim TRACE --slots N [options] (ferry sim --help)\n");
+        return 2;
+    }
+    if (o.prefetch && !o.predictor_stats_path) {
+        fprintf(stderr, "ferry sim: --predictor stats needs --predictor-stats FILE (ferry "
+                        "predictor fit)\n");
+        return 2;
+    }
+    if (o.policy == FERRY_CACHE_PREDICTED && !o.prefetch) {
+        fprintf(stderr, "ferry sim: --policy predicted needs --predictor\n");
+        return 2;
+    }
+    ferry_sim_report r;
+    ferry_status st = ferry_sim_trace_file(trace, &o, &r);
+    if (st) {
+        fprintf(stderr, "ferry sim: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
+        return 1;
+    }
+    static const char *policies[] = {"lru", "lfu", "layer-lru", "predicted"};
+    printf("%s: %d slots of %d experts, %s", trace, (int)r.n_slots, (int)r.n_experts_total,
+           policies[o.policy]);
+    if (o.prefetch)
+        printf(", stats prefetch, lookahead %d", (int)o.lookahead);
+    printf("\n");
+    print_sim("sim", &r);
+    printf("Belady (best demand paging, no prefetch): hit rate %.3f\n", r.belady_hit_rate);
+    return 0;
 }
 
 static int cmd_predictor(int argc, char **argv)
@@ -402,10 +555,15 @@ static int cmd_predictor(int argc, char **argv)
         fprintf(f, "usage: ferry predictor fit TRACE... --out FILE\n"
                    "       ferry predictor eval MODEL_DIR (--text FILE | --trace TRACE)\n"
                    "                            [--predictor gate|stats|combined]\n"
-                   "                            [--predictor-stats FILE] [--seq-len N]\n\n"
+                   "                            [--predictor-stats FILE] [--seq-len N]\n"
+                   "                            [--slots N] [--policy P] [--lookahead D]\n"
+                   "                            [--expert-bytes SIZE]\n\n"
                    "fit: routing statistics from traces, for the stats and combined predictors.\n"
                    "eval: precision@k and recall@k of a predictor at lookahead 1, 2, 3 (live\n"
-                   "over a text, or over a trace for the stats predictor).\n");
+                   "over a text, or over a trace for the stats predictor), and the hit rate of\n"
+                   "an expert cache of N slots (default: a quarter of all experts) without and\n"
+                   "with its prefetches (lookahead D, default 1), by replaying the routing\n"
+                   "through ferry's cache and prefetch pipeline.\n");
         return argc < 1 ? 2 : 0;
     }
     int rc;
@@ -447,8 +605,14 @@ static int cmd_predictor(int argc, char **argv)
     const char *dir = NULL, *text_path = NULL, *trace_path = NULL, *stats = NULL;
     int32_t kind = 1; /* gate */
     long long seq_len = 512;
+    ferry_sim_options so = ferry_sim_options_default();
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if ((rc = parse_sim_option("predictor eval", argc, argv, &i, &so)) >= 0) {
+            if (rc)
+                return rc;
+            continue;
+        }
         int takes = !strcmp(a, "--text") || !strcmp(a, "--trace") || !strcmp(a, "--predictor") ||
                     !strcmp(a, "--predictor-stats") || !strcmp(a, "--seq-len");
         if (takes && !v) {
@@ -493,7 +657,7 @@ static int cmd_predictor(int argc, char **argv)
                             "use --predictor stats\n");
             return 2;
         }
-        st = ferry_predictor_eval_trace_file(trace_path, stats, &r);
+        st = ferry_predictor_eval_trace_file(trace_path, stats, &so, &r);
     } else {
         size_t len;
         char *text = read_text_file(text_path, &len);
@@ -504,7 +668,7 @@ static int cmd_predictor(int argc, char **argv)
             free(text);
             return 1;
         }
-        st = ferry_predictor_eval_text(m, text, len, (int32_t)seq_len, kind, stats, &r);
+        st = ferry_predictor_eval_text(m, text, len, (int32_t)seq_len, kind, stats, &so, &r);
         ferry_model_close(m);
         free(text);
     }
@@ -513,7 +677,7 @@ static int cmd_predictor(int argc, char **argv)
                 ferry_status_name(st));
         return 1;
     }
-    print_report(&r);
+    print_report(&r, &so);
     return 0;
 }
 
@@ -610,16 +774,8 @@ static int cmd_run(int argc, char **argv)
                 return bad_value(a, v, "auto, uring or pread");
         } else if (!strcmp(a, "--policy")) {
             NEED_VALUE();
-            if (!strcmp(v, "lru"))
-                mp.policy = FERRY_CACHE_LRU;
-            else if (!strcmp(v, "lfu"))
-                mp.policy = FERRY_CACHE_LFU;
-            else if (!strcmp(v, "layer-lru"))
-                mp.policy = FERRY_CACHE_LAYER_LRU;
-            else if (!strcmp(v, "predicted"))
-                mp.policy = FERRY_CACHE_PREDICTED;
-            else
-                return bad_value(a, v, "lru, lfu, layer-lru or predicted");
+            if ((rc = parse_policy(a, v, &mp.policy)))
+                return rc;
         } else if (!strcmp(a, "--prefetch")) {
             NEED_VALUE();
             if (!strcmp(v, "on"))
@@ -808,6 +964,8 @@ int main(int argc, char **argv)
         return cmd_pack(argc - 2, argv + 2);
     if (!strcmp(argv[1], "trace"))
         return cmd_trace(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "sim"))
+        return cmd_sim(argc - 2, argv + 2);
     if (!strcmp(argv[1], "predictor"))
         return cmd_predictor(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {

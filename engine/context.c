@@ -598,8 +598,7 @@ static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t 
         TRY(moe_block(c, l, pos0, n));
         if (c->predictor && n == 1)
             TRY(predict_after_layer(c, l));
-        if (l + 1 < cfg->n_layers)
-            TRY(observe_hidden(c, l, pos0, n, c->d_x));
+        TRY(observe_hidden(c, l, pos0, n, c->d_x));
     }
 
     /* final norm and LM head, only for the rows someone wants */

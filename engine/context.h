@@ -20,9 +20,9 @@ typedef struct {
      * chosen experts (n, k) ascending and their weights (n, k). */
     void (*on_route)(void *user, int32_t layer, int32_t pos0, int32_t n, const float *logits,
                      const int32_t *experts, const float *weights);
-    /* Hidden states (n, d_model): layer -1 after the embedding, 0 <= l < n_layers - 1 after
+    /* Hidden states (n, d_model): layer -1 after the embedding, 0 <= l < n_layers after
      * layer l's residual update, n_layers after the final norm (only for the rows whose
-     * logits are computed); the last layer's pre-norm output is not reported. */
+     * logits are computed). */
     void (*on_hidden)(void *user, int32_t layer, int32_t pos0, int32_t n, const float *hidden);
     void *user;
 } ferry_observer;

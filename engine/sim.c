@@ -309,12 +309,15 @@ static ferry_status check_params(const ferry_trace *tr, const ferry_sim_params *
     if (p->prefetch_k < 0 || p->prefetch_k > tr->n_experts)
         return ferry_fail(FERRY_ERR_INVALID, "sim: prefetch_k %d is outside 0..%d (n_experts)",
                           (int)p->prefetch_k, (int)tr->n_experts);
-    if (p->predictor && p->predictor_kind == FERRY_PREDICTOR_GATE)
+    if (p->predictor && p->predictor_kind == FERRY_PREDICTOR_GATE && !p->hidden)
         return ferry_fail(FERRY_ERR_INVALID,
                           "sim: the gate predictor needs hidden states, which a routing trace "
                           "does not have; use a stats or combined predictor");
+    if (p->hidden && p->d_model < 1)
+        return ferry_fail(FERRY_ERR_INVALID, "sim: hidden states given with d_model %d",
+                          (int)p->d_model);
     if (p->predictor && p->predictor_kind != FERRY_PREDICTOR_STATS &&
-        p->predictor_kind != FERRY_PREDICTOR_COMBINED)
+        p->predictor_kind != FERRY_PREDICTOR_COMBINED && p->predictor_kind != FERRY_PREDICTOR_GATE)
         return ferry_fail(FERRY_ERR_INVALID, "sim: predictor kind %d is not a predictor kind",
                           (int)p->predictor_kind);
     if (p->n_tokens < 0 || p->n_tokens > tr->n_tokens)
@@ -468,15 +471,11 @@ static ferry_status demand_layer(sim_state *s, int32_t layer, const uint8_t *ids
     return finish_wave(s, layer, n_held);
 }
 
-/* Hints the prefetch_k best experts of layer `target` by s->scores (ferry_predictor_top:
- * ascending ids, as the forward pass hints them), one at a time, pinning each prefetch it
- * issues into s->pinned: on a GPU a batch is still in flight while the rest is issued, so no
- * prefetch of the batch can evict another; without the pin that would depend on how fast
- * the worker is. */
-static ferry_status hint_batch(sim_state *s, int32_t target, int32_t *n_pinned)
+/* Hints s->hint[0..n) of layer `target`, one at a time, pinning each prefetch it issues
+ * into s->pinned (see hint_batch). */
+static ferry_status hint_ids(sim_state *s, int32_t target, int32_t n, int32_t *n_pinned)
 {
-    ferry_predictor_top(s->scores, s->tr->n_experts, s->prefetch_k, s->hint);
-    for (int32_t j = 0; j < s->prefetch_k; j++) {
+    for (int32_t j = 0; j < n; j++) {
         float score = s->scores[s->hint[j]];
         if (ferry_prefetch_hint(s->pf, target, &s->hint[j], &score, 1) != 1)
             continue;
@@ -495,17 +494,33 @@ static ferry_status hint_batch(sim_state *s, int32_t target, int32_t *n_pinned)
     return FERRY_OK;
 }
 
+/* Hints the prefetch_k best experts of layer `target` by s->scores (ferry_predictor_top:
+ * ascending ids, as the forward pass hints them), one at a time, pinning each prefetch it
+ * issues into s->pinned: on a GPU a batch is still in flight while the rest is issued, so no
+ * prefetch of the batch can evict another; without the pin that would depend on how fast
+ * the worker is. */
+static ferry_status hint_batch(sim_state *s, int32_t target, int32_t *n_pinned)
+{
+    ferry_predictor_top(s->scores, s->tr->n_experts, s->prefetch_k, s->hint);
+    return hint_ids(s, target, s->prefetch_k, n_pinned);
+}
+
 /* After layer's demands, as the forward pass's predict_after_layer: the predictor sees the
  * layer's experts and names those of layers layer+1 .. layer+lookahead, which are scored in
  * the cache (predicted policy) and hinted to the pipeline; after the last layer, the next
- * token's layer 0 (when the sequence goes on). The prefetches land before the next demand. */
-static ferry_status predict_and_prefetch(sim_state *s, int32_t layer, const uint8_t *ids,
-                                         int next_in_seq)
+ * token's layer 0 (when the sequence goes on; a gate predictor has no guess there, so this
+ * token's layer-0 experts, as the forward pass does). The prefetches land before the next
+ * demand. */
+static ferry_status predict_and_prefetch(sim_state *s, int64_t t, int32_t layer,
+                                         const uint8_t *ids, int next_in_seq)
 {
     const ferry_trace *tr = s->tr;
     for (int32_t j = 0; j < tr->top_k; j++)
         s->route[j] = ids[j];
-    ferry_predictor_observe(s->p.predictor, layer, NULL, s->route);
+    const float *h = s->p.hidden ? s->p.hidden + ((size_t)t * (size_t)tr->n_layers +
+                                                  (size_t)layer) * (size_t)s->p.d_model
+                                 : NULL;
+    ferry_predictor_observe(s->p.predictor, layer, h, s->route);
     ferry_status st = FERRY_OK;
     int32_t n_pinned = 0;
     for (int32_t d = 1; d <= s->p.lookahead && layer + d < tr->n_layers && !st; d++) {
@@ -515,9 +530,20 @@ static ferry_status predict_and_prefetch(sim_state *s, int32_t layer, const uint
             ferry_cache_set_scores(s->cache, layer + d, s->scores);
         st = hint_batch(s, layer + d, &n_pinned);
     }
-    if (!st && layer == tr->n_layers - 1 && next_in_seq &&
-        !(st = ferry_predictor_predict_next_token(s->p.predictor, 0, s->scores)))
-        st = hint_batch(s, 0, &n_pinned);
+    if (!st && layer == tr->n_layers - 1 && next_in_seq) {
+        if (s->p.predictor_kind == FERRY_PREDICTOR_GATE) {
+            /* no next-token guess from a gate: as the forward pass, this token's layer-0
+             * experts */
+            const uint8_t *first = ferry_trace_at(tr, t, 0);
+            for (int32_t j = 0; j < tr->top_k; j++) {
+                s->hint[j] = first[j];
+                s->scores[first[j]] = 1.0f;
+            }
+            st = hint_ids(s, 0, tr->top_k, &n_pinned);
+        } else if (!(st = ferry_predictor_predict_next_token(s->p.predictor, 0, s->scores))) {
+            st = hint_batch(s, 0, &n_pinned);
+        }
+    }
     ferry_prefetch_drain(s->pf);
     for (int32_t j = 0; j < n_pinned; j++)
         ferry_cache_release(s->cache, s->pinned[j]);
@@ -539,7 +565,7 @@ static ferry_status replay(sim_state *s, int64_t n_tok)
             const uint8_t *ids = ferry_trace_at(tr, t, l);
             ferry_status st = demand_layer(s, l, ids);
             if (st == FERRY_OK && s->p.predictor)
-                st = predict_and_prefetch(s, l, ids, t + 1 < seq_end);
+                st = predict_and_prefetch(s, t, l, ids, t + 1 < seq_end);
             if (st)
                 return ferry_fail_prefix(st, "sim: token %lld layer %d", (long long)t, (int)l);
         }

@@ -32,12 +32,17 @@ typedef struct {
     int32_t n_slots;           /* device expert slots, >= 1 (layer-lru: >= n_layers) */
     ferry_cache_policy policy; /* eviction policy of the cache */
     /* NULL: no prefetching. Borrowed; reset at each sequence start and observed with the
-     * trace's experts and no hidden state, so it must be of the stats or combined kind (a
-     * combined one then uses its statistics alone); the trace has no hidden states for a
-     * gate predictor. predictor_kind says which kind it is (the predictor interface does not
-     * tell). */
+     * trace's experts and, when `hidden` is given, each layer's hidden state. Without
+     * hidden states it must be of the stats or combined kind (a combined one then uses its
+     * statistics alone). predictor_kind says which kind it is (the predictor interface does
+     * not tell). */
     ferry_predictor *predictor;
     ferry_predictor_kind predictor_kind;
+    /* NULL, or every replayed token's hidden state after each layer, (tokens, n_layers,
+     * d_model) floats in trace order, as the forward pass feeds the predictor (the gate
+     * predictor needs them). Borrowed. */
+    const float *hidden;
+    int32_t d_model;
     int32_t lookahead;     /* 1..FERRY_PREDICT_MAX_LOOKAHEAD: after layer l, prefetch the
                               predicted experts of layers l+1 .. l+lookahead */
     int32_t prefetch_k;    /* experts prefetched per predicted layer, 0 = the trace's top_k;
@@ -75,7 +80,7 @@ typedef struct {
  * Creates and destroys its own backend, store, cache and pipeline; borrows tr and the
  * predictor (whose per-sequence state it changes). FERRY_ERR_INVALID naming the parameter
  * at fault (n_slots < 1, or < n_layers with layer-lru; lookahead outside 1..3; prefetch_k
- * outside 0..n_experts; a gate predictor; n_tokens outside 0..tokens; an empty
+ * outside 0..n_experts; a gate predictor without hidden states; n_tokens outside 0..tokens; an empty
  * or malformed trace), FERRY_ERR_NOMEM, FERRY_ERR_DEVICE when a slot does not hold the
  * bytes of the expert the cache says it does, or the pipeline's error. *out is written only
  * on success. One thread; several runs may go on at once on different threads when they

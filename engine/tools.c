@@ -1,6 +1,6 @@
 /*
  * engine/tools.c: routing traces of text, fitting and evaluating routing predictors (the
- * library side of `ferry trace` and `ferry predictor fit|eval`).
+ * library side of `ferry trace`, `ferry sim` and `ferry predictor fit|eval`).
  *
  * Text is tokenized once, without BOS, and cut into sequences of seq_len - 1 tokens, each
  * run with BOS in front on an empty KV cache, in one forward per sequence with an observer
@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "engine/context.h"
+#include "engine/sim.h"
 #include "predictor/predictor.h"
 #include "predictor/trace.h"
 
@@ -115,7 +116,7 @@ static ferry_status run_sequences(ferry_model *m, const char *text, size_t len, 
     if (with_probs)
         r.probs = malloc((size_t)seq_len * (size_t)r.n_layers * (size_t)r.n_experts * sizeof(float));
     if (with_hidden)
-        r.hidden = malloc((size_t)seq_len * (size_t)r.n_layers * (size_t)r.d * sizeof(float));
+        r.hidden = calloc((size_t)seq_len * (size_t)r.n_layers * (size_t)r.d, sizeof(float));
     if (!seq || !r.experts || (with_probs && !r.probs) || (with_hidden && !r.hidden)) {
         st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for a sequence of %d tokens", (int)seq_len);
         goto done;
@@ -193,6 +194,115 @@ ferry_status ferry_predictor_fit(const char *const *trace_paths, int32_t n, cons
     return st;
 }
 
+ferry_sim_options ferry_sim_options_default(void)
+{
+    ferry_sim_options o = {0};
+    o.policy = FERRY_CACHE_LRU;
+    o.predictor = FERRY_PREDICT_GATE;
+    o.lookahead = 1;
+    return o;
+}
+
+static const ferry_predictor_kind g_kinds[] = {FERRY_PREDICTOR_GATE, FERRY_PREDICTOR_GATE,
+                                               FERRY_PREDICTOR_STATS, FERRY_PREDICTOR_COMBINED};
+
+/* Replays tr (with hidden states when given) through the cache, with the predictor p (NULL:
+ * the cache alone), as o says. */
+static ferry_status sim_replay(const ferry_trace *tr, const float *hidden, int32_t d_model,
+                               ferry_predictor *p, ferry_predictor_kind kind,
+                               const ferry_sim_options *o, uint64_t expert_bytes,
+                               ferry_sim_report *out)
+{
+    static const ferry_cache_policy policies[] = {FERRY_POLICY_LRU, FERRY_POLICY_LFU,
+                                                  FERRY_POLICY_LAYER_LRU, FERRY_POLICY_PREDICTED};
+    if (o->policy < FERRY_CACHE_LRU || o->policy > FERRY_CACHE_PREDICTED)
+        return ferry_fail(FERRY_ERR_INVALID, "sim: policy %d is not a cache policy",
+                          (int)o->policy);
+    if (o->policy == FERRY_CACHE_PREDICTED && !p)
+        return ferry_fail(FERRY_ERR_INVALID, "sim: the predicted policy needs a predictor");
+    int32_t total = tr->n_layers * tr->n_experts;
+    if (o->n_slots < 0 || o->n_slots > total)
+        return ferry_fail(FERRY_ERR_INVALID, "sim: %d slots: the model has %d experts in all",
+                          (int)o->n_slots, (int)total);
+    ferry_sim_params sp = ferry_sim_params_default();
+    sp.n_slots = o->n_slots ? o->n_slots : (total / 4 > 0 ? total / 4 : 1);
+    sp.policy = policies[o->policy];
+    sp.predictor = p;
+    sp.predictor_kind = kind;
+    sp.hidden = p ? hidden : NULL;
+    sp.d_model = d_model;
+    sp.lookahead = o->lookahead ? o->lookahead : 1;
+    sp.expert_bytes = expert_bytes ? expert_bytes : 1;
+    ferry_sim_result r;
+    ferry_status st = ferry_sim_run(tr, &sp, &r);
+    if (st)
+        return st;
+    memset(out, 0, sizeof *out);
+    out->n_slots = sp.n_slots;
+    out->n_experts_total = total;
+    out->lookups = r.lookups;
+    out->hits = r.hits;
+    out->hit_rate = r.hit_rate;
+    out->prefetch_issued = r.prefetch_issued;
+    out->prefetch_used = r.prefetch_used;
+    out->prefetch_wasted = r.prefetch_wasted;
+    out->experts_moved = r.fills;
+    out->expert_bytes = expert_bytes;
+    out->bytes_moved = expert_bytes ? r.bytes_moved : 0;
+    out->prefetch_bytes_wasted = expert_bytes ? r.prefetch_bytes_wasted : 0;
+    out->belady_hit_rate = r.belady_hit_rate;
+    return FERRY_OK;
+}
+
+ferry_status ferry_sim_trace_file(const char *trace_path, const ferry_sim_options *o,
+                                  ferry_sim_report *out)
+{
+    if (!trace_path || !o || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_sim_trace_file: NULL argument");
+    if (o->prefetch && o->predictor != FERRY_PREDICT_STATS)
+        return ferry_fail(FERRY_ERR_INVALID, "sim: a trace has no hidden states, so it replays "
+                                             "with the stats predictor only (the gate and the "
+                                             "combined one need the model: ferry predictor eval "
+                                             "--text)");
+    if (o->prefetch && !o->predictor_stats_path)
+        return ferry_fail(FERRY_ERR_INVALID, "sim: the stats predictor needs a statistics file "
+                                             "(ferry predictor fit)");
+    ferry_trace *tr = NULL;
+    ferry_routing_stats *rs = NULL;
+    ferry_predictor *p = NULL;
+    ferry_status st = ferry_trace_load(trace_path, &tr);
+    if (st == FERRY_OK && o->prefetch) {
+        ferry_predictor_params pp = {.n_layers = tr->n_layers, .n_experts = tr->n_experts,
+                                     .top_k = tr->top_k};
+        if ((st = ferry_routing_stats_load(o->predictor_stats_path, &rs)) == FERRY_OK) {
+            pp.stats = rs;
+            st = ferry_predictor_create(FERRY_PREDICTOR_STATS, &pp, &p);
+        }
+    }
+    if (st == FERRY_OK)
+        st = sim_replay(tr, NULL, 0, p, FERRY_PREDICTOR_STATS, o, o->expert_bytes, out);
+    ferry_predictor_destroy(p);
+    ferry_routing_stats_free(rs);
+    ferry_trace_free(tr);
+    return st;
+}
+
+/* Both replays of an evaluation: the cache alone, then with p prefetching. */
+static ferry_status sim_pair(const ferry_trace *tr, const float *hidden, int32_t d_model,
+                             ferry_predictor *p, ferry_predictor_kind kind,
+                             const ferry_sim_options *sim, uint64_t expert_bytes,
+                             ferry_predictor_report *out)
+{
+    ferry_sim_options o = sim ? *sim : ferry_sim_options_default();
+    ferry_sim_options alone = o;
+    if (alone.policy == FERRY_CACHE_PREDICTED)
+        alone.policy = FERRY_CACHE_LRU;
+    ferry_status st = sim_replay(tr, NULL, 0, NULL, kind, &alone, expert_bytes, &out->cache_only);
+    if (st == FERRY_OK)
+        st = sim_replay(tr, hidden, d_model, p, kind, &o, expert_bytes, &out->with_prefetch);
+    return st;
+}
+
 static void report_from_eval(const ferry_predictor_eval *e, int32_t k, ferry_predictor_report *out)
 {
     memset(out, 0, sizeof *out);
@@ -211,12 +321,38 @@ typedef struct {
     int32_t *top;
     double seconds;
     int64_t tokens;
+    ferry_trace *tr;  /* every sequence's routing, for the cache replays */
+    float *hidden;    /* (tokens, n_layers, d) every sequence's hidden states */
+    size_t hidden_cap; /* tokens */
 } live_eval;
+
+/* Keeps a sequence's routing and hidden states for the cache replays. */
+static ferry_status keep_sequence(live_eval *le, const seq_record *r, int32_t n)
+{
+    size_t per = (size_t)r->n_layers * (size_t)r->d;
+    size_t have = (size_t)le->tr->n_tokens;
+    if (have + (size_t)n > le->hidden_cap) {
+        size_t cap = le->hidden_cap ? le->hidden_cap * 2 : 4096;
+        while (cap < have + (size_t)n)
+            cap *= 2;
+        float *h = realloc(le->hidden, cap * per * sizeof(float));
+        if (!h)
+            return ferry_fail(FERRY_ERR_NOMEM, "out of memory for the hidden states of %zu "
+                                               "tokens", cap);
+        le->hidden = h;
+        le->hidden_cap = cap;
+    }
+    memcpy(le->hidden + have * per, r->hidden, (size_t)n * per * sizeof(float));
+    return ferry_trace_append(le->tr, n, r->experts, NULL);
+}
 
 /* Replays one recorded sequence through the predictor, token by token. */
 static ferry_status eval_sequence(void *user, const seq_record *r, int32_t n)
 {
     live_eval *le = user;
+    ferry_status kept = keep_sequence(le, r, n);
+    if (kept)
+        return kept;
     ferry_predictor_reset(le->p);
     int32_t experts[64];
     for (int32_t t = 0; t < n; t++) {
@@ -247,12 +383,11 @@ static ferry_status eval_sequence(void *user, const seq_record *r, int32_t n)
 
 ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t len,
                                        int32_t seq_len, int32_t predictor,
-                                       const char *stats_path, ferry_predictor_report *out)
+                                       const char *stats_path, const ferry_sim_options *sim,
+                                       ferry_predictor_report *out)
 {
     if (!m || (!text && len) || !out)
         return ferry_fail(FERRY_ERR_INVALID, "ferry_predictor_eval_text: NULL argument");
-    static const ferry_predictor_kind kinds[] = {FERRY_PREDICTOR_GATE, FERRY_PREDICTOR_GATE,
-                                                 FERRY_PREDICTOR_STATS, FERRY_PREDICTOR_COMBINED};
     if (predictor < FERRY_PREDICT_GATE || predictor > FERRY_PREDICT_COMBINED)
         return ferry_fail(FERRY_ERR_INVALID, "predictor %d: evaluate gate, stats or combined",
                           (int)predictor);
@@ -292,14 +427,34 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
                                  .gates = gates,
                                  .ffn_norms = norms,
                                  .stats = rs};
-    if ((st = ferry_predictor_create(kinds[predictor], &pp, &le.p)))
+    if ((st = ferry_predictor_create(g_kinds[predictor], &pp, &le.p)))
         goto done;
     le.e.k = cfg->n_experts_per_tok;
+    if (cfg->n_experts > 256) {
+        st = ferry_fail(FERRY_ERR_UNSUPPORTED, "a trace stores expert ids as bytes: %d experts",
+                        (int)cfg->n_experts);
+        goto done;
+    }
+    if ((st = ferry_trace_create(cfg->n_layers, cfg->n_experts, cfg->n_experts_per_tok, 0,
+                                 m->name, &le.tr)))
+        goto done;
     if ((st = run_sequences(m, text, len, seq_len, 0, 1, eval_sequence, &le)))
         goto done;
     report_from_eval(&le.e, cfg->n_experts_per_tok, out);
     out->seconds_per_token = le.tokens ? le.seconds / (double)le.tokens : 0;
+    uint64_t expert_bytes = sim ? sim->expert_bytes : 0;
+    if (!expert_bytes) {
+        const ferry_expert_weights *X = &m->layers[0].experts[0];
+        const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
+        for (int i = 0; i < 3; i++)
+            expert_bytes += (uint64_t)w[i]->rows * (uint64_t)w[i]->cols *
+                            ferry_dtype_size(w[i]->dtype);
+    }
+    st = sim_pair(le.tr, le.hidden, cfg->hidden_size, le.p, g_kinds[predictor], sim, expert_bytes,
+                  out);
 done:
+    ferry_trace_free(le.tr);
+    free(le.hidden);
     ferry_predictor_destroy(le.p);
     ferry_routing_stats_free(rs);
     free(gates);
@@ -310,6 +465,7 @@ done:
 }
 
 ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char *stats_path,
+                                             const ferry_sim_options *sim,
                                              ferry_predictor_report *out)
 {
     if (!trace_path || !stats_path || !out)
@@ -335,6 +491,7 @@ ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char 
         goto done;
     report_from_eval(&e, tr->top_k, out);
     out->seconds_per_token = tr->n_tokens ? (now_seconds() - t0) / (double)tr->n_tokens : 0;
+    st = sim_pair(tr, NULL, 0, p, FERRY_PREDICTOR_STATS, sim, sim ? sim->expert_bytes : 0, out);
 done:
     ferry_predictor_destroy(p);
     ferry_routing_stats_free(rs);

@@ -285,24 +285,66 @@ ferry_status ferry_trace_text(ferry_model *m, const char *text, size_t len, int3
  * and combined predictors. FERRY_ERR_IO, FERRY_ERR_FORMAT naming the file at fault. */
 ferry_status ferry_predictor_fit(const char *const *trace_paths, int32_t n, const char *out_path);
 
+/* A replay of routing through the real expert cache and prefetch pipeline (ferry sim). */
+typedef struct {
+    int32_t n_slots;       /* device expert slots; 0 = a quarter of all experts (at least 1) */
+    int32_t policy;        /* ferry_cache_policy_id */
+    int32_t prefetch;      /* nonzero: the predictor's experts for layers l+1..l+lookahead
+                              are fetched after layer l */
+    int32_t predictor;     /* ferry_predict_id (not recency); with a trace alone, stats (a
+                              trace has no hidden states for the gate and combined ones) */
+    const char *predictor_stats_path; /* stats and combined: the file of ferry predictor fit */
+    int32_t lookahead;     /* 1..3; 0 = 1 */
+    uint64_t expert_bytes; /* bytes one expert moves, for the byte figures; 0 = count experts
+                              (a model's own size where the model is at hand) */
+} ferry_sim_options;
+
+/* n_slots 0, lru, no prefetch, gate, lookahead 1, expert_bytes 0. */
+ferry_sim_options ferry_sim_options_default(void);
+
+typedef struct {
+    int32_t n_slots, n_experts_total; /* slots, and layers x experts */
+    int64_t lookups, hits;            /* demand accesses (tokens x layers x top-k), hits */
+    double hit_rate;
+    int64_t prefetch_issued, prefetch_used, prefetch_wasted;
+    int64_t experts_moved;          /* slots filled: misses and prefetches */
+    uint64_t expert_bytes;          /* 0: the byte figures below are 0 too */
+    uint64_t bytes_moved, prefetch_bytes_wasted;
+    double belady_hit_rate;         /* Belady's MIN with n_slots: the best demand paging */
+} ferry_sim_report;
+
+/* Replays the trace at trace_path (all of it) through the expert cache and prefetch
+ * pipeline as configured by o. FERRY_ERR_INVALID (bad options, the gate predictor), the
+ * codes of loading the trace and statistics files, FERRY_ERR_NOMEM. */
+ferry_status ferry_sim_trace_file(const char *trace_path, const ferry_sim_options *o,
+                                  ferry_sim_report *out);
+
 typedef struct {
     int32_t k;               /* experts per prediction (the model's top-k) */
     int64_t predictions[4];  /* index d = lookahead distance 1..3 */
     double precision[4];     /* precision@k */
     double recall[4];        /* recall@k */
     double seconds_per_token; /* predictor cost per token (observe + predict, every layer) */
+    /* the same routing replayed through the expert cache: alone, and with this predictor's
+     * prefetches (ferry_sim_trace_file; the options' predictor is the evaluated one) */
+    ferry_sim_report cache_only, with_prefetch;
 } ferry_predictor_report;
 
 /* Evaluates a predictor (ferry_predict_id other than recency; stats_path for stats and
  * combined) live: runs the model over text in sequences of up to seq_len tokens and, for
  * every token and layer l, compares the predicted top-k experts of layer l+d with those
- * chosen. FERRY_ERR_INVALID, FERRY_ERR_IO, FERRY_ERR_FORMAT, FERRY_ERR_NOMEM. */
+ * chosen. Then replays the routing (and hidden states) through the expert cache as sim says
+ * (NULL: ferry_sim_options_default; its predictor, prefetch and stats fields are ignored),
+ * with and without this predictor's prefetches; expert_bytes 0 there means the model's.
+ * FERRY_ERR_INVALID, FERRY_ERR_IO, FERRY_ERR_FORMAT, FERRY_ERR_NOMEM. */
 ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t len,
                                        int32_t seq_len, int32_t predictor,
-                                       const char *stats_path, ferry_predictor_report *out);
+                                       const char *stats_path, const ferry_sim_options *sim,
+                                       ferry_predictor_report *out);
 
 /* The same over a routing trace (the stats predictor only: a trace has no hidden states). */
 ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char *stats_path,
+                                             const ferry_sim_options *sim,
                                              ferry_predictor_report *out);
 
 #ifdef __cplusplus

@@ -38,7 +38,9 @@
  * state, chosen by grid search on the bundled model over tests/fixtures/heldout-python.txt
  * (sequences of BOS + 511 tokens), maximising recall@2, and confirmed on each half of the
  * text separately (the optimum moved by less than 0.001): recall@2 of the plain gate
- * 0.884 / 0.811 / 0.758 at d = 1 / 2 / 3 becomes 0.892 / 0.831 / 0.797; beyond 0.6 it falls
+ * 0.884 / 0.811 / 0.758 at d = 1 / 2 / 3 becomes 0.892 / 0.830 / 0.792 (tests/
+ * test_predictor.c; the search ran without the last layer's state, where 0.797 was
+ * measured at d = 3); beyond 0.6 it falls
  * again. Measured the same way and rejected: multiplying in the statistics'
  * probabilities and the same-layer recency (P(e' | the previous token's experts at l+d))
  * with exponents from 0.02 to 0.5. On the plain gate they add at most 0.003 at d = 3 and

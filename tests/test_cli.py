@@ -182,6 +182,38 @@ class CliTest(unittest.TestCase):
             recall1 = float(re.search(r"lookahead 1: precision@2 [0-9.]+ recall@2 ([0-9.]+)",
                                       out).group(1))
             self.assertGreater(recall1, 0.8)
+            # the cache replays: 12 of 48 experts, alone and with the gate's prefetches
+            self.assertIn("cache of 12 of 48 experts, lru:", out)
+            alone = float(re.search(r"without prefetch: hit rate ([0-9.]+)", out).group(1))
+            pref = float(re.search(r"prefetch, lookahead 1, lru: hit rate ([0-9.]+)", out).group(1))
+            belady = float(re.search(r"Belady .*hit rate ([0-9.]+)", out).group(1))
+            self.assertGreater(pref, alone + 0.15)
+            self.assertGreaterEqual(belady, alone)
+
+            # ferry sim: the cache alone never beats Belady; the stats predictor's prefetches
+            # raise the hit rate; bytes follow --expert-bytes
+            out = ferry("sim", trace, "--slots", "12").stdout.decode()
+            alone = float(re.search(r"sim: hit rate ([0-9.]+)", out).group(1))
+            belady = float(re.search(r"Belady .*hit rate ([0-9.]+)", out).group(1))
+            self.assertLessEqual(alone, belady)
+            out = ferry("sim", trace, "--slots", "12", "--predictor", "stats",
+                        "--predictor-stats", stats, "--expert-bytes", "1M").stdout.decode()
+            m = re.search(r"sim: hit rate ([0-9.]+) \((\d+) of (\d+) lookups\), (\d+) experts "
+                          r"moved \(([0-9.]+) MiB\), prefetches (\d+) issued", out)
+            self.assertIsNotNone(m, out)
+            self.assertGreater(float(m.group(1)), alone)
+            self.assertEqual(int(m.group(3)), n * 6 * 2)
+            self.assertAlmostEqual(float(m.group(5)), int(m.group(4)), delta=0.1)
+            for bad, msg in ((["--slots", "0"], "--slots"), ([], "usage"),
+                             (["--slots", "4", "--predictor", "gate"], "no hidden states"),
+                             (["--slots", "4", "--predictor", "stats"], "--predictor-stats"),
+                             (["--slots", "4", "--policy", "predicted"], "needs --predictor")):
+                p = ferry("sim", trace, *bad, check=False)
+                self.assertEqual(p.returncode, 2, bad)
+                self.assertIn(msg, p.stderr.decode())
+            p = ferry("sim", trace, "--slots", "49", check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("48 experts in all", p.stderr.decode())
             p = ferry("predictor", "eval", "--trace", trace, "--predictor", "gate", check=False)
             self.assertEqual(p.returncode, 2)
             self.assertIn("no hidden states", p.stderr.decode())

@@ -122,7 +122,7 @@ static void on_route(void *user, int32_t layer, int32_t pos0, int32_t n, const f
 static void on_hidden(void *user, int32_t layer, int32_t pos0, int32_t n, const float *h)
 {
     route_log *r = user;
-    if (pos0 + n != r->n_pos)
+    if (pos0 + n != r->n_pos || layer == r->n_layers - 1)
         return;
     /* fixture order: embedding, layers 0..n_layers-2, then the final norm's output */
     int32_t at = layer == r->n_layers ? r->n_layers : layer + 1;
