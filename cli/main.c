@@ -99,6 +99,7 @@ static void usage(FILE *f)
                "            (ferry pack MODEL_DIR OUT_FILE)\n"
                "  trace     write the routing trace of a text (ferry trace --help)\n"
                "  sim       replay a routing trace through the expert cache (ferry sim --help)\n"
+               "  batch     generate for many prompts at once (ferry batch --help)\n"
                "  predictor fit routing statistics, evaluate predictors (ferry predictor --help)\n"
                "  version   print the version\n");
 }
@@ -190,6 +191,105 @@ static int parse_sim_option(const char *cmd, int argc, char **argv, int *i, ferr
         if ((rc = parse_size(a, v, &bytes)))
             return rc;
         o->expert_bytes = bytes;
+    }
+    return 0;
+}
+
+/* The options of the model (threads, offloading, cache, predictor) and of sampling, shared
+ * by ferry run and ferry batch. Returns -1 when argv[*i] is not one of them, else 0 or a
+ * usage error's exit status; *i moves past the value. */
+static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
+                  ferry_model_params *mp, ferry_context_params *sp)
+{
+    static const char *const with_value[] = {
+        "--temp", "--top-k", "--top-p", "--seed", "--threads", "--gpu-mem", "--host-cache",
+        "--offload", "--pack", "--reader", "--policy", "--prefetch", "--predictor",
+        "--predictor-stats", "--lookahead", "--slots"};
+    const char *a = argv[*i];
+    size_t w = 0, n_with = sizeof with_value / sizeof with_value[0];
+    while (w < n_with && strcmp(a, with_value[w]))
+        w++;
+    if (w == n_with)
+        return -1;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "ferry %s: %s needs a value\n", cmd, a);
+        return 2;
+    }
+    const char *v = argv[++*i];
+    long long n;
+    double f;
+    int rc;
+    if (!strcmp(a, "--temp")) {
+        if ((rc = parse_f(a, v, 0, 1e6, &f)))
+            return rc;
+        sp->temperature = (float)f;
+    } else if (!strcmp(a, "--top-k")) {
+        if ((rc = parse_i64(a, v, 0, INT32_MAX, &n)))
+            return rc;
+        sp->top_k = (int32_t)n;
+    } else if (!strcmp(a, "--top-p")) {
+        if ((rc = parse_f(a, v, 0, 1, &f)))
+            return rc;
+        if (f <= 0)
+            return bad_value(a, v, "a number in (0, 1]");
+        sp->top_p = (float)f;
+    } else if (!strcmp(a, "--seed")) {
+        if ((rc = parse_i64(a, v, 0, LLONG_MAX, &n)))
+            return rc;
+        sp->seed = (uint64_t)n;
+    } else if (!strcmp(a, "--threads")) {
+        if ((rc = parse_i64(a, v, 0, 1024, &n)))
+            return rc;
+        mp->n_threads = (int32_t)n;
+    } else if (!strcmp(a, "--gpu-mem") || !strcmp(a, "--host-cache")) {
+        unsigned long long bytes;
+        if ((rc = parse_size(a, v, &bytes)))
+            return rc;
+        if (a[2] == 'g')
+            mp->gpu_mem_bytes = bytes;
+        else
+            mp->host_cache_bytes = bytes;
+    } else if (!strcmp(a, "--offload")) {
+        if (!strcmp(v, "ram"))
+            mp->offload = FERRY_OFFLOAD_RAM;
+        else if (!strcmp(v, "nvme"))
+            mp->offload = FERRY_OFFLOAD_NVME;
+        else
+            return bad_value(a, v, "ram or nvme");
+    } else if (!strcmp(a, "--pack")) {
+        mp->pack_path = v;
+    } else if (!strcmp(a, "--reader")) {
+        if (!strcmp(v, "auto"))
+            mp->reader = FERRY_READ_AUTO;
+        else if (!strcmp(v, "uring"))
+            mp->reader = FERRY_READ_URING;
+        else if (!strcmp(v, "pread"))
+            mp->reader = FERRY_READ_PREAD;
+        else
+            return bad_value(a, v, "auto, uring or pread");
+    } else if (!strcmp(a, "--policy")) {
+        if ((rc = parse_policy(a, v, &mp->policy)))
+            return rc;
+    } else if (!strcmp(a, "--prefetch")) {
+        if (!strcmp(v, "on"))
+            mp->prefetch = 1;
+        else if (!strcmp(v, "off"))
+            mp->prefetch = 0;
+        else
+            return bad_value(a, v, "on or off");
+    } else if (!strcmp(a, "--predictor")) {
+        if ((rc = parse_predictor(a, v, &mp->predictor)))
+            return rc;
+    } else if (!strcmp(a, "--predictor-stats")) {
+        mp->predictor_stats_path = v;
+    } else if (!strcmp(a, "--lookahead")) {
+        if ((rc = parse_i64(a, v, 1, 3, &n)))
+            return rc;
+        mp->lookahead = (int32_t)n;
+    } else if (!strcmp(a, "--slots")) {
+        if ((rc = parse_i64(a, v, 1, INT32_MAX, &n)))
+            return rc;
+        mp->max_slots = (int32_t)n;
     }
     return 0;
 }
@@ -681,13 +781,378 @@ static int cmd_predictor(int argc, char **argv)
     return 0;
 }
 
+static void usage_batch(FILE *f)
+{
+    fprintf(f,
+            "usage: ferry batch MODEL_DIR --prompts IN.jsonl --out OUT.jsonl [options]\n"
+            "\n"
+            "Offline batch generation. Each line of IN.jsonl is a JSON object with \"prompt\"\n"
+            "(text) and optionally \"max_tokens\" and \"id\"; OUT.jsonl gets one object per\n"
+            "prompt, in input order: id, prompt, text, tokens, finish (\"eos\" or \"length\").\n"
+            "All prompts advance together; each layer's MoE block runs the step's tokens in\n"
+            "layer-batches, and cross-batch reordering puts tokens that route to the same\n"
+            "experts into the same layer-batch. Outputs are identical either way.\n"
+            "\n"
+            "  -n, --n-predict N   tokens per prompt when a line has no max_tokens (default 64)\n"
+            "      --max-batch N   most tokens per layer-batch (default 16)\n"
+            "      --chunk N       most prompt tokens a sequence feeds per step (default 64)\n"
+            "      --reorder on|off  cross-batch token reordering (default on)\n"
+            "      --compare       also run the other order, check the outputs are identical and\n"
+            "                      print both runs' expert loads and bytes\n"
+            "      --ignore-eos    generate max_tokens even past EOS\n"
+            "  and ferry run's sampling and model options: --temp --top-k --top-p --seed\n"
+            "  --threads --gpu-mem --offload --pack --host-cache --reader --policy --prefetch\n"
+            "  --predictor --predictor-stats --lookahead --slots\n");
+}
+
+typedef struct {
+    char *prompt;
+    cJSON *id; /* owned copy, or NULL */
+    int32_t *ids, n_ids, max_tokens;
+    int32_t *out, n_out;
+} batch_item;
+
+/* Reads IN.jsonl: one object per non-empty line. */
+static batch_item *read_prompts(const char *path, long long default_n, int32_t *n_items)
+{
+    size_t len;
+    char *text = read_text_file(path, &len);
+    if (!text)
+        return NULL;
+    batch_item *items = NULL;
+    int32_t n = 0, cap = 0, line_no = 0, ok = 1;
+    for (char *line = text, *next; line && ok; line = next) {
+        next = strchr(line, '\n');
+        if (next)
+            *next++ = 0;
+        line_no++;
+        if (strspn(line, " \t\r") == strlen(line))
+            continue;
+        cJSON *o = cJSON_Parse(line);
+        cJSON *p = o ? cJSON_GetObjectItemCaseSensitive(o, "prompt") : NULL;
+        cJSON *mt = o ? cJSON_GetObjectItemCaseSensitive(o, "max_tokens") : NULL;
+        if (!cJSON_IsObject(o) || !cJSON_IsString(p) || !p->valuestring[0] ||
+            (mt && (!cJSON_IsNumber(mt) || mt->valuedouble < 0 || mt->valuedouble > 1e7 ||
+                    mt->valuedouble != (double)(int32_t)mt->valuedouble))) {
+            fprintf(stderr, "ferry batch: %s line %d: expected {\"prompt\": \"non-empty text\"%s}\n",
+                    path, (int)line_no, mt ? ", \"max_tokens\": a count >= 0" : "");
+            ok = 0;
+        } else {
+            if (n == cap) {
+                cap = cap ? cap * 2 : 16;
+                batch_item *grown = realloc(items, (size_t)cap * sizeof *items);
+                if (!grown) {
+                    cJSON_Delete(o);
+                    ok = 0;
+                    break;
+                }
+                items = grown;
+            }
+            batch_item *it = &items[n++];
+            memset(it, 0, sizeof *it);
+            it->prompt = strdup(p->valuestring);
+            cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "id");
+            it->id = id ? cJSON_Duplicate(id, 1) : NULL;
+            it->max_tokens = mt ? (int32_t)mt->valuedouble : (int32_t)default_n;
+            ok = it->prompt != NULL;
+        }
+        cJSON_Delete(o);
+    }
+    free(text);
+    if (ok && n == 0) {
+        fprintf(stderr, "ferry batch: %s has no prompts\n", path);
+        ok = 0;
+    }
+    if (!ok) {
+        for (int32_t i = 0; i < n; i++) {
+            free(items[i].prompt);
+            cJSON_Delete(items[i].id);
+        }
+        free(items);
+        return NULL;
+    }
+    *n_items = n;
+    return items;
+}
+
+static void print_batch_stats(const char *what, const ferry_batch_stats *s, const int64_t *loads,
+                              int32_t n_layers)
+{
+    fprintf(stderr, "%s: %lld steps, %lld tokens, %lld layer-batches, %lld expert loads "
+                    "(%.2f per layer-batch), %.1f MiB of experts at %.2f MiB each",
+            what, (long long)s->steps, (long long)s->tokens, (long long)s->layer_batches,
+            (long long)s->expert_loads,
+            s->layer_batches ? (double)s->expert_loads / (double)s->layer_batches : 0.0,
+            (double)s->expert_loads * (double)s->expert_bytes / 1048576.0,
+            (double)s->expert_bytes / 1048576.0);
+    if (s->hits + s->misses > 0)
+        fprintf(stderr, "; expert cache: hit rate %.3f, %.1f MiB moved to the device",
+                (double)s->hits / (double)(s->hits + s->misses),
+                (double)s->bytes_to_device / 1048576.0);
+    fprintf(stderr, "; %.2f s, %.1f tokens/s\n", s->seconds,
+            s->seconds > 0 ? (double)s->tokens / s->seconds : 0.0);
+    fprintf(stderr, "  expert loads per layer:");
+    for (int32_t l = 0; l < n_layers; l++)
+        fprintf(stderr, " %lld", (long long)loads[l]);
+    fprintf(stderr, "\n");
+}
+
+static int write_batch_output(const char *path, ferry_model *m, batch_item *items, int32_t n,
+                              int stop_at_eos)
+{
+    char tmp[4096];
+    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
+        fprintf(stderr, "ferry batch: output path too long\n");
+        return 1;
+    }
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        fprintf(stderr, "ferry batch: cannot write %s: %s\n", tmp, strerror(errno));
+        return 1;
+    }
+    int rc = 0;
+    for (int32_t i = 0; i < n && rc == 0; i++) {
+        batch_item *it = &items[i];
+        /* the text is decode(prompt + generated) minus decode(prompt), as ferry run prints */
+        int32_t all_n = it->n_ids + it->n_out;
+        int32_t *all = malloc(((size_t)all_n + 1) * sizeof *all);
+        size_t cap = 64 + (size_t)all_n * 64, a_len = 0, p_len = 0;
+        char *a_txt = malloc(cap), *p_txt = malloc(cap);
+        if (!all || !a_txt || !p_txt) {
+            rc = 1;
+        } else {
+            memcpy(all, it->ids, (size_t)it->n_ids * sizeof *all);
+            memcpy(all + it->n_ids, it->out, (size_t)it->n_out * sizeof *all);
+            if (ferry_detokenize(m, all, all_n, 1, a_txt, cap, &a_len) ||
+                ferry_detokenize(m, it->ids, it->n_ids, 1, p_txt, cap, &p_len))
+                rc = fail_lib("detokenize", FERRY_ERR_INVALID);
+        }
+        if (rc == 0) {
+            const char *gen = a_txt;
+            if (p_len <= a_len && !memcmp(a_txt, p_txt, p_len))
+                gen += p_len;
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddItemToObject(o, "id", it->id ? cJSON_Duplicate(it->id, 1)
+                                                  : cJSON_CreateNumber((double)i));
+            cJSON_AddStringToObject(o, "prompt", it->prompt);
+            cJSON_AddStringToObject(o, "text", gen);
+            cJSON_AddNumberToObject(o, "tokens", it->n_out);
+            int eos = 0;
+            for (int32_t j = 0; j < it->n_out && stop_at_eos; j++)
+                eos |= ferry_token_is_eos(m, it->out[j]);
+            cJSON_AddStringToObject(o, "finish", eos ? "eos" : "length");
+            char *js = cJSON_PrintUnformatted(o);
+            if (!js || fprintf(f, "%s\n", js) < 0)
+                rc = 1;
+            free(js);
+            cJSON_Delete(o);
+        }
+        free(all);
+        free(a_txt);
+        free(p_txt);
+    }
+    if (fclose(f) != 0 || rc) {
+        fprintf(stderr, "ferry batch: cannot write %s\n", tmp);
+        remove(tmp);
+        return 1;
+    }
+    if (rename(tmp, path) != 0) {
+        fprintf(stderr, "ferry batch: cannot rename %s to %s: %s\n", tmp, path, strerror(errno));
+        remove(tmp);
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_batch(int argc, char **argv)
+{
+    const char *model_dir = NULL, *in_path = NULL, *out_path = NULL;
+    long long n_predict = 64, n;
+    int compare = 0, ignore_eos = 0, rc;
+    ferry_model_params mp = ferry_model_params_default();
+    ferry_batch_params bp = ferry_batch_params_default();
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int takes = !strcmp(a, "--prompts") || !strcmp(a, "--out") || !strcmp(a, "-n") ||
+                    !strcmp(a, "--n-predict") || !strcmp(a, "--max-batch") ||
+                    !strcmp(a, "--chunk") || !strcmp(a, "--reorder");
+        if ((rc = parse_model_option("batch", argc, argv, &i, &mp, &bp.sampling)) >= 0) {
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (takes && !v) {
+            fprintf(stderr, "ferry batch: %s needs a value\n", a);
+            return 2;
+        }
+        if (takes)
+            i++;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage_batch(stdout);
+            return 0;
+        } else if (!strcmp(a, "--prompts")) {
+            in_path = v;
+        } else if (!strcmp(a, "--out")) {
+            out_path = v;
+        } else if (!strcmp(a, "-n") || !strcmp(a, "--n-predict")) {
+            if ((rc = parse_i64(a, v, 0, 10000000, &n_predict)))
+                return rc;
+        } else if (!strcmp(a, "--max-batch") || !strcmp(a, "--chunk")) {
+            if ((rc = parse_i64(a, v, 1, 1 << 16, &n)))
+                return rc;
+            if (a[2] == 'm')
+                bp.max_batch = (int32_t)n;
+            else
+                bp.chunk = (int32_t)n;
+        } else if (!strcmp(a, "--reorder")) {
+            if (strcmp(v, "on") && strcmp(v, "off"))
+                return bad_value(a, v, "on or off");
+            bp.reorder = !strcmp(v, "on");
+        } else if (!strcmp(a, "--compare")) {
+            compare = 1;
+        } else if (!strcmp(a, "--ignore-eos")) {
+            ignore_eos = 1;
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "ferry batch: unknown option '%s' (see ferry batch --help)\n", a);
+            return 2;
+        } else if (!model_dir) {
+            model_dir = a;
+        } else {
+            fprintf(stderr, "ferry batch: unexpected argument '%s'\n", a);
+            return 2;
+        }
+    }
+    if (!model_dir || !in_path || !out_path) {
+        usage_batch(stderr);
+        return 2;
+    }
+    if (mp.gpu_mem_bytes == 0 && (mp.offload != FERRY_OFFLOAD_RAM || mp.pack_path)) {
+        fprintf(stderr, "ferry batch: --offload and --pack need a device budget (--gpu-mem "
+                        "SIZE)\n");
+        return 2;
+    }
+    bp.stop_at_eos = !ignore_eos;
+    int32_t n_items = 0;
+    batch_item *items = read_prompts(in_path, n_predict, &n_items);
+    if (!items)
+        return 1;
+    rc = 1;
+    ferry_model *m = NULL;
+    const int32_t **prompts = calloc((size_t)n_items, sizeof *prompts);
+    int32_t *n_prompt = calloc((size_t)n_items, sizeof *n_prompt);
+    int32_t *n_pred = calloc((size_t)n_items, sizeof *n_pred);
+    int32_t **outs = calloc((size_t)n_items, sizeof *outs);
+    int32_t **outs2 = calloc((size_t)n_items, sizeof *outs2);
+    int32_t *n_out2 = calloc((size_t)n_items, sizeof *n_out2);
+    int32_t *n_out = calloc((size_t)n_items, sizeof *n_out);
+    int64_t *loads = NULL, *loads2 = NULL;
+    ferry_status st;
+    if (!prompts || !n_prompt || !n_pred || !outs || !outs2 || !n_out || !n_out2)
+        goto done;
+    if ((st = ferry_model_open(model_dir, &mp, &m))) {
+        rc = fail_lib("cannot load the model", st);
+        goto done;
+    }
+    ferry_model_info info;
+    ferry_model_get_info(m, &info);
+    loads = calloc((size_t)info.n_layers, sizeof *loads);
+    loads2 = calloc((size_t)info.n_layers, sizeof *loads2);
+    if (!loads || !loads2)
+        goto done;
+    for (int32_t i = 0; i < n_items; i++) {
+        batch_item *it = &items[i];
+        size_t len = strlen(it->prompt);
+        int32_t count = 0;
+        st = ferry_tokenize(m, it->prompt, len, 1, NULL, 0, &count);
+        if (st != FERRY_OK && st != FERRY_ERR_INVALID) {
+            rc = fail_lib("tokenize", st);
+            goto done;
+        }
+        it->ids = malloc(((size_t)count + 1) * sizeof *it->ids);
+        it->out = malloc(((size_t)it->max_tokens + 1) * sizeof *it->out);
+        outs2[i] = malloc(((size_t)it->max_tokens + 1) * sizeof *outs2[i]);
+        if (!it->ids || !it->out || !outs2[i])
+            goto done;
+        if ((st = ferry_tokenize(m, it->prompt, len, 1, it->ids, count, &it->n_ids))) {
+            rc = fail_lib("tokenize", st);
+            goto done;
+        }
+        prompts[i] = it->ids;
+        n_prompt[i] = it->n_ids;
+        n_pred[i] = it->max_tokens;
+        outs[i] = it->out;
+    }
+    ferry_batch_stats bs, bs2;
+    if ((st = ferry_batch_generate(m, prompts, n_prompt, n_pred, n_items, &bp, outs, n_out, &bs,
+                                   loads))) {
+        rc = fail_lib("batch", st);
+        goto done;
+    }
+    for (int32_t i = 0; i < n_items; i++)
+        items[i].n_out = n_out[i];
+    print_batch_stats(bp.reorder ? "reordered" : "arrival order", &bs, loads, info.n_layers);
+    if (compare) {
+        /* the other order on a fresh model, so the expert cache starts cold both times */
+        ferry_model_close(m);
+        if ((st = ferry_model_open(model_dir, &mp, &m))) {
+            m = NULL;
+            rc = fail_lib("cannot load the model", st);
+            goto done;
+        }
+        ferry_batch_params other = bp;
+        other.reorder = !bp.reorder;
+        if ((st = ferry_batch_generate(m, prompts, n_prompt, n_pred, n_items, &other, outs2,
+                                       n_out2, &bs2, loads2))) {
+            rc = fail_lib("batch", st);
+            goto done;
+        }
+        print_batch_stats(other.reorder ? "reordered" : "arrival order", &bs2, loads2,
+                          info.n_layers);
+        int same = 1;
+        for (int32_t i = 0; i < n_items && same; i++)
+            same = n_out[i] == n_out2[i] &&
+                   !memcmp(outs[i], outs2[i], (size_t)n_out[i] * sizeof *outs[i]);
+        const ferry_batch_stats *ro = bp.reorder ? &bs : &bs2, *ar = bp.reorder ? &bs2 : &bs;
+        fprintf(stderr, "reordering: %lld expert loads instead of %lld (%.1f%% fewer); outputs "
+                        "%s\n", (long long)ro->expert_loads, (long long)ar->expert_loads,
+                ar->expert_loads ? 100.0 * (1.0 - (double)ro->expert_loads /
+                                                      (double)ar->expert_loads) : 0.0,
+                same ? "identical" : "DIFFER");
+        if (!same)
+            goto done;
+    }
+    rc = write_batch_output(out_path, m, items, n_items, bp.stop_at_eos);
+done:
+    ferry_model_close(m);
+    for (int32_t i = 0; i < n_items; i++) {
+        free(items[i].prompt);
+        cJSON_Delete(items[i].id);
+        free(items[i].ids);
+        free(items[i].out);
+        if (outs2)
+            free(outs2[i]);
+    }
+    free(items);
+    free(prompts);
+    free(n_prompt);
+    free(n_pred);
+    free(outs);
+    free(outs2);
+    free(n_out);
+    free(n_out2);
+    free(loads);
+    free(loads2);
+    return rc;
+}
+
 static int cmd_run(int argc, char **argv)
 {
     const char *model_dir = NULL, *prompt = NULL, *prompt_file = NULL, *logits_path = NULL;
-    long long n_predict = 64, n_ctx = 0, top_k = 0, seed = 0, n_threads = 0;
-    double temp = 0, top_p = 1;
+    long long n_predict = 64, n_ctx = 0;
     int want_stats = 0, want_json = 0, ignore_eos = 0;
     ferry_model_params mp = ferry_model_params_default();
+    ferry_context_params cp = ferry_context_params_default();
     int rc;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -700,7 +1165,10 @@ static int cmd_run(int argc, char **argv)
         }                                                                                      \
         i++;                                                                                   \
     } while (0)
-        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+        if ((rc = parse_model_option("run", argc, argv, &i, &mp, &cp)) >= 0) {
+            if (rc)
+                return rc;
+        } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage_run(stdout);
             return 0;
         } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt")) {
@@ -717,92 +1185,9 @@ static int cmd_run(int argc, char **argv)
             NEED_VALUE();
             if ((rc = parse_i64(a, v, 1, INT32_MAX, &n_ctx)))
                 return rc;
-        } else if (!strcmp(a, "--temp")) {
-            NEED_VALUE();
-            if ((rc = parse_f(a, v, 0, 1e6, &temp)))
-                return rc;
-        } else if (!strcmp(a, "--top-k")) {
-            NEED_VALUE();
-            if ((rc = parse_i64(a, v, 0, INT32_MAX, &top_k)))
-                return rc;
-        } else if (!strcmp(a, "--top-p")) {
-            NEED_VALUE();
-            if ((rc = parse_f(a, v, 0, 1, &top_p)))
-                return rc;
-            if (top_p <= 0)
-                return bad_value(a, v, "a number in (0, 1]");
-        } else if (!strcmp(a, "--seed")) {
-            NEED_VALUE();
-            if ((rc = parse_i64(a, v, 0, LLONG_MAX, &seed)))
-                return rc;
-        } else if (!strcmp(a, "--threads")) {
-            NEED_VALUE();
-            if ((rc = parse_i64(a, v, 0, 1024, &n_threads)))
-                return rc;
         } else if (!strcmp(a, "--logits")) {
             NEED_VALUE();
             logits_path = v;
-        } else if (!strcmp(a, "--gpu-mem") || !strcmp(a, "--host-cache")) {
-            NEED_VALUE();
-            unsigned long long bytes;
-            if ((rc = parse_size(a, v, &bytes)))
-                return rc;
-            if (a[2] == 'g')
-                mp.gpu_mem_bytes = bytes;
-            else
-                mp.host_cache_bytes = bytes;
-        } else if (!strcmp(a, "--offload")) {
-            NEED_VALUE();
-            if (!strcmp(v, "ram"))
-                mp.offload = FERRY_OFFLOAD_RAM;
-            else if (!strcmp(v, "nvme"))
-                mp.offload = FERRY_OFFLOAD_NVME;
-            else
-                return bad_value(a, v, "ram or nvme");
-        } else if (!strcmp(a, "--pack")) {
-            NEED_VALUE();
-            mp.pack_path = v;
-        } else if (!strcmp(a, "--reader")) {
-            NEED_VALUE();
-            if (!strcmp(v, "auto"))
-                mp.reader = FERRY_READ_AUTO;
-            else if (!strcmp(v, "uring"))
-                mp.reader = FERRY_READ_URING;
-            else if (!strcmp(v, "pread"))
-                mp.reader = FERRY_READ_PREAD;
-            else
-                return bad_value(a, v, "auto, uring or pread");
-        } else if (!strcmp(a, "--policy")) {
-            NEED_VALUE();
-            if ((rc = parse_policy(a, v, &mp.policy)))
-                return rc;
-        } else if (!strcmp(a, "--prefetch")) {
-            NEED_VALUE();
-            if (!strcmp(v, "on"))
-                mp.prefetch = 1;
-            else if (!strcmp(v, "off"))
-                mp.prefetch = 0;
-            else
-                return bad_value(a, v, "on or off");
-        } else if (!strcmp(a, "--predictor")) {
-            NEED_VALUE();
-            if ((rc = parse_predictor(a, v, &mp.predictor)))
-                return rc;
-        } else if (!strcmp(a, "--predictor-stats")) {
-            NEED_VALUE();
-            mp.predictor_stats_path = v;
-        } else if (!strcmp(a, "--lookahead")) {
-            NEED_VALUE();
-            long long d;
-            if ((rc = parse_i64(a, v, 1, 3, &d)))
-                return rc;
-            mp.lookahead = (int32_t)d;
-        } else if (!strcmp(a, "--slots")) {
-            NEED_VALUE();
-            long long s;
-            if ((rc = parse_i64(a, v, 1, INT32_MAX, &s)))
-                return rc;
-            mp.max_slots = (int32_t)s;
         } else if (!strcmp(a, "--stats")) {
             want_stats = 1;
         } else if (!strcmp(a, "--json")) {
@@ -850,7 +1235,6 @@ static int cmd_run(int argc, char **argv)
     ferry_status st;
     rc = 1;
 
-    mp.n_threads = (int32_t)n_threads;
     if (mp.gpu_mem_bytes == 0 && (mp.offload != FERRY_OFFLOAD_RAM || mp.pack_path)) {
         fprintf(stderr, "ferry run: --offload and --pack need a device budget (--gpu-mem SIZE)\n");
         rc = 2;
@@ -861,12 +1245,7 @@ static int cmd_run(int argc, char **argv)
         goto done;
     }
     ferry_model_get_info(m, &info);
-    ferry_context_params cp = ferry_context_params_default();
     cp.n_ctx = (int32_t)n_ctx;
-    cp.temperature = (float)temp;
-    cp.top_k = (int32_t)top_k;
-    cp.top_p = (float)top_p;
-    cp.seed = (uint64_t)seed;
     if ((st = ferry_context_create(m, &cp, &c))) {
         rc = fail_lib("context", st);
         goto done;
@@ -966,6 +1345,8 @@ int main(int argc, char **argv)
         return cmd_trace(argc - 2, argv + 2);
     if (!strcmp(argv[1], "sim"))
         return cmd_sim(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "batch"))
+        return cmd_batch(argc - 2, argv + 2);
     if (!strcmp(argv[1], "predictor"))
         return cmd_predictor(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {

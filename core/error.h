@@ -29,4 +29,12 @@ void ferry_log(ferry_log_level level, const char *fmt, ...) FERRY_PRINTF(2, 3);
 /* Whether lines at this level are delivered (to skip building expensive messages). */
 int ferry_log_enabled(ferry_log_level level);
 
+/* Returns from the enclosing function with expr's status when it is not FERRY_OK. */
+#define TRY(expr)                                                                              \
+    do {                                                                                       \
+        ferry_status st_ = (expr);                                                             \
+        if (st_ != FERRY_OK)                                                                   \
+            return st_;                                                                        \
+    } while (0)
+
 #endif

@@ -21,13 +21,6 @@
 #define MIB(x) ((double)(x) / (1024.0 * 1024.0))
 #define FERRY_DEFAULT_CTX_CAP 4096
 
-#define TRY(expr)                                                                              \
-    do {                                                                                       \
-        ferry_status st_ = (expr);                                                             \
-        if (st_ != FERRY_OK)                                                                   \
-            return st_;                                                                        \
-    } while (0)
-
 static double now_seconds(void)
 {
     struct timespec ts;
@@ -249,12 +242,13 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
                 goto fail;
         }
         pthread_mutex_lock(&m->lock);
-        if (!m->cache)
+        if (!m->cache && !m->defer_plan)
             st = ferry_model_plan_slots(m, m->be->ops->mem_used(m->be) - used_before);
         pthread_mutex_unlock(&m->lock);
         if (st)
             goto fail;
-        snapshot_offload_counters(c);
+        if (m->cache)
+            snapshot_offload_counters(c);
     }
     *out = c;
     return FERRY_OK;
@@ -557,15 +551,16 @@ static ferry_status observe_hidden(ferry_context *c, int32_t layer, int32_t pos0
     return FERRY_OK;
 }
 
-/* One chunk of n <= n_batch tokens at positions n_past.. . Writes logits of every row to
- * logits_all (n, V) and/or of the last row to logits_last, when not NULL. */
-static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t n,
-                                  float *logits_all, float *logits_last)
+/* Layer l's attention half for the n tokens at positions n_past.. in c->d_x: attention
+ * over the KV cache (appending the tokens' keys and values) added into c->d_x, then the
+ * post-attention norm into c->d_h, ready for the MoE block. */
+ferry_status ferry_context_attention(ferry_context *c, int32_t l, int32_t n)
 {
     ferry_model *m = c->m;
     ferry_backend *be = m->be;
     const ferry_backend_ops *o = be->ops;
     const ferry_config *cfg = &m->cfg;
+    const ferry_layer_weights *L = &m->layers[l];
     int32_t d = cfg->hidden_size, pos0 = c->n_past;
     size_t kv_dim = (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim;
     size_t layer_kv = (size_t)c->n_ctx * kv_dim;
@@ -576,32 +571,45 @@ static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t 
         .sliding_window = cfg->sliding_window,
         .scale = 1.0f / sqrtf((float)cfg->head_dim),
     };
+    float *k_cache = c->d_k + (size_t)l * layer_kv, *v_cache = c->d_v + (size_t)l * layer_kv;
+    float *k_new = k_cache + (size_t)pos0 * kv_dim, *v_new = v_cache + (size_t)pos0 * kv_dim;
 
-    TRY(o->embedding(be, c->d_x, &m->embed, ids, n));
-    TRY(observe_hidden(c, -1, pos0, n, c->d_x));
-    for (int32_t l = 0; l < cfg->n_layers; l++) {
-        const ferry_layer_weights *L = &m->layers[l];
-        float *k_cache = c->d_k + (size_t)l * layer_kv, *v_cache = c->d_v + (size_t)l * layer_kv;
-        float *k_new = k_cache + (size_t)pos0 * kv_dim, *v_new = v_cache + (size_t)pos0 * kv_dim;
+    TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->attn_norm, n, d, cfg->rms_eps));
+    TRY(o->matmul(be, c->d_q, c->d_h, &L->wq, n));
+    TRY(o->matmul(be, k_new, c->d_h, &L->wk, n));
+    TRY(o->matmul(be, v_new, c->d_h, &L->wv, n));
+    TRY(o->rope(be, c->d_q, n, cfg->n_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
+    TRY(o->rope(be, k_new, n, cfg->n_kv_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
+    TRY(o->attention(be, c->d_att, c->d_q, k_cache, v_cache, n, pos0, &shape));
+    TRY(o->matmul(be, c->d_h, c->d_att, &L->wo, n));
+    TRY(o->add(be, c->d_x, c->d_h, (size_t)n * (size_t)d));
+    TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->ffn_norm, n, d, cfg->rms_eps));
+    return FERRY_OK;
+}
 
-        TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->attn_norm, n, d, cfg->rms_eps));
-        TRY(o->matmul(be, c->d_q, c->d_h, &L->wq, n));
-        TRY(o->matmul(be, k_new, c->d_h, &L->wk, n));
-        TRY(o->matmul(be, v_new, c->d_h, &L->wv, n));
-        TRY(o->rope(be, c->d_q, n, cfg->n_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
-        TRY(o->rope(be, k_new, n, cfg->n_kv_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
-        TRY(o->attention(be, c->d_att, c->d_q, k_cache, v_cache, n, pos0, &shape));
-        TRY(o->matmul(be, c->d_h, c->d_att, &L->wo, n));
-        TRY(o->add(be, c->d_x, c->d_h, (size_t)n * (size_t)d));
+ferry_status ferry_context_moe(ferry_context *c, int32_t l, int32_t n)
+{
+    return moe_block(c, l, c->n_past, n);
+}
 
-        TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->ffn_norm, n, d, cfg->rms_eps));
-        TRY(moe_block(c, l, pos0, n));
-        if (c->predictor && n == 1)
-            TRY(predict_after_layer(c, l));
-        TRY(observe_hidden(c, l, pos0, n, c->d_x));
-    }
+ferry_status ferry_context_embed(ferry_context *c, const int32_t *ids, int32_t n)
+{
+    ferry_model *m = c->m;
+    TRY(m->be->ops->embedding(m->be, c->d_x, &m->embed, ids, n));
+    return observe_hidden(c, -1, c->n_past, n, c->d_x);
+}
 
-    /* final norm and LM head, only for the rows someone wants */
+/* The final norm and LM head for the n tokens in c->d_x; writes logits of every row to
+ * logits_all (n, V) and/or of the last row to logits_last, when not NULL; then the tokens
+ * count as cached (n_past += n). */
+ferry_status ferry_context_finish(ferry_context *c, int32_t n, float *logits_all,
+                                  float *logits_last)
+{
+    ferry_model *m = c->m;
+    ferry_backend *be = m->be;
+    const ferry_backend_ops *o = be->ops;
+    const ferry_config *cfg = &m->cfg;
+    int32_t d = cfg->hidden_size, pos0 = c->n_past;
     int32_t first = logits_all ? 0 : n - 1;
     int32_t rows = n - first;
     if (logits_all || logits_last || c->obs.on_hidden) {
@@ -623,6 +631,23 @@ static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t 
     }
     c->n_past += n;
     return FERRY_OK;
+}
+
+/* One chunk of n <= n_batch tokens at positions n_past.. . Writes logits of every row to
+ * logits_all (n, V) and/or of the last row to logits_last, when not NULL. */
+static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t n,
+                                  float *logits_all, float *logits_last)
+{
+    const ferry_config *cfg = &c->m->cfg;
+    TRY(ferry_context_embed(c, ids, n));
+    for (int32_t l = 0; l < cfg->n_layers; l++) {
+        TRY(ferry_context_attention(c, l, n));
+        TRY(moe_block(c, l, c->n_past, n));
+        if (c->predictor && n == 1)
+            TRY(predict_after_layer(c, l));
+        TRY(observe_hidden(c, l, c->n_past, n, c->d_x));
+    }
+    return ferry_context_finish(c, n, logits_all, logits_last);
 }
 
 ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t n,

@@ -87,6 +87,17 @@ struct ferry_context {
 ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t n,
                                    float *logits_all, float *logits_last);
 
+/* The parts of a forward step, for work that runs several contexts' tokens through one MoE
+ * block (engine/batch.c); ferry_context_forward is embed, then for each layer attention and
+ * moe, then finish. The caller holds the model's lock. */
+ferry_status ferry_context_embed(ferry_context *c, const int32_t *ids, int32_t n);
+ferry_status ferry_context_attention(ferry_context *c, int32_t l, int32_t n);
+/* Layer l's MoE block over the n rows of c->d_h, added into c->d_x (rows are independent:
+ * a row's result does not depend on the other rows). */
+ferry_status ferry_context_moe(ferry_context *c, int32_t l, int32_t n);
+ferry_status ferry_context_finish(ferry_context *c, int32_t n, float *logits_all,
+                                  float *logits_last);
+
 /* Installs (or with NULL, removes) an observer. */
 void ferry_context_set_observer(ferry_context *c, const ferry_observer *obs);
 

@@ -22,13 +22,15 @@ static double now_seconds(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static int is_eos(const ferry_context *c, int32_t id)
+int ferry_token_is_eos(const ferry_model *m, int32_t id)
 {
-    const ferry_config *cfg = &c->m->cfg;
+    if (!m)
+        return 0;
+    const ferry_config *cfg = &m->cfg;
     for (int32_t i = 0; i < cfg->n_eos; i++)
         if (cfg->eos_ids[i] == id)
             return 1;
-    return cfg->n_eos == 0 && id == ferry_tokenizer_eos_id(c->m->tok);
+    return cfg->n_eos == 0 && id == ferry_tokenizer_eos_id(m->tok);
 }
 
 ferry_status ferry_generate(ferry_context *c, const int32_t *prompt_ids, int32_t n_prompt,
@@ -98,7 +100,7 @@ ferry_status ferry_generate(ferry_context *c, const int32_t *prompt_ids, int32_t
             goto done;
         if (fn && fn(id, piece, piece_len, user))
             break;
-        if (p->stop_at_eos && is_eos(c, id))
+        if (p->stop_at_eos && ferry_token_is_eos(c->m, id))
             break;
         if (i + 1 == p->n_predict)
             break;

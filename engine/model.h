@@ -71,6 +71,8 @@ struct ferry_model {
     ferry_store *store;
     size_t dense_bytes;       /* device bytes of the dense weights */
     size_t context_bytes;     /* device bytes of the first context */
+    int defer_plan;           /* nonzero: contexts being created do not plan the slots yet
+                                 (engine/batch.c plans them once all its contexts exist) */
     size_t slot_bytes;        /* one expert slot, aligned */
     int32_t n_slots;
     char *d_slots;            /* (n_slots, slot_bytes) */

@@ -157,6 +157,10 @@ ferry_status ferry_tokenize(const ferry_model *m, const char *text, size_t len, 
 ferry_status ferry_detokenize(const ferry_model *m, const int32_t *ids, int32_t n,
                               int skip_special, char *text, size_t cap, size_t *len_out);
 
+/* Whether id ends generation: one of config.json's eos ids, else the tokenizer's EOS.
+ * Thread-safe. */
+int ferry_token_is_eos(const ferry_model *m, int32_t id);
+
 /* ---- generation context -------------------------------------------------------- */
 
 typedef struct ferry_context ferry_context;
@@ -270,6 +274,50 @@ typedef struct {
  * is not NULL (n_layers may be smaller than the model's). */
 ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offload_stats *out,
                                              ferry_layer_stats *layers, int32_t n_layers);
+
+/* ---- batch generation ------------------------------------------------------------------ */
+
+/* Many prompts at once: every step, each unfinished sequence contributes its next prompt
+ * chunk or its next token; layer by layer, attention runs per sequence and the MoE block
+ * runs over all the step's tokens in layer-batches of at most max_batch tokens, each
+ * layer-batch loading every expert its tokens route to once. With reorder, the tokens of
+ * a layer are assigned to layer-batches so that each needs few experts (moe/schedule.h);
+ * the outputs are bit-identical either way, and to generating each prompt alone. */
+typedef struct {
+    int32_t max_batch;   /* most tokens per layer-batch; 0 = 16 */
+    int32_t chunk;       /* most prompt tokens a sequence feeds per step; 0 = 64 */
+    int32_t reorder;     /* nonzero: cross-batch token reordering */
+    int32_t stop_at_eos; /* nonzero: a sequence ends at its first EOS */
+    ferry_context_params sampling; /* temperature, top_k, top_p, seed (each sequence samples
+                                      with this seed, as if run alone); n_ctx and n_batch are
+                                      ignored */
+} ferry_batch_params;
+
+/* max_batch 16, chunk 64, reorder on, stop at EOS, greedy. */
+ferry_batch_params ferry_batch_params_default(void);
+
+typedef struct {
+    int64_t steps;          /* forward steps over the pending work */
+    int64_t tokens;         /* tokens run through the model */
+    int64_t layer_batches;  /* MoE block runs */
+    int64_t expert_loads;   /* distinct experts summed over layer-batches */
+    uint64_t expert_bytes;  /* bytes of one expert (its weights as stored) */
+    uint64_t bytes_to_device; /* offloading: expert bytes copied into device slots; else 0 */
+    int64_t hits, misses;   /* offloading: expert cache lookups */
+    double seconds;
+} ferry_batch_stats;
+
+/* Generates up to n_predict[i] tokens after each prompt i < n_seqs (prompts[i], n_prompt[i]
+ * ids, BOS included when wanted) into out_ids[i] (capacity n_predict[i]), their counts to
+ * n_out[i]. Stats to *stats, and per layer the expert loads to layer_loads (n_layers) when
+ * not NULL. With offloading (the model's gpu_mem_bytes), the sequences' KV caches and the
+ * batch workspace come out of the device budget before the expert slots; the model must have
+ * no other context then. FERRY_ERR_INVALID (empty prompts, bad ids, bad params),
+ * FERRY_ERR_NOMEM (naming what does not fit), the forward pass's errors. */
+ferry_status ferry_batch_generate(ferry_model *m, const int32_t *const *prompts,
+                                  const int32_t *n_prompt, const int32_t *n_predict, int32_t n_seqs,
+                                  const ferry_batch_params *p, int32_t *const *out_ids,
+                                  int32_t *n_out, ferry_batch_stats *stats, int64_t *layer_loads);
 
 /* ---- routing traces and predictors -------------------------------------------------- */
 
