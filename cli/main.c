@@ -365,7 +365,7 @@ static int on_token(int32_t id, const char *text, size_t len, void *user)
 
 static int fail_lib(const char *what, ferry_status st)
 {
-    fprintf(stderr, "ferry run: %s: %s (%s)\n", what, ferry_last_error(), ferry_status_name(st));
+    fprintf(stderr, "ferry: %s: %s (%s)\n", what, ferry_last_error(), ferry_status_name(st));
     return 1;
 }
 

@@ -222,6 +222,54 @@ class CliTest(unittest.TestCase):
             self.assertEqual(p.returncode, 1)
             self.assertIn("none.trace", p.stderr.decode())
 
+    def test_batch_matches_run_and_reorders(self):
+        prompts = os.path.join(ROOT, "tests", "fixtures", "batch-prompts.jsonl")
+        with open(prompts) as f:
+            lines = [json.loads(l) for l in f if l.strip()]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "out.jsonl")
+            p = ferry("batch", MODEL, "--prompts", prompts, "--out", out, "-n", "16",
+                      "--max-batch", "8", "--chunk", "16", "--compare")
+            err = p.stderr.decode()
+            m = re.search(r"reordering: (\d+) expert loads instead of (\d+) .*outputs identical",
+                          err)
+            self.assertIsNotNone(m, err)
+            self.assertLess(int(m.group(1)), int(m.group(2)))
+            self.assertRegex(err, r"expert loads per layer:( \d+){6}")
+            with open(out) as f:
+                got = [json.loads(l) for l in f]
+            self.assertEqual(len(got), len(lines))
+            for want, g in zip(lines, got):
+                self.assertEqual(g["id"], want["id"])
+                self.assertEqual(g["prompt"], want["prompt"])
+                self.assertEqual(g["tokens"], want.get("max_tokens", 16) if g["finish"] ==
+                                 "length" else g["tokens"])
+            # the text is what ferry run prints for the same prompt
+            for i in (0, 7, 31):
+                n = str(lines[i].get("max_tokens", 16))
+                run = ferry("run", MODEL, "-p", lines[i]["prompt"], "-n", n).stdout.decode()
+                self.assertEqual(lines[i]["prompt"] + got[i]["text"] + "\n", run)
+            # offloaded, arrival order: the same file
+            out2 = os.path.join(tmp, "out2.jsonl")
+            p = ferry("batch", MODEL, "--prompts", prompts, "--out", out2, "-n", "16",
+                      "--max-batch", "8", "--chunk", "16", "--reorder", "off", "--gpu-mem",
+                      "64M", "--slots", "4")
+            self.assertRegex(p.stderr.decode(), r"expert cache: hit rate 0\.\d{3}")
+            with open(out) as f, open(out2) as g:
+                self.assertEqual(f.read(), g.read())
+            # bad input: a malformed line names the file and line; nothing is written
+            bad = os.path.join(tmp, "bad.jsonl")
+            with open(bad, "w") as f:
+                f.write('{"prompt": "a"}\n{"prompt": 3}\n')
+            out3 = os.path.join(tmp, "out3.jsonl")
+            p = ferry("batch", MODEL, "--prompts", bad, "--out", out3, check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("bad.jsonl line 2", p.stderr.decode())
+            self.assertFalse(os.path.exists(out3))
+            for args in (["--max-batch", "0"], ["--reorder", "maybe"], ["--prompts"]):
+                p = ferry("batch", MODEL, "--out", out3, *args, check=False)
+                self.assertEqual(p.returncode, 2, args)
+
     def test_run_with_predictors_prints_the_same_text(self):
         args = ["run", MODEL, "-p", "class Stack:\n", "-n", "48", "--ctx", "256"]
         want = ferry(*args).stdout
