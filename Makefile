@@ -31,12 +31,12 @@ test-sanitize: deps
 	cmake --build build-asan -j $(JOBS)
 	ctest --test-dir build-asan --output-on-failure -j $(JOBS)
 
-# The multithreaded parts (thread pool, copy engine, expert cache, prefetch pipeline,
-# NVMe reader) under ThreadSanitizer.
+# The multithreaded parts (thread pool, copy engine, expert cache, prefetch pipeline and its
+# replays, NVMe reader) under ThreadSanitizer.
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFERRY_SANITIZE=thread
 	cmake --build build-tsan -j $(JOBS)
-	ctest --test-dir build-tsan --output-on-failure -j $(JOBS) -R 'kernels|cache|pack|offload'
+	ctest --test-dir build-tsan --output-on-failure -j $(JOBS) -R 'kernels|cache|pack|offload|sim'
 
 clean:
 	rm -rf $(BUILD) build-asan build-tsan
