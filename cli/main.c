@@ -298,7 +298,7 @@ static char *read_text_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        fprintf(stderr, "ferry run: cannot open %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "ferry: cannot open %s: %s\n", path, strerror(errno));
         return NULL;
     }
     size_t cap = 4096, n = 0;
@@ -320,7 +320,7 @@ static char *read_text_file(const char *path, size_t *len)
             break;
     }
     if (buf && ferror(f)) {
-        fprintf(stderr, "ferry run: cannot read %s: %s\n", path, strerror(errno));
+        fprintf(stderr, "ferry: cannot read %s: %s\n", path, strerror(errno));
         free(buf);
         buf = NULL;
     }
@@ -329,7 +329,7 @@ static char *read_text_file(const char *path, size_t *len)
         buf[n] = 0;
         *len = n;
     } else {
-        fprintf(stderr, "ferry run: cannot read %s\n", path);
+        fprintf(stderr, "ferry: cannot read %s\n", path);
     }
     return buf;
 }
