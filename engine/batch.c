@@ -310,11 +310,7 @@ ferry_status ferry_batch_generate(ferry_model *m, const int32_t *const *prompts,
     if (st)
         goto done;
     b.stats.seconds = now_seconds() - t0;
-    const ferry_expert_weights *X = &m->layers[0].experts[0];
-    const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
-    for (int i = 0; i < 3; i++)
-        b.stats.expert_bytes +=
-            (uint64_t)w[i]->rows * (uint64_t)w[i]->cols * ferry_dtype_size(w[i]->dtype);
+    b.stats.expert_bytes = ferry_model_expert_bytes(m);
     if (m->cache) {
         ferry_offload_stats os;
         if ((st = ferry_context_get_offload_stats(b.moe, &os, NULL, 0)))

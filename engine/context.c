@@ -222,9 +222,6 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
                          "statistics")))
             goto fail;
         if (m->params.predictor != FERRY_PREDICT_RECENCY) {
-            static const ferry_predictor_kind kinds[] = {FERRY_PREDICTOR_GATE, FERRY_PREDICTOR_GATE,
-                                                         FERRY_PREDICTOR_STATS,
-                                                         FERRY_PREDICTOR_COMBINED};
             ferry_predictor_params pp = {.n_layers = cfg->n_layers,
                                          .n_experts = cfg->n_experts,
                                          .top_k = cfg->n_experts_per_tok,
@@ -233,7 +230,8 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
                                          .gates = m->gates,
                                          .ffn_norms = m->ffn_norms,
                                          .stats = m->route_stats};
-            if ((st = ferry_predictor_create(kinds[m->params.predictor], &pp, &c->predictor)) ||
+            if ((st = ferry_predictor_create(ferry_predictor_kind_of(m->params.predictor), &pp,
+                                              &c->predictor)) ||
                 (st = halloc((void **)&c->h_scores, E, sizeof(float), "predictor scores")) ||
                 (st = halloc((void **)&c->h_top, E, sizeof(int32_t), "predictor scores")) ||
                 (st = halloc((void **)&c->pred_top, (size_t)cfg->n_layers * 4 * k, sizeof(int32_t),

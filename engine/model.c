@@ -215,6 +215,16 @@ static ferry_status open_store(ferry_model *m, const char *dir)
     return ferry_store_create_nvme(&np, &m->store);
 }
 
+uint64_t ferry_model_expert_bytes(const ferry_model *m)
+{
+    const ferry_expert_weights *X = &m->layers[0].experts[0];
+    const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
+    uint64_t bytes = 0;
+    for (int i = 0; i < 3; i++)
+        bytes += (uint64_t)w[i]->rows * (uint64_t)w[i]->cols * ferry_dtype_size(w[i]->dtype);
+    return bytes;
+}
+
 ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
 {
     ferry_backend *be = m->be;

@@ -82,6 +82,9 @@ struct ferry_model {
     ferry_routing_stats *route_stats;  /* for the stats and combined predictors */
 };
 
+/* Bytes of one expert's weights (w1, w3, w2) as the checkpoint stores them. */
+uint64_t ferry_model_expert_bytes(const ferry_model *m);
+
 /* Builds the expert slots, cache and prefetch pipeline from what is left of the device
  * budget (called by the first context once its buffers are allocated). FERRY_ERR_NOMEM
  * with the memory plan in the message when fewer than top-k slots fit. */

@@ -203,9 +203,6 @@ ferry_sim_options ferry_sim_options_default(void)
     return o;
 }
 
-static const ferry_predictor_kind g_kinds[] = {FERRY_PREDICTOR_GATE, FERRY_PREDICTOR_GATE,
-                                               FERRY_PREDICTOR_STATS, FERRY_PREDICTOR_COMBINED};
-
 /* Replays tr (with hidden states when given) through the cache, with the predictor p (NULL:
  * the cache alone), as o says. */
 static ferry_status sim_replay(const ferry_trace *tr, const float *hidden, int32_t d_model,
@@ -427,7 +424,7 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
                                  .gates = gates,
                                  .ffn_norms = norms,
                                  .stats = rs};
-    if ((st = ferry_predictor_create(g_kinds[predictor], &pp, &le.p)))
+    if ((st = ferry_predictor_create(ferry_predictor_kind_of(predictor), &pp, &le.p)))
         goto done;
     le.e.k = cfg->n_experts_per_tok;
     if (cfg->n_experts > 256) {
@@ -442,16 +439,10 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
         goto done;
     report_from_eval(&le.e, cfg->n_experts_per_tok, out);
     out->seconds_per_token = le.tokens ? le.seconds / (double)le.tokens : 0;
-    uint64_t expert_bytes = sim ? sim->expert_bytes : 0;
-    if (!expert_bytes) {
-        const ferry_expert_weights *X = &m->layers[0].experts[0];
-        const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
-        for (int i = 0; i < 3; i++)
-            expert_bytes += (uint64_t)w[i]->rows * (uint64_t)w[i]->cols *
-                            ferry_dtype_size(w[i]->dtype);
-    }
-    st = sim_pair(le.tr, le.hidden, cfg->hidden_size, le.p, g_kinds[predictor], sim, expert_bytes,
-                  out);
+    uint64_t expert_bytes = sim && sim->expert_bytes ? sim->expert_bytes
+                                                     : ferry_model_expert_bytes(m);
+    st = sim_pair(le.tr, le.hidden, cfg->hidden_size, le.p, ferry_predictor_kind_of(predictor), sim,
+                  expert_bytes, out);
 done:
     ferry_trace_free(le.tr);
     free(le.hidden);

@@ -33,6 +33,15 @@ typedef enum {
     FERRY_PREDICTOR_COMBINED = 2,
 } ferry_predictor_kind;
 
+/* The kind behind a public ferry_predict_id (gate, stats, combined; recency, which names no
+ * predictor, maps to gate). */
+static inline ferry_predictor_kind ferry_predictor_kind_of(int32_t predict_id)
+{
+    return predict_id == FERRY_PREDICT_STATS      ? FERRY_PREDICTOR_STATS
+           : predict_id == FERRY_PREDICT_COMBINED ? FERRY_PREDICTOR_COMBINED
+                                                  : FERRY_PREDICTOR_GATE;
+}
+
 /* "gate", "stats", "combined" <-> kind; parse gives FERRY_ERR_INVALID listing the names. */
 const char *ferry_predictor_kind_name(ferry_predictor_kind k);
 ferry_status ferry_predictor_kind_parse(const char *s, ferry_predictor_kind *out);
