@@ -310,9 +310,10 @@ typedef struct {
 /* Generates up to n_predict[i] tokens after each prompt i < n_seqs (prompts[i], n_prompt[i]
  * ids, BOS included when wanted) into out_ids[i] (capacity n_predict[i]), their counts to
  * n_out[i]. Stats to *stats, and per layer the expert loads to layer_loads (n_layers) when
- * not NULL. With offloading (the model's gpu_mem_bytes), the sequences' KV caches and the
- * batch workspace come out of the device budget before the expert slots; the model must have
- * no other context then. FERRY_ERR_INVALID (empty prompts, bad ids, bad params),
+ * not NULL. With offloading (the model's gpu_mem_bytes) and no context yet, the sequences'
+ * KV caches and the batch workspace come out of the device budget before the expert slots
+ * are planned; with a context already made, they must fit in what its plan left.
+ * FERRY_ERR_INVALID (empty prompts, bad ids, bad params),
  * FERRY_ERR_NOMEM (naming what does not fit), the forward pass's errors. */
 ferry_status ferry_batch_generate(ferry_model *m, const int32_t *const *prompts,
                                   const int32_t *n_prompt, const int32_t *n_predict, int32_t n_seqs,
