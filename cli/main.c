@@ -110,16 +110,22 @@ static int bad_value(const char *opt, const char *val, const char *want)
     return 2;
 }
 
-static int parse_predictor(const char *opt, const char *v, int32_t *out)
+/* *out = the index of v among the n names; else a usage error saying what was expected. */
+static int parse_name(const char *opt, const char *v, const char *const *names, int32_t n,
+                      const char *want, int32_t *out)
 {
-    static const char *names[] = {"recency", "gate", "stats", "combined"};
-    for (int32_t i = 0; i < 4; i++)
+    for (int32_t i = 0; i < n; i++)
         if (!strcmp(v, names[i])) {
             *out = i;
             return 0;
         }
-    fprintf(stderr, "ferry: %s expects recency, gate, stats or combined, got '%s'\n", opt, v);
-    return 2;
+    return bad_value(opt, v, want);
+}
+
+static int parse_predictor(const char *opt, const char *v, int32_t *out)
+{
+    static const char *const names[] = {"recency", "gate", "stats", "combined"};
+    return parse_name(opt, v, names, 4, "recency, gate, stats or combined", out);
 }
 
 static int parse_i64(const char *opt, const char *s, long long lo, long long hi, long long *out)
@@ -152,13 +158,8 @@ static int parse_f(const char *opt, const char *s, double lo, double hi, double 
 
 static int parse_policy(const char *opt, const char *v, int32_t *out)
 {
-    static const char *names[] = {"lru", "lfu", "layer-lru", "predicted"};
-    for (int32_t i = 0; i < 4; i++)
-        if (!strcmp(v, names[i])) {
-            *out = i;
-            return 0;
-        }
-    return bad_value(opt, v, "lru, lfu, layer-lru or predicted");
+    static const char *const names[] = {"lru", "lfu", "layer-lru", "predicted"};
+    return parse_name(opt, v, names, 4, "lru, lfu, layer-lru or predicted", out);
 }
 
 /* The cache-replay options of ferry sim and ferry predictor eval. Returns -1 when a is not

@@ -48,6 +48,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "core/bytes.h"
 #include "core/error.h"
 
 #define PACK_MAGIC "FERRYPK1"
@@ -69,36 +70,6 @@ struct ferry_pack {
     uint64_t max_expert_bytes;
     uint64_t file_bytes;
 };
-
-/* ---- little-endian fields ---------------------------------------------------------- */
-
-static void put_u32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put_u64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t get_u32(const uint8_t *p)
-{
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-static uint64_t get_u64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
 
 static uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
@@ -246,23 +217,23 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
                 pos += n;
                 ent[24 + w] = (uint8_t)dt;
             }
-            put_u64(ent, start);
-            put_u64(ent + 8, pos - start);
-            put_u64(ent + 16, XXH3_64bits_digest(xs));
+            ferry_put_u64(ent, start);
+            ferry_put_u64(ent + 8, pos - start);
+            ferry_put_u64(ent + 16, XXH3_64bits_digest(xs));
             if (progress)
                 progress(user, l * shape->n_experts + e + 1, n_total);
         }
     }
 
     memcpy(header, PACK_MAGIC, 8);
-    put_u32(header + 8, FERRY_PACK_VERSION);
-    put_u32(header + 12, (uint32_t)header_bytes);
-    put_u32(header + 16, (uint32_t)shape->n_layers);
-    put_u32(header + 20, (uint32_t)shape->n_experts);
-    put_u32(header + 24, (uint32_t)shape->d_model);
-    put_u32(header + 28, (uint32_t)shape->d_ff);
-    put_u64(header + 32, pos);
-    put_u64(header + PACK_CHECKSUM_AT, header_checksum(header, header_bytes));
+    ferry_put_u32(header + 8, FERRY_PACK_VERSION);
+    ferry_put_u32(header + 12, (uint32_t)header_bytes);
+    ferry_put_u32(header + 16, (uint32_t)shape->n_layers);
+    ferry_put_u32(header + 20, (uint32_t)shape->n_experts);
+    ferry_put_u32(header + 24, (uint32_t)shape->d_model);
+    ferry_put_u32(header + 28, (uint32_t)shape->d_ff);
+    ferry_put_u64(header + 32, pos);
+    ferry_put_u64(header + PACK_CHECKSUM_AT, header_checksum(header, header_bytes));
     st = write_all(fd, tmp, header, header_bytes, 0);
     if (st != FERRY_OK)
         goto fail;
@@ -356,9 +327,9 @@ static ferry_status parse_table(ferry_pack *p, const uint8_t *header, uint64_t h
             uint64_t idx = (uint64_t)l * s->n_experts + e;
             const uint8_t *ent = header + PACK_FIXED_BYTES + PACK_ENTRY_BYTES * idx;
             ferry_pack_entry *pe = &p->entries[idx];
-            pe->offset = get_u64(ent);
-            pe->n_bytes = get_u64(ent + 8);
-            pe->checksum = get_u64(ent + 16);
+            pe->offset = ferry_get_u64(ent);
+            pe->n_bytes = ferry_get_u64(ent + 8);
+            pe->checksum = ferry_get_u64(ent + 16);
             uint64_t want = 0;
             for (int w = 0; w < FERRY_PACK_N_PARTS; w++) {
                 if (ent[24 + w] >= FERRY_DTYPE_COUNT)
@@ -453,14 +424,14 @@ ferry_status ferry_pack_open(const char *path, const ferry_pack_shape *expect, f
                         path, shown, PACK_MAGIC);
         goto fail;
     }
-    uint32_t version = get_u32(fixed + 8);
+    uint32_t version = ferry_get_u32(fixed + 8);
     if (version != FERRY_PACK_VERSION) {
         st = ferry_fail(FERRY_ERR_FORMAT, "%s: pack format version %u, this build reads %d", path,
                         version, FERRY_PACK_VERSION);
         goto fail;
     }
-    const uint64_t header_bytes = get_u32(fixed + 12);
-    const uint64_t n_layers = get_u32(fixed + 16), n_experts = get_u32(fixed + 20);
+    const uint64_t header_bytes = ferry_get_u32(fixed + 12);
+    const uint64_t n_layers = ferry_get_u32(fixed + 16), n_experts = ferry_get_u32(fixed + 20);
     /* n_layers x n_experts may be garbage here; the checksum has not been checked yet. */
     if (n_layers == 0 || n_experts == 0 || n_layers * n_experts > PACK_MAX_EXPERTS_TOTAL
         || header_bytes != header_region_bytes(n_layers, n_experts)) {
@@ -488,7 +459,7 @@ ferry_status ferry_pack_open(const char *path, const ferry_pack_shape *expect, f
                         got < 0 ? strerror((int)-got) : "file shrank while reading");
         goto fail;
     }
-    uint64_t stored = get_u64(header + PACK_CHECKSUM_AT);
+    uint64_t stored = ferry_get_u64(header + PACK_CHECKSUM_AT);
     uint64_t computed = header_checksum(header, header_bytes);
     if (stored != computed) {
         st = ferry_fail(FERRY_ERR_FORMAT, "%s: header checksum mismatch (stored %016llx, computed "
@@ -502,7 +473,7 @@ ferry_status ferry_pack_open(const char *path, const ferry_pack_shape *expect, f
         st = ferry_fail(FERRY_ERR_NOMEM, "%s: no memory", path);
         goto fail;
     }
-    const uint32_t d_model = get_u32(header + 24), d_ff = get_u32(header + 28);
+    const uint32_t d_model = ferry_get_u32(header + 24), d_ff = ferry_get_u32(header + 28);
     p->shape = (ferry_pack_shape){(int32_t)n_layers, (int32_t)n_experts,
                                   d_model > PACK_MAX_DIM ? -1 : (int32_t)d_model,
                                   d_ff > PACK_MAX_DIM ? -1 : (int32_t)d_ff};
@@ -515,7 +486,7 @@ ferry_status ferry_pack_open(const char *path, const ferry_pack_shape *expect, f
     }
     if (expect && (st = check_expected(path, &p->shape, expect)) != FERRY_OK)
         goto fail;
-    p->file_bytes = get_u64(header + 32);
+    p->file_bytes = ferry_get_u64(header + 32);
     p->entries = calloc((size_t)(n_layers * n_experts), sizeof *p->entries);
     if (!p->entries) {
         st = ferry_fail(FERRY_ERR_NOMEM, "%s: no memory for %llu table entries", path,

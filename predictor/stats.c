@@ -35,6 +35,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "core/bytes.h"
 #include "core/error.h"
 #include "predictor/predictor.h"
 
@@ -205,28 +206,6 @@ ferry_status ferry_routing_stats_fit(const ferry_trace *const *traces, int32_t n
 
 /* ---- the file ----------------------------------------------------------------------- */
 
-static void put_u32(uint8_t *p, uint32_t v)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static void put_u64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint32_t get_u32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static uint64_t get_u64(const uint8_t *p)
-{
-    return (uint64_t)get_u32(p) | (uint64_t)get_u32(p + 4) << 32;
-}
-
 ferry_status ferry_routing_stats_save(const ferry_routing_stats *s, const char *path)
 {
     if (!s || !path)
@@ -241,16 +220,16 @@ ferry_status ferry_routing_stats_save(const ferry_routing_stats *s, const char *
         goto done;
     }
     memcpy(buf, STATS_MAGIC, 8);
-    put_u32(buf + 8, STATS_VERSION);
-    put_u32(buf + 12, (uint32_t)L);
-    put_u32(buf + 16, (uint32_t)E);
-    put_u32(buf + 20, (uint32_t)s->top_k);
-    put_u32(buf + 24, STATS_D);
-    put_u32(buf + 28, 0);
-    put_u64(buf + 32, s->n_tokens);
+    ferry_put_u32(buf + 8, STATS_VERSION);
+    ferry_put_u32(buf + 12, (uint32_t)L);
+    ferry_put_u32(buf + 16, (uint32_t)E);
+    ferry_put_u32(buf + 20, (uint32_t)s->top_k);
+    ferry_put_u32(buf + 24, STATS_D);
+    ferry_put_u32(buf + 28, 0);
+    ferry_put_u64(buf + 32, s->n_tokens);
     for (size_t i = 0; i < n; i++)
-        put_u32(buf + STATS_HEADER_BYTES + 4 * i, s->counts[i]);
-    put_u64(buf + bytes - 8, XXH3_64bits(buf, bytes - 8));
+        ferry_put_u32(buf + STATS_HEADER_BYTES + 4 * i, s->counts[i]);
+    ferry_put_u64(buf + bytes - 8, XXH3_64bits(buf, bytes - 8));
 
     memcpy(tmp, path, plen);
     memcpy(tmp + plen, ".tmp", 5);
@@ -353,9 +332,10 @@ ferry_status ferry_routing_stats_load(const char *path, ferry_routing_stats **ou
                         path, STATS_MAGIC);
         goto fail;
     }
-    uint32_t version = get_u32(hdr + 8), L = get_u32(hdr + 12), E = get_u32(hdr + 16);
-    uint32_t K = get_u32(hdr + 20), D = get_u32(hdr + 24), reserved = get_u32(hdr + 28);
-    uint64_t n_tokens = get_u64(hdr + 32);
+    uint32_t version = ferry_get_u32(hdr + 8), L = ferry_get_u32(hdr + 12);
+    uint32_t E = ferry_get_u32(hdr + 16), K = ferry_get_u32(hdr + 20);
+    uint32_t D = ferry_get_u32(hdr + 24), reserved = ferry_get_u32(hdr + 28);
+    uint64_t n_tokens = ferry_get_u64(hdr + 32);
     if (version != STATS_VERSION) {
         st = ferry_fail(FERRY_ERR_FORMAT, "%s: format version %u, this build reads %u", path,
                         version, STATS_VERSION);
@@ -389,7 +369,7 @@ ferry_status ferry_routing_stats_load(const char *path, ferry_routing_stats **ou
                         ferror(f) ? strerror(errno) : "the file shrank while being read");
         goto fail;
     }
-    uint64_t sum = XXH3_64bits(buf, (size_t)size - 8), stored = get_u64(buf + size - 8);
+    uint64_t sum = XXH3_64bits(buf, (size_t)size - 8), stored = ferry_get_u64(buf + size - 8);
     if (sum != stored) {
         st = ferry_fail(FERRY_ERR_FORMAT, "%s: checksum mismatch (stored %016llx, computed "
                         "%016llx): the file is corrupt", path, (unsigned long long)stored,
@@ -408,7 +388,7 @@ ferry_status ferry_routing_stats_load(const char *path, ferry_routing_stats **ou
     s->n_tokens = n_tokens;
     size_t n = n_counts(L, E);
     for (size_t i = 0; i < n; i++)
-        s->counts[i] = get_u32(buf + STATS_HEADER_BYTES + 4 * i);
+        s->counts[i] = ferry_get_u32(buf + STATS_HEADER_BYTES + 4 * i);
     if ((st = check_counts(path, s)) != FERRY_OK)
         goto fail;
     build_tables(s);
