@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ferry.h"
 
@@ -32,6 +33,8 @@ static void usage_run(FILE *f)
             "      --top-p P       nucleus sampling mass in (0, 1]; 1 = off (default 1)\n"
             "      --seed S        random seed for sampling (default 0)\n"
             "      --threads N     compute threads; 0 = one per physical core (default 0)\n"
+            "      --backend B     auto (default: the GPU when there is a usable one, else\n"
+            "                      the CPU), cpu or cuda; $FERRY_BACKEND sets the default\n"
             "      --ignore-eos    keep generating after the end-of-sequence token\n"
             "      --stats         print prefill and decode speed to stderr\n"
             "      --json          print one JSON object (prompt_ids, ids, text, stats) instead\n"
@@ -97,11 +100,14 @@ static void usage(FILE *f)
                "  run       generate text from a model (ferry run --help)\n"
                "  pack      write the packed expert file of a model for --offload nvme\n"
                "            (ferry pack MODEL_DIR OUT_FILE)\n"
+               "  synth     write a checkpoint of a real shape with random weights, for\n"
+               "            benchmarks (ferry synth --help)\n"
                "  trace     write the routing trace of a text (ferry trace --help)\n"
                "  sim       replay a routing trace through the expert cache (ferry sim --help)\n"
                "  batch     generate for many prompts at once (ferry batch --help)\n"
+               "  bench     measure bandwidths and speed against their bound (ferry bench --help)\n"
                "  predictor fit routing statistics, evaluate predictors (ferry predictor --help)\n"
-               "  version   print the version\n");
+               "  version   print the version and the GPU this build can use\n");
 }
 
 static int bad_value(const char *opt, const char *val, const char *want)
@@ -120,6 +126,23 @@ static int parse_name(const char *opt, const char *v, const char *const *names, 
             return 0;
         }
     return bad_value(opt, v, want);
+}
+
+static int parse_backend(const char *opt, const char *v, int32_t *out)
+{
+    static const char *const names[] = {"auto", "cpu", "cuda"};
+    return parse_name(opt, v, names, 3, "auto, cpu or cuda", out);
+}
+
+/* The model parameters every command starts from: the library's defaults, with the
+ * backend of $FERRY_BACKEND (auto, cpu or cuda) when it is set. */
+static int cli_model_params(ferry_model_params *mp)
+{
+    *mp = ferry_model_params_default();
+    const char *env = getenv("FERRY_BACKEND");
+    if (env && *env && parse_backend("FERRY_BACKEND", env, &mp->backend))
+        return 2;
+    return 0;
 }
 
 static int parse_predictor(const char *opt, const char *v, int32_t *out)
@@ -205,7 +228,7 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
     static const char *const with_value[] = {
         "--temp", "--top-k", "--top-p", "--seed", "--threads", "--gpu-mem", "--host-cache",
         "--offload", "--pack", "--reader", "--policy", "--prefetch", "--predictor",
-        "--predictor-stats", "--lookahead", "--slots"};
+        "--predictor-stats", "--lookahead", "--slots", "--backend"};
     const char *a = argv[*i];
     size_t w = 0, n_with = sizeof with_value / sizeof with_value[0];
     while (w < n_with && strcmp(a, with_value[w]))
@@ -242,6 +265,9 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
         if ((rc = parse_i64(a, v, 0, 1024, &n)))
             return rc;
         mp->n_threads = (int32_t)n;
+    } else if (!strcmp(a, "--backend")) {
+        if ((rc = parse_backend(a, v, &mp->backend)))
+            return rc;
     } else if (!strcmp(a, "--gpu-mem") || !strcmp(a, "--host-cache")) {
         unsigned long long bytes;
         if ((rc = parse_size(a, v, &bytes)))
@@ -415,6 +441,10 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
             o.tier == FERRY_OFFLOAD_NVME ? (o.uses_uring ? " (io_uring)" : " (pread)") : "",
             (long long)lookups, lookups ? 100.0 * (double)o.hits / (double)lookups : 0.0,
             MIB(o.bytes_to_device), MIB(o.bytes_from_disk), o.stall_seconds);
+    if (o.copy_seconds > 0)
+        fprintf(stderr, "fetch rate: %.2f GB/s (%.1f MiB in %.3f s of copies)\n",
+                (double)o.bytes_to_device / o.copy_seconds / 1e9, MIB(o.bytes_to_device),
+                o.copy_seconds);
     fprintf(stderr, "prefetch: %lld issued, %lld used, %lld wasted\n",
             (long long)o.prefetch_issued, (long long)o.prefetch_used,
             (long long)o.prefetch_wasted);
@@ -461,10 +491,198 @@ static int cmd_pack(int argc, char **argv)
     return 0;
 }
 
+/* ---- ferry synth ---------------------------------------------------------------------- */
+
+static void usage_synth(FILE *f)
+{
+    fprintf(f,
+            "usage: ferry synth OUT_DIR [options]\n"
+            "\n"
+            "Writes a checkpoint with a real model's shape and random weights (the same seed\n"
+            "gives the same bytes) into OUT_DIR, which must not exist or be empty: config.json,\n"
+            "safetensors shards and the tokenizer files, for benchmarks at full scale.\n"
+            "\n"
+            "      --preset P      the shape: mixtral-8x7b (default) or tiny (the bundled\n"
+            "                      models/tiny-moe-code)\n"
+            "      --layers N, --hidden N, --intermediate N, --experts N, --top-k N,\n"
+            "      --heads N, --kv-heads N, --vocab N\n"
+            "                      override the preset's shape\n"
+            "      --dtype D       bf16 (default), f16 or f32\n"
+            "      --seed S        random seed (default 0)\n"
+            "      --threads N     writer threads; 0 = every core (default 0)\n"
+            "      --shard-size SIZE  most bytes per shard, with K/M/G suffixes (default 4G);\n"
+            "                      one shard is written as model.safetensors\n"
+            "      --tokenizer DIR copy tokenizer.json (and tokenizer_config.json,\n"
+            "                      special_tokens_map.json, tokenizer.model) from DIR\n"
+            "                      (default: models/tiny-moe-code)\n");
+}
+
+/* "3.43 GB" or "10.6 MB" (decimal units, as disks are sold). */
+static void synth_size(char *buf, size_t cap, double bytes)
+{
+    if (bytes >= 1e9)
+        snprintf(buf, cap, "%.2f GB", bytes / 1e9);
+    else
+        snprintf(buf, cap, "%.1f MB", bytes / 1e6);
+}
+
+/* Progress lines for writes of a gigabyte or more: one per tenth. */
+static void synth_progress(uint64_t done, uint64_t total, void *user)
+{
+    int *tenths = user;
+    int now = (int)(done * 10 / total);
+    if (total >= 1000000000ull && now > *tenths && done < total) {
+        *tenths = now;
+        fprintf(stderr, "ferry synth: %d%% (%.1f of %.1f GB)\n", now * 10, (double)done / 1e9,
+                (double)total / 1e9);
+    }
+}
+
+static int cmd_synth(int argc, char **argv)
+{
+    static const char *const shape_opts[8] = {"--layers", "--hidden", "--intermediate",
+                                              "--experts", "--top-k", "--heads", "--kv-heads",
+                                              "--vocab"};
+    static const char *const other_opts[6] = {"--preset", "--dtype", "--seed", "--threads",
+                                              "--shard-size", "--tokenizer"};
+    static const char *const dtype_names[3] = {"bf16", "f16", "f32"};
+    long long shape[8] = {-1, -1, -1, -1, -1, -1, -1, -1}, n;
+    const char *out_dir = NULL, *preset = "mixtral-8x7b", *tok_dir = NULL;
+    ferry_synth_params p = ferry_synth_params_default();
+    int rc;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage_synth(stdout);
+            return 0;
+        }
+        if (a[0] != '-') {
+            if (out_dir) {
+                fprintf(stderr, "ferry synth: unexpected argument '%s'\n", a);
+                return 2;
+            }
+            out_dir = a;
+            continue;
+        }
+        int shape_k = -1, known = 0;
+        for (int k = 0; k < 8; k++)
+            if (!strcmp(a, shape_opts[k]))
+                shape_k = k;
+        for (int k = 0; k < 6; k++)
+            if (!strcmp(a, other_opts[k]))
+                known = 1;
+        if (shape_k < 0 && !known) {
+            fprintf(stderr, "ferry synth: unknown option '%s'\n", a);
+            return 2;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "ferry synth: %s needs a value\n", a);
+            return 2;
+        }
+        const char *v = argv[++i];
+        if (shape_k >= 0) {
+            if ((rc = parse_i64(a, v, 1, INT32_MAX, &shape[shape_k])))
+                return rc;
+        } else if (!strcmp(a, "--preset")) {
+            preset = v;
+        } else if (!strcmp(a, "--dtype")) {
+            if ((rc = parse_name(a, v, dtype_names, 3, "bf16, f16 or f32", &p.dtype)))
+                return rc;
+        } else if (!strcmp(a, "--seed")) {
+            if ((rc = parse_i64(a, v, 0, LLONG_MAX, &n)))
+                return rc;
+            p.seed = (uint64_t)n;
+        } else if (!strcmp(a, "--threads")) {
+            if ((rc = parse_i64(a, v, 0, 1024, &n)))
+                return rc;
+            p.n_threads = (int32_t)n;
+        } else if (!strcmp(a, "--shard-size")) {
+            unsigned long long bytes;
+            if ((rc = parse_size(a, v, &bytes)))
+                return rc;
+            p.shard_bytes = bytes;
+        } else {
+            tok_dir = v;
+        }
+    }
+    if (!out_dir) {
+        fprintf(stderr, "usage: ferry synth OUT_DIR [--preset mixtral-8x7b|tiny] [options]\n");
+        return 2;
+    }
+    /* the preset first, whatever the order of the options: explicit sizes override it */
+    if (ferry_synth_preset(preset, &p) != FERRY_OK) {
+        fprintf(stderr, "ferry synth: --preset: %s\n", ferry_last_error());
+        return 2;
+    }
+    int32_t *fields[8] = {&p.n_layers, &p.d_model, &p.d_ff, &p.n_experts, &p.n_experts_used,
+                          &p.n_heads, &p.n_kv_heads, &p.n_vocab};
+    for (int k = 0; k < 8; k++)
+        if (shape[k] >= 0)
+            *fields[k] = (int32_t)shape[k];
+    if (!tok_dir) {
+        FILE *t = fopen("models/tiny-moe-code/tokenizer.json", "rb");
+        if (t) {
+            fclose(t);
+            tok_dir = "models/tiny-moe-code";
+        }
+#ifdef FERRY_SOURCE_DIR
+        else {
+            tok_dir = FERRY_SOURCE_DIR "/models/tiny-moe-code";
+        }
+#endif
+        if (!tok_dir) {
+            fprintf(stderr, "ferry synth: no models/tiny-moe-code here to take the tokenizer "
+                            "from; give --tokenizer DIR\n");
+            return 2;
+        }
+    }
+    p.tokenizer_dir = tok_dir;
+
+    ferry_synth_info info;
+    ferry_status st = ferry_synth_plan(&p, &info);
+    if (st) {
+        fprintf(stderr, "ferry synth: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
+        return st == FERRY_ERR_INVALID ? 2 : 1;
+    }
+    char size[32], params[32];
+    synth_size(size, sizeof size, (double)info.total_bytes);
+    if (info.n_params >= 1000000000)
+        snprintf(params, sizeof params, "%.2fB", (double)info.n_params / 1e9);
+    else
+        snprintf(params, sizeof params, "%.1fM", (double)info.n_params / 1e6);
+    fprintf(stderr,
+            "ferry synth: writing %s (%s parameters, %s, %d layer%s, %d experts) in %d "
+            "shard%s to %s with %d thread%s\n",
+            size, params, dtype_names[p.dtype], (int)p.n_layers,
+            p.n_layers == 1 ? "" : "s", (int)p.n_experts, (int)info.n_shards,
+            info.n_shards == 1 ? "" : "s", out_dir, (int)info.n_threads,
+            info.n_threads == 1 ? "" : "s");
+    int tenths = 0;
+    p.progress = synth_progress;
+    p.progress_user = &tenths;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    st = ferry_synth(&p, out_dir);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (st) {
+        fprintf(stderr, "ferry synth: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
+        return st == FERRY_ERR_INVALID ? 2 : 1;
+    }
+    double s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    fprintf(stderr, "ferry synth: wrote %s in %d shard%s (%d tensors) to %s in %.2f s, "
+                    "%.2f GB/s\n",
+            size, (int)info.n_shards, info.n_shards == 1 ? "" : "s", (int)info.n_tensors,
+            out_dir, s, s > 0 ? (double)info.total_bytes / 1e9 / s : 0.0);
+    return 0;
+}
+
 static ferry_model *open_plain(const char *cmd, const char *dir)
 {
     ferry_model *m;
-    ferry_status st = ferry_model_open(dir, NULL, &m);
+    ferry_model_params mp;
+    if (cli_model_params(&mp))
+        return NULL;
+    ferry_status st = ferry_model_open(dir, &mp, &m);
     if (st) {
         fprintf(stderr, "ferry %s: cannot load the model: %s (%s)\n", cmd, ferry_last_error(),
                 ferry_status_name(st));
@@ -802,7 +1020,7 @@ static void usage_batch(FILE *f)
             "                      print both runs' expert loads and bytes\n"
             "      --ignore-eos    generate max_tokens even past EOS\n"
             "  and ferry run's sampling and model options: --temp --top-k --top-p --seed\n"
-            "  --threads --gpu-mem --offload --pack --host-cache --reader --policy --prefetch\n"
+            "  --threads --backend --gpu-mem --offload --pack --host-cache --reader --policy --prefetch\n"
             "  --predictor --predictor-stats --lookahead --slots\n");
 }
 
@@ -970,7 +1188,9 @@ static int cmd_batch(int argc, char **argv)
     const char *model_dir = NULL, *in_path = NULL, *out_path = NULL;
     long long n_predict = 64, n;
     int compare = 0, ignore_eos = 0, rc;
-    ferry_model_params mp = ferry_model_params_default();
+    ferry_model_params mp;
+    if (cli_model_params(&mp))
+        return 2;
     ferry_batch_params bp = ferry_batch_params_default();
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
@@ -1152,9 +1372,11 @@ static int cmd_run(int argc, char **argv)
     const char *model_dir = NULL, *prompt = NULL, *prompt_file = NULL, *logits_path = NULL;
     long long n_predict = 64, n_ctx = 0;
     int want_stats = 0, want_json = 0, ignore_eos = 0;
-    ferry_model_params mp = ferry_model_params_default();
+    ferry_model_params mp;
     ferry_context_params cp = ferry_context_params_default();
     int rc;
+    if (cli_model_params(&mp))
+        return 2;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -1312,6 +1534,8 @@ static int cmd_run(int argc, char **argv)
         cJSON_Delete(root);
     }
     if (want_stats) {
+        fprintf(stderr, "backend: %s (%s)\n", info.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu",
+                info.device);
         fprintf(stderr,
                 "prefill: %lld tokens in %.3f s (%.1f tokens/s)\n"
                 "decode:  %lld tokens in %.3f s (%.1f tokens/s)\n",
@@ -1332,6 +1556,168 @@ done:
     return rc;
 }
 
+/* ---- ferry bench ---------------------------------------------------------------------- */
+
+static void usage_bench(FILE *f)
+{
+    fprintf(f,
+            "usage: ferry bench MODEL_DIR [--mode decode|prefill] [options]\n"
+            "\n"
+            "Measures the device and host-to-device bandwidths, then the model: prefill speed,\n"
+            "decode speed with per-token latency, and (offloading) hit rate, bytes moved and\n"
+            "stall per token, next to the bound the bandwidths put on decoding.\n"
+            "\n"
+            "      --mode M          decode (default) or prefill\n"
+            "      --prompt-len P    prompt tokens (default 32)\n"
+            "      --gen-len G       greedy decode steps (default 64)\n"
+            "      --repeat R        runs; speeds are the median run (default 3)\n"
+            "      --bandwidth-size SIZE  buffer for the bandwidth measurements (default 256M)\n"
+            "      --json FILE       also write the results as one JSON object\n"
+            "  and ferry run's model options: --threads --backend --gpu-mem --offload --pack\n"
+            "  --host-cache --reader --policy --prefetch --predictor --predictor-stats\n"
+            "  --lookahead --slots\n");
+}
+
+static int write_bench_json(const char *path, const char *model, const ferry_bench_params *bp,
+                            const ferry_bench_result *r)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "model", model);
+    cJSON_AddStringToObject(o, "backend", r->backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu");
+    cJSON_AddStringToObject(o, "device", r->device);
+    cJSON_AddStringToObject(o, "mode", bp->mode == FERRY_BENCH_PREFILL ? "prefill" : "decode");
+    cJSON_AddNumberToObject(o, "prompt_len", bp->prompt_len);
+    cJSON_AddNumberToObject(o, "gen_len", bp->gen_len);
+    cJSON_AddNumberToObject(o, "repeat", bp->repeat);
+    cJSON_AddNumberToObject(o, "device_gbps", r->bw.device_gbps);
+    cJSON_AddNumberToObject(o, "pinned_h2d_gbps", r->bw.pinned_h2d_gbps);
+    cJSON_AddNumberToObject(o, "pageable_h2d_gbps", r->bw.pageable_h2d_gbps);
+    cJSON_AddNumberToObject(o, "prefill_tokens_per_s", r->prefill_tokens_per_s);
+    cJSON_AddNumberToObject(o, "decode_tokens_per_s", r->decode_tokens_per_s);
+    cJSON_AddNumberToObject(o, "latency_median_ms", r->latency_median_ms);
+    cJSON_AddNumberToObject(o, "latency_p90_ms", r->latency_p90_ms);
+    cJSON_AddNumberToObject(o, "dense_bytes_per_token", (double)r->dense_bytes_per_token);
+    cJSON_AddNumberToObject(o, "expert_bytes_per_token", (double)r->expert_bytes_per_token);
+    cJSON_AddNumberToObject(o, "kv_bytes_per_token", (double)r->kv_bytes_per_token);
+    cJSON_AddBoolToObject(o, "offload", r->offload);
+    cJSON_AddNumberToObject(o, "hit_rate", r->hit_rate);
+    cJSON_AddNumberToObject(o, "moved_bytes_per_token", r->moved_bytes_per_token);
+    cJSON_AddNumberToObject(o, "stall_ms_per_token", r->stall_ms_per_token);
+    cJSON_AddNumberToObject(o, "fetch_gbps", r->fetch_gbps);
+    cJSON_AddNumberToObject(o, "bound_tokens_per_s", r->bound_tokens_per_s);
+    cJSON_AddNumberToObject(o, "fraction_of_bound", r->fraction_of_bound);
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    FILE *f = text ? fopen(path, "w") : NULL;
+    int ok = f && fputs(text, f) >= 0 && fputc('\n', f) != EOF;
+    if (f && fclose(f) != 0)
+        ok = 0;
+    free(text);
+    if (!ok) {
+        fprintf(stderr, "ferry bench: cannot write %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_bench(int argc, char **argv)
+{
+    ferry_model_params mp;
+    if (cli_model_params(&mp))
+        return 2;
+    ferry_context_params unused = ferry_context_params_default();
+    ferry_bench_params bp = ferry_bench_params_default();
+    const char *model_dir = NULL, *json_path = NULL;
+    int rc;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if ((rc = parse_model_option("bench", argc, argv, &i, &mp, &unused)) >= 0) {
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage_bench(stdout);
+            return 0;
+        }
+        if (a[0] != '-') {
+            if (model_dir) {
+                fprintf(stderr, "ferry bench: one model directory, got '%s' and '%s'\n",
+                        model_dir, a);
+                return 2;
+            }
+            model_dir = a;
+            continue;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "ferry bench: unknown option %s (ferry bench --help)\n", a);
+            return 2;
+        }
+        const char *v = argv[++i];
+        long long n;
+        if (!strcmp(a, "--mode")) {
+            static const char *const modes[] = {"decode", "prefill"};
+            if ((rc = parse_name(a, v, modes, 2, "decode or prefill", &bp.mode)))
+                return rc;
+        } else if (!strcmp(a, "--prompt-len") || !strcmp(a, "--gen-len")) {
+            if ((rc = parse_i64(a, v, 1, 1 << 20, &n)))
+                return rc;
+            if (a[2] == 'p')
+                bp.prompt_len = (int32_t)n;
+            else
+                bp.gen_len = (int32_t)n;
+        } else if (!strcmp(a, "--repeat")) {
+            if ((rc = parse_i64(a, v, 1, 1000, &n)))
+                return rc;
+            bp.repeat = (int32_t)n;
+        } else if (!strcmp(a, "--bandwidth-size")) {
+            unsigned long long bytes;
+            if ((rc = parse_size(a, v, &bytes)))
+                return rc;
+            bp.bandwidth_bytes = bytes;
+        } else if (!strcmp(a, "--json")) {
+            json_path = v;
+        } else {
+            fprintf(stderr, "ferry bench: unknown option %s (ferry bench --help)\n", a);
+            return 2;
+        }
+    }
+    if (!model_dir) {
+        usage_bench(stderr);
+        return 2;
+    }
+    ferry_bench_result r;
+    ferry_status st = ferry_bench_run(model_dir, &mp, &bp, &r);
+    if (st)
+        return fail_lib("bench", st);
+    printf("backend: %s (%s)\n", r.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu", r.device);
+    printf("bandwidth: device %.1f GB/s, pinned host->device %.2f GB/s, pageable host->device "
+           "%.2f GB/s (%.0f MiB buffers)\n",
+           r.bw.device_gbps, r.bw.pinned_h2d_gbps, r.bw.pageable_h2d_gbps, MIB(r.bw.n_bytes));
+    printf("prefill: %.1f tokens/s (%d-token prompt, median of %d)\n", r.prefill_tokens_per_s,
+           (int)bp.prompt_len, (int)bp.repeat);
+    if (bp.mode == FERRY_BENCH_DECODE) {
+        printf("decode: %.2f tokens/s (median of %d runs of %d), latency median %.3f ms, "
+               "p90 %.3f ms\n",
+               r.decode_tokens_per_s, (int)bp.repeat, (int)bp.gen_len, r.latency_median_ms,
+               r.latency_p90_ms);
+        printf("bytes read per token: dense %.1f MiB + experts %.1f MiB + KV cache %.1f MiB\n",
+               MIB(r.dense_bytes_per_token), MIB(r.expert_bytes_per_token),
+               MIB(r.kv_bytes_per_token));
+        if (r.offload)
+            printf("offload: hit rate %.1f%%, %.2f MiB moved per token, stall %.3f ms per token, "
+                   "fetch rate %.2f GB/s (%.0f%% of pinned)\n",
+                   100.0 * r.hit_rate, MIB((uint64_t)r.moved_bytes_per_token),
+                   r.stall_ms_per_token, r.fetch_gbps,
+                   r.bw.pinned_h2d_gbps > 0 ? 100.0 * r.fetch_gbps / r.bw.pinned_h2d_gbps : 0.0);
+        printf("bound: %.1f tokens/s from the bandwidths above; measured %.1f%% of it\n",
+               r.bound_tokens_per_s, 100.0 * r.fraction_of_bound);
+    }
+    if (json_path)
+        return write_bench_json(json_path, model_dir, &bp, &r);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -1342,16 +1728,25 @@ int main(int argc, char **argv)
         return cmd_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "pack"))
         return cmd_pack(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "synth"))
+        return cmd_synth(argc - 2, argv + 2);
     if (!strcmp(argv[1], "trace"))
         return cmd_trace(argc - 2, argv + 2);
     if (!strcmp(argv[1], "sim"))
         return cmd_sim(argc - 2, argv + 2);
     if (!strcmp(argv[1], "batch"))
         return cmd_batch(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "bench"))
+        return cmd_bench(argc - 2, argv + 2);
     if (!strcmp(argv[1], "predictor"))
         return cmd_predictor(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
         printf("ferry %s\n", ferry_version());
+        char desc[128];
+        if (ferry_cuda_probe(desc, sizeof desc) == FERRY_OK)
+            printf("cuda: %s\n", desc);
+        else
+            printf("cuda: %s\n", ferry_last_error());
         return 0;
     }
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "help")) {

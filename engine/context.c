@@ -100,6 +100,7 @@ static void snapshot_offload_counters(ferry_context *c)
     ferry_prefetch_get_stats(c->m->prefetch, &ps);
     ferry_store_get_stats(c->m->store, &ss);
     c->bytes_to_device0 = ps.bytes_to_device;
+    c->copy_seconds0 = ps.copy_seconds;
     c->bytes_from_disk0 = ss.disk_bytes;
     ferry_prefetch_layer_bytes(c->m->prefetch, c->layer_device0);
     ferry_store_layer_disk_bytes(c->m->store, c->layer_disk0);
@@ -768,6 +769,7 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
     o.context_bytes = m->context_bytes;
     o.slots_bytes = (uint64_t)m->n_slots * m->slot_bytes;
     o.bytes_to_device = ps.bytes_to_device - c->bytes_to_device0;
+    o.copy_seconds = ps.copy_seconds - c->copy_seconds0;
     o.bytes_from_disk = ss.disk_bytes - c->bytes_from_disk0;
     o.stall_seconds = c->stall_seconds;
     o.predictor = m->params.predictor;

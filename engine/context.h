@@ -69,6 +69,7 @@ struct ferry_context {
     double stall_seconds;
     ferry_cache_layer_stats *layer_stats0; /* (n_layers) cache counters at reset */
     uint64_t bytes_to_device0, bytes_from_disk0;  /* pipeline and store counters at reset */
+    double copy_seconds0;
     uint64_t *layer_device0, *layer_disk0;        /* (n_layers) the same per layer */
     double *layer_stall;                          /* (n_layers) since reset */
 

@@ -29,6 +29,7 @@
 ferry_model_params ferry_model_params_default(void)
 {
     ferry_model_params p = {.n_threads = 0,
+                            .backend = FERRY_BACKEND_AUTO,
                             .gpu_mem_bytes = 0,
                             .offload = FERRY_OFFLOAD_RAM,
                             .pack_path = NULL,
@@ -159,8 +160,12 @@ static ferry_status default_pack(ferry_model *m, const char *dir)
     return FERRY_OK;
 }
 
-/* What the contexts' predictors read: each layer's router and post-attention norm (the
- * CPU backend's device memory is host memory), and the fitted statistics. */
+static ferry_status bind_tensor(ferry_model *m, const char *name, int32_t n_dims, int64_t d0,
+                                int64_t d1, int on_host, ferry_weight *out);
+
+/* What the contexts' predictors read on the host: each layer's router and post-attention
+ * norm (the checkpoint's own bytes; the device copies may not be readable from the host),
+ * and the fitted statistics. */
 static ferry_status open_predictor_inputs(ferry_model *m)
 {
     const ferry_config *c = &m->cfg;
@@ -168,12 +173,20 @@ static ferry_status open_predictor_inputs(ferry_model *m)
     m->ffn_norms = calloc((size_t)c->n_layers, sizeof *m->ffn_norms);
     if (!m->gates || !m->ffn_norms)
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+    int64_t n_params = m->n_params; /* views, not more parameters */
     for (int32_t l = 0; l < c->n_layers; l++) {
-        m->gates[l] = m->layers[l].gate;
-        m->ffn_norms[l] = m->layers[l].ffn_norm;
+        char name[128];
+        ferry_status st;
+        snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", (int)l);
+        if ((st = bind_tensor(m, name, 2, c->n_experts, c->hidden_size, 1, &m->gates[l])))
+            return st;
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", (int)l);
+        if ((st = bind_tensor(m, name, 1, c->hidden_size, 0, 1, &m->ffn_norms[l])))
+            return st;
     }
-    if (m->params.predictor == FERRY_PREDICT_STATS ||
-        m->params.predictor == FERRY_PREDICT_COMBINED) {
+    m->n_params = n_params;
+    if (m->params.gpu_mem_bytes > 0 && (m->params.predictor == FERRY_PREDICT_STATS ||
+                                        m->params.predictor == FERRY_PREDICT_COMBINED)) {
         ferry_status st = ferry_routing_stats_load(m->params.predictor_stats_path, &m->route_stats);
         if (st)
             return st;
@@ -370,15 +383,41 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     for (int32_t e = 0; e < c->n_experts; e++) {
         char sfx[96];
         snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w1.weight", (int)e);
-        BIND_AT(sfx, 2, ff, d, 1, &L->experts[e].w1);
+        BIND_AT(sfx, 2, ff, d, m->experts_on_host, &L->experts[e].w1);
         snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w3.weight", (int)e);
-        BIND_AT(sfx, 2, ff, d, 1, &L->experts[e].w3);
+        BIND_AT(sfx, 2, ff, d, m->experts_on_host, &L->experts[e].w3);
         snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w2.weight", (int)e);
-        BIND_AT(sfx, 2, d, ff, 1, &L->experts[e].w2);
+        BIND_AT(sfx, 2, d, ff, m->experts_on_host, &L->experts[e].w2);
     }
 #undef BIND
 #undef BIND_AT
     return FERRY_OK;
+}
+
+/* The backend the params ask for; AUTO takes the GPU when there is a usable one. */
+static ferry_status create_backend(ferry_model *m, const ferry_model_params *p)
+{
+    int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
+    size_t budget = (size_t)p->gpu_mem_bytes;
+    switch (p->backend) {
+    case FERRY_BACKEND_CPU:
+        return ferry_backend_cpu_create(n_threads, budget, &m->be);
+    case FERRY_BACKEND_CUDA:
+        return ferry_backend_cuda_create(budget, &m->be);
+    case FERRY_BACKEND_AUTO:
+        break;
+    default:
+        return ferry_fail(FERRY_ERR_INVALID, "backend %d is not auto, cpu or cuda", (int)p->backend);
+    }
+    ferry_status st = ferry_backend_cuda_probe(NULL, 0);
+    if (st == FERRY_OK) {
+        st = ferry_backend_cuda_create(budget, &m->be);
+        if (st != FERRY_ERR_DEVICE)
+            return st; /* the GPU, or a real failure such as a budget larger than the GPU */
+    }
+    if (st != FERRY_ERR_UNSUPPORTED) /* a CUDA build without a GPU: say why the CPU runs */
+        ferry_log(FERRY_LOG_WARN, "%s; running on the CPU backend", ferry_last_error());
+    return ferry_backend_cpu_create(n_threads, budget, &m->be);
 }
 
 ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferry_model **out)
@@ -426,9 +465,11 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         }
         m->params.pack_path = m->pack_path;
     }
-    int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
-    if ((st = ferry_backend_cpu_create(n_threads, (size_t)p->gpu_mem_bytes, &m->be)))
+    if ((st = create_backend(m, p)))
         goto fail;
+    /* without offloading, experts are device weights like the rest, unless the backend
+     * computes on host memory in place */
+    m->experts_on_host = p->gpu_mem_bytes > 0 || m->be->map_host_weights;
     if (pthread_mutex_init(&m->lock, NULL) != 0) {
         st = ferry_fail(FERRY_ERR_NOMEM, "cannot create the model lock");
         goto fail;
@@ -472,7 +513,17 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     m->dense_bytes = m->be->ops->mem_used(m->be);
     if (p->gpu_mem_bytes > 0 && (st = open_store(m, dir)))
         goto fail;
-    if (p->gpu_mem_bytes > 0 && (st = open_predictor_inputs(m)))
+    if (m->store) {
+        void *h;
+        size_t n_bytes;
+        ferry_store_host_memory(m->store, &h, &n_bytes);
+        if (m->be->ops->host_register(m->be, h, n_bytes) == FERRY_OK)
+            m->h_pinned = h;
+        else
+            ferry_log(FERRY_LOG_WARN, "%s; experts will be copied from pageable memory, several "
+                      "times slower", ferry_last_error());
+    }
+    if ((st = open_predictor_inputs(m)))
         goto fail;
     ferry_log(FERRY_LOG_INFO, "%s: %d layers, %d experts (top-%d), %lld parameters", dir,
               (int)c->n_layers, (int)c->n_experts, (int)c->n_experts_per_tok,
@@ -492,6 +543,8 @@ void ferry_model_close(ferry_model *m)
     ferry_cache_destroy(m->cache);
     if (m->d_slots)
         m->be->ops->free(m->be, m->d_slots);
+    if (m->h_pinned)
+        m->be->ops->host_unregister(m->be, m->h_pinned);
     ferry_store_destroy(m->store);
     ferry_routing_stats_free(m->route_stats);
     free(m->gates);
@@ -538,7 +591,9 @@ ferry_status ferry_model_get_info(const ferry_model *m, ferry_model_info *out)
         .rope_theta = c->rope_theta,
         .rms_eps = c->rms_eps,
         .n_params = m->n_params,
+        .backend = strcmp(m->be->ops->name, "cuda") == 0 ? FERRY_BACKEND_CUDA : FERRY_BACKEND_CPU,
     };
+    snprintf(i.device, sizeof i.device, "%s", m->be->device);
     *out = i;
     return FERRY_OK;
 }
@@ -565,9 +620,13 @@ ferry_status ferry_pack_model(const char *model_dir, const char *out_path)
 {
     if (!model_dir || !out_path)
         return ferry_fail(FERRY_ERR_INVALID, "ferry_pack_model: NULL argument");
-    /* open the whole model, so every shape is checked against config.json first */
+    /* open the whole model, so every shape is checked against config.json first; on the
+     * CPU backend, which reads the experts where the checkpoint is mapped */
     ferry_model *m;
-    ferry_status st = ferry_model_open(model_dir, NULL, &m);
+    ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU;
+    mp.n_threads = 1;
+    ferry_status st = ferry_model_open(model_dir, &mp, &m);
     if (st)
         return st;
     ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,

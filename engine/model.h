@@ -69,6 +69,9 @@ struct ferry_model {
     ferry_model_params params;
     char *pack_path;          /* owned copy of params.pack_path */
     ferry_store *store;
+    void *h_pinned;           /* the store's host memory, when the backend pinned it */
+    int experts_on_host;      /* experts stay in host memory (the store's source, or used in
+                                 place by the CPU backend) */
     size_t dense_bytes;       /* device bytes of the dense weights */
     size_t context_bytes;     /* device bytes of the first context */
     int defer_plan;           /* nonzero: contexts being created do not plan the slots yet
@@ -78,7 +81,7 @@ struct ferry_model {
     char *d_slots;            /* (n_slots, slot_bytes) */
     ferry_cache *cache;
     ferry_prefetch *prefetch;
-    ferry_weight *gates, *ffn_norms;   /* (n_layers) views, for the gate predictor */
+    ferry_weight *gates, *ffn_norms;   /* (n_layers) host views, for the gate predictor */
     ferry_routing_stats *route_stats;  /* for the stats and combined predictors */
 };
 

@@ -403,9 +403,9 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
         st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
         goto done;
     }
-    for (int32_t l = 0; l < cfg->n_layers; l++) {
-        gates[l] = m->layers[l].gate;
-        norms[l] = m->layers[l].ffn_norm;
+    for (int32_t l = 0; l < cfg->n_layers; l++) { /* host views: the predictor runs here */
+        gates[l] = m->gates[l];
+        norms[l] = m->ffn_norms[l];
     }
     if (predictor != FERRY_PREDICT_GATE) {
         if (!stats_path) {

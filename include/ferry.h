@@ -41,6 +41,12 @@ const char *ferry_status_name(ferry_status s);
 /* The library version, "MAJOR.MINOR.PATCH". */
 const char *ferry_version(void);
 
+/* Whether this build can run on a GPU: FERRY_OK and a description of CUDA device 0
+ * ("NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB") in desc (when not NULL), else
+ * FERRY_ERR_UNSUPPORTED (built without CUDA) or FERRY_ERR_DEVICE (no usable device), with
+ * the reason in ferry_last_error(). Thread-safe. */
+ferry_status ferry_cuda_probe(char *desc, size_t desc_len);
+
 /* ---- logging ---------------------------------------------------------------- */
 
 typedef enum { FERRY_LOG_ERROR = 0, FERRY_LOG_WARN = 1, FERRY_LOG_INFO = 2, FERRY_LOG_DEBUG = 3 } ferry_log_level;
@@ -71,11 +77,18 @@ typedef enum {
     FERRY_PREDICT_STATS = 2,
     FERRY_PREDICT_COMBINED = 3
 } ferry_predict_id;
+/* Which backend computes. AUTO: the CUDA backend when this build has it and a CUDA device
+ * is usable, else the CPU backend (and the log says why); CPU: always the CPU reference
+ * backend; CUDA: the GPU, and ferry_model_open fails (FERRY_ERR_UNSUPPORTED: built without
+ * CUDA; FERRY_ERR_DEVICE: no usable device) when there is none. The CUDA backend uses
+ * device 0 of those CUDA_VISIBLE_DEVICES leaves visible. */
+typedef enum { FERRY_BACKEND_AUTO = 0, FERRY_BACKEND_CPU = 1, FERRY_BACKEND_CUDA = 2 } ferry_backend_id;
 /* How the NVMe tier reads: io_uring where the kernel allows it, else a pread thread pool. */
 typedef enum { FERRY_READ_AUTO = 0, FERRY_READ_URING = 1, FERRY_READ_PREAD = 2 } ferry_reader_id;
 
 typedef struct {
     int32_t n_threads; /* compute threads; 0 = one per physical core */
+    int32_t backend;   /* ferry_backend_id */
     /* Expert offloading. gpu_mem_bytes = 0: everything resident, nothing offloaded. Else the
      * device budget: dense weights, KV cache and workspace are placed in it and the rest
      * becomes expert slots, a cache in front of the expert store. */
@@ -118,6 +131,79 @@ void ferry_model_close(ferry_model *m);
  * of ferry_model_open, and FERRY_ERR_IO when out_path cannot be written. */
 ferry_status ferry_pack_model(const char *model_dir, const char *out_path);
 
+/* ---- synthetic checkpoints ------------------------------------------------------ */
+
+/* Checkpoints with a real model's shape and random weights, for benchmarks at scales
+ * nobody ships a test model of (ferry synth). */
+typedef enum { FERRY_SYNTH_BF16 = 0, FERRY_SYNTH_F16 = 1, FERRY_SYNTH_F32 = 2 } ferry_synth_dtype;
+
+/* Called during ferry_synth with the tensor bytes written so far, from whichever writer
+ * thread crossed the next 1/256 of the total (calls never overlap), and once at the end. */
+typedef void (*ferry_synth_progress_fn)(uint64_t bytes_done, uint64_t bytes_total, void *user);
+
+typedef struct {
+    /* the shape, written to config.json as the names in parentheses */
+    int32_t n_vocab;        /* vocab_size; at least the tokenizer's vocabulary */
+    int32_t d_model;        /* hidden_size; n_heads divides it and d_model / n_heads is even */
+    int32_t d_ff;           /* intermediate_size (one expert) */
+    int32_t n_layers;       /* num_hidden_layers */
+    int32_t n_heads;        /* num_attention_heads */
+    int32_t n_kv_heads;     /* num_key_value_heads; divides n_heads */
+    int32_t n_experts;      /* num_local_experts */
+    int32_t n_experts_used; /* num_experts_per_tok (top-k), 1..n_experts */
+    int32_t max_positions;  /* max_position_embeddings */
+    double rope_theta;      /* rope_theta, > 0 */
+    double rms_eps;         /* rms_norm_eps, > 0 */
+    int32_t dtype;          /* ferry_synth_dtype of every tensor */
+    uint64_t seed;          /* a tensor's values depend on the seed and its name only */
+    int32_t n_threads;      /* writer threads; 0 = every online core */
+    uint64_t shard_bytes;   /* most tensor bytes per shard (a larger tensor gets a shard of
+                               its own); one shard: model.safetensors, no index */
+    const char *tokenizer_dir; /* copied from: tokenizer.json (required), and
+                                  tokenizer_config.json, special_tokens_map.json,
+                                  tokenizer.model when present */
+    ferry_synth_progress_fn progress; /* may be NULL */
+    void *progress_user;
+} ferry_synth_params;
+
+/* The mixtral-8x7b shape, bf16, seed 0, every core, 4 GiB shards, no tokenizer_dir (it
+ * must be set), no progress callback. */
+ferry_synth_params ferry_synth_params_default(void);
+
+/* Sets the shape fields of *p (n_vocab .. rms_eps) to a named shape and leaves the
+ * others: "mixtral-8x7b" (32 layers, 8 experts of 14336 over hidden 4096, top-2, GQA 32/8,
+ * vocab 32000) or "tiny" (the bundled models/tiny-moe-code: 6 layers, 8 experts of 384
+ * over hidden 192, top-2, 6/2 heads, vocab 4096). FERRY_ERR_INVALID for another name
+ * (naming it and the known ones) or NULL. Thread-safe. */
+ferry_status ferry_synth_preset(const char *name, ferry_synth_params *p);
+
+typedef struct {
+    uint64_t total_bytes; /* every shard's bytes, headers included */
+    int64_t n_params;
+    int32_t n_tensors;
+    int32_t n_shards;
+    int32_t n_threads;    /* writer threads ferry_synth starts */
+} ferry_synth_info;
+
+/* Checks p as ferry_synth does (everything but the output folder, the tokenizer folder
+ * included) and says what it would write. Returns ferry_synth's codes. Thread-safe. */
+ferry_status ferry_synth_plan(const ferry_synth_params *p, ferry_synth_info *out);
+
+/* Writes a checkpoint of p's shape with random weights into out_dir, which must not exist
+ * (it is created; its parent must exist) or be empty: config.json (model_type mixtral,
+ * torch_dtype), the tensors ferry_model_open binds, in model.safetensors or in shards
+ * model-0000i-of-0000N.safetensors listed by model.safetensors.index.json, and the
+ * tokenizer files. Values are uniform with standard deviation 1/sqrt(columns) (norms are
+ * 1), a function of p->seed and the tensor's name, so the same seed gives the same bytes
+ * whatever the thread count. Files are written under temporary names ("NAME.tmp"),
+ * fsynced and renamed, model.safetensors or the index last: a run that stops early never
+ * leaves a checkpoint that opens, and a failing run removes what it wrote. Returns
+ * FERRY_ERR_INVALID (a bad parameter, an out_dir that is not an empty folder: the message
+ * names it), FERRY_ERR_IO (the tokenizer folder or a file is missing, unreadable or
+ * unwritable, too little disk space), FERRY_ERR_FORMAT/UNSUPPORTED (a tokenizer.json this
+ * build cannot read), FERRY_ERR_NOMEM. Thread-safe (for distinct out_dirs). */
+ferry_status ferry_synth(const ferry_synth_params *p, const char *out_dir);
+
 typedef struct {
     int32_t n_vocab;
     int32_t d_model;      /* hidden_size */
@@ -134,6 +220,9 @@ typedef struct {
     float rope_theta;
     float rms_eps;
     int64_t n_params;
+    int32_t backend;  /* ferry_backend_id that computes: FERRY_BACKEND_CPU or FERRY_BACKEND_CUDA */
+    char device[128]; /* what it runs on: "cpu, 2 threads" or the GPU's name, compute
+                         capability and memory */
 } ferry_model_info;
 
 /* Fills *out with the model's shape. FERRY_ERR_INVALID on NULL. Thread-safe. */
@@ -263,6 +352,8 @@ typedef struct {
     uint64_t bytes_to_device; /* expert bytes copied into slots */
     uint64_t bytes_from_disk; /* read from the pack file */
     double stall_seconds;     /* forward pass waiting for experts */
+    double copy_seconds;      /* copies into slots, from submission to landing: the fetch
+                                 rate is bytes_to_device / copy_seconds */
     /* the predictor, measured live on decoded tokens: index d = lookahead distance */
     int32_t predictor;                  /* ferry_predict_id */
     int64_t predictions[4];             /* top-k sets predicted for layer l+d */
@@ -395,6 +486,64 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
 ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char *stats_path,
                                              const ferry_sim_options *sim,
                                              ferry_predictor_report *out);
+
+/* ---- benchmarks --------------------------------------------------------------- */
+
+typedef struct {
+    double device_gbps;       /* device memory: bytes read + written by a device-to-device copy */
+    double pinned_h2d_gbps;   /* pinned host memory to the device, through the copy engine */
+    double pageable_h2d_gbps; /* pageable host memory to the device (a plain upload) */
+    uint64_t n_bytes;         /* buffer size measured with */
+} ferry_bandwidths;
+
+/* Measures the bandwidths of the backend the params name (AUTO as ferry_model_open
+ * resolves it) with buffers of n_bytes (0 = 256 MiB), on a backend of its own. On the CPU
+ * backend the "device" is host memory and the copies are one thread's memcpy.
+ * FERRY_ERR_NOMEM, FERRY_ERR_DEVICE, FERRY_ERR_UNSUPPORTED. Not thread-safe. */
+ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_bytes,
+                                      ferry_bandwidths *out);
+
+typedef enum { FERRY_BENCH_DECODE = 0, FERRY_BENCH_PREFILL = 1 } ferry_bench_mode;
+
+typedef struct {
+    int32_t mode;       /* ferry_bench_mode */
+    int32_t prompt_len; /* tokens of the (synthetic, deterministic) prompt */
+    int32_t gen_len;    /* greedy decode steps after it (decode mode) */
+    int32_t repeat;     /* runs; speeds are the median run, latencies pool every run */
+    uint64_t bandwidth_bytes; /* buffer for ferry_measure_bandwidths; 0 = 256 MiB */
+} ferry_bench_params;
+
+ferry_bench_params ferry_bench_params_default(void);
+
+typedef struct {
+    ferry_bandwidths bw;
+    int32_t backend;            /* ferry_backend_id that ran */
+    char device[128];
+    double prefill_tokens_per_s; /* median run */
+    double decode_tokens_per_s;  /* median run */
+    double latency_median_ms, latency_p90_ms; /* per decoded token, every run */
+    /* bytes one decode token reads from device memory: dense weights, the top-k experts of
+     * every layer, and the KV cache at the run's mean position */
+    uint64_t dense_bytes_per_token, expert_bytes_per_token, kv_bytes_per_token;
+    /* offloading (zero when resident), over the decode steps of every run */
+    int32_t offload;
+    double hit_rate;
+    double moved_bytes_per_token; /* expert bytes copied to the device per decoded token */
+    double stall_ms_per_token;
+    double fetch_gbps;            /* expert bytes over the copy engine's busy time */
+    /* the bound: the fastest decode the measured bandwidths allow for these bytes, when
+     * copies and compute overlap perfectly: 1 / max(read / device_bw, moved / pinned_bw) */
+    double bound_tokens_per_s;
+    double fraction_of_bound;     /* decode_tokens_per_s / bound_tokens_per_s */
+} ferry_bench_result;
+
+/* Opens the model in model_dir with mp, measures the bandwidths, then runs the benchmark:
+ * per repeat, a fresh KV cache, a prefill of prompt_len tokens and (decode mode) gen_len
+ * greedy steps, each timed. FERRY_ERR_INVALID for impossible lengths (prompt_len < 1,
+ * gen_len < 1 in decode mode, more than the context holds, repeat < 1); the codes of
+ * ferry_model_open otherwise. */
+ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp,
+                             const ferry_bench_params *bp, ferry_bench_result *out);
 
 #ifdef __cplusplus
 }

@@ -11,8 +11,15 @@
  *   accumulate in float32.
  * - Each output row depends only on its own input row (and, for attention, the KV cache),
  *   never on the other rows of the batch or on the thread count: this is what makes
- *   prefill, decode and any reordering of tokens produce bit-identical results.
- * - Ops check their arguments and return FERRY_ERR_INVALID on nonsense; they never abort.
+ *   prefill, decode and any reordering of tokens produce bit-identical results. On the
+ *   CPU backend this holds exactly. The CUDA backend computes matmuls of up to 8 rows in
+ *   float32 (its GEMV) and larger ones through cuBLAS with the activations rounded to the
+ *   weight's 16-bit type, so there a row's bits depend on the row count: the same call
+ *   repeats bit for bit, and prefill agrees with decode within 1e-2, not exactly.
+ * - Attention reads only the cache rows 0..pos0+n-1; rows past them may hold anything.
+ * - Ops check their arguments and return FERRY_ERR_INVALID on nonsense, or
+ *   FERRY_ERR_UNSUPPORTED for valid shapes a backend does not implement (the CUDA
+ *   attention takes head_dim up to 256, its router top-k up to 64); they never abort.
  */
 #ifndef FERRY_KERNELS_BACKEND_H
 #define FERRY_KERNELS_BACKEND_H
@@ -64,6 +71,14 @@ typedef struct {
     ferry_status (*copy_wait)(ferry_backend *b, uint64_t ticket);
     /* Nonzero once the copy with this ticket has landed. */
     int (*copy_done)(ferry_backend *b, uint64_t ticket);
+    /* Pins the host range [h, h + n_bytes) so copies from it run at the full speed of the
+     * bus (CUDA: cudaHostRegister); a no-op on the CPU backend. FERRY_ERR_DEVICE when the
+     * system refuses (the range stays usable, only slower). */
+    ferry_status (*host_register)(ferry_backend *b, void *h, size_t n_bytes);
+    /* Undoes host_register. NULL and unregistered pointers are ignored. */
+    void (*host_unregister)(ferry_backend *b, void *h);
+    /* Device-to-device copy, ordered with the ops. */
+    ferry_status (*copy_device)(ferry_backend *b, void *d_dst, const void *d_src, size_t n_bytes);
 
     /* d_out (n, table->cols) = rows ids of table; ids is a host array. */
     ferry_status (*embedding)(ferry_backend *b, float *d_out, const ferry_weight *table,
@@ -111,6 +126,7 @@ struct ferry_backend {
     const ferry_backend_ops *ops;
     void *impl;
     int map_host_weights; /* nonzero: weights may stay where they are in host memory */
+    char device[128];     /* what it runs on, for messages: "cpu, 2 threads", a GPU's name */
 };
 
 /* Creates the CPU reference backend with n_threads threads (0 = every core).
@@ -122,6 +138,21 @@ struct ferry_backend {
  * On success *out owns it; destroy with ferry_backend_destroy. FERRY_ERR_NOMEM,
  * FERRY_ERR_INVALID. */
 ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, ferry_backend **out);
+
+/* Creates the CUDA backend on device 0 (of those CUDA_VISIBLE_DEVICES leaves visible): a
+ * compute stream for the ops, a copy stream for copy_async (each copy waits for the ops
+ * queued before it, so a slot being refilled is never still being read), cuBLAS for the
+ * matmuls of more than a few rows. device_bytes = 0: each alloc is a cudaMalloc, without
+ * limit; device_bytes > 0: one cudaMalloc of that size carved by an arena, exactly as the
+ * CPU backend's budget. Ops run asynchronously on the compute stream; download and
+ * synchronize wait for them. FERRY_ERR_UNSUPPORTED (built without CUDA), FERRY_ERR_DEVICE
+ * (no usable device; the message says why), FERRY_ERR_NOMEM. */
+ferry_status ferry_backend_cuda_create(size_t device_bytes, ferry_backend **out);
+
+/* Whether ferry_backend_cuda_create can succeed: FERRY_OK with a description of the device
+ * ("NVIDIA H100 80GB HBM3, sm_90, 79.1 GiB") in desc, else the code and message of why not.
+ * desc may be NULL. Thread-safe. */
+ferry_status ferry_backend_cuda_probe(char *desc, size_t desc_len);
 
 /* Destroys any backend. NULL-safe. */
 void ferry_backend_destroy(ferry_backend *b);

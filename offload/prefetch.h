@@ -76,6 +76,8 @@ typedef struct {
     uint64_t fills;            /* slots filled (demand + prefetch) */
     uint64_t prefetch_cancelled;
     uint64_t prefetch_skipped; /* hints dropped by the byte bound or a full cache */
+    double copy_seconds;       /* from each copy's submission to its landing: the fetch rate
+                                  is bytes_to_device / copy_seconds */
 } ferry_prefetch_stats;
 
 void ferry_prefetch_get_stats(ferry_prefetch *pf, ferry_prefetch_stats *out);

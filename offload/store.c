@@ -207,6 +207,12 @@ void ferry_store_destroy(ferry_store *s)
 
 ferry_tier ferry_store_tier(const ferry_store *s) { return s->tier; }
 
+void ferry_store_host_memory(const ferry_store *s, void **h, size_t *n_bytes)
+{
+    *h = s->tier == FERRY_TIER_RAM ? (void *)s->ram : (void *)s->cache_mem;
+    *n_bytes = s->tier == FERRY_TIER_RAM ? s->ram_bytes : s->cache_bytes;
+}
+
 const ferry_expert_layout *ferry_store_layout(const ferry_store *s, int32_t layer, int32_t expert)
 {
     return &s->layouts[(size_t)layer * (size_t)s->n_experts + (size_t)expert];

@@ -62,6 +62,10 @@ void ferry_store_destroy(ferry_store *s);
 
 ferry_tier ferry_store_tier(const ferry_store *s);
 
+/* The one block of host memory every copy to the device reads from (the RAM tier's experts,
+ * the NVMe tier's host cache), for the backend to pin. */
+void ferry_store_host_memory(const ferry_store *s, void **h, size_t *n_bytes);
+
 /* The layout of one expert. */
 const ferry_expert_layout *ferry_store_layout(const ferry_store *s, int32_t layer, int32_t expert);
 

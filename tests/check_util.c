@@ -94,11 +94,53 @@ char *tu_read_file(const char *path, size_t *len)
     return buf;
 }
 
-int tu_run_suite(Suite *s)
+float *tu_rand_floats(uint64_t *state, size_t n, float lo, float hi)
+{
+    float *v = malloc((n ? n : 1) * sizeof *v);
+    ck_assert(v != NULL);
+    for (size_t i = 0; i < n; i++)
+        v[i] = tu_rand_uniform(state, lo, hi);
+    return v;
+}
+
+void *tu_make_weight(ferry_weight *w, float *vals, int64_t rows, int64_t cols, ferry_dtype t)
+{
+    size_t n = (size_t)(rows * cols);
+    void *data = malloc((n ? n : 1) * ferry_dtype_size(t));
+    ck_assert(data != NULL);
+    for (size_t i = 0; i < n; i++) {
+        if (t == FERRY_DTYPE_BF16) {
+            uint16_t h = ferry_f32_to_bf16(vals[i]);
+            ((uint16_t *)data)[i] = h;
+            vals[i] = ferry_bf16_to_f32(h);
+        } else if (t == FERRY_DTYPE_F16) {
+            uint16_t h = ferry_f32_to_f16(vals[i]);
+            ((uint16_t *)data)[i] = h;
+            vals[i] = ferry_f16_to_f32(h);
+        } else {
+            ((float *)data)[i] = vals[i];
+        }
+    }
+    w->d_data = data;
+    w->dtype = t;
+    w->rows = rows;
+    w->cols = cols;
+    return data;
+}
+
+/* Runs the suite with Check's fork mode (CK_FORK unless the environment says otherwise),
+ * or in this process when nofork. */
+static int run_suite(Suite *s, int nofork)
 {
     SRunner *sr = srunner_create(s);
+    if (nofork)
+        srunner_set_fork_status(sr, CK_NOFORK);
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
     return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
 }
+
+int tu_run_suite(Suite *s) { return run_suite(s, 0); }
+
+int tu_run_suite_nofork(Suite *s) { return run_suite(s, 1); }

@@ -10,6 +10,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/backend.h"
+
 /* Relative L2 error ||a - b|| / ||b|| of two float arrays. */
 double tu_rel_l2(const float *a, const float *b, size_t n);
 
@@ -21,6 +23,14 @@ void tu_assert_close(const char *what, const float *a, const float *b, size_t n,
 /* Deterministic random numbers (splitmix64). */
 uint64_t tu_rand_u64(uint64_t *state);
 float tu_rand_uniform(uint64_t *state, float lo, float hi);
+
+/* n floats uniform in [lo, hi); caller frees. */
+float *tu_rand_floats(uint64_t *state, size_t n, float lo, float hi);
+
+/* Makes w a host weight (rows, cols) of dtype t holding vals, rounding vals in place to what
+ * is stored, so a reference computed from vals uses exactly the stored values. Returns the
+ * storage, which the caller frees. */
+void *tu_make_weight(ferry_weight *w, float *vals, int64_t rows, int64_t cols, ferry_dtype t);
 
 /* Writes bytes to a fresh file under the test scratch folder and returns its path in a
  * static buffer of the caller (path must hold 512 bytes). */
@@ -34,5 +44,10 @@ char *tu_read_file(const char *path, size_t *len);
 
 /* Runs the suite; returns the process exit status. */
 int tu_run_suite(Suite *s);
+
+/* Runs the suite in this process (CK_NOFORK, whatever CK_FORK says): for CUDA suites, since
+ * CUDA after fork is undefined. A failing test still runs its checked teardown; a crash
+ * ends the whole run. Returns the process exit status. */
+int tu_run_suite_nofork(Suite *s);
 
 #endif

@@ -17,6 +17,14 @@
 #define MAX_PROMPTS 64
 #define N_PREDICT 20
 
+/* The CPU reference backend, whatever the machine has (test_cuda covers the GPU). */
+static ferry_model_params cpu_params(void)
+{
+    ferry_model_params p = ferry_model_params_default();
+    p.backend = FERRY_BACKEND_CPU;
+    return p;
+}
+
 typedef struct {
     int32_t n;
     int32_t *ids[MAX_PROMPTS];
@@ -87,7 +95,8 @@ static void assert_same_outputs(const work *a, const work *b, const char *what)
 START_TEST(test_reordering_is_lossless_and_loads_fewer_experts)
 {
     ferry_model *m = NULL;
-    ck_assert_int_eq(ferry_model_open(MODEL_DIR, NULL, &m), FERRY_OK);
+    ferry_model_params mp = cpu_params();
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_OK);
     work ro, ar;
     load_work(m, &ro);
     load_work(m, &ar);
@@ -135,7 +144,8 @@ END_TEST
 START_TEST(test_batch_shapes_and_offload_give_the_same_tokens)
 {
     ferry_model *m = NULL;
-    ck_assert_int_eq(ferry_model_open(MODEL_DIR, NULL, &m), FERRY_OK);
+    ferry_model_params mp = cpu_params();
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_OK);
     work ref;
     load_work(m, &ref);
     run_batch(m, &ref, 0, 16, 64, NULL);
@@ -148,6 +158,7 @@ START_TEST(test_batch_shapes_and_offload_give_the_same_tokens)
     } cases[] = {{1, 1, 0, 0}, {3, 5, 0, 0}, {8, 16, 2, 0}, {8, 16, 5, 1}, {64, 64, 12, 0}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         ferry_model_params mp = ferry_model_params_default();
+        mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
         char pack[4096];
         if (cases[ci].slots) {
             mp.gpu_mem_bytes = 64ull << 20;
@@ -182,7 +193,8 @@ END_TEST
 START_TEST(test_batch_errors)
 {
     ferry_model *m = NULL;
-    ck_assert_int_eq(ferry_model_open(MODEL_DIR, NULL, &m), FERRY_OK);
+    ferry_model_params mp = cpu_params();
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_OK);
     int32_t ids[] = {1, 100, 5000};
     const int32_t *prompts[] = {ids};
     int32_t n_ids = 2, n_pred = 4, out[4], n_out;

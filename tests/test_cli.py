@@ -302,6 +302,63 @@ class CliTest(unittest.TestCase):
             self.assertEqual(p.returncode, 2, args)
             self.assertIn(msg, p.stderr.decode(), args)
 
+    def test_bench_prints_speeds_and_the_bound(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bench.json")
+            p = ferry("bench", MODEL, "--backend", "cpu", "--prompt-len", "8", "--gen-len", "6",
+                      "--repeat", "2", "--bandwidth-size", "8M", "--json", path)
+            out = p.stdout.decode()
+            self.assertRegex(out, r"bandwidth: device [0-9.]+ GB/s, pinned host->device [0-9.]+")
+            self.assertRegex(out, r"decode: [0-9.]+ tokens/s \(median of 2 runs of 6\)")
+            self.assertRegex(out, r"bound: [0-9.]+ tokens/s")
+            with open(path) as f:
+                r = json.load(f)
+            self.assertEqual(r["backend"], "cpu")
+            self.assertGreater(r["decode_tokens_per_s"], 0)
+            self.assertGreater(r["bound_tokens_per_s"], 0)
+            self.assertFalse(r["offload"])
+            # one expert per layer and token at least: 6 layers x top-2 x 0.42 MiB
+            self.assertEqual(r["expert_bytes_per_token"], 6 * 2 * 3 * 384 * 192 * 2)
+
+            p = ferry("bench", MODEL, "--backend", "cpu", "--gpu-mem", "20M", "--slots", "4",
+                      "--prompt-len", "8", "--gen-len", "6", "--repeat", "1",
+                      "--bandwidth-size", "8M", "--json", path)
+            self.assertRegex(p.stdout.decode(), r"offload: hit rate [0-9.]+%")
+            with open(path) as f:
+                r = json.load(f)
+            self.assertTrue(r["offload"])
+            self.assertGreater(r["moved_bytes_per_token"], 0)
+        for args, msg in [
+            (["bench", MODEL, "--mode", "train"], "--mode expects decode or prefill"),
+            (["bench", MODEL, "--repeat", "0"], "--repeat expects"),
+            (["bench", MODEL, "--frobnicate", "1"], "unknown option --frobnicate"),
+            (["bench"], "usage: ferry bench"),
+        ]:
+            p = ferry(*args, check=False)
+            self.assertEqual(p.returncode, 2, args)
+            self.assertIn(msg, p.stderr.decode(), args)
+
+    def test_backend_option_and_environment(self):
+        p = ferry("run", MODEL, "-p", "x", "-n", "1", "--backend", "gpu", check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--backend expects auto, cpu or cuda", p.stderr.decode())
+        env = dict(os.environ, FERRY_BACKEND="tpu")
+        q = subprocess.run([FERRY, "run", MODEL, "-p", "x", "-n", "1"], capture_output=True,
+                           env=env, timeout=300)
+        self.assertEqual(q.returncode, 2)
+        self.assertIn("FERRY_BACKEND expects auto, cpu or cuda", q.stderr.decode())
+        p = ferry("run", MODEL, "-p", "def f", "-n", "4", "--backend", "cpu", "--stats")
+        self.assertRegex(p.stderr.decode(), r"backend: cpu \(cpu, \d+ threads?\)")
+        version = ferry("version").stdout.decode()
+        self.assertIn("cuda: ", version)
+        cuda = "cuda: no usable" not in version and "no CUDA backend" not in version
+        p = ferry("run", MODEL, "-p", "def f", "-n", "4", "--backend", "cuda", check=False)
+        if cuda:
+            self.assertEqual(p.returncode, 0, p.stderr.decode())
+        else:  # a clear error, not a silent fallback
+            self.assertEqual(p.returncode, 1)
+            self.assertRegex(p.stderr.decode(), r"CUDA|cuda")
+
     def test_bad_model_dirs_exit_1_naming_the_problem(self):
         with tempfile.TemporaryDirectory() as tmp:
             p = ferry("run", os.path.join(tmp, "nope"), "-p", "x", check=False)
@@ -319,6 +376,71 @@ class CliTest(unittest.TestCase):
             err = p.stderr.decode()
             self.assertIn("model-00003-of-00003.safetensors", err)
             self.assertIn("FERRY_ERR_FORMAT", err)
+
+    def test_synth_writes_a_model_that_runs(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "synth")
+            p = ferry("synth", out, "--preset", "tiny", "--layers", "1", "--shard-size", "2M",
+                      "--seed", "3", "--threads", "2", "--tokenizer", MODEL)
+            err = p.stderr.decode()
+            self.assertEqual(p.stdout, b"")
+            self.assertRegex(err, r"writing [0-9.]+ MB \([0-9.]+M parameters, bf16, 1 layer, "
+                                  r"8 experts\) in \d+ shards to .* with 2 threads")
+            m = re.search(r"wrote [0-9.]+ MB in (\d+) shards \(34 tensors\) to .* in [0-9.]+ s, "
+                          r"[0-9.]+ GB/s", err)
+            self.assertIsNotNone(m, err)
+            shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+            self.assertEqual(shards, ["model-%05d-of-%05d.safetensors" % (i + 1, int(m.group(1)))
+                                      for i in range(int(m.group(1)))])
+            with open(os.path.join(out, "config.json")) as f:
+                cfg = json.load(f)
+            self.assertEqual((cfg["model_type"], cfg["num_hidden_layers"], cfg["hidden_size"],
+                              cfg["torch_dtype"]), ("mixtral", 1, 192, "bfloat16"))
+            with open(os.path.join(out, "model.safetensors.index.json")) as f:
+                index = json.load(f)
+            self.assertEqual(len(index["weight_map"]), 34)
+            run = json.loads(ferry("run", out, "-p", "def f(x):", "-n", "6", "--ignore-eos",
+                                   "--json", "--threads", "2").stdout)
+            self.assertEqual(len(run["ids"]), 6)
+
+            # the same again, elsewhere: the same bytes; the tokenizer found from the cwd
+            again = os.path.join(tmp, "again")
+            ferry_cwd = subprocess.run([FERRY, "synth", again, "--preset", "tiny", "--layers", "1",
+                                        "--shard-size", "2M", "--seed", "3"],
+                                       capture_output=True, timeout=300, cwd=ROOT)
+            self.assertEqual(ferry_cwd.returncode, 0, ferry_cwd.stderr.decode())
+            for name in shards + ["config.json", "tokenizer.json"]:
+                with open(os.path.join(out, name), "rb") as a, \
+                        open(os.path.join(again, name), "rb") as b:
+                    self.assertEqual(a.read(), b.read(), name)
+
+            # a folder that is not empty is refused, and left alone
+            before = sorted(os.listdir(out))
+            p = ferry("synth", out, "--preset", "tiny", "--tokenizer", MODEL, check=False)
+            self.assertEqual(p.returncode, 2)
+            self.assertIn("is not empty", p.stderr.decode())
+            self.assertEqual(sorted(os.listdir(out)), before)
+
+            for args, msg in [
+                (["--dtype", "f8"], "--dtype expects bf16, f16 or f32, got 'f8'"),
+                (["--preset", "mixtral-9x9b"], "unknown preset 'mixtral-9x9b'"),
+                (["--layers", "0"], "--layers expects an integer in [1, "),
+                (["--heads", "5"], "hidden (hidden_size) 192 is not a multiple of heads"),
+                (["--kv-heads", "4"], "is not a multiple of kv heads (num_key_value_heads) 4"),
+                (["--top-k", "9"], "top-k (num_experts_per_tok) 9 exceeds experts"),
+                (["--shard-size", "lots"], "--shard-size expects a size"),
+                (["--vocab"], "--vocab needs a value"),
+                (["--bogus", "1"], "unknown option '--bogus'"),
+            ]:
+                p = ferry("synth", os.path.join(tmp, "bad"), "--preset", "tiny", "--tokenizer",
+                          MODEL, *args, check=False)
+                self.assertEqual(p.returncode, 2, args)
+                self.assertIn(msg, p.stderr.decode(), args)
+                self.assertFalse(os.path.exists(os.path.join(tmp, "bad")), args)
+            p = ferry("synth", os.path.join(tmp, "bad"), "--preset", "tiny", "--tokenizer",
+                      os.path.join(tmp, "none"), check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("none: No such file or directory", p.stderr.decode())
 
 
 if __name__ == "__main__":

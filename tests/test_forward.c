@@ -34,6 +34,14 @@
  * may legitimately route differently in float32; run_case refuses seeds that have one. */
 #define TIE_MARGIN 1e-6
 
+/* The CPU reference backend, whatever the machine has (test_cuda covers the GPU). */
+static ferry_model_params cpu_params(void)
+{
+    ferry_model_params p = ferry_model_params_default();
+    p.backend = FERRY_BACKEND_CPU;
+    return p;
+}
+
 /* ---- the random checkpoint -------------------------------------------------------- */
 
 typedef struct {
@@ -568,6 +576,7 @@ static void run_case(const fw_spec *s)
     model_write(&m, dir);
 
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     ferry_model *fm = NULL;
     ck_assert_msg(ferry_model_open(dir, &mp, &fm) == FERRY_OK, "%s: open: %s", s->name,
@@ -773,7 +782,8 @@ static void expect_rejected(const fw_spec *s, fault_kind fault, const char *name
     model_write(&m, dir);
     static char sentinel;
     ferry_model *fm = (ferry_model *)(void *)&sentinel;
-    ferry_status st = ferry_model_open(dir, NULL, &fm);
+    ferry_model_params mp = cpu_params();
+    ferry_status st = ferry_model_open(dir, &mp, &fm);
     ck_assert_msg(st == FERRY_ERR_FORMAT, "%s (%s): status %s: %s", s->name, name,
                   ferry_status_name(st), ferry_last_error());
     ck_assert_msg(strstr(ferry_last_error(), name) != NULL, "%s: error \"%s\" does not name %s",

@@ -13,42 +13,6 @@
 #include "moe/dispatch.h"
 #include "tests/check_util.h"
 
-static float *rand_floats(uint64_t *rng, size_t n, float lo, float hi)
-{
-    float *v = malloc(n * sizeof *v);
-    ck_assert(v != NULL);
-    for (size_t i = 0; i < n; i++)
-        v[i] = tu_rand_uniform(rng, lo, hi);
-    return v;
-}
-
-/* Builds a weight of the given dtype from f32 values, rounding them in place so the
- * caller's reference uses exactly the stored values. Returns the storage to free. */
-static void *make_weight(ferry_weight *w, float *vals, int64_t rows, int64_t cols, ferry_dtype t)
-{
-    size_t n = (size_t)(rows * cols);
-    void *data = malloc(n * ferry_dtype_size(t));
-    ck_assert(data != NULL);
-    for (size_t i = 0; i < n; i++) {
-        if (t == FERRY_DTYPE_BF16) {
-            uint16_t h = ferry_f32_to_bf16(vals[i]);
-            ((uint16_t *)data)[i] = h;
-            vals[i] = ferry_bf16_to_f32(h);
-        } else if (t == FERRY_DTYPE_F16) {
-            uint16_t h = ferry_f32_to_f16(vals[i]);
-            ((uint16_t *)data)[i] = h;
-            vals[i] = ferry_f16_to_f32(h);
-        } else {
-            ((float *)data)[i] = vals[i];
-        }
-    }
-    w->d_data = data;
-    w->dtype = t;
-    w->rows = rows;
-    w->cols = cols;
-    return data;
-}
-
 static ferry_backend *cpu(int32_t n_threads)
 {
     ferry_backend *b;
@@ -109,10 +73,10 @@ START_TEST(test_kernels_matmul_matches_definition)
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
             int32_t n = (int32_t)shapes[si][0];
             int64_t rows = shapes[si][1], cols = shapes[si][2];
-            float *wv = rand_floats(&rng, (size_t)(rows * cols), -1, 1);
-            float *x = rand_floats(&rng, (size_t)(n * cols), -1, 1);
+            float *wv = tu_rand_floats(&rng, (size_t)(rows * cols), -1, 1);
+            float *x = tu_rand_floats(&rng, (size_t)(n * cols), -1, 1);
             ferry_weight w;
-            void *store = make_weight(&w, wv, rows, cols, types[ti]);
+            void *store = tu_make_weight(&w, wv, rows, cols, types[ti]);
             float *out = malloc((size_t)(n * rows) * sizeof(float));
             float *ref = malloc((size_t)(n * rows) * sizeof(float));
             ck_assert_int_eq(b->ops->matmul(b, out, x, &w, n), FERRY_OK);
@@ -149,10 +113,10 @@ START_TEST(test_kernels_matmul_independent_of_threads)
     uint64_t rng = 5;
     int64_t rows = 257, cols = 600;
     int32_t n = 9;
-    float *wv = rand_floats(&rng, (size_t)(rows * cols), -1, 1);
-    float *x = rand_floats(&rng, (size_t)(n * cols), -1, 1);
+    float *wv = tu_rand_floats(&rng, (size_t)(rows * cols), -1, 1);
+    float *x = tu_rand_floats(&rng, (size_t)(n * cols), -1, 1);
     ferry_weight w;
-    void *store = make_weight(&w, wv, rows, cols, FERRY_DTYPE_BF16);
+    void *store = tu_make_weight(&w, wv, rows, cols, FERRY_DTYPE_BF16);
     float *a = malloc((size_t)(n * rows) * sizeof(float)), *c = malloc((size_t)(n * rows) * sizeof(float));
     ferry_backend *b1 = cpu(1), *b4 = cpu(4);
     ck_assert_int_eq(b1->ops->matmul(b1, a, x, &w, n), FERRY_OK);
@@ -173,10 +137,10 @@ START_TEST(test_kernels_rmsnorm_embedding_silu_add)
     uint64_t rng = 3;
     ferry_backend *b = cpu(2);
     int32_t n = 3, d = 1500;
-    float *x = rand_floats(&rng, (size_t)(n * d), -2, 2);
-    float *wv = rand_floats(&rng, (size_t)d, 0.5f, 1.5f);
+    float *x = tu_rand_floats(&rng, (size_t)(n * d), -2, 2);
+    float *wv = tu_rand_floats(&rng, (size_t)d, 0.5f, 1.5f);
     ferry_weight w;
-    void *store = make_weight(&w, wv, 1, d, FERRY_DTYPE_BF16);
+    void *store = tu_make_weight(&w, wv, 1, d, FERRY_DTYPE_BF16);
     float *out = malloc((size_t)(n * d) * sizeof(float)), *ref = malloc((size_t)(n * d) * sizeof(float));
     ck_assert_int_eq(b->ops->rmsnorm(b, out, x, &w, n, d, 1e-5f), FERRY_OK);
     for (int32_t t = 0; t < n; t++) {
@@ -192,9 +156,9 @@ START_TEST(test_kernels_rmsnorm_embedding_silu_add)
 
     /* embedding: rows of the table, widened */
     int32_t ids[3] = {0, 1, 0};
-    float *tv = rand_floats(&rng, (size_t)(2 * d), -1, 1);
+    float *tv = tu_rand_floats(&rng, (size_t)(2 * d), -1, 1);
     ferry_weight table;
-    void *tstore = make_weight(&table, tv, 2, d, FERRY_DTYPE_F16);
+    void *tstore = tu_make_weight(&table, tv, 2, d, FERRY_DTYPE_F16);
     ck_assert_int_eq(b->ops->embedding(b, out, &table, ids, 3), FERRY_OK);
     for (int32_t t = 0; t < 3; t++)
         ck_assert(memcmp(out + t * d, tv + ids[t] * d, (size_t)d * sizeof(float)) == 0);
@@ -233,7 +197,7 @@ START_TEST(test_kernels_rope_rotate_half)
             sinb[p * half + i] = (float)sin(a);
         }
     uint64_t rng = 9;
-    float *x = rand_floats(&rng, (size_t)(n * heads * hd), -1, 1);
+    float *x = tu_rand_floats(&rng, (size_t)(n * heads * hd), -1, 1);
     float *y = malloc((size_t)(n * heads * hd) * sizeof(float));
     memcpy(y, x, (size_t)(n * heads * hd) * sizeof(float));
     ck_assert_int_eq(b->ops->rope(b, y, n, heads, hd, pos0, cosb, sinb), FERRY_OK);
@@ -295,9 +259,9 @@ START_TEST(test_kernels_attention_gqa_and_window)
                               1.0f / sqrtf((float)cfgs[ci][2])};
         int32_t pos0 = 150, n = 140; /* more than one block of keys */
         int32_t cap = pos0 + n, qd = s.n_heads * s.head_dim, kvd = s.n_kv_heads * s.head_dim;
-        float *q = rand_floats(&rng, (size_t)(n * qd), -1, 1);
-        float *k = rand_floats(&rng, (size_t)(cap * kvd), -1, 1);
-        float *v = rand_floats(&rng, (size_t)(cap * kvd), -1, 1);
+        float *q = tu_rand_floats(&rng, (size_t)(n * qd), -1, 1);
+        float *k = tu_rand_floats(&rng, (size_t)(cap * kvd), -1, 1);
+        float *v = tu_rand_floats(&rng, (size_t)(cap * kvd), -1, 1);
         float *out = malloc((size_t)(n * qd) * sizeof(float)), *ref = malloc((size_t)(n * qd) * sizeof(float));
         ck_assert_int_eq(b->ops->attention(b, out, q, k, v, n, pos0, &s), FERRY_OK);
         attention_reference(ref, q, k, v, n, pos0, &s);

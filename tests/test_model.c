@@ -24,6 +24,7 @@ static int32_t g_vocab;
 static void setup(void)
 {
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     ferry_status st = ferry_model_open(MODEL_DIR, &mp, &g_model);
     ck_assert_msg(st == FERRY_OK, "open: %s", ferry_last_error());

@@ -105,6 +105,7 @@ static uint64_t g_min_budget;
 static void setup(void)
 {
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     for (int ci = 0; ci < 3; ci++)
         ck_assert_int_eq(run_case(&mp, ci, &g_resident[ci], NULL), FERRY_OK);
@@ -136,6 +137,7 @@ static void teardown(void)
 START_TEST(test_offload_budget_below_minimum_is_refused)
 {
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     mp.gpu_mem_bytes = g_min_budget - 256;
     run_result r;
@@ -154,6 +156,7 @@ END_TEST
 START_TEST(test_offload_lossless_across_budgets)
 {
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     ferry_offload_stats os;
     const int32_t extra_slots[] = {0, 1, 5, 12, 30, 46};
@@ -184,6 +187,7 @@ START_TEST(test_offload_lossless_across_policies_and_prefetch)
     for (size_t pi = 0; pi < 4; pi++)
         for (int pre = 0; pre < 2; pre++) {
             ferry_model_params mp = ferry_model_params_default();
+            mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
             mp.n_threads = 2;
             mp.policy = policies[pi];
             mp.prefetch = pre;
@@ -208,6 +212,7 @@ START_TEST(test_offload_nvme_tier_is_lossless)
     const int32_t readers[] = {FERRY_READ_PREAD, FERRY_READ_AUTO};
     for (size_t ri = 0; ri < 2; ri++) {
         ferry_model_params mp = ferry_model_params_default();
+        mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
         mp.n_threads = 2;
         mp.offload = FERRY_OFFLOAD_NVME;
         mp.pack_path = g_pack;
@@ -254,6 +259,7 @@ START_TEST(test_offload_corrupt_pack_names_the_expert)
     fclose(f);
 
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     mp.offload = FERRY_OFFLOAD_NVME;
     mp.pack_path = copy;
@@ -284,6 +290,7 @@ END_TEST
 START_TEST(test_offload_bad_options)
 {
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.gpu_mem_bytes = 64ull << 20;
     mp.offload = FERRY_OFFLOAD_NVME;
     ferry_model *m = NULL;
@@ -308,6 +315,7 @@ START_TEST(test_offload_default_pack_in_cache_folder)
     snprintf(cache, sizeof cache, "%.500s/cache/ferry", dir);
     setenv("FERRY_CACHE_DIR", cache, 1);
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     mp.offload = FERRY_OFFLOAD_NVME;
     mp.gpu_mem_bytes = g_min_budget + 4ull * 430080;

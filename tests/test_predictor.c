@@ -800,6 +800,7 @@ static void live_setup(void)
     size_t len = 0;
     FILE *f = NULL;
     ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
     mp.n_threads = 2;
     if (ferry_model_open(MODEL_DIR, &mp, &g_live.m) != FERRY_OK)
         LIVE_FAIL("model: %s", ferry_last_error());

@@ -7,6 +7,7 @@
  * "Device" memory is ordinary host memory (64-byte aligned).
  */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -187,6 +188,20 @@ static ferry_status cpu_copy(ferry_backend *b, void *dst, const void *src, size_
     if (n_bytes)
         memmove(dst, src, n_bytes);
     return FERRY_OK;
+}
+
+static ferry_status cpu_host_register(ferry_backend *b, void *h, size_t n_bytes)
+{
+    (void)b;
+    (void)h;
+    (void)n_bytes;
+    return FERRY_OK;
+}
+
+static void cpu_host_unregister(ferry_backend *b, void *h)
+{
+    (void)b;
+    (void)h;
 }
 
 static ferry_status cpu_synchronize(ferry_backend *b)
@@ -629,6 +644,9 @@ static const ferry_backend_ops cpu_ops = {
     .copy_async = cpu_copy_async,
     .copy_wait = cpu_copy_wait,
     .copy_done = cpu_copy_done,
+    .host_register = cpu_host_register,
+    .host_unregister = cpu_host_unregister,
+    .copy_device = cpu_copy,
     .embedding = cpu_embedding,
     .rmsnorm = cpu_rmsnorm,
     .matmul = cpu_matmul,
@@ -678,6 +696,8 @@ ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, fe
         }
         impl->copier_started = 1;
     }
+    snprintf(b->device, sizeof b->device, "cpu, %d thread%s", (int)ferry_pool_size(impl->pool),
+             ferry_pool_size(impl->pool) == 1 ? "" : "s");
     *out = b;
     return FERRY_OK;
 fail:

@@ -1,0 +1,321 @@
+/*
+ * engine/bench.c: ferry_measure_bandwidths and ferry_bench_run (include/ferry.h): the
+ * numbers an offloading engine is judged by, next to the bound the measured bandwidths put
+ * on them, so a run says how far from the limit it is.
+ *
+ * The bound of a decode step: it must read every byte it touches from device memory (dense
+ * weights, the chosen experts, the KV cache) and copy every expert it misses over the bus;
+ * with perfect overlap it takes max(read / device bandwidth, moved / pinned bandwidth).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "core/error.h"
+#include "engine/context.h"
+#include "engine/model.h"
+
+#define FERRY_BENCH_BW_BYTES (256ull << 20)
+#define FERRY_BENCH_BW_REPS 5
+
+static double now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+ferry_bench_params ferry_bench_params_default(void)
+{
+    ferry_bench_params p = {.mode = FERRY_BENCH_DECODE,
+                            .prompt_len = 32,
+                            .gen_len = 64,
+                            .repeat = 3,
+                            .bandwidth_bytes = 0};
+    return p;
+}
+
+/* ---- bandwidths ---------------------------------------------------------------------- */
+
+/* The backend the params resolve to, without a budget (the CPU one with an arena, so its
+ * copy engine runs as it does when offloading). */
+static ferry_status bandwidth_backend(const ferry_model_params *mp, size_t n, ferry_backend **out)
+{
+    int cuda = mp->backend == FERRY_BACKEND_CUDA ||
+               (mp->backend == FERRY_BACKEND_AUTO && ferry_backend_cuda_probe(NULL, 0) == FERRY_OK);
+    if (cuda)
+        return ferry_backend_cuda_create(0, out);
+    return ferry_backend_cpu_create(1, 2 * n + (1u << 20), out);
+}
+
+static ferry_status measure(ferry_backend *be, size_t n, void *h, ferry_bandwidths *bw)
+{
+    const ferry_backend_ops *o = be->ops;
+    void *d_a = NULL, *d_b = NULL;
+    ferry_status st;
+    if ((st = o->alloc(be, n, &d_a)) || (st = o->alloc(be, n, &d_b)))
+        goto done;
+    memset(h, 1, n); /* touch every page before timing */
+    /* pageable upload (also fills d_a) */
+    if ((st = o->upload(be, d_a, h, n)))
+        goto done;
+    double t0 = now_seconds();
+    for (int r = 0; r < FERRY_BENCH_BW_REPS && st == FERRY_OK; r++)
+        st = o->upload(be, d_a, h, n);
+    if (st)
+        goto done;
+    bw->pageable_h2d_gbps = (double)n * FERRY_BENCH_BW_REPS / (now_seconds() - t0) / 1e9;
+    /* device to device: n read + n written per copy */
+    if ((st = o->copy_device(be, d_b, d_a, n)) || (st = o->synchronize(be)))
+        goto done;
+    t0 = now_seconds();
+    for (int r = 0; r < FERRY_BENCH_BW_REPS && st == FERRY_OK; r++)
+        st = o->copy_device(be, d_b, d_a, n);
+    if (st || (st = o->synchronize(be)))
+        goto done;
+    bw->device_gbps = 2.0 * (double)n * FERRY_BENCH_BW_REPS / (now_seconds() - t0) / 1e9;
+    /* pinned, through the copy engine, as expert fetches go */
+    int pinned = o->host_register(be, h, n) == FERRY_OK;
+    uint64_t ticket;
+    if ((st = o->copy_async(be, d_b, h, n, &ticket)) || (st = o->copy_wait(be, ticket)))
+        goto unpin;
+    t0 = now_seconds();
+    for (int r = 0; r < FERRY_BENCH_BW_REPS && st == FERRY_OK; r++)
+        st = o->copy_async(be, d_b, h, n, &ticket);
+    if (st == FERRY_OK)
+        st = o->copy_wait(be, ticket);
+    if (st == FERRY_OK)
+        bw->pinned_h2d_gbps = (double)n * FERRY_BENCH_BW_REPS / (now_seconds() - t0) / 1e9;
+unpin:
+    if (pinned)
+        o->host_unregister(be, h);
+done:
+    o->free(be, d_a);
+    o->free(be, d_b);
+    return st;
+}
+
+ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_bytes,
+                                      ferry_bandwidths *out)
+{
+    if (!mp || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_measure_bandwidths: NULL argument");
+    size_t n = n_bytes ? (size_t)n_bytes : (size_t)FERRY_BENCH_BW_BYTES;
+    if (n < 4096 || n > (16ull << 30))
+        return ferry_fail(FERRY_ERR_INVALID, "bandwidth buffer of %zu bytes (4 KiB to 16 GiB)",
+                          n);
+    ferry_backend *be = NULL;
+    TRY(bandwidth_backend(mp, n, &be));
+    void *h = aligned_alloc(4096, (n + 4095) / 4096 * 4096);
+    ferry_bandwidths bw = {.n_bytes = n};
+    ferry_status st = h ? measure(be, n, h, &bw)
+                        : ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes", n);
+    free(h);
+    ferry_backend_destroy(be);
+    if (st == FERRY_OK)
+        *out = bw;
+    return st;
+}
+
+/* ---- the run ----------------------------------------------------------------------- */
+
+static uint64_t weight_bytes(const ferry_weight *w)
+{
+    return (uint64_t)w->rows * (uint64_t)w->cols * ferry_dtype_size(w->dtype);
+}
+
+/* Dense weight bytes one decode token reads: every layer's attention, norms and router,
+ * the final norm, the LM head and one embedding row. */
+static uint64_t dense_bytes_per_token(const ferry_model *m)
+{
+    uint64_t b = weight_bytes(&m->final_norm) + weight_bytes(&m->lm_head) +
+                 (uint64_t)m->embed.cols * ferry_dtype_size(m->embed.dtype);
+    for (int32_t l = 0; l < m->cfg.n_layers; l++) {
+        const ferry_layer_weights *L = &m->layers[l];
+        b += weight_bytes(&L->wq) + weight_bytes(&L->wk) + weight_bytes(&L->wv) +
+             weight_bytes(&L->wo) + weight_bytes(&L->gate) + weight_bytes(&L->attn_norm) +
+             weight_bytes(&L->ffn_norm);
+    }
+    return b;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int32_t argmax(const float *v, int32_t n)
+{
+    int32_t best = 0;
+    for (int32_t i = 1; i < n; i++)
+        if (v[i] > v[best])
+            best = i;
+    return best;
+}
+
+typedef struct {
+    ferry_model *m;
+    ferry_context *c;
+    int32_t *prompt;
+    float *logits;
+    double *lat;       /* (repeat * gen_len) seconds per decoded token */
+    double *prefill;   /* (repeat) tokens/s */
+    double *decode;    /* (repeat) tokens/s */
+} bench_state;
+
+static void bench_free(bench_state *s)
+{
+    ferry_context_free(s->c);
+    ferry_model_close(s->m);
+    free(s->prompt);
+    free(s->logits);
+    free(s->lat);
+    free(s->prefill);
+    free(s->decode);
+}
+
+/* Offload counters of the decode steps (accumulated over runs). */
+typedef struct {
+    int64_t hits, misses;
+    uint64_t moved;
+    double stall, copy;
+} decode_counters;
+
+static void add_offload_delta(decode_counters *acc, const ferry_offload_stats *a,
+                              const ferry_offload_stats *b)
+{
+    acc->hits += b->hits - a->hits;
+    acc->misses += b->misses - a->misses;
+    acc->moved += b->bytes_to_device - a->bytes_to_device;
+    acc->stall += b->stall_seconds - a->stall_seconds;
+    acc->copy += b->copy_seconds - a->copy_seconds;
+}
+
+static ferry_status run_all(bench_state *s, const ferry_bench_params *bp, decode_counters *dc)
+{
+    const ferry_config *cfg = &s->m->cfg;
+    int32_t V = cfg->vocab_size, P = bp->prompt_len;
+    int32_t G = bp->mode == FERRY_BENCH_DECODE ? bp->gen_len : 0;
+    for (int32_t r = 0; r < bp->repeat; r++) {
+        ferry_context_reset(s->c);
+        double t0 = now_seconds();
+        TRY(ferry_eval(s->c, s->prompt, P, s->logits));
+        s->prefill[r] = (double)P / (now_seconds() - t0);
+        ferry_offload_stats before, after;
+        TRY(ferry_context_get_offload_stats(s->c, &before, NULL, 0));
+        double total = 0;
+        for (int32_t g = 0; g < G; g++) {
+            int32_t next = argmax(s->logits, V);
+            double t = now_seconds();
+            TRY(ferry_eval(s->c, &next, 1, s->logits));
+            double dt = now_seconds() - t;
+            s->lat[(size_t)r * (size_t)G + (size_t)g] = dt;
+            total += dt;
+        }
+        TRY(ferry_context_get_offload_stats(s->c, &after, NULL, 0));
+        add_offload_delta(dc, &before, &after);
+        s->decode[r] = G > 0 ? (double)G / total : 0;
+    }
+    return FERRY_OK;
+}
+
+ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp,
+                             const ferry_bench_params *bp, ferry_bench_result *out)
+{
+    if (!model_dir || !mp || !bp || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_bench_run: NULL argument");
+    if (bp->mode != FERRY_BENCH_DECODE && bp->mode != FERRY_BENCH_PREFILL)
+        return ferry_fail(FERRY_ERR_INVALID, "bench mode %d is not decode or prefill",
+                          (int)bp->mode);
+    if (bp->prompt_len < 1 || bp->repeat < 1 || bp->repeat > 1000 ||
+        (bp->mode == FERRY_BENCH_DECODE && bp->gen_len < 1))
+        return ferry_fail(FERRY_ERR_INVALID, "bench: prompt length %d, %d generated tokens, %d "
+                          "repeats (need at least 1 each, at most 1000 repeats)",
+                          (int)bp->prompt_len, (int)bp->gen_len, (int)bp->repeat);
+    ferry_bench_result res;
+    memset(&res, 0, sizeof res);
+    TRY(ferry_measure_bandwidths(mp, bp->bandwidth_bytes, &res.bw));
+
+    bench_state s;
+    memset(&s, 0, sizeof s);
+    decode_counters dc;
+    memset(&dc, 0, sizeof dc);
+    ferry_status st;
+    int32_t G = bp->mode == FERRY_BENCH_DECODE ? bp->gen_len : 0;
+    if ((st = ferry_model_open(model_dir, mp, &s.m)))
+        goto done;
+    const ferry_config *cfg = &s.m->cfg;
+    if ((int64_t)bp->prompt_len + G > cfg->max_positions) {
+        st = ferry_fail(FERRY_ERR_INVALID, "bench: %d prompt + %d generated tokens exceed the "
+                        "model's %d positions", (int)bp->prompt_len, (int)G,
+                        (int)cfg->max_positions);
+        goto done;
+    }
+    ferry_context_params cp = ferry_context_params_default();
+    cp.n_ctx = bp->prompt_len + G;
+    if ((st = ferry_context_create(s.m, &cp, &s.c)))
+        goto done;
+    s.prompt = malloc((size_t)bp->prompt_len * sizeof *s.prompt);
+    s.logits = malloc((size_t)cfg->vocab_size * sizeof *s.logits);
+    s.lat = malloc(((size_t)bp->repeat * (size_t)G + 1) * sizeof *s.lat);
+    s.prefill = malloc((size_t)bp->repeat * sizeof *s.prefill);
+    s.decode = malloc((size_t)bp->repeat * sizeof *s.decode);
+    if (!s.prompt || !s.logits || !s.lat || !s.prefill || !s.decode) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "bench: out of memory");
+        goto done;
+    }
+    /* a fixed pseudo-random prompt: BOS, then ids spread over the vocabulary */
+    ferry_model_info info;
+    ferry_model_get_info(s.m, &info);
+    uint32_t span = (uint32_t)(cfg->vocab_size > 3 ? cfg->vocab_size - 3 : 1);
+    for (int32_t i = 0; i < bp->prompt_len; i++)
+        s.prompt[i] = i == 0 && info.bos_id >= 0 ? info.bos_id
+                                                  : (int32_t)(3 + (uint32_t)i * 2654435761u % span);
+    if ((st = run_all(&s, bp, &dc)))
+        goto done;
+
+    qsort(s.prefill, (size_t)bp->repeat, sizeof *s.prefill, cmp_double);
+    qsort(s.decode, (size_t)bp->repeat, sizeof *s.decode, cmp_double);
+    res.prefill_tokens_per_s = s.prefill[bp->repeat / 2];
+    res.backend = info.backend;
+    snprintf(res.device, sizeof res.device, "%s", info.device);
+    if (G > 0) {
+        size_t n_lat = (size_t)bp->repeat * (size_t)G;
+        qsort(s.lat, n_lat, sizeof *s.lat, cmp_double);
+        res.decode_tokens_per_s = s.decode[bp->repeat / 2];
+        res.latency_median_ms = 1e3 * s.lat[n_lat / 2];
+        res.latency_p90_ms = 1e3 * s.lat[n_lat * 9 / 10];
+        res.dense_bytes_per_token = dense_bytes_per_token(s.m);
+        res.expert_bytes_per_token = (uint64_t)cfg->n_layers * (uint64_t)cfg->n_experts_per_tok *
+                                     ferry_model_expert_bytes(s.m);
+        /* keys and values of every layer, float32, at the mean decode position */
+        double mean_pos = bp->prompt_len + (G - 1) / 2.0 + 1;
+        res.kv_bytes_per_token = (uint64_t)(mean_pos * 2.0 * cfg->n_layers * cfg->n_kv_heads *
+                                            cfg->head_dim * sizeof(float));
+        double n_dec = (double)bp->repeat * G;
+        res.offload = s.m->store != NULL;
+        if (res.offload) {
+            int64_t lookups = dc.hits + dc.misses;
+            res.hit_rate = lookups ? (double)dc.hits / (double)lookups : 0;
+            res.moved_bytes_per_token = (double)dc.moved / n_dec;
+            res.stall_ms_per_token = 1e3 * dc.stall / n_dec;
+            res.fetch_gbps = dc.copy > 0 ? (double)dc.moved / dc.copy / 1e9 : 0;
+        }
+        double read = (double)(res.dense_bytes_per_token + res.expert_bytes_per_token +
+                               res.kv_bytes_per_token);
+        double t_read = read / (res.bw.device_gbps * 1e9);
+        double t_move = res.bw.pinned_h2d_gbps > 0
+                            ? res.moved_bytes_per_token / (res.bw.pinned_h2d_gbps * 1e9)
+                            : 0;
+        double t = t_read > t_move ? t_read : t_move;
+        res.bound_tokens_per_s = t > 0 ? 1.0 / t : 0;
+        res.fraction_of_bound =
+            res.bound_tokens_per_s > 0 ? res.decode_tokens_per_s / res.bound_tokens_per_s : 0;
+    }
+    *out = res;
+done:
+    bench_free(&s);
+    return st;
+}
