@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "engine/context.h"
 #include "moe/schedule.h"
@@ -48,13 +49,6 @@ typedef struct {
     ferry_batch_stats stats;
     int64_t *layer_loads;
 } batch_run;
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 ferry_batch_params ferry_batch_params_default(void)
 {
@@ -294,7 +288,7 @@ ferry_status ferry_batch_generate(ferry_model *m, const int32_t *const *prompts,
     }
     if (layer_loads)
         memset(layer_loads, 0, (size_t)cfg->n_layers * sizeof *layer_loads);
-    double t0 = now_seconds();
+    double t0 = ferry_now_seconds();
     if ((st = ferry_schedule_create(cfg->n_experts, b.max_rows, k, &b.sched)) ||
         (st = create_contexts(&b)))
         goto done;
@@ -309,7 +303,7 @@ ferry_status ferry_batch_generate(ferry_model *m, const int32_t *const *prompts,
     pthread_mutex_unlock(&m->lock);
     if (st)
         goto done;
-    b.stats.seconds = now_seconds() - t0;
+    b.stats.seconds = ferry_now_seconds() - t0;
     b.stats.expert_bytes = ferry_model_expert_bytes(m);
     if (m->cache) {
         ferry_offload_stats os;

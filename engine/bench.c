@@ -12,19 +12,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "engine/context.h"
 #include "engine/model.h"
 
 #define FERRY_BENCH_BW_BYTES (256ull << 20)
 #define FERRY_BENCH_BW_REPS 5
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 ferry_bench_params ferry_bench_params_default(void)
 {
@@ -60,33 +54,33 @@ static ferry_status measure(ferry_backend *be, size_t n, void *h, ferry_bandwidt
     /* pageable upload (also fills d_a) */
     if ((st = o->upload(be, d_a, h, n)))
         goto done;
-    double t0 = now_seconds();
+    double t0 = ferry_now_seconds();
     for (int r = 0; r < FERRY_BENCH_BW_REPS && st == FERRY_OK; r++)
         st = o->upload(be, d_a, h, n);
     if (st)
         goto done;
-    bw->pageable_h2d_gbps = (double)n * FERRY_BENCH_BW_REPS / (now_seconds() - t0) / 1e9;
+    bw->pageable_h2d_gbps = (double)n * FERRY_BENCH_BW_REPS / (ferry_now_seconds() - t0) / 1e9;
     /* device to device: n read + n written per copy */
     if ((st = o->copy_device(be, d_b, d_a, n)) || (st = o->synchronize(be)))
         goto done;
-    t0 = now_seconds();
+    t0 = ferry_now_seconds();
     for (int r = 0; r < FERRY_BENCH_BW_REPS && st == FERRY_OK; r++)
         st = o->copy_device(be, d_b, d_a, n);
     if (st || (st = o->synchronize(be)))
         goto done;
-    bw->device_gbps = 2.0 * (double)n * FERRY_BENCH_BW_REPS / (now_seconds() - t0) / 1e9;
+    bw->device_gbps = 2.0 * (double)n * FERRY_BENCH_BW_REPS / (ferry_now_seconds() - t0) / 1e9;
     /* pinned, through the copy engine, as expert fetches go */
     int pinned = o->host_register(be, h, n) == FERRY_OK;
     uint64_t ticket;
     if ((st = o->copy_async(be, d_b, h, n, &ticket)) || (st = o->copy_wait(be, ticket)))
         goto unpin;
-    t0 = now_seconds();
+    t0 = ferry_now_seconds();
     for (int r = 0; r < FERRY_BENCH_BW_REPS && st == FERRY_OK; r++)
         st = o->copy_async(be, d_b, h, n, &ticket);
     if (st == FERRY_OK)
         st = o->copy_wait(be, ticket);
     if (st == FERRY_OK)
-        bw->pinned_h2d_gbps = (double)n * FERRY_BENCH_BW_REPS / (now_seconds() - t0) / 1e9;
+        bw->pinned_h2d_gbps = (double)n * FERRY_BENCH_BW_REPS / (ferry_now_seconds() - t0) / 1e9;
 unpin:
     if (pinned)
         o->host_unregister(be, h);
@@ -200,17 +194,17 @@ static ferry_status run_all(bench_state *s, const ferry_bench_params *bp, decode
     int32_t G = bp->mode == FERRY_BENCH_DECODE ? bp->gen_len : 0;
     for (int32_t r = 0; r < bp->repeat; r++) {
         ferry_context_reset(s->c);
-        double t0 = now_seconds();
+        double t0 = ferry_now_seconds();
         TRY(ferry_eval(s->c, s->prompt, P, s->logits));
-        s->prefill[r] = (double)P / (now_seconds() - t0);
+        s->prefill[r] = (double)P / (ferry_now_seconds() - t0);
         ferry_offload_stats before, after;
         TRY(ferry_context_get_offload_stats(s->c, &before, NULL, 0));
         double total = 0;
         for (int32_t g = 0; g < G; g++) {
             int32_t next = argmax(s->logits, V);
-            double t = now_seconds();
+            double t = ferry_now_seconds();
             TRY(ferry_eval(s->c, &next, 1, s->logits));
-            double dt = now_seconds() - t;
+            double dt = ferry_now_seconds() - t;
             s->lat[(size_t)r * (size_t)G + (size_t)g] = dt;
             total += dt;
         }

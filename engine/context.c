@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "engine/context.h"
 
@@ -20,13 +21,6 @@
 #define FERRY_LOGIT_ROWS 16
 #define MIB(x) ((double)(x) / (1024.0 * 1024.0))
 #define FERRY_DEFAULT_CTX_CAP 4096
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 ferry_context_params ferry_context_params_default(void)
 {
@@ -362,10 +356,10 @@ static ferry_status run_wave(ferry_context *c, int32_t layer, int32_t n_held)
                 continue;
             int32_t slot = c->held_slot[i], e = c->held_expert[i];
             if (st == FERRY_OK && pass == 1) {
-                double t0 = now_seconds();
+                double t0 = ferry_now_seconds();
                 if (ferry_cache_wait_ready(m->cache, slot) != FERRY_OK)
                     st = ferry_prefetch_failure(m->prefetch, layer, e);
-                double dt = now_seconds() - t0;
+                double dt = ferry_now_seconds() - t0;
                 c->stall_seconds += dt;
                 c->layer_stall[layer] += dt;
             }
@@ -665,7 +659,7 @@ ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t
             return ferry_fail(FERRY_ERR_INVALID, "eval: token %d at index %d is outside [0, %d)",
                               (int)ids[i], (int)i, (int)V);
 
-    double t0 = now_seconds();
+    double t0 = ferry_now_seconds();
     int32_t start_past = c->n_past;
     ferry_status st = FERRY_OK;
     pthread_mutex_lock(&c->m->lock);
@@ -680,7 +674,7 @@ ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t
         c->n_past = start_past; /* the cache rows past n_past are garbage and get overwritten */
         return st;
     }
-    double dt = now_seconds() - t0;
+    double dt = ferry_now_seconds() - t0;
     if (n > 1) {
         c->stats.n_prompt_tokens += n;
         c->stats.prefill_seconds += dt;

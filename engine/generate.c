@@ -6,6 +6,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "engine/context.h"
 
@@ -13,13 +14,6 @@ ferry_generate_params ferry_generate_params_default(void)
 {
     ferry_generate_params p = {.n_predict = 64, .stop_at_eos = 1, .prompt_logits = NULL};
     return p;
-}
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 int ferry_token_is_eos(const ferry_model *m, int32_t id)
@@ -86,9 +80,9 @@ ferry_status ferry_generate(ferry_context *c, const int32_t *prompt_ids, int32_t
             goto done;
     int32_t n = 0;
     for (int32_t i = 0; i < p->n_predict; i++) {
-        double t0 = now_seconds();
+        double t0 = ferry_now_seconds();
         int32_t id = ferry_sampler_sample(&c->sampler, logits);
-        c->stats.sample_seconds += now_seconds() - t0;
+        c->stats.sample_seconds += ferry_now_seconds() - t0;
         if (n < out_cap)
             out_ids[n] = id;
         n++;

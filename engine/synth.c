@@ -55,6 +55,7 @@
 #include <xxhash.h>
 
 #include "core/error.h"
+#include "core/fileio.h"
 #include "core/pool.h"
 #include "engine/config.h"
 #include "engine/tokenizer.h"
@@ -650,33 +651,13 @@ static void files_finish(synth_files *f, int undo)
     free(f->dir);
 }
 
-static ferry_status write_all(int fd, const char *path, const void *data, uint64_t n,
-                              uint64_t offset)
-{
-    const uint8_t *p = data;
-    while (n > 0) {
-        size_t step = n > (1u << 30) ? (1u << 30) : (size_t)n;
-        ssize_t w = pwrite(fd, p, step, (off_t)offset);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return ferry_fail(FERRY_ERR_IO, "%s: write of %zu bytes at offset %llu failed: %s",
-                              path, step, (unsigned long long)offset,
-                              w < 0 ? strerror(errno) : "no progress");
-        p += w;
-        n -= (uint64_t)w;
-        offset += (uint64_t)w;
-    }
-    return FERRY_OK;
-}
-
 /* Creates path (which must not exist), writes data and fsyncs it. */
 static ferry_status write_small_file(const char *path, const void *data, size_t n)
 {
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0)
         return ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
-    ferry_status st = write_all(fd, path, data, n, 0);
+    ferry_status st = ferry_pwrite_all(fd, path, data, n, 0);
     if (!st && fsync(fd) != 0)
         st = ferry_fail(FERRY_ERR_IO, "%s: fsync failed: %s", path, strerror(errno));
     if (close(fd) != 0 && !st)
@@ -923,7 +904,7 @@ static void write_task(void *arg, int32_t k)
         fill_chunk(t, ch->first, ch->count, pl->p.dtype, &j->workers[k], j->workers[k].buf);
         uint64_t bytes = ch->count * pl->elem_bytes;
         uint64_t at = pl->shards[t->shard].header_bytes + t->offset + ch->first * pl->elem_bytes;
-        ferry_status st = write_all(j->fds[t->shard], j->tmp_paths[t->shard], j->workers[k].buf,
+        ferry_status st = ferry_pwrite_all(j->fds[t->shard], j->tmp_paths[t->shard], j->workers[k].buf,
                                     bytes, at);
         if (st) {
             job_fail(j, st);
@@ -965,7 +946,7 @@ static ferry_status open_shards(const synth_plan *pl, synth_files *f, int *fds, 
                 return ferry_fail(FERRY_ERR_IO, "%s: cannot size to %llu bytes: %s", tmp,
                                   (unsigned long long)size, strerror(errno));
         }
-        TRY(write_all(fds[s], tmp, sh->header, sh->header_bytes, 0));
+        TRY(ferry_pwrite_all(fds[s], tmp, sh->header, sh->header_bytes, 0));
     }
     return FERRY_OK;
 }

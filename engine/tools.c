@@ -12,18 +12,12 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "engine/context.h"
 #include "engine/sim.h"
 #include "predictor/predictor.h"
 #include "predictor/trace.h"
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* What the observer collects for one sequence. */
 typedef struct {
@@ -357,20 +351,20 @@ static ferry_status eval_sequence(void *user, const seq_record *r, int32_t n)
             size_t row = (size_t)t * (size_t)r->n_layers + (size_t)l;
             for (int32_t j = 0; j < r->k; j++)
                 experts[j] = r->experts[row * (size_t)r->k + (size_t)j];
-            double t0 = now_seconds();
+            double t0 = ferry_now_seconds();
             ferry_predictor_observe(le->p, l, r->hidden + row * (size_t)r->d, experts);
             for (int32_t d = 1; d <= 3 && l + d < r->n_layers; d++) {
                 ferry_status st = ferry_predictor_predict(le->p, l, d, le->scores);
                 if (st)
                     return st;
                 ferry_predictor_top(le->scores, r->n_experts, r->k, le->top);
-                le->seconds += now_seconds() - t0;
+                le->seconds += ferry_now_seconds() - t0;
                 const uint8_t *actual = r->experts + (row + (size_t)d) * (size_t)r->k;
                 for (int32_t i = 0; i < r->k; i++)
                     for (int32_t j = 0; j < r->k; j++)
                         le->e.n_correct[d] += le->top[i] == actual[j];
                 le->e.n_predictions[d]++;
-                t0 = now_seconds();
+                t0 = ferry_now_seconds();
             }
         }
         le->tokens++;
@@ -477,11 +471,11 @@ ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char 
     ferry_predictor_eval e;
     memset(&e, 0, sizeof e);
     e.k = tr->top_k;
-    double t0 = now_seconds();
+    double t0 = ferry_now_seconds();
     if ((st = ferry_predictor_eval_trace(p, tr, &e)))
         goto done;
     report_from_eval(&e, tr->top_k, out);
-    out->seconds_per_token = tr->n_tokens ? (now_seconds() - t0) / (double)tr->n_tokens : 0;
+    out->seconds_per_token = tr->n_tokens ? (ferry_now_seconds() - t0) / (double)tr->n_tokens : 0;
     st = sim_pair(tr, NULL, 0, p, FERRY_PREDICTOR_STATS, sim, sim ? sim->expert_bytes : 0, out);
 done:
     ferry_predictor_destroy(p);

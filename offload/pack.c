@@ -50,6 +50,7 @@
 
 #include "core/bytes.h"
 #include "core/error.h"
+#include "core/fileio.h"
 
 #define PACK_MAGIC "FERRYPK1"
 #define PACK_FIXED_BYTES 4096u
@@ -59,7 +60,6 @@
 #define PACK_MAX_EXPERTS_TOTAL (1 << 20)
 #define PACK_MAX_DIM (1 << 20)
 /* One write() moves at most this much (Linux caps a single write near 2 GiB). */
-#define PACK_MAX_WRITE (1u << 30)
 
 static const char *const part_names[FERRY_PACK_N_PARTS] = {"w1", "w3", "w2"};
 
@@ -113,26 +113,6 @@ static const char *shape_problem(const ferry_pack_shape *s)
 }
 
 /* ---- writer ------------------------------------------------------------------------ */
-
-static ferry_status write_all(int fd, const char *path, const void *data, uint64_t n,
-                              uint64_t offset)
-{
-    const uint8_t *p = data;
-    while (n > 0) {
-        size_t step = n > PACK_MAX_WRITE ? PACK_MAX_WRITE : (size_t)n;
-        ssize_t w = pwrite(fd, p, step, (off_t)offset);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return ferry_fail(FERRY_ERR_IO, "%s: write of %zu bytes at offset %llu failed: %s",
-                              path, step, (unsigned long long)offset,
-                              w < 0 ? strerror(errno) : "no progress");
-        p += w;
-        n -= (uint64_t)w;
-        offset += (uint64_t)w;
-    }
-    return FERRY_OK;
-}
 
 /* fsync of the folder holding path, so the rename itself is durable. Best effort: some
  * filesystems refuse fsync on a folder, and the file is complete and valid either way. */
@@ -210,7 +190,7 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
                     goto fail;
                 }
                 uint64_t n = part_bytes(shape, dt);
-                st = write_all(fd, tmp, data, n, pos);
+                st = ferry_pwrite_all(fd, tmp, data, n, pos);
                 if (st != FERRY_OK)
                     goto fail;
                 XXH3_64bits_update(xs, data, (size_t)n);
@@ -234,7 +214,7 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
     ferry_put_u32(header + 28, (uint32_t)shape->d_ff);
     ferry_put_u64(header + 32, pos);
     ferry_put_u64(header + PACK_CHECKSUM_AT, header_checksum(header, header_bytes));
-    st = write_all(fd, tmp, header, header_bytes, 0);
+    st = ferry_pwrite_all(fd, tmp, header, header_bytes, 0);
     if (st != FERRY_OK)
         goto fail;
     if (fsync(fd) != 0) {

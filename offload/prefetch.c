@@ -8,8 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 
 typedef struct {
@@ -68,13 +68,6 @@ static void remove_at(ferry_prefetch *pf, int32_t i)
     pf->queue[i] = pf->queue[--pf->n_queued];
 }
 
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static ferry_status serve(ferry_prefetch *pf, const fetch_req *r)
 {
     const void *bytes;
@@ -84,11 +77,11 @@ static ferry_status serve(ferry_prefetch *pf, const fetch_req *r)
     size_t n = ferry_expert_layout_bytes(ferry_store_layout(pf->store, r->layer, r->expert));
     uint64_t ticket;
     char *dst = pf->p.d_slots + (size_t)r->slot * pf->p.slot_bytes;
-    double t0 = now_seconds();
+    double t0 = ferry_now_seconds();
     st = pf->be->ops->copy_async(pf->be, dst, bytes, n, &ticket);
     if (st == FERRY_OK)
         st = pf->be->ops->copy_wait(pf->be, ticket);
-    double dt = now_seconds() - t0;
+    double dt = ferry_now_seconds() - t0;
     ferry_store_put(pf->store, r->layer, r->expert);
     if (st == FERRY_OK) {
         pthread_mutex_lock(&pf->mu);

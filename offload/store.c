@@ -15,6 +15,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/clock.h"
 #include "core/error.h"
 #include "offload/pack.h"
 #include "offload/reader.h"
@@ -56,13 +57,6 @@ struct ferry_store {
     ferry_store_stats stats;
     uint64_t *layer_disk; /* (n_layers) bytes read */
 };
-
-static double now_seconds(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static ferry_store *store_new(ferry_tier tier, int32_t n_layers, int32_t n_experts)
 {
@@ -226,7 +220,7 @@ static ferry_status read_expert(ferry_store *s, int32_t layer, int32_t expert, i
     const ferry_pack_entry *en = ferry_pack_get(s->pack, layer, expert);
     char *dst = s->cache_mem + (size_t)b * s->buf_bytes;
     size_t n = (size_t)en->n_bytes;
-    double t0 = now_seconds();
+    double t0 = ferry_now_seconds();
     uint64_t tag = ((uint64_t)(uint32_t)layer << 32) | (uint32_t)expert;
     ferry_status st, result = FERRY_OK;
     /* one request at a time per store keeps the tag matching simple; each request is split
@@ -247,7 +241,7 @@ static ferry_status read_expert(ferry_store *s, int32_t layer, int32_t expert, i
     if (st == FERRY_OK)
         st = ferry_pack_verify(s->pack, layer, expert, dst);
     pthread_mutex_lock(&s->mu);
-    s->stats.disk_seconds += now_seconds() - t0;
+    s->stats.disk_seconds += ferry_now_seconds() - t0;
     if (st == FERRY_OK) {
         s->stats.disk_bytes += n;
         s->layer_disk[layer] += n;

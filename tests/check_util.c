@@ -94,6 +94,26 @@ char *tu_read_file(const char *path, size_t *len)
     return buf;
 }
 
+int32_t *tu_json_ints(const cJSON *a, int32_t *n)
+{
+    *n = cJSON_GetArraySize(a);
+    int32_t *v = malloc(((size_t)*n + 1) * sizeof *v);
+    ck_assert(v != NULL);
+    for (int32_t i = 0; i < *n; i++)
+        v[i] = (int32_t)cJSON_GetArrayItem(a, i)->valuedouble;
+    return v;
+}
+
+float *tu_json_floats(const cJSON *a, int32_t *n)
+{
+    *n = cJSON_GetArraySize(a);
+    float *v = malloc(((size_t)*n + 1) * sizeof *v);
+    ck_assert(v != NULL);
+    for (int32_t i = 0; i < *n; i++)
+        v[i] = (float)cJSON_GetArrayItem(a, i)->valuedouble;
+    return v;
+}
+
 float *tu_rand_floats(uint64_t *state, size_t n, float lo, float hi)
 {
     float *v = malloc((n ? n : 1) * sizeof *v);

@@ -7,6 +7,7 @@
 #define FERRY_TESTS_CHECK_UTIL_H
 
 #include <check.h>
+#include <cjson/cJSON.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -23,6 +24,11 @@ void tu_assert_close(const char *what, const float *a, const float *b, size_t n,
 /* Deterministic random numbers (splitmix64). */
 uint64_t tu_rand_u64(uint64_t *state);
 float tu_rand_uniform(uint64_t *state, float lo, float hi);
+
+/* A JSON array of numbers as a fresh int32 / float array (one spare element); *n gets the
+ * count. Caller frees. */
+int32_t *tu_json_ints(const cJSON *a, int32_t *n);
+float *tu_json_floats(const cJSON *a, int32_t *n);
 
 /* n floats uniform in [lo, hi); caller frees. */
 float *tu_rand_floats(uint64_t *state, size_t n, float lo, float hi);

@@ -996,26 +996,6 @@ static int n_cases(void) { return cJSON_GetArraySize(cJSON_GetObjectItem(g_ref, 
 
 static cJSON *ref_case(int i) { return cJSON_GetArrayItem(cJSON_GetObjectItem(g_ref, "cases"), i); }
 
-static int32_t *json_ints(const cJSON *a, int32_t *n)
-{
-    *n = cJSON_GetArraySize(a);
-    int32_t *v = malloc(((size_t)*n + 1) * sizeof *v);
-    ck_assert(v != NULL);
-    for (int32_t i = 0; i < *n; i++)
-        v[i] = (int32_t)cJSON_GetArrayItem(a, i)->valuedouble;
-    return v;
-}
-
-static float *json_floats(const cJSON *a, int32_t *n)
-{
-    *n = cJSON_GetArraySize(a);
-    float *v = malloc(((size_t)*n + 1) * sizeof *v);
-    ck_assert(v != NULL);
-    for (int32_t i = 0; i < *n; i++)
-        v[i] = (float)cJSON_GetArrayItem(a, i)->valuedouble;
-    return v;
-}
-
 static ferry_model *open_model(const ferry_model_params *mp, ferry_model_info *info)
 {
     ferry_model *m = NULL;
@@ -1083,7 +1063,7 @@ START_TEST(test_cuda_model_matches_reference)
     for (int ci = 0; ci < n_cases(); ci++) {
         cJSON *rc = ref_case(ci);
         int32_t n;
-        int32_t *ids = json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
+        int32_t *ids = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
         route_log r = {.n_pos = n, .k = k};
         r.experts = calloc((size_t)info.n_layers * (size_t)n * (size_t)k, sizeof(int32_t));
         float *logits = malloc((size_t)n * (size_t)vocab * sizeof(float));
@@ -1103,13 +1083,13 @@ START_TEST(test_cuda_model_matches_reference)
 
         /* the last position's logits in full, the first 8 logits of every position */
         int32_t nl;
-        float *ref_last = json_floats(cJSON_GetObjectItem(rc, "last_logits"), &nl);
+        float *ref_last = tu_json_floats(cJSON_GetObjectItem(rc, "last_logits"), &nl);
         ck_assert_int_eq(nl, vocab);
         double err = tu_rel_l2(logits + (size_t)(n - 1) * vocab, ref_last, (size_t)vocab);
         cJSON *f8 = cJSON_GetObjectItem(rc, "logits_first8_each_pos");
         for (int32_t t = 0; t < n; t++) {
             int32_t n8;
-            float *row = json_floats(cJSON_GetArrayItem(f8, t), &n8);
+            float *row = tu_json_floats(cJSON_GetArrayItem(f8, t), &n8);
             ck_assert_int_eq(n8, 8);
             memcpy(ref8 + (size_t)t * 8, row, 8 * sizeof(float));
             memcpy(first8 + (size_t)t * 8, logits + (size_t)t * vocab, 8 * sizeof(float));
@@ -1118,7 +1098,7 @@ START_TEST(test_cuda_model_matches_reference)
         double err8 = tu_rel_l2(first8, ref8, (size_t)n * 8);
 
         int32_t na;
-        int32_t *ref_argmax = json_ints(cJSON_GetObjectItem(rc, "argmax_each_pos"), &na);
+        int32_t *ref_argmax = tu_json_ints(cJSON_GetObjectItem(rc, "argmax_each_pos"), &na);
         ck_assert_int_eq(na, n);
         int32_t same = 0;
         for (int32_t t = 0; t < n; t++)
@@ -1130,7 +1110,7 @@ START_TEST(test_cuda_model_matches_reference)
         for (int32_t l = 0; l < info.n_layers; l++)
             for (int32_t t = 0; t < n; t++) {
                 int32_t nk;
-                int32_t *ref_e = json_ints(cJSON_GetArrayItem(cJSON_GetArrayItem(topk, l), t), &nk);
+                int32_t *ref_e = tu_json_ints(cJSON_GetArrayItem(cJSON_GetArrayItem(topk, l), t), &nk);
                 ck_assert_int_eq(nk, k);
                 rsame += memcmp(r.experts + ((size_t)l * n + (size_t)t) * k, ref_e,
                                 (size_t)k * sizeof(int32_t)) == 0;
@@ -1211,7 +1191,7 @@ static ferry_status run_case(const ferry_model_params *mp, int ci, run_result *r
         ferry_model_close(m);
         return st;
     }
-    int32_t *ids = json_ints(cJSON_GetObjectItem(ref_case(ci), "ids"), &r->n);
+    int32_t *ids = tu_json_ints(cJSON_GetObjectItem(ref_case(ci), "ids"), &r->n);
     r->logits = malloc(((size_t)r->n + N_GEN) * v * sizeof(float));
     ck_assert(r->logits != NULL);
     ck_assert_msg(ferry_context_forward(c, ids, r->n, r->logits, NULL) == FERRY_OK, "%s",

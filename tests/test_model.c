@@ -49,27 +49,6 @@ static int n_cases(void) { return cJSON_GetArraySize(cJSON_GetObjectItem(g_ref, 
 
 static cJSON *ref_case(int i) { return cJSON_GetArrayItem(cJSON_GetObjectItem(g_ref, "cases"), i); }
 
-/* Reads a JSON array of numbers into a fresh int32 array. */
-static int32_t *json_ints(const cJSON *a, int32_t *n)
-{
-    *n = cJSON_GetArraySize(a);
-    int32_t *v = malloc(((size_t)*n + 1) * sizeof *v);
-    ck_assert(v != NULL);
-    for (int32_t i = 0; i < *n; i++)
-        v[i] = (int32_t)cJSON_GetArrayItem(a, i)->valuedouble;
-    return v;
-}
-
-static float *json_floats(const cJSON *a, int32_t *n)
-{
-    *n = cJSON_GetArraySize(a);
-    float *v = malloc(((size_t)*n + 1) * sizeof *v);
-    ck_assert(v != NULL);
-    for (int32_t i = 0; i < *n; i++)
-        v[i] = (float)cJSON_GetArrayItem(a, i)->valuedouble;
-    return v;
-}
-
 static ferry_context *new_context(int32_t n_batch)
 {
     ferry_context_params cp = ferry_context_params_default();
@@ -86,7 +65,7 @@ START_TEST(test_model_tokenize_matches_fixture)
         cJSON *rc = ref_case(i);
         const char *prompt = cJSON_GetObjectItem(rc, "prompt")->valuestring;
         int32_t n_ref;
-        int32_t *ref = json_ints(cJSON_GetObjectItem(rc, "ids"), &n_ref);
+        int32_t *ref = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n_ref);
         int32_t ids[512], n;
         ck_assert_int_eq(ferry_tokenize(g_model, prompt, strlen(prompt), 1, ids, 512, &n), FERRY_OK);
         ck_assert_int_eq(n, n_ref);
@@ -138,7 +117,7 @@ START_TEST(test_model_prefill_matches_reference)
     for (int ci = 0; ci < n_cases(); ci++) {
         cJSON *rc = ref_case(ci);
         int32_t n;
-        int32_t *ids = json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
+        int32_t *ids = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
         route_log r = {.n_layers = info.n_layers, .n_pos = n, .k = info.n_experts_used,
                        .n_experts = info.n_experts, .d = info.d_model};
         r.experts = calloc((size_t)info.n_layers * n * r.k, sizeof(int32_t));
@@ -155,14 +134,14 @@ START_TEST(test_model_prefill_matches_reference)
 
         /* last-position logits: relative L2 error below 1e-4 */
         int32_t nl;
-        float *ref_last = json_floats(cJSON_GetObjectItem(rc, "last_logits"), &nl);
+        float *ref_last = tu_json_floats(cJSON_GetObjectItem(rc, "last_logits"), &nl);
         ck_assert_int_eq(nl, g_vocab);
         double err = tu_rel_l2(logits + (size_t)(n - 1) * g_vocab, ref_last, (size_t)g_vocab);
         ck_assert_msg(err < 1e-4, "case %d: last logits relative L2 error %.3g", ci, err);
 
         /* argmax and first logits at every position */
         int32_t na;
-        int32_t *ref_argmax = json_ints(cJSON_GetObjectItem(rc, "argmax_each_pos"), &na);
+        int32_t *ref_argmax = tu_json_ints(cJSON_GetObjectItem(rc, "argmax_each_pos"), &na);
         ck_assert_int_eq(na, n);
         cJSON *first8 = cJSON_GetObjectItem(rc, "logits_first8_each_pos");
         for (int32_t t = 0; t < n; t++) {
@@ -171,7 +150,7 @@ START_TEST(test_model_prefill_matches_reference)
                           "case %d pos %d: argmax %d vs %d", ci, t, ferry_argmax(row, g_vocab),
                           ref_argmax[t]);
             int32_t n8;
-            float *ref8 = json_floats(cJSON_GetArrayItem(first8, t), &n8);
+            float *ref8 = tu_json_floats(cJSON_GetArrayItem(first8, t), &n8);
             tu_assert_close("first logits", row, ref8, (size_t)n8, 1e-3, 1e-3);
             free(ref8);
         }
@@ -182,7 +161,7 @@ START_TEST(test_model_prefill_matches_reference)
         for (int32_t l = 0; l < info.n_layers; l++)
             for (int32_t t = 0; t < n; t++) {
                 int32_t nk;
-                int32_t *ref_e = json_ints(cJSON_GetArrayItem(cJSON_GetArrayItem(topk, l), t), &nk);
+                int32_t *ref_e = tu_json_ints(cJSON_GetArrayItem(cJSON_GetArrayItem(topk, l), t), &nk);
                 ck_assert_int_eq(nk, r.k);
                 for (int32_t j = 0; j < nk; j++)
                     ck_assert_msg(r.experts[((size_t)l * n + t) * r.k + j] == ref_e[j],
@@ -190,7 +169,7 @@ START_TEST(test_model_prefill_matches_reference)
                                   r.experts[((size_t)l * n + t) * r.k + j], ref_e[j]);
                 free(ref_e);
                 int32_t ne;
-                float *ref_r = json_floats(cJSON_GetArrayItem(cJSON_GetArrayItem(router, l), t), &ne);
+                float *ref_r = tu_json_floats(cJSON_GetArrayItem(cJSON_GetArrayItem(router, l), t), &ne);
                 tu_assert_close("router logits", r.router + ((size_t)l * n + t) * r.n_experts,
                                 ref_r, (size_t)ne, 1e-4, 1e-4);
                 free(ref_r);
@@ -200,7 +179,7 @@ START_TEST(test_model_prefill_matches_reference)
         cJSON *hid = cJSON_GetObjectItem(rc, "hidden_last_pos_each_layer");
         for (int32_t i = 0; i < cJSON_GetArraySize(hid); i++) {
             int32_t nd;
-            float *ref_h = json_floats(cJSON_GetArrayItem(hid, i), &nd);
+            float *ref_h = tu_json_floats(cJSON_GetArrayItem(hid, i), &nd);
             ck_assert_int_eq(nd, r.d);
             double he = tu_rel_l2(r.hidden + (size_t)i * r.d, ref_h, (size_t)nd);
             ck_assert_msg(he < 1e-5, "case %d hidden %d: relative L2 error %.3g", ci, i, he);
@@ -224,8 +203,8 @@ START_TEST(test_model_greedy_full_recompute)
     for (int ci = 0; ci < n_cases(); ci++) {
         cJSON *rc = ref_case(ci);
         int32_t n, n_greedy;
-        int32_t *ids = json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
-        int32_t *greedy = json_ints(cJSON_GetObjectItem(rc, "greedy_ids"), &n_greedy);
+        int32_t *ids = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
+        int32_t *greedy = tu_json_ints(cJSON_GetObjectItem(rc, "greedy_ids"), &n_greedy);
         int32_t *seq = malloc(((size_t)n + n_greedy) * sizeof *seq);
         float *logits = malloc((size_t)g_vocab * sizeof *logits);
         ck_assert(seq && logits);
@@ -268,8 +247,8 @@ START_TEST(test_model_greedy_kv_cache)
     for (int ci = 0; ci < n_cases(); ci++) {
         cJSON *rc = ref_case(ci);
         int32_t n, n_greedy;
-        int32_t *ids = json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
-        int32_t *greedy = json_ints(cJSON_GetObjectItem(rc, "greedy_ids"), &n_greedy);
+        int32_t *ids = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
+        int32_t *greedy = tu_json_ints(cJSON_GetObjectItem(rc, "greedy_ids"), &n_greedy);
         ferry_context *c = new_context(0);
         ferry_generate_params gp = ferry_generate_params_default();
         gp.n_predict = n_greedy;
@@ -303,7 +282,7 @@ START_TEST(test_model_chunking_is_bit_identical)
 {
     cJSON *rc = ref_case(2);
     int32_t n;
-    int32_t *ids = json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
+    int32_t *ids = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
     float *ref = malloc((size_t)n * g_vocab * sizeof(float));
     float *got = malloc((size_t)n * g_vocab * sizeof(float));
     ck_assert(ref && got);
@@ -378,7 +357,7 @@ START_TEST(test_model_sampling_is_seeded)
 {
     cJSON *rc = ref_case(0);
     int32_t n;
-    int32_t *ids = json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
+    int32_t *ids = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
     int32_t a[24], b[24], g[24], n_a, n_b, n_g;
     ferry_context_params cp = ferry_context_params_default();
     cp.n_ctx = 128;

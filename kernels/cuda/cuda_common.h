@@ -13,6 +13,7 @@
 #include <pthread.h>
 
 #include <cublas_v2.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 extern "C" {
@@ -84,6 +85,17 @@ ferry_status ferry_cublas_status(cublasStatus_t e, const char *what, const char 
 
 /* The status of the kernel launch just made. */
 #define CUDA_LAUNCHED() CUDA_TRY(cudaGetLastError())
+
+/* Element i of a weight of the given dtype (ferry_dtype), widened to float32. */
+__device__ __forceinline__ float cuda_weight_at(const void *w, int dtype, size_t i)
+{
+    if (dtype == FERRY_DTYPE_F32)
+        return ((const float *)w)[i];
+    uint16_t h = ((const uint16_t *)w)[i];
+    if (dtype == FERRY_DTYPE_BF16)
+        return __uint_as_float((uint32_t)h << 16);
+    return __half2float(__ushort_as_half(h));
+}
 
 /* ops_cuda.cu */
 ferry_status ferry_cuda_embedding(ferry_backend *b, float *d_out, const ferry_weight *table,

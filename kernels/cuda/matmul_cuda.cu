@@ -79,10 +79,13 @@ __device__ __forceinline__ void store_row(float *__restrict__ out, float *acc, i
     }
 }
 
-/* Vectorised: cols % 8 == 0 and every row of w and x 16-byte aligned. */
-__global__ void gemv_vec_kernel(float *__restrict__ out, const float *__restrict__ x,
-                                const void *__restrict__ w, int dtype, int n, int64_t rows,
-                                int64_t cols)
+/* One warp per weight row r, for n <= FERRY_CUDA_GEMV_MAX_ROWS tokens. VEC (cols % 8 == 0,
+ * every row of w and x 16-byte aligned): 8 elements per lane per load, four loads in
+ * flight. Otherwise one element per lane per step, any shape and alignment. */
+template <bool VEC>
+__global__ void gemv_kernel(float *__restrict__ out, const float *__restrict__ x,
+                            const void *__restrict__ w, int dtype, int n, int64_t rows,
+                            int64_t cols)
 {
     int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
@@ -93,57 +96,32 @@ __global__ void gemv_vec_kernel(float *__restrict__ out, const float *__restrict
     for (int t = 0; t < FERRY_CUDA_GEMV_MAX_ROWS; t++)
         acc[t] = 0.0f;
     size_t row0 = (size_t)r * (size_t)cols, ucols = (size_t)cols;
-    size_t c = (size_t)lane * 8;
-    /* four independent 16-byte loads per lane in flight */
-    for (; c + 3 * 256 < ucols; c += 4 * 256) {
-        float f0[8], f1[8], f2[8], f3[8];
-        load8(w, dtype, row0 + c, f0);
-        load8(w, dtype, row0 + c + 256, f1);
-        load8(w, dtype, row0 + c + 512, f2);
-        load8(w, dtype, row0 + c + 768, f3);
-        fma8(acc, x, n, ucols, c, f0);
-        fma8(acc, x, n, ucols, c + 256, f1);
-        fma8(acc, x, n, ucols, c + 512, f2);
-        fma8(acc, x, n, ucols, c + 768, f3);
-    }
-    for (; c < ucols; c += 256) {
-        float f[8];
-        load8(w, dtype, row0 + c, f);
-        fma8(acc, x, n, ucols, c, f);
-    }
-    store_row(out, acc, n, rows, r, lane);
-}
-
-__device__ __forceinline__ float weight_at(const void *w, int dtype, size_t i)
-{
-    if (dtype == FERRY_DTYPE_F32)
-        return ((const float *)w)[i];
-    uint16_t h = ((const uint16_t *)w)[i];
-    if (dtype == FERRY_DTYPE_BF16)
-        return __uint_as_float((uint32_t)h << 16);
-    return __half2float(__ushort_as_half(h));
-}
-
-/* Any shape and alignment: one element per lane per step. */
-__global__ void gemv_scalar_kernel(float *__restrict__ out, const float *__restrict__ x,
-                                   const void *__restrict__ w, int dtype, int n, int64_t rows,
-                                   int64_t cols)
-{
-    int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (r >= rows)
-        return;
-    float acc[FERRY_CUDA_GEMV_MAX_ROWS];
+    if (VEC) {
+        size_t c = (size_t)lane * 8;
+        for (; c + 3 * 256 < ucols; c += 4 * 256) {
+            float f0[8], f1[8], f2[8], f3[8];
+            load8(w, dtype, row0 + c, f0);
+            load8(w, dtype, row0 + c + 256, f1);
+            load8(w, dtype, row0 + c + 512, f2);
+            load8(w, dtype, row0 + c + 768, f3);
+            fma8(acc, x, n, ucols, c, f0);
+            fma8(acc, x, n, ucols, c + 256, f1);
+            fma8(acc, x, n, ucols, c + 512, f2);
+            fma8(acc, x, n, ucols, c + 768, f3);
+        }
+        for (; c < ucols; c += 256) {
+            float f[8];
+            load8(w, dtype, row0 + c, f);
+            fma8(acc, x, n, ucols, c, f);
+        }
+    } else {
+        for (size_t c = (size_t)lane; c < ucols; c += 32) {
+            float f = cuda_weight_at(w, dtype, row0 + c);
 #pragma unroll
-    for (int t = 0; t < FERRY_CUDA_GEMV_MAX_ROWS; t++)
-        acc[t] = 0.0f;
-    size_t row0 = (size_t)r * (size_t)cols;
-    for (int64_t c = lane; c < cols; c += 32) {
-        float f = weight_at(w, dtype, row0 + (size_t)c);
-#pragma unroll
-        for (int t = 0; t < FERRY_CUDA_GEMV_MAX_ROWS; t++)
-            if (t < n)
-                acc[t] += f * x[(size_t)t * (size_t)cols + (size_t)c];
+            for (int t = 0; t < FERRY_CUDA_GEMV_MAX_ROWS; t++)
+                if (t < n)
+                    acc[t] += f * x[(size_t)t * ucols + c];
+        }
     }
     store_row(out, acc, n, rows, r, lane);
 }
@@ -158,10 +136,10 @@ static ferry_status gemv(cuda_impl *impl, float *d_out, const float *d_x, const 
     if (blocks > INT32_MAX)
         return ferry_fail(FERRY_ERR_INVALID, "matmul: %lld weight rows", (long long)w->rows);
     if (aligned)
-        gemv_vec_kernel<<<(unsigned)blocks, FERRY_GEMV_THREADS, 0, impl->compute>>>(
+        gemv_kernel<true><<<(unsigned)blocks, FERRY_GEMV_THREADS, 0, impl->compute>>>(
             d_out, d_x, w->d_data, (int)w->dtype, n, w->rows, w->cols);
     else
-        gemv_scalar_kernel<<<(unsigned)blocks, FERRY_GEMV_THREADS, 0, impl->compute>>>(
+        gemv_kernel<false><<<(unsigned)blocks, FERRY_GEMV_THREADS, 0, impl->compute>>>(
             d_out, d_x, w->d_data, (int)w->dtype, n, w->rows, w->cols);
     CUDA_LAUNCHED();
     return FERRY_OK;

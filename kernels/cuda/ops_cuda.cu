@@ -32,16 +32,6 @@ static inline unsigned grid_for(size_t n_items, unsigned threads)
     return (unsigned)((n_items + threads - 1) / threads);
 }
 
-__device__ __forceinline__ float load_weight(const void *p, int dtype, size_t i)
-{
-    if (dtype == FERRY_DTYPE_F32)
-        return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    if (dtype == FERRY_DTYPE_BF16)
-        return __uint_as_float((uint32_t)h << 16);
-    return __half2float(__ushort_as_half(h));
-}
-
 __device__ __forceinline__ float warp_sum(float v)
 {
     for (int o = 16; o > 0; o >>= 1)
@@ -86,7 +76,7 @@ __global__ void embedding_kernel(float *out, const void *table, int dtype, int64
     int64_t row = ids.v[blockIdx.x];
     float *o = out + (size_t)blockIdx.x * (size_t)cols;
     for (int64_t i = threadIdx.x; i < cols; i += blockDim.x)
-        o[i] = load_weight(table, dtype, (size_t)(row * cols + i));
+        o[i] = cuda_weight_at(table, dtype, (size_t)(row * cols + i));
 }
 
 ferry_status ferry_cuda_embedding(ferry_backend *b, float *d_out, const ferry_weight *table,
@@ -122,7 +112,7 @@ __global__ void rmsnorm_kernel(float *out, const float *x, const void *w, int dt
     ss = block_sum(ss);
     float inv = 1.0f / sqrtf(ss / (float)d + eps);
     for (int i = threadIdx.x; i < d; i += blockDim.x)
-        yr[i] = load_weight(w, dtype, (size_t)i) * (xr[i] * inv);
+        yr[i] = cuda_weight_at(w, dtype, (size_t)i) * (xr[i] * inv);
 }
 
 ferry_status ferry_cuda_rmsnorm(ferry_backend *b, float *d_out, const float *d_x,
