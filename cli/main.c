@@ -1561,13 +1561,15 @@ done:
 static void usage_bench(FILE *f)
 {
     fprintf(f,
-            "usage: ferry bench MODEL_DIR [--mode decode|prefill] [options]\n"
+            "usage: ferry bench MODEL_DIR [--mode decode|prefill|batch] [options]\n"
             "\n"
             "Measures the device and host-to-device bandwidths, then the model: prefill speed,\n"
             "decode speed with per-token latency, and (offloading) hit rate, bytes moved and\n"
             "stall per token, next to the bound the bandwidths put on decoding.\n"
             "\n"
-            "      --mode M          decode (default) or prefill\n"
+            "      --mode M          decode (default), prefill, or batch (many prompts\n"
+            "                        generated together, ferry batch's engine)\n"
+            "      --batch N         batch mode: sequences (default 8)\n"
             "      --prompt-len P    prompt tokens (default 32)\n"
             "      --gen-len G       greedy decode steps (default 64)\n"
             "      --repeat R        runs; speeds are the median run (default 3)\n"
@@ -1585,7 +1587,12 @@ static int write_bench_json(const char *path, const char *model, const ferry_ben
     cJSON_AddStringToObject(o, "model", model);
     cJSON_AddStringToObject(o, "backend", r->backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu");
     cJSON_AddStringToObject(o, "device", r->device);
-    cJSON_AddStringToObject(o, "mode", bp->mode == FERRY_BENCH_PREFILL ? "prefill" : "decode");
+    static const char *const modes[] = {"decode", "prefill", "batch"};
+    cJSON_AddStringToObject(o, "mode", modes[bp->mode]);
+    cJSON_AddNumberToObject(o, "batch", bp->batch);
+    cJSON_AddNumberToObject(o, "batch_tokens_per_s", r->batch_tokens_per_s);
+    cJSON_AddNumberToObject(o, "batch_expert_loads_per_token", r->batch_expert_loads_per_token);
+    cJSON_AddNumberToObject(o, "batch_moved_bytes_per_token", r->batch_moved_bytes_per_token);
     cJSON_AddNumberToObject(o, "prompt_len", bp->prompt_len);
     cJSON_AddNumberToObject(o, "gen_len", bp->gen_len);
     cJSON_AddNumberToObject(o, "repeat", bp->repeat);
@@ -1656,9 +1663,13 @@ static int cmd_bench(int argc, char **argv)
         const char *v = argv[++i];
         long long n;
         if (!strcmp(a, "--mode")) {
-            static const char *const modes[] = {"decode", "prefill"};
-            if ((rc = parse_name(a, v, modes, 2, "decode or prefill", &bp.mode)))
+            static const char *const modes[] = {"decode", "prefill", "batch"};
+            if ((rc = parse_name(a, v, modes, 3, "decode, prefill or batch", &bp.mode)))
                 return rc;
+        } else if (!strcmp(a, "--batch")) {
+            if ((rc = parse_i64(a, v, 1, 4096, &n)))
+                return rc;
+            bp.batch = (int32_t)n;
         } else if (!strcmp(a, "--prompt-len") || !strcmp(a, "--gen-len")) {
             if ((rc = parse_i64(a, v, 1, 1 << 20, &n)))
                 return rc;
@@ -1694,6 +1705,14 @@ static int cmd_bench(int argc, char **argv)
     printf("bandwidth: device %.1f GB/s, pinned host->device %.2f GB/s, pageable host->device "
            "%.2f GB/s (%.0f MiB buffers)\n",
            r.bw.device_gbps, r.bw.pinned_h2d_gbps, r.bw.pageable_h2d_gbps, MIB(r.bw.n_bytes));
+    if (bp.mode == FERRY_BENCH_BATCH) {
+        printf("batch: %.1f generated tokens/s (%d sequences of %d + %d tokens, median of %d), "
+               "%.2f expert loads and %.2f MiB moved per generated token\n",
+               r.batch_tokens_per_s, (int)bp.batch, (int)bp.prompt_len, (int)bp.gen_len,
+               (int)bp.repeat, r.batch_expert_loads_per_token,
+               MIB((uint64_t)r.batch_moved_bytes_per_token));
+        return json_path ? write_bench_json(json_path, model_dir, &bp, &r) : 0;
+    }
     printf("prefill: %.1f tokens/s (%d-token prompt, median of %d)\n", r.prefill_tokens_per_s,
            (int)bp.prompt_len, (int)bp.repeat);
     if (bp.mode == FERRY_BENCH_DECODE) {

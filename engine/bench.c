@@ -26,7 +26,8 @@ ferry_bench_params ferry_bench_params_default(void)
                             .prompt_len = 32,
                             .gen_len = 64,
                             .repeat = 3,
-                            .bandwidth_bytes = 0};
+                            .bandwidth_bytes = 0,
+                            .batch = 8};
     return p;
 }
 
@@ -215,16 +216,102 @@ static ferry_status run_all(bench_state *s, const ferry_bench_params *bp, decode
     return FERRY_OK;
 }
 
+/* A deterministic pseudo-random prompt: BOS (when the model has one), then ids spread over
+ * the vocabulary, different for each seed. */
+static void fill_prompt(int32_t *ids, int32_t n, const ferry_model_info *info, uint32_t seed)
+{
+    uint32_t span = (uint32_t)(info->n_vocab > 3 ? info->n_vocab - 3 : 1);
+    for (int32_t i = 0; i < n; i++)
+        ids[i] = i == 0 && info->bos_id >= 0
+                     ? info->bos_id
+                     : (int32_t)(3 + ((uint32_t)i + 7919u * seed) * 2654435761u % span);
+}
+
+/* Batch mode: bp->batch prompts generating gen_len tokens each, bp->repeat times. */
+static ferry_status run_batch(ferry_model *m, const ferry_bench_params *bp, ferry_bench_result *res)
+{
+    ferry_model_info info;
+    ferry_model_get_info(m, &info);
+    int32_t B = bp->batch, P = bp->prompt_len, G = bp->gen_len;
+    int32_t *ids = malloc((size_t)B * (size_t)(P + G) * sizeof *ids);
+    int32_t **prompts = malloc((size_t)B * sizeof *prompts), **outs = malloc((size_t)B * sizeof *outs);
+    int32_t *n_prompt = malloc((size_t)B * sizeof *n_prompt), *n_predict = malloc((size_t)B * sizeof *n_predict);
+    int32_t *n_out = malloc((size_t)B * sizeof *n_out);
+    double *rate = malloc((size_t)bp->repeat * sizeof *rate);
+    double *loads = malloc((size_t)bp->repeat * sizeof *loads);
+    double *moved = malloc((size_t)bp->repeat * sizeof *moved);
+    ferry_status st = FERRY_OK;
+    if (!ids || !prompts || !outs || !n_prompt || !n_predict || !n_out || !rate || !loads ||
+        !moved) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "bench: out of memory for %d sequences", (int)B);
+        goto done;
+    }
+    for (int32_t i = 0; i < B; i++) {
+        prompts[i] = ids + (size_t)i * (size_t)(P + G);
+        outs[i] = prompts[i] + P;
+        n_prompt[i] = P;
+        n_predict[i] = G;
+        fill_prompt(prompts[i], P, &info, (uint32_t)i);
+    }
+    ferry_batch_params p = ferry_batch_params_default();
+    p.stop_at_eos = 0;
+    for (int32_t r = 0; r < bp->repeat && st == FERRY_OK; r++) {
+        ferry_batch_stats bs;
+        double t0 = ferry_now_seconds();
+        st = ferry_batch_generate(m, (const int32_t *const *)prompts, n_prompt, n_predict, B, &p,
+                                  outs, n_out, &bs, NULL);
+        double dt = ferry_now_seconds() - t0;
+        int64_t made = 0;
+        for (int32_t i = 0; i < B; i++)
+            made += n_out[i];
+        rate[r] = made > 0 ? (double)made / dt : 0;
+        loads[r] = made > 0 ? (double)bs.expert_loads / (double)made : 0;
+        moved[r] = made > 0 ? (double)bs.bytes_to_device / (double)made : 0;
+    }
+    if (st == FERRY_OK) {
+        /* the median run by speed, with its own counters: the run with as many runs
+         * slower than it as the middle of the sorted order has */
+        int32_t med = 0;
+        for (int32_t r = 0; r < bp->repeat; r++) {
+            int32_t slower = 0, tied_before = 0;
+            for (int32_t q = 0; q < bp->repeat; q++) {
+                slower += rate[q] < rate[r];
+                tied_before += q < r && rate[q] == rate[r];
+            }
+            if (slower + tied_before == bp->repeat / 2)
+                med = r;
+        }
+        res->batch_tokens_per_s = rate[med];
+        res->batch_expert_loads_per_token = loads[med];
+        res->batch_moved_bytes_per_token = moved[med];
+    }
+done:
+    free(ids);
+    free(prompts);
+    free(outs);
+    free(n_prompt);
+    free(n_predict);
+    free(n_out);
+    free(rate);
+    free(loads);
+    free(moved);
+    return st;
+}
+
 ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp,
                              const ferry_bench_params *bp, ferry_bench_result *out)
 {
     if (!model_dir || !mp || !bp || !out)
         return ferry_fail(FERRY_ERR_INVALID, "ferry_bench_run: NULL argument");
-    if (bp->mode != FERRY_BENCH_DECODE && bp->mode != FERRY_BENCH_PREFILL)
-        return ferry_fail(FERRY_ERR_INVALID, "bench mode %d is not decode or prefill",
+    if (bp->mode != FERRY_BENCH_DECODE && bp->mode != FERRY_BENCH_PREFILL &&
+        bp->mode != FERRY_BENCH_BATCH)
+        return ferry_fail(FERRY_ERR_INVALID, "bench mode %d is not decode, prefill or batch",
                           (int)bp->mode);
+    if (bp->mode == FERRY_BENCH_BATCH && (bp->batch < 1 || bp->batch > 4096))
+        return ferry_fail(FERRY_ERR_INVALID, "bench: a batch of %d sequences (1 to 4096)",
+                          (int)bp->batch);
     if (bp->prompt_len < 1 || bp->repeat < 1 || bp->repeat > 1000 ||
-        (bp->mode == FERRY_BENCH_DECODE && bp->gen_len < 1))
+        (bp->mode != FERRY_BENCH_PREFILL && bp->gen_len < 1))
         return ferry_fail(FERRY_ERR_INVALID, "bench: prompt length %d, %d generated tokens, %d "
                           "repeats (need at least 1 each, at most 1000 repeats)",
                           (int)bp->prompt_len, (int)bp->gen_len, (int)bp->repeat);
@@ -237,9 +324,26 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
     decode_counters dc;
     memset(&dc, 0, sizeof dc);
     ferry_status st;
-    int32_t G = bp->mode == FERRY_BENCH_DECODE ? bp->gen_len : 0;
+    int32_t G = bp->mode != FERRY_BENCH_PREFILL ? bp->gen_len : 0;
     if ((st = ferry_model_open(model_dir, mp, &s.m)))
         goto done;
+    if (bp->mode == FERRY_BENCH_BATCH) {
+        /* before any context: the sequences' KV caches come out of the budget first */
+        ferry_model_info bi;
+        ferry_model_get_info(s.m, &bi);
+        res.backend = bi.backend;
+        snprintf(res.device, sizeof res.device, "%s", bi.device);
+        res.offload = s.m->store != NULL;
+        if ((int64_t)bp->prompt_len + G > s.m->cfg.max_positions)
+            st = ferry_fail(FERRY_ERR_INVALID, "bench: %d prompt + %d generated tokens exceed the "
+                            "model's %d positions", (int)bp->prompt_len, (int)G,
+                            (int)s.m->cfg.max_positions);
+        else
+            st = run_batch(s.m, bp, &res);
+        if (st == FERRY_OK)
+            *out = res;
+        goto done;
+    }
     const ferry_config *cfg = &s.m->cfg;
     if ((int64_t)bp->prompt_len + G > cfg->max_positions) {
         st = ferry_fail(FERRY_ERR_INVALID, "bench: %d prompt + %d generated tokens exceed the "
@@ -260,13 +364,9 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
         st = ferry_fail(FERRY_ERR_NOMEM, "bench: out of memory");
         goto done;
     }
-    /* a fixed pseudo-random prompt: BOS, then ids spread over the vocabulary */
     ferry_model_info info;
     ferry_model_get_info(s.m, &info);
-    uint32_t span = (uint32_t)(cfg->vocab_size > 3 ? cfg->vocab_size - 3 : 1);
-    for (int32_t i = 0; i < bp->prompt_len; i++)
-        s.prompt[i] = i == 0 && info.bos_id >= 0 ? info.bos_id
-                                                  : (int32_t)(3 + (uint32_t)i * 2654435761u % span);
+    fill_prompt(s.prompt, bp->prompt_len, &info, 0);
     if ((st = run_all(&s, bp, &dc)))
         goto done;
 

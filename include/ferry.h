@@ -503,14 +503,16 @@ typedef struct {
 ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_bytes,
                                       ferry_bandwidths *out);
 
-typedef enum { FERRY_BENCH_DECODE = 0, FERRY_BENCH_PREFILL = 1 } ferry_bench_mode;
+typedef enum { FERRY_BENCH_DECODE = 0, FERRY_BENCH_PREFILL = 1, FERRY_BENCH_BATCH = 2 } ferry_bench_mode;
 
 typedef struct {
     int32_t mode;       /* ferry_bench_mode */
     int32_t prompt_len; /* tokens of the (synthetic, deterministic) prompt */
-    int32_t gen_len;    /* greedy decode steps after it (decode mode) */
+    int32_t gen_len;    /* greedy decode steps after it (decode and batch modes) */
     int32_t repeat;     /* runs; speeds are the median run, latencies pool every run */
     uint64_t bandwidth_bytes; /* buffer for ferry_measure_bandwidths; 0 = 256 MiB */
+    int32_t batch;      /* batch mode: sequences generated together (ferry_batch_generate,
+                           default layer-batch size and reordering) */
 } ferry_bench_params;
 
 ferry_bench_params ferry_bench_params_default(void);
@@ -535,11 +537,17 @@ typedef struct {
      * copies and compute overlap perfectly: 1 / max(read / device_bw, moved / pinned_bw) */
     double bound_tokens_per_s;
     double fraction_of_bound;     /* decode_tokens_per_s / bound_tokens_per_s */
+    /* batch mode (median run): generated tokens of all sequences per second, and per
+     * generated token the distinct experts loaded per layer-batch and the bytes moved */
+    double batch_tokens_per_s;
+    double batch_expert_loads_per_token;
+    double batch_moved_bytes_per_token;
 } ferry_bench_result;
 
 /* Opens the model in model_dir with mp, measures the bandwidths, then runs the benchmark:
  * per repeat, a fresh KV cache, a prefill of prompt_len tokens and (decode mode) gen_len
- * greedy steps, each timed. FERRY_ERR_INVALID for impossible lengths (prompt_len < 1,
+ * greedy steps, each timed; in batch mode, per repeat, `batch` different prompts of
+ * prompt_len tokens generating gen_len tokens each, together. FERRY_ERR_INVALID for impossible lengths (prompt_len < 1,
  * gen_len < 1 in decode mode, more than the context holds, repeat < 1); the codes of
  * ferry_model_open otherwise. */
 ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp,

@@ -328,8 +328,21 @@ class CliTest(unittest.TestCase):
                 r = json.load(f)
             self.assertTrue(r["offload"])
             self.assertGreater(r["moved_bytes_per_token"], 0)
+
+            p = ferry("bench", MODEL, "--backend", "cpu", "--mode", "batch", "--batch", "4",
+                      "--prompt-len", "8", "--gen-len", "4", "--repeat", "1",
+                      "--bandwidth-size", "8M", "--json", path)
+            self.assertRegex(p.stdout.decode(),
+                             r"batch: [0-9.]+ generated tokens/s \(4 sequences of 8 \+ 4 tokens")
+            with open(path) as f:
+                r = json.load(f)
+            self.assertEqual(r["mode"], "batch")
+            self.assertGreater(r["batch_tokens_per_s"], 0)
+            # every generated token's layer-batches load at least top-k experts per layer
+            self.assertGreaterEqual(r["batch_expert_loads_per_token"], 2)
         for args, msg in [
-            (["bench", MODEL, "--mode", "train"], "--mode expects decode or prefill"),
+            (["bench", MODEL, "--mode", "train"], "--mode expects decode, prefill or batch"),
+            (["bench", MODEL, "--mode", "batch", "--batch", "0"], "--batch expects"),
             (["bench", MODEL, "--repeat", "0"], "--repeat expects"),
             (["bench", MODEL, "--frobnicate", "1"], "unknown option --frobnicate"),
             (["bench"], "usage: ferry bench"),
