@@ -289,6 +289,7 @@ void ferry_context_reset(ferry_context *c)
     if (!c)
         return;
     c->n_past = 0;
+    ferry_sampler_reseed(&c->sampler, c->p.seed); /* the same seed samples the same text */
     memset(&c->stats, 0, sizeof c->stats);
     c->stall_seconds = 0;
     if (c->m->cache)
@@ -669,6 +670,8 @@ ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t
         st = forward_chunk(c, ids + i, chunk, logits_all ? logits_all + (size_t)i * (size_t)V : NULL,
                            last ? logits_last : NULL);
     }
+    if (st == FERRY_OK) /* the work queued after the last download counts in the time */
+        st = c->m->be->ops->synchronize(c->m->be);
     pthread_mutex_unlock(&c->m->lock);
     if (st) {
         c->n_past = start_past; /* the cache rows past n_past are garbage and get overwritten */

@@ -13,6 +13,8 @@
 
 #include "core/error.h"
 
+void ferry_sampler_reseed(ferry_sampler *s, uint64_t seed) { s->rng = seed ^ 0x9e3779b97f4a7c15ull; }
+
 ferry_status ferry_sampler_init(ferry_sampler *s, int32_t n_vocab, float temperature,
                                 int32_t top_k, float top_p, uint64_t seed)
 {
@@ -29,7 +31,7 @@ ferry_status ferry_sampler_init(ferry_sampler *s, int32_t n_vocab, float tempera
     s->temperature = temperature;
     s->top_k = top_k;
     s->top_p = top_p;
-    s->rng = seed ^ 0x9e3779b97f4a7c15ull;
+    ferry_sampler_reseed(s, seed);
     s->probs = malloc((size_t)n_vocab * sizeof *s->probs);
     s->cand = malloc((size_t)n_vocab * sizeof *s->cand);
     if (!s->probs || !s->cand) {

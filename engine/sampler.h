@@ -27,6 +27,10 @@ typedef struct {
 ferry_status ferry_sampler_init(ferry_sampler *s, int32_t n_vocab, float temperature,
                                 int32_t top_k, float top_p, uint64_t seed);
 
+/* Restarts the random stream from the seed given to ferry_sampler_init, so the same seed
+ * draws the same tokens again. */
+void ferry_sampler_reseed(ferry_sampler *s, uint64_t seed);
+
 /* Frees the buffers. Safe on a zeroed struct. */
 void ferry_sampler_free(ferry_sampler *s);
 

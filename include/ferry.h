@@ -275,7 +275,9 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
 /* Frees the context. NULL-safe. */
 void ferry_context_free(ferry_context *c);
 
-/* Empties the KV cache and the statistics; the next ferry_eval starts at position 0. */
+/* Empties the KV cache and the statistics and restarts the sampler's random stream from
+ * the context's seed; the next ferry_eval starts at position 0, and a generation after a
+ * reset samples the same tokens as the first one did. */
 void ferry_context_reset(ferry_context *c);
 
 /* Number of tokens currently held in the KV cache. */

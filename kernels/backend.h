@@ -77,7 +77,8 @@ typedef struct {
     ferry_status (*host_register)(ferry_backend *b, void *h, size_t n_bytes);
     /* Undoes host_register. NULL and unregistered pointers are ignored. */
     void (*host_unregister)(ferry_backend *b, void *h);
-    /* Device-to-device copy, ordered with the ops. */
+    /* Device-to-device copy, ordered with the ops. The ranges must not overlap (unless
+     * equal); the CUDA backend refuses overlap with FERRY_ERR_INVALID. */
     ferry_status (*copy_device)(ferry_backend *b, void *d_dst, const void *d_src, size_t n_bytes);
 
     /* d_out (n, table->cols) = rows ids of table; ids is a host array. */

@@ -757,6 +757,10 @@ START_TEST(test_cuda_copy_device_exact)
     memcpy(b + 3, a + 5, 1000);
     dev_get(g_gpu, back, d_b, n);
     ck_assert_msg(memcmp(back, b, n) == 0, "copy_device at odd offsets differs");
+    /* overlapping ranges are refused, the buffer left as it was */
+    ck_assert_int_eq(g_gpu->ops->copy_device(g_gpu, d_b + 1, d_b, 100), FERRY_ERR_INVALID);
+    dev_get(g_gpu, back, d_b, n);
+    ck_assert_msg(memcmp(back, b, n) == 0, "a refused copy_device changed the buffer");
     dev_free(g_gpu, d_a);
     dev_free(g_gpu, d_b);
     free(a);

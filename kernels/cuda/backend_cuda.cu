@@ -34,6 +34,7 @@ static ferry_status cuda_alloc(ferry_backend *b, size_t n_bytes, void **d_out)
 {
     cuda_impl *impl = cuda_of(b);
     ferry_status st = FERRY_OK;
+    cudaSetDevice(impl->device);
     pthread_mutex_lock(&impl->mem_mu);
     if (impl->arena) {
         st = ferry_arena_alloc(impl->arena, n_bytes, d_out);
@@ -54,9 +55,9 @@ static ferry_status cuda_alloc(ferry_backend *b, size_t n_bytes, void **d_out)
     cudaError_t e = cudaMalloc(&d, n_bytes ? n_bytes : 1);
     if (e != cudaSuccess) {
         pthread_mutex_unlock(&impl->mem_mu);
-        cudaGetLastError(); /* an allocation failure is not sticky; clear it */
         size_t free_bytes = 0, total = 0;
         cudaMemGetInfo(&free_bytes, &total);
+        cudaGetLastError(); /* an allocation failure is not sticky; clear it */
         return ferry_fail(FERRY_ERR_NOMEM,
                           "cannot allocate %zu bytes of GPU memory (%s; %.1f of %.1f MiB free, "
                           "%.1f MiB allocated by ferry); set a budget with --gpu-mem to offload "
@@ -76,22 +77,25 @@ static void cuda_free(ferry_backend *b, void *d)
     cuda_impl *impl = cuda_of(b);
     if (!d)
         return;
+    cudaSetDevice(impl->device);
     pthread_mutex_lock(&impl->mem_mu);
+    /* the ops and copies queued before this free may still use the block, and the arena
+     * hands it out again at once (cudaFree's own synchronisation is not documented) */
+    cudaStreamSynchronize(impl->compute);
+    cudaStreamSynchronize(impl->copy);
     if (impl->arena) {
-        /* the ops queued before this free may still read the block: the arena hands it out
-         * again at once, so wait for them */
-        cudaStreamSynchronize(impl->compute);
         ferry_arena_free(impl->arena, d);
     } else {
         for (size_t i = 0; i < impl->n_blocks; i++)
             if (impl->blocks[i].d == d) {
                 impl->used -= impl->blocks[i].n_bytes;
                 impl->blocks[i] = impl->blocks[--impl->n_blocks];
-                cudaFree(d); /* cudaFree waits for the work using it */
+                cudaFree(d);
                 break;
             }
     }
     pthread_mutex_unlock(&impl->mem_mu);
+    cudaGetLastError(); /* a free reports nothing; leave no error for the next launch */
 }
 
 static size_t cuda_mem_capacity(ferry_backend *b)
@@ -111,9 +115,9 @@ static size_t cuda_mem_used(ferry_backend *b)
 
 static ferry_status cuda_host_register(ferry_backend *b, void *h, size_t n_bytes)
 {
-    (void)b;
     if (!h || !n_bytes)
         return FERRY_OK;
+    cudaSetDevice(cuda_of(b)->device);
     cudaError_t e = cudaHostRegister(h, n_bytes, cudaHostRegisterDefault);
     if (e == cudaErrorHostMemoryAlreadyRegistered) {
         cudaGetLastError();
@@ -129,7 +133,7 @@ static ferry_status cuda_host_register(ferry_backend *b, void *h, size_t n_bytes
 
 static void cuda_host_unregister(ferry_backend *b, void *h)
 {
-    (void)b;
+    cudaSetDevice(cuda_of(b)->device);
     if (h && cudaHostUnregister(h) != cudaSuccess)
         cudaGetLastError(); /* not registered: nothing to undo */
 }
@@ -146,6 +150,7 @@ static ferry_status check_copy(const void *dst, const void *src, size_t n_bytes)
 static ferry_status cuda_upload(ferry_backend *b, void *d_dst, const void *h_src, size_t n_bytes)
 {
     cuda_impl *impl = cuda_of(b);
+    cudaSetDevice(impl->device);
     TRY(check_copy(d_dst, h_src, n_bytes));
     if (!n_bytes)
         return FERRY_OK;
@@ -157,6 +162,7 @@ static ferry_status cuda_upload(ferry_backend *b, void *d_dst, const void *h_src
 static ferry_status cuda_download(ferry_backend *b, void *h_dst, const void *d_src, size_t n_bytes)
 {
     cuda_impl *impl = cuda_of(b);
+    cudaSetDevice(impl->device);
     TRY(check_copy(h_dst, d_src, n_bytes));
     if (!n_bytes)
         return FERRY_OK;
@@ -169,7 +175,12 @@ static ferry_status cuda_copy_device(ferry_backend *b, void *d_dst, const void *
                                      size_t n_bytes)
 {
     cuda_impl *impl = cuda_of(b);
+    cudaSetDevice(impl->device);
     TRY(check_copy(d_dst, d_src, n_bytes));
+    const char *dst = (const char *)d_dst, *src = (const char *)d_src;
+    if (n_bytes && dst < src + n_bytes && src < dst + n_bytes && dst != src)
+        return ferry_fail(FERRY_ERR_INVALID, "copy_device: overlapping ranges of %zu bytes",
+                          n_bytes);
     if (!n_bytes)
         return FERRY_OK;
     CUDA_TRY(cudaMemcpyAsync(d_dst, d_src, n_bytes, cudaMemcpyDeviceToDevice, impl->compute));
@@ -178,7 +189,7 @@ static ferry_status cuda_copy_device(ferry_backend *b, void *d_dst, const void *
 
 static ferry_status cuda_synchronize(ferry_backend *b)
 {
-    CUDA_TRY(cudaStreamSynchronize(cuda_of(b)->compute));
+    CUDA_TRY(cudaStreamSynchronize(compute_stream(b)));
     return FERRY_OK;
 }
 
@@ -280,7 +291,7 @@ static void cuda_destroy(ferry_backend *b)
     if (!b)
         return;
     cuda_impl *impl = cuda_of(b);
-    if (impl) {
+    if (impl && impl->compute) { /* else init failed before touching the device */
         cudaSetDevice(impl->device);
         if (impl->compute)
             cudaStreamSynchronize(impl->compute);
@@ -304,6 +315,9 @@ static void cuda_destroy(ferry_backend *b)
             cudaStreamDestroy(impl->compute);
         if (impl->copy)
             cudaStreamDestroy(impl->copy);
+        cudaGetLastError();
+    }
+    if (impl) {
         pthread_mutex_destroy(&impl->mem_mu);
         pthread_mutex_destroy(&impl->copy_mu);
     }
@@ -378,13 +392,18 @@ static ferry_status init(cuda_impl *impl, size_t device_bytes)
     CUDA_TRY(cudaStreamCreateWithFlags(&impl->compute, cudaStreamNonBlocking));
     CUDA_TRY(cudaStreamCreateWithFlags(&impl->copy, cudaStreamNonBlocking));
     CUDA_TRY(cudaEventCreateWithFlags(&impl->ops_mark, cudaEventDisableTiming));
+    /* the prefetch worker waits on these: block, do not spin a core the NVMe reader wants */
     for (int i = 0; i < FERRY_CUDA_COPY_RING; i++)
-        CUDA_TRY(cudaEventCreateWithFlags(&impl->ring[i], cudaEventDisableTiming));
+        CUDA_TRY(cudaEventCreateWithFlags(&impl->ring[i],
+                                          cudaEventDisableTiming | cudaEventBlockingSync));
     CUBLAS_TRY(cublasCreate(&impl->blas));
     CUBLAS_TRY(cublasSetStream(impl->blas, impl->compute));
     /* a fixed workspace keeps cuBLAS from allocating on its own and its results repeatable */
-    CUDA_TRY(cudaMalloc(&impl->d_blas_ws, FERRY_CUDA_BLAS_WORKSPACE));
-    CUBLAS_TRY(cublasSetWorkspace(impl->blas, impl->d_blas_ws, FERRY_CUDA_BLAS_WORKSPACE));
+    int major = 0;
+    CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, impl->device));
+    impl->blas_ws_bytes = major >= 9 ? FERRY_CUDA_BLAS_WORKSPACE_SM90 : FERRY_CUDA_BLAS_WORKSPACE;
+    CUDA_TRY(cudaMalloc(&impl->d_blas_ws, impl->blas_ws_bytes));
+    CUBLAS_TRY(cublasSetWorkspace(impl->blas, impl->d_blas_ws, impl->blas_ws_bytes));
     CUBLAS_TRY(cublasSetMathMode(impl->blas, CUBLAS_DEFAULT_MATH)); /* no TF32 for float32 */
     CUDA_TRY(cudaMalloc(&impl->d_act, FERRY_CUDA_ACT_SCRATCH));
     if (device_bytes > 0) {

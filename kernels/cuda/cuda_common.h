@@ -32,7 +32,8 @@ extern "C" {
 #define FERRY_CUDA_GEMV_MAX_ROWS 8
 /* Workspaces beside the device budget: cuBLAS's, and the half-precision copy of the
  * activations that cuBLAS multiplies with half-precision weights. */
-#define FERRY_CUDA_BLAS_WORKSPACE (4u << 20)
+#define FERRY_CUDA_BLAS_WORKSPACE (4u << 20)        /* Ampere, Ada */
+#define FERRY_CUDA_BLAS_WORKSPACE_SM90 (32u << 20)  /* Hopper and newer, as cuBLAS advises */
 #define FERRY_CUDA_ACT_SCRATCH (8u << 20)
 
 typedef struct {
@@ -46,6 +47,7 @@ typedef struct {
     cudaStream_t compute, copy;
     cublasHandle_t blas;
     void *d_blas_ws;
+    size_t blas_ws_bytes;
     void *d_act; /* FERRY_CUDA_ACT_SCRATCH bytes */
 
     /* device memory: an arena over one cudaMalloc (a budget) or one cudaMalloc per block */
@@ -64,6 +66,14 @@ typedef struct {
 } cuda_impl;
 
 static inline cuda_impl *cuda_of(ferry_backend *b) { return (cuda_impl *)b->impl; }
+
+/* The compute stream, with ferry's device made current on the calling thread (an embedding
+ * application may have made another one current there). */
+static inline cudaStream_t compute_stream(ferry_backend *b)
+{
+    cudaSetDevice(cuda_of(b)->device);
+    return cuda_of(b)->compute;
+}
 
 ferry_status ferry_cuda_status(cudaError_t e, const char *what, const char *file, int line);
 ferry_status ferry_cublas_status(cublasStatus_t e, const char *what, const char *file, int line);

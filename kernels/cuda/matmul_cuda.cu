@@ -201,6 +201,7 @@ ferry_status ferry_cuda_matmul(ferry_backend *b, float *d_out, const float *d_x,
     if (n == 0)
         return FERRY_OK;
     cuda_impl *impl = cuda_of(b);
+    cudaSetDevice(impl->device);
     if (n <= FERRY_CUDA_GEMV_MAX_ROWS)
         return gemv(impl, d_out, d_x, w, n);
     return gemm(impl, d_out, d_x, w, n);

@@ -1,7 +1,9 @@
 /*
  * kernels/cuda/ops_cuda.cu: the CUDA ops other than matmul, each the twin of its CPU
- * reference in kernels/cpu/backend_cpu.c (same formulas, float32 arithmetic, the same order
- * of operations where the CPU's order is part of the result: combine, rope, the router).
+ * reference in kernels/cpu/backend_cpu.c: the same formulas in float32, summed in the same
+ * order where the order decides the result (the router's choice and its weights, the
+ * combine over j). Not bit-identical to the CPU: nvcc fuses multiply-adds, and rmsnorm sums
+ * in float where the CPU sums in double; the tests hold the ops to 1e-5 relative.
  *
  * Every launcher checks its arguments as the CPU backend does, returns at once when there
  * is no work (an empty grid is a launch error), launches on the compute stream and returns
@@ -93,7 +95,7 @@ ferry_status ferry_cuda_embedding(ferry_backend *b, float *d_out, const ferry_we
         int32_t m = n - t0 < FERRY_CUDA_IDX_CHUNK ? n - t0 : FERRY_CUDA_IDX_CHUNK;
         idx_chunk chunk;
         memcpy(chunk.v, ids + t0, (size_t)m * sizeof(int32_t));
-        embedding_kernel<<<m, FERRY_CUDA_THREADS, 0, cuda_of(b)->compute>>>(
+        embedding_kernel<<<m, FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(
             d_out + (size_t)t0 * (size_t)table->cols, table->d_data, (int)table->dtype,
             table->cols, chunk);
         CUDA_LAUNCHED();
@@ -126,7 +128,7 @@ ferry_status ferry_cuda_rmsnorm(ferry_backend *b, float *d_out, const float *d_x
         return ferry_fail(FERRY_ERR_INVALID, "rmsnorm: %d rows with NULL buffers", (int)n);
     if (n == 0)
         return FERRY_OK;
-    rmsnorm_kernel<<<n, FERRY_CUDA_THREADS, 0, cuda_of(b)->compute>>>(d_out, d_x, w->d_data,
+    rmsnorm_kernel<<<n, FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(d_out, d_x, w->d_data,
                                                                        (int)w->dtype, d, eps);
     CUDA_LAUNCHED();
     return FERRY_OK;
@@ -155,7 +157,7 @@ ferry_status ferry_cuda_silu_mul(ferry_backend *b, float *d_out, const float *d_
         return FERRY_OK;
     if (!d_out || !d_gate || !d_up)
         return ferry_fail(FERRY_ERR_INVALID, "silu_mul: NULL buffers");
-    silu_mul_kernel<<<elementwise_grid(n), FERRY_CUDA_THREADS, 0, cuda_of(b)->compute>>>(
+    silu_mul_kernel<<<elementwise_grid(n), FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(
         d_out, d_gate, d_up, n);
     CUDA_LAUNCHED();
     return FERRY_OK;
@@ -174,7 +176,7 @@ ferry_status ferry_cuda_add(ferry_backend *b, float *d_x, const float *d_y, size
         return FERRY_OK;
     if (!d_x || !d_y)
         return ferry_fail(FERRY_ERR_INVALID, "add: NULL buffers");
-    add_kernel<<<elementwise_grid(n), FERRY_CUDA_THREADS, 0, cuda_of(b)->compute>>>(d_x, d_y, n);
+    add_kernel<<<elementwise_grid(n), FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(d_x, d_y, n);
     CUDA_LAUNCHED();
     return FERRY_OK;
 }
@@ -212,7 +214,7 @@ ferry_status ferry_cuda_rope(ferry_backend *b, float *d_x, int32_t n, int32_t n_
         return FERRY_OK;
     if (!d_x || !d_cos || !d_sin)
         return ferry_fail(FERRY_ERR_INVALID, "rope: NULL buffers");
-    rope_kernel<<<elementwise_grid(total), FERRY_CUDA_THREADS, 0, cuda_of(b)->compute>>>(
+    rope_kernel<<<elementwise_grid(total), FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(
         d_x, n, n_heads, head_dim, pos0, d_cos, d_sin);
     CUDA_LAUNCHED();
     return FERRY_OK;
@@ -220,7 +222,7 @@ ferry_status ferry_cuda_rope(ferry_backend *b, float *d_x, int32_t n, int32_t n_
 
 /* ---- attention ----------------------------------------------------------------------- */
 
-/* One block per (head, token): softmax(q.K^T * scale) V over the visible positions, in
+/* One block per (token, head): softmax(q.K^T * scale) V over the visible positions, in
  * tiles of FERRY_ATT_TILE positions with a running max and sum (as the CPU reference), so
  * nothing grows with the context. Scores: each warp takes positions, its lanes split the
  * head. Output: each thread owns head dimensions threadIdx.x and threadIdx.x + 128. */
@@ -231,7 +233,7 @@ __global__ void attention_kernel(float *out, const float *q, const float *k, con
     extern __shared__ float att_shared[];
     float *sq = att_shared;      /* (hd) the query */
     float *ss = att_shared + hd; /* (FERRY_ATT_TILE) scores, then probabilities */
-    int h = blockIdx.x, t = blockIdx.y;
+    int t = blockIdx.x, h = blockIdx.y;
     int kvh = h / (n_heads / n_kv_heads);
     size_t kv_stride = (size_t)n_kv_heads * (size_t)hd;
     const float *kb = k + (size_t)kvh * (size_t)hd, *vb = v + (size_t)kvh * (size_t)hd;
@@ -303,11 +305,12 @@ ferry_status ferry_cuda_attention(ferry_backend *b, float *d_out, const float *d
         return FERRY_OK;
     if (!d_out || !d_q || !d_k || !d_v)
         return ferry_fail(FERRY_ERR_INVALID, "attention: NULL buffers");
-    if (n > 65535)
-        return ferry_fail(FERRY_ERR_INVALID, "attention: %d tokens in one call", (int)n);
-    dim3 grid((unsigned)shape->n_heads, (unsigned)n);
+    if (shape->n_heads > 65535)
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "attention: %d heads (the CUDA kernel takes up "
+                          "to 65535)", (int)shape->n_heads);
+    dim3 grid((unsigned)n, (unsigned)shape->n_heads); /* tokens on x: up to 2^31 - 1 */
     size_t shared = ((size_t)shape->head_dim + FERRY_ATT_TILE) * sizeof(float);
-    attention_kernel<<<grid, FERRY_ATT_THREADS, shared, cuda_of(b)->compute>>>(
+    attention_kernel<<<grid, FERRY_ATT_THREADS, shared, compute_stream(b)>>>(
         d_out, d_q, d_k, d_v, shape->n_heads, shape->n_kv_heads, shape->head_dim, pos0,
         shape->sliding_window, shape->scale);
     CUDA_LAUNCHED();
@@ -383,7 +386,7 @@ ferry_status ferry_cuda_router_topk(ferry_backend *b, int32_t *d_experts, float 
         return ferry_fail(FERRY_ERR_INVALID, "router: %d rows with NULL buffers", (int)n);
     if (n == 0)
         return FERRY_OK;
-    router_kernel<<<grid_for((size_t)n, 64), 64, 0, cuda_of(b)->compute>>>(
+    router_kernel<<<grid_for((size_t)n, 64), 64, 0, compute_stream(b)>>>(
         d_experts, d_weights, d_logits, n, n_experts, k);
     CUDA_LAUNCHED();
     return FERRY_OK;
@@ -418,7 +421,7 @@ static ferry_status move_rows(ferry_backend *b, float *d_out, const float *d_in,
         if (idx[i] < 0)
             return ferry_fail(FERRY_ERR_INVALID, "%s: row index %d at %d", op, (int)idx[i],
                               (int)i);
-    cudaStream_t s = cuda_of(b)->compute;
+    cudaStream_t s = compute_stream(b);
     for (int32_t i0 = 0; i0 < m; i0 += FERRY_CUDA_IDX_CHUNK) {
         int32_t mc = m - i0 < FERRY_CUDA_IDX_CHUNK ? m - i0 : FERRY_CUDA_IDX_CHUNK;
         idx_chunk chunk;
@@ -470,7 +473,7 @@ ferry_status ferry_cuda_combine(ferry_backend *b, float *d_out, const float *d_y
         return FERRY_OK;
     if (!d_out || (k > 0 && (!d_y || !d_weights)))
         return ferry_fail(FERRY_ERR_INVALID, "combine: NULL buffers");
-    combine_kernel<<<elementwise_grid(total), FERRY_CUDA_THREADS, 0, cuda_of(b)->compute>>>(
+    combine_kernel<<<elementwise_grid(total), FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(
         d_out, d_y, d_weights, n, k, d);
     CUDA_LAUNCHED();
     return FERRY_OK;

@@ -1,0 +1,422 @@
+"""tests/test_python.py: the Python harness (python/ferry, ctypes over libferry.so) against
+the bundled model and the Hugging Face reference outputs: library lookup, tokenizer,
+greedy and sampled generation, streaming and stopping it early, statistics, offloaded
+generation on both tiers, errors, closing, and the ctypes struct layouts against the C
+compiler's.
+
+Run by CTest with FERRY_LIBRARY_PATH=<libferry.so> and PYTHONPATH=<source>/python; by hand:
+    FERRY_LIBRARY_PATH=build/libferry.so PYTHONPATH=python python3 tests/test_python.py
+Every model runs on the CPU backend (the GPU has its own suite).
+"""
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(ROOT, "models", "tiny-moe-code")
+REF = os.path.join(ROOT, "tests", "fixtures", "tiny-moe-code.ref.json")
+PACKAGE = os.path.join(ROOT, "python", "ferry")
+
+if os.path.join(ROOT, "python") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+import ferry  # noqa: E402
+from ferry import _lib  # noqa: E402
+
+with open(REF) as f:
+    CASES = json.load(f)["cases"]
+CASE = CASES[0]
+# 32 greedy tokens with EOS ignored; the reference text includes the prompt
+GREEDY = CASE["greedy_text"][len(CASE["prompt"]):]
+
+
+def open_model(**kw):
+    kw.setdefault("backend", "cpu")
+    return ferry.Model(MODEL, **kw)
+
+
+def python_env(**changes):
+    env = dict(os.environ)
+    for k, v in changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+def run_python(code, env):
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def copy_package(dst):
+    """A copy of the package's sources alone under dst/ferry, away from any build folder."""
+    os.makedirs(os.path.join(dst, "ferry"))
+    for name in os.listdir(PACKAGE):
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(PACKAGE, name), os.path.join(dst, "ferry", name))
+
+
+class LookupTest(unittest.TestCase):
+    """Which libferry.so the package loads, each in a fresh interpreter."""
+
+    PRINT_PATH = "import ferry; print(ferry.library_path)"
+
+    def test_env_file_and_folder(self):
+        lib = os.path.realpath(ferry.library_path)
+        for value in (lib, os.path.dirname(lib)):
+            p = run_python(self.PRINT_PATH, python_env(FERRY_LIBRARY_PATH=value,
+                                                       PYTHONPATH=os.path.dirname(PACKAGE)))
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(p.stdout.strip(), lib)
+
+    def test_env_missing_file_is_a_clear_error(self):
+        missing = os.path.join(tempfile.gettempdir(), "no-such-dir-ferry", "libferry.so")
+        p = run_python(self.PRINT_PATH, python_env(FERRY_LIBRARY_PATH=missing,
+                                                   PYTHONPATH=os.path.dirname(PACKAGE)))
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("LibraryNotFoundError", p.stderr)
+        self.assertIn("FERRY_LIBRARY_PATH=" + missing, p.stderr)
+        self.assertIn("no such file", p.stderr)
+        # the variable is authoritative: no silent fallback to the build folder
+        self.assertNotIn(os.path.join("build", "libferry.so"), p.stderr)
+        # an ImportError, so `except ImportError` catches it
+        p = run_python("try:\n import ferry\nexcept ImportError as e:\n print('caught', "
+                       "type(e).__name__)", python_env(FERRY_LIBRARY_PATH=missing,
+                                                       PYTHONPATH=os.path.dirname(PACKAGE)))
+        self.assertEqual(p.stdout.strip(), "caught LibraryNotFoundError", p.stderr)
+
+    def test_next_to_the_package(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            copy_package(tmp)
+            lib = os.path.join(tmp, "ferry", "libferry.so")
+            shutil.copy(ferry.library_path, lib)
+            p = run_python(self.PRINT_PATH, python_env(FERRY_LIBRARY_PATH=None, PYTHONPATH=tmp))
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(p.stdout.strip(), lib)
+
+    def test_nothing_found_lists_every_place(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            copy_package(tmp)
+            p = run_python(self.PRINT_PATH, python_env(FERRY_LIBRARY_PATH=None, PYTHONPATH=tmp,
+                                                       LD_LIBRARY_PATH=None))
+            if p.returncode == 0:
+                self.skipTest("a libferry.so is installed on the system: %s" % p.stdout.strip())
+            self.assertIn("LibraryNotFoundError", p.stderr)
+            for place in (os.path.join(tmp, "ferry", "libferry.so"),
+                          os.path.join(tmp, "libferry.so"),
+                          os.path.join(os.path.dirname(tmp), "build", "libferry.so"),
+                          "system's library search path"):
+                self.assertIn(place, p.stderr)
+
+
+class ModelTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.m = open_model(threads=2)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.m.close()
+
+    def test_info(self):
+        info = self.m.info
+        self.assertEqual((info.n_layers, info.n_experts, info.n_experts_used, info.d_model),
+                         (6, 8, 2, 192))
+        self.assertEqual(info.n_vocab, 4096)
+        self.assertEqual(info.backend, "cpu")
+        self.assertTrue(info.device.startswith("cpu"), info.device)
+        self.assertEqual(info.bos_id, CASE["ids"][0])
+
+    def test_tokenize_matches_fixture_and_round_trips(self):
+        for case in CASES:
+            ids = self.m.tokenize(case["prompt"])
+            self.assertEqual(ids, case["ids"])
+            self.assertEqual(self.m.detokenize(ids), case["prompt"])
+            self.assertEqual(self.m.tokenize(case["prompt"], add_special=False), case["ids"][1:])
+        self.assertEqual(self.m.tokenize(""), [self.m.info.bos_id])
+        self.assertEqual(self.m.detokenize([]), "")
+
+    def test_generate_matches_reference(self):
+        text = self.m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False)
+        self.assertEqual(text, GREEDY)
+        # token ids as a prompt give the same
+        self.assertEqual(self.m.generate(CASE["ids"], max_tokens=32, stop_at_eos=False), GREEDY)
+        self.assertEqual(self.m.generate(CASE["prompt"], max_tokens=0), "")
+
+    def test_stats_of_the_last_generation(self):
+        self.m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False)
+        s = self.m.stats()
+        for key in ("n_prompt_tokens", "n_decode_tokens", "prefill_seconds", "decode_seconds",
+                    "sample_seconds", "prefill_tokens_per_s", "decode_tokens_per_s"):
+            self.assertIn(key, s)
+        self.assertEqual(s["n_prompt_tokens"], len(CASE["ids"]))
+        self.assertEqual(s["n_decode_tokens"], 31)  # the last sampled token is not fed back
+        self.assertGreater(s["decode_tokens_per_s"], 0)
+        self.assertNotIn("offload", s)  # fully resident
+
+    def test_stream_concatenates_to_generate(self):
+        pieces = list(self.m.stream(CASE["prompt"], max_tokens=32, stop_at_eos=False))
+        self.assertGreater(len(pieces), 10)
+        self.assertTrue(all(pieces))
+        self.assertEqual("".join(pieces), GREEDY)
+        pieces = list(self.m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False,
+                                      stream=True))
+        self.assertEqual("".join(pieces), GREEDY)
+
+    def test_break_stops_generation(self):
+        # 2000 tokens would take seconds; breaking stops the worker after a few
+        got = ""
+        for i, piece in enumerate(self.m.stream(CASE["prompt"], max_tokens=2000,
+                                                stop_at_eos=False)):
+            got += piece
+            if i == 2:
+                break
+        self.assertTrue(GREEDY.startswith(got))
+        n = self.m.stats()["n_decode_tokens"]
+        self.assertGreaterEqual(n, 2)
+        self.assertLess(n, 1000)
+        # the model is free again, and gives the same text
+        self.assertEqual(self.m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                         GREEDY)
+
+    def test_close_stream_explicitly(self):
+        s = self.m.stream(CASE["prompt"], max_tokens=2000, stop_at_eos=False)
+        self.assertTrue(GREEDY.startswith(next(s)))
+        with self.assertRaises(RuntimeError):  # one generation at a time
+            self.m.generate(CASE["prompt"], max_tokens=4)
+        s.close()
+        s.close()
+        self.assertEqual(list(s), [])
+        self.assertLess(self.m.stats()["n_decode_tokens"], 1000)
+        self.assertEqual(self.m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                         GREEDY)
+
+    def test_sampling_is_reproducible_by_seed(self):
+        kw = dict(max_tokens=24, temperature=0.9, top_k=50, top_p=0.95, stop_at_eos=False)
+        a = self.m.generate("import os\n", seed=7, **kw)
+        b = self.m.generate("import os\n", seed=7, **kw)
+        c = self.m.generate("import os\n", seed=8, **kw)
+        self.assertEqual(a, b)
+        self.assertNotEqual(a, c)
+        self.assertEqual("".join(self.m.stream("import os\n", seed=7, **kw)), a)
+        # and greedy again afterwards
+        self.assertEqual(self.m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                         GREEDY)
+
+    def test_bad_arguments_raise_value_error(self):
+        for kw in (dict(max_tokens=-1), dict(temperature=-0.5), dict(temperature=float("nan")),
+                   dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(seed=-1)):
+            with self.assertRaises(ValueError, msg=str(kw)):
+                self.m.generate(CASE["prompt"], **kw)
+            with self.assertRaises(ValueError, msg=str(kw)):
+                self.m.stream(CASE["prompt"], **kw)  # checked at the call, not at next()
+        with self.assertRaises(ValueError):
+            self.m.detokenize([2**40])
+        with self.assertRaises(ValueError):
+            self.m.generate([])
+
+    def test_library_errors_raise_ferry_error(self):
+        with self.assertRaises(ferry.FerryError) as cm:
+            self.m.detokenize([self.m.info.n_vocab + 5])
+        self.assertEqual(cm.exception.status, "FERRY_ERR_INVALID")
+
+
+class ErrorTest(unittest.TestCase):
+    def test_missing_model_dir_names_config_json(self):
+        missing = os.path.join(tempfile.gettempdir(), "no-such-model-ferry")
+        with self.assertRaises(ferry.FerryError) as cm:
+            ferry.Model(missing, backend="cpu")
+        e = cm.exception
+        self.assertIsInstance(e, Exception)
+        self.assertEqual(e.status, "FERRY_ERR_IO")
+        self.assertEqual(e.code, 2)
+        self.assertIn("config.json", e.message)
+        self.assertTrue(str(e).startswith("FERRY_ERR_IO: "), str(e))
+        self.assertIn(missing, str(e))
+
+    def test_bad_options_raise_before_the_library(self):
+        # a missing folder with a bad option: ValueError, so nothing reached ferry_model_open
+        missing = os.path.join(tempfile.gettempdir(), "no-such-model-ferry")
+        for kw in (dict(policy="nope"), dict(backend="tpu"), dict(offload="tape"),
+                   dict(predictor="oracle"), dict(reader="mmap"), dict(lookahead=4),
+                   dict(threads=-1), dict(gpu_mem="12Q"), dict(gpu_mem=-5), dict(ctx=-1),
+                   dict(host_cache="lots"), dict(slots=-2)):
+            with self.assertRaises(ValueError, msg=str(kw)) as cm:
+                ferry.Model(missing, **kw)
+            self.assertNotIsInstance(cm.exception, ferry.FerryError)
+        with self.assertRaises(TypeError):
+            ferry.Model(missing, threads="2")
+
+    def test_parse_size(self):
+        self.assertEqual(ferry.parse_size("20M"), 20 << 20)
+        self.assertEqual(ferry.parse_size("1.5G"), 3 << 29)
+        self.assertEqual(ferry.parse_size("512MiB"), 512 << 20)
+        self.assertEqual(ferry.parse_size("4096"), 4096)
+        self.assertEqual(ferry.parse_size(123), 123)
+        for bad in ("", "G", "12Q", "-1M", "0", "1e30"):
+            with self.assertRaises(ValueError, msg=bad):
+                ferry.parse_size(bad)
+
+    def test_context_overflow_from_the_library_and_from_a_stream(self):
+        with open_model(ctx=16) as m:
+            with self.assertRaises(ferry.FerryError) as cm:
+                m.generate(CASE["prompt"], max_tokens=32)
+            self.assertEqual(cm.exception.status, "FERRY_ERR_INVALID")
+            self.assertIn("the context holds 16", cm.exception.message)
+            # the worker's error, with the message read on the worker's thread
+            s = m.stream(CASE["prompt"], max_tokens=32)
+            with self.assertRaises(ferry.FerryError) as cm:
+                next(s)
+            self.assertEqual(cm.exception.status, "FERRY_ERR_INVALID")
+            self.assertIn("the context holds 16", cm.exception.message)
+            self.assertEqual(list(s), [])
+            # what fits still runs
+            first4 = m.detokenize(CASE["ids"] + CASE["greedy_ids"][:4])[len(CASE["prompt"]):]
+            self.assertEqual(m.generate(CASE["prompt"], max_tokens=4, stop_at_eos=False),
+                             first4)
+
+
+class LifetimeTest(unittest.TestCase):
+    def test_context_manager_closes(self):
+        with open_model() as m:
+            self.assertFalse(m.closed)
+            self.assertEqual(m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                             GREEDY)
+        self.assertTrue(m.closed)
+        for use in (lambda: m.generate("x"), lambda: m.stream("x"), lambda: m.tokenize("x"),
+                    lambda: m.detokenize([1]), lambda: m.stats(), lambda: m.info):
+            with self.assertRaises(ValueError):
+                use()
+        m.close()
+        m.close()
+        self.assertIn("closed", repr(m))
+
+    def test_close_during_a_stream(self):
+        m = open_model()
+        s = m.stream(CASE["prompt"], max_tokens=2000, stop_at_eos=False)
+        self.assertTrue(GREEDY.startswith(next(s)))
+        m.close()  # stops the worker after its current token, then frees
+        self.assertTrue(m.closed)
+        with self.assertRaises(ValueError):
+            next(s)
+        self.assertEqual(list(s), [])
+
+
+class OffloadTest(unittest.TestCase):
+    def check_offload_stats(self, m, tier):
+        s = m.stats()
+        self.assertEqual(s["n_decode_tokens"], 31)
+        o = s["offload"]
+        self.assertEqual(o["tier"], tier)
+        self.assertEqual(o["budget_bytes"], 20 << 20)
+        self.assertGreater(o["n_slots"], 0)
+        self.assertEqual(o["slots_bytes"], o["n_slots"] * o["slot_bytes"])
+        self.assertGreater(o["hits"] + o["misses"], 0)
+        self.assertGreater(o["misses"], 0)
+        self.assertGreater(o["bytes_to_device"], 0)
+        self.assertAlmostEqual(o["hit_rate"], o["hits"] / (o["hits"] + o["misses"]))
+        self.assertEqual(len(o["layers"]), 6)
+        self.assertEqual(sum(layer["misses"] for layer in o["layers"]), o["misses"])
+        self.assertEqual(len(o["precision"]), 4)
+        self.assertEqual(o["predictor"], "gate")
+        return o
+
+    def test_ram_tier_gives_the_same_text(self):
+        with open_model(gpu_mem="20M") as m:
+            self.assertEqual(m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                             GREEDY)
+            o = self.check_offload_stats(m, "ram")
+            self.assertEqual(o["bytes_from_disk"], 0)
+            # a sampled run makes a new context inside the same budget
+            kw = dict(max_tokens=16, temperature=0.8, seed=3, stop_at_eos=False)
+            self.assertEqual(m.generate("import os\n", **kw), m.generate("import os\n", **kw))
+            self.assertEqual("".join(m.stream(CASE["prompt"], max_tokens=32,
+                                              stop_at_eos=False)), GREEDY)
+
+    def test_nvme_tier_gives_the_same_text(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            pack = os.path.join(tmp, "tiny.pack")
+            ferry.pack_model(MODEL, pack)
+            with open_model(gpu_mem=20 << 20, offload="nvme", pack=pack, reader="pread",
+                            host_cache="2M", policy="lfu") as m:
+                self.assertEqual(m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                                 GREEDY)
+                o = self.check_offload_stats(m, "nvme")
+                self.assertFalse(o["uses_uring"])
+                self.assertGreater(o["bytes_from_disk"], 0)
+
+    def test_budget_too_small_is_a_ferry_error(self):
+        with self.assertRaises(ferry.FerryError) as cm:
+            open_model(gpu_mem="1M")
+        self.assertEqual(cm.exception.status, "FERRY_ERR_NOMEM")
+
+
+def _kind(t):
+    """A type's kind as the C program below prints it."""
+    kinds = {ctypes.c_int32: "i32", ctypes.c_int64: "i64", ctypes.c_uint64: "u64",
+             ctypes.c_float: "f32", ctypes.c_double: "f64", ctypes.c_char_p: "cstr",
+             ctypes.c_char: "char", ctypes.POINTER(ctypes.c_float): "f32*"}
+    return kinds.get(t, "?" + t.__name__)
+
+
+def _find_cc():
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+@unittest.skipIf(_find_cc() is None, "no C compiler (cc, gcc, clang) to read ferry.h's layouts")
+class StructLayoutTest(unittest.TestCase):
+    """Every mirrored struct: size, alignment, and each field's offset, size and type as the
+    C compiler lays out include/ferry.h. The program is written from the mirrors' field
+    names, so a field the header lacks fails to compile."""
+
+    maxDiff = None
+
+    def test_structs_match_c(self):
+        lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "ferry.h"',
+                 "#define KIND(x) _Generic((x), int32_t: \"i32\", int64_t: \"i64\", "
+                 "uint64_t: \"u64\", float: \"f32\", double: \"f64\", char *: \"cstr\", "
+                 "const char *: \"cstr\", char: \"char\", float *: \"f32*\", default: \"other\")",
+                 "int main(void)", "{"]
+        expected = []
+        for cname, S in _lib.STRUCTS.items():
+            lines.append('    printf("%s %%zu %%zu\\n", sizeof(%s), _Alignof(%s));'
+                         % (cname, cname, cname))
+            expected.append("%s %d %d" % (cname, ctypes.sizeof(S), ctypes.alignment(S)))
+            for field, t in S._fields_:
+                member = "((%s *)0)->%s" % (cname, field)
+                if issubclass(t, ctypes.Array):
+                    elem, n = "%s[0]" % member, t._length_
+                    kind = _kind(t._type_)
+                else:
+                    elem, n = member, 1
+                    kind = _kind(t)
+                lines.append('    printf("%s.%s %%zu %%zu %%zu %%s\\n", offsetof(%s, %s), '
+                             'sizeof(%s), sizeof(%s) / sizeof(%s), KIND(%s));'
+                             % (cname, field, cname, field, member, member, elem, elem))
+                f = getattr(S, field)
+                expected.append("%s.%s %d %d %d %s" % (cname, field, f.offset, f.size, n, kind))
+        lines += ["    return 0;", "}"]
+        with tempfile.TemporaryDirectory() as tmp:
+            src, exe = os.path.join(tmp, "layout.c"), os.path.join(tmp, "layout")
+            with open(src, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            p = subprocess.run([_find_cc(), "-std=c11", "-Wall", "-I",
+                                os.path.join(ROOT, "include"), src, "-o", exe],
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(p.returncode, 0, "compiling the layout program:\n" + p.stderr)
+            got = subprocess.run([exe], capture_output=True, text=True, timeout=60,
+                                 check=True).stdout.splitlines()
+        self.assertEqual(got, expected)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
