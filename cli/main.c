@@ -1599,6 +1599,10 @@ static int write_bench_json(const char *path, const char *model, const ferry_ben
     cJSON_AddNumberToObject(o, "device_gbps", r->bw.device_gbps);
     cJSON_AddNumberToObject(o, "pinned_h2d_gbps", r->bw.pinned_h2d_gbps);
     cJSON_AddNumberToObject(o, "pageable_h2d_gbps", r->bw.pageable_h2d_gbps);
+    cJSON_AddNumberToObject(o, "disk_gbps", r->bw.disk_gbps);
+    cJSON_AddBoolToObject(o, "disk_direct", r->bw.disk_direct);
+    cJSON_AddStringToObject(o, "disk_path", r->bw.disk_path);
+    cJSON_AddNumberToObject(o, "disk_bytes_per_token", r->disk_bytes_per_token);
     cJSON_AddNumberToObject(o, "prefill_tokens_per_s", r->prefill_tokens_per_s);
     cJSON_AddNumberToObject(o, "decode_tokens_per_s", r->decode_tokens_per_s);
     cJSON_AddNumberToObject(o, "latency_median_ms", r->latency_median_ms);
@@ -1705,6 +1709,9 @@ static int cmd_bench(int argc, char **argv)
     printf("bandwidth: device %.1f GB/s, pinned host->device %.2f GB/s, pageable host->device "
            "%.2f GB/s (%.0f MiB buffers)\n",
            r.bw.device_gbps, r.bw.pinned_h2d_gbps, r.bw.pageable_h2d_gbps, MIB(r.bw.n_bytes));
+    if (r.bw.disk_gbps > 0)
+        printf("disk: %.2f GB/s reading %s (%s)\n", r.bw.disk_gbps, r.bw.disk_path,
+               r.bw.disk_direct ? "O_DIRECT" : "buffered: the page cache may serve it");
     if (bp.mode == FERRY_BENCH_BATCH) {
         printf("batch: %.1f generated tokens/s (%d sequences of %d + %d tokens, median of %d), "
                "%.2f expert loads and %.2f MiB moved per generated token\n",
@@ -1724,10 +1731,10 @@ static int cmd_bench(int argc, char **argv)
                MIB(r.dense_bytes_per_token), MIB(r.expert_bytes_per_token),
                MIB(r.kv_bytes_per_token));
         if (r.offload)
-            printf("offload: hit rate %.1f%%, %.2f MiB moved per token, stall %.3f ms per token, "
-                   "fetch rate %.2f GB/s (%.0f%% of pinned)\n",
+            printf("offload: hit rate %.1f%%, %.2f MiB moved and %.2f MiB read from disk per "
+                   "token, stall %.3f ms per token, fetch rate %.2f GB/s (%.0f%% of pinned)\n",
                    100.0 * r.hit_rate, MIB((uint64_t)r.moved_bytes_per_token),
-                   r.stall_ms_per_token, r.fetch_gbps,
+                   MIB((uint64_t)r.disk_bytes_per_token), r.stall_ms_per_token, r.fetch_gbps,
                    r.bw.pinned_h2d_gbps > 0 ? 100.0 * r.fetch_gbps / r.bw.pinned_h2d_gbps : 0.0);
         printf("bound: %.1f tokens/s from the bandwidths above; measured %.1f%% of it\n",
                r.bound_tokens_per_s, 100.0 * r.fraction_of_bound);

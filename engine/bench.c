@@ -7,15 +7,17 @@
  * weights, the chosen experts, the KV cache) and copy every expert it misses over the bus;
  * with perfect overlap it takes max(read / device bandwidth, moved / pinned bandwidth).
  */
+#include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
+#include <sys/stat.h>
 
 #include "core/clock.h"
 #include "core/error.h"
 #include "engine/context.h"
 #include "engine/model.h"
+#include "offload/reader.h"
 
 #define FERRY_BENCH_BW_BYTES (256ull << 20)
 #define FERRY_BENCH_BW_REPS 5
@@ -113,6 +115,96 @@ ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_b
     return st;
 }
 
+#define FERRY_BENCH_DISK_REQ (4u << 20)
+#define FERRY_BENCH_DISK_DEPTH 16
+
+/* The file the expert bytes come from: the pack file on the NVMe tier, else the largest
+ * .safetensors file of the checkpoint. */
+static ferry_status disk_file(const ferry_model *m, const char *model_dir, char *path,
+                              size_t cap)
+{
+    if (m->store && ferry_store_tier(m->store) == FERRY_TIER_NVME && m->pack_path) {
+        snprintf(path, cap, "%s", m->pack_path);
+        return FERRY_OK;
+    }
+    DIR *d = opendir(model_dir);
+    if (!d)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot list the folder", model_dir);
+    off_t best = -1;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t len = strlen(e->d_name);
+        if (len < 12 || strcmp(e->d_name + len - 12, ".safetensors"))
+            continue;
+        char p[4096];
+        struct stat st;
+        snprintf(p, sizeof p, "%s/%s", model_dir, e->d_name);
+        if (stat(p, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > best) {
+            best = st.st_size;
+            snprintf(path, cap, "%s", p);
+        }
+    }
+    closedir(d);
+    if (best < 0)
+        return ferry_fail(FERRY_ERR_IO, "%s: no .safetensors file to read", model_dir);
+    return FERRY_OK;
+}
+
+/* Reads up to n bytes of path from its start through ferry's reader, as the NVMe tier
+ * does; 0 GB/s when the file is shorter than one request. */
+static ferry_status measure_disk(const char *path, uint64_t n, ferry_bandwidths *bw)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot stat", path);
+    uint64_t n_req = (uint64_t)st.st_size / FERRY_BENCH_DISK_REQ;
+    if (n_req > n / FERRY_BENCH_DISK_REQ)
+        n_req = n / FERRY_BENCH_DISK_REQ;
+    snprintf(bw->disk_path, sizeof bw->disk_path, "%.*s", (int)sizeof bw->disk_path - 1, path);
+    if (n_req == 0)
+        return FERRY_OK;
+    size_t region_bytes = (size_t)FERRY_BENCH_DISK_DEPTH * FERRY_BENCH_DISK_REQ;
+    char *region = aligned_alloc(FERRY_READER_ALIGN, region_bytes);
+    if (!region)
+        return ferry_fail(FERRY_ERR_NOMEM, "bench: %zu bytes for disk reads", region_bytes);
+    ferry_reader *r = NULL;
+    ferry_status st_ = ferry_reader_create(path, FERRY_READER_AUTO, FERRY_BENCH_DISK_DEPTH * 4,
+                                           region, region_bytes, &r);
+    if (st_) {
+        free(region);
+        return st_;
+    }
+    double t0 = ferry_now_seconds();
+    uint64_t next = 0, done = 0;
+    while (st_ == FERRY_OK && done < n_req) {
+        while (next < n_req && next - done < FERRY_BENCH_DISK_DEPTH) {
+            char *dst = region + (next % FERRY_BENCH_DISK_DEPTH) * FERRY_BENCH_DISK_REQ;
+            if ((st_ = ferry_reader_submit(r, next * FERRY_BENCH_DISK_REQ, FERRY_BENCH_DISK_REQ,
+                                           dst, next)))
+                break;
+            next++;
+        }
+        if (st_)
+            break;
+        uint64_t tag;
+        ferry_status res;
+        int completed = 0;
+        if ((st_ = ferry_reader_wait(r, -1, &tag, &res, &completed)))
+            break;
+        if (completed && res != FERRY_OK)
+            st_ = res;
+        done += completed != 0;
+    }
+    double dt = ferry_now_seconds() - t0;
+    if (st_ == FERRY_OK) {
+        bw->disk_gbps = (double)n_req * FERRY_BENCH_DISK_REQ / dt / 1e9;
+        bw->disk_direct = ferry_reader_uses_direct(r);
+    }
+    ferry_reader_destroy(r);
+    free(region);
+    return st_;
+}
+
 /* ---- the run ----------------------------------------------------------------------- */
 
 static uint64_t weight_bytes(const ferry_weight *w)
@@ -174,7 +266,7 @@ static void bench_free(bench_state *s)
 /* Offload counters of the decode steps (accumulated over runs). */
 typedef struct {
     int64_t hits, misses;
-    uint64_t moved;
+    uint64_t moved, from_disk;
     double stall, copy;
 } decode_counters;
 
@@ -184,6 +276,7 @@ static void add_offload_delta(decode_counters *acc, const ferry_offload_stats *a
     acc->hits += b->hits - a->hits;
     acc->misses += b->misses - a->misses;
     acc->moved += b->bytes_to_device - a->bytes_to_device;
+    acc->from_disk += b->bytes_from_disk - a->bytes_from_disk;
     acc->stall += b->stall_seconds - a->stall_seconds;
     acc->copy += b->copy_seconds - a->copy_seconds;
 }
@@ -327,6 +420,13 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
     int32_t G = bp->mode != FERRY_BENCH_PREFILL ? bp->gen_len : 0;
     if ((st = ferry_model_open(model_dir, mp, &s.m)))
         goto done;
+    {
+        char path[4096];
+        uint64_t n = bp->bandwidth_bytes ? bp->bandwidth_bytes : FERRY_BENCH_BW_BYTES;
+        if ((st = disk_file(s.m, model_dir, path, sizeof path)) ||
+            (st = measure_disk(path, n, &res.bw)))
+            goto done;
+    }
     if (bp->mode == FERRY_BENCH_BATCH) {
         /* before any context: the sequences' KV caches come out of the budget first */
         ferry_model_info bi;
@@ -394,6 +494,7 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
             int64_t lookups = dc.hits + dc.misses;
             res.hit_rate = lookups ? (double)dc.hits / (double)lookups : 0;
             res.moved_bytes_per_token = (double)dc.moved / n_dec;
+            res.disk_bytes_per_token = (double)dc.from_disk / n_dec;
             res.stall_ms_per_token = 1e3 * dc.stall / n_dec;
             res.fetch_gbps = dc.copy > 0 ? (double)dc.moved / dc.copy / 1e9 : 0;
         }
@@ -403,7 +504,11 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
         double t_move = res.bw.pinned_h2d_gbps > 0
                             ? res.moved_bytes_per_token / (res.bw.pinned_h2d_gbps * 1e9)
                             : 0;
+        double t_disk = res.bw.disk_gbps > 0
+                            ? res.disk_bytes_per_token / (res.bw.disk_gbps * 1e9)
+                            : 0;
         double t = t_read > t_move ? t_read : t_move;
+        t = t > t_disk ? t : t_disk;
         res.bound_tokens_per_s = t > 0 ? 1.0 / t : 0;
         res.fraction_of_bound =
             res.bound_tokens_per_s > 0 ? res.decode_tokens_per_s / res.bound_tokens_per_s : 0;

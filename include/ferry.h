@@ -496,6 +496,12 @@ typedef struct {
     double pinned_h2d_gbps;   /* pinned host memory to the device, through the copy engine */
     double pageable_h2d_gbps; /* pageable host memory to the device (a plain upload) */
     uint64_t n_bytes;         /* buffer size measured with */
+    /* ferry_bench_run only: reads of the expert file (the pack file with --offload nvme,
+     * else the checkpoint's largest shard) through ferry's reader, 4 MiB requests, 16 in
+     * flight, O_DIRECT where the filesystem allows it (else the page cache may serve them) */
+    double disk_gbps;
+    int32_t disk_direct;
+    char disk_path[256];
 } ferry_bandwidths;
 
 /* Measures the bandwidths of the backend the params name (AUTO as ferry_model_open
@@ -535,8 +541,10 @@ typedef struct {
     double moved_bytes_per_token; /* expert bytes copied to the device per decoded token */
     double stall_ms_per_token;
     double fetch_gbps;            /* expert bytes over the copy engine's busy time */
+    double disk_bytes_per_token;  /* --offload nvme: read from the pack file per token */
     /* the bound: the fastest decode the measured bandwidths allow for these bytes, when
-     * copies and compute overlap perfectly: 1 / max(read / device_bw, moved / pinned_bw) */
+     * copies, reads and compute overlap perfectly:
+     * 1 / max(read / device_bw, moved / pinned_bw, from disk / disk_bw) */
     double bound_tokens_per_s;
     double fraction_of_bound;     /* decode_tokens_per_s / bound_tokens_per_s */
     /* batch mode (median run): generated tokens of all sequences per second, and per
