@@ -100,13 +100,13 @@ static ferry_status create_contexts(batch_run *b)
     ferry_context_params cp = b->p->sampling;
     cp.n_ctx = b->p->max_batch;
     cp.n_batch = b->p->max_batch;
-    ferry_status st = ferry_context_create(m, &cp, &b->moe);
+    ferry_status st = ferry_context_create_parts(m, &cp, FERRY_CONTEXT_MOE, &b->moe);
     for (int32_t i = 0; i < b->n_seqs && st == FERRY_OK; i++) {
         seq_state *s = &b->seq[i];
         cp = b->p->sampling;
         cp.n_ctx = s->n_prompt + (s->n_predict > 0 ? s->n_predict : 1);
         cp.n_batch = b->p->chunk;
-        st = ferry_context_create(m, &cp, &s->c);
+        st = ferry_context_create_parts(m, &cp, FERRY_CONTEXT_ATTENTION, &s->c);
     }
     pthread_mutex_lock(&m->lock);
     m->defer_plan = 0;

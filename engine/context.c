@@ -101,11 +101,27 @@ static void snapshot_offload_counters(ferry_context *c)
     memset(c->layer_stall, 0, (size_t)c->m->cfg.n_layers * sizeof *c->layer_stall);
 }
 
+/* A device buffer of a context and the parts that use it (0: every context). */
+typedef struct {
+    void **ptr;
+    size_t n_elems, elem_bytes;
+    const char *what;
+    unsigned part;
+} ctx_buf;
+
 ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
                                   ferry_context **out)
 {
+    return ferry_context_create_parts(m, p, FERRY_CONTEXT_ATTENTION | FERRY_CONTEXT_MOE, out);
+}
+
+ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_params *p,
+                                        unsigned parts, ferry_context **out)
+{
     if (!m || !out)
         return ferry_fail(FERRY_ERR_INVALID, "ferry_context_create: NULL argument");
+    if (!parts || (parts & ~(unsigned)(FERRY_CONTEXT_ATTENTION | FERRY_CONTEXT_MOE)))
+        return ferry_fail(FERRY_ERR_INVALID, "context parts 0x%x", parts);
     ferry_context_params defaults = ferry_context_params_default();
     if (!p)
         p = &defaults;
@@ -128,6 +144,7 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory for a context");
     c->m = m;
     c->p = *p;
+    c->parts = parts;
     c->n_ctx = n_ctx;
     c->n_batch = p->n_batch ? p->n_batch : FERRY_DEFAULT_BATCH;
     if (c->n_batch > n_ctx)
@@ -144,32 +161,34 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
     if ((st = ferry_sampler_init(&c->sampler, cfg->vocab_size, p->temperature, p->top_k, p->top_p,
                                  p->seed)))
         goto fail;
-    const struct {
-        void **ptr;
-        size_t n_elems, elem_bytes;
-        const char *what;
-    } bufs[] = {
-        {(void **)&c->d_k, kv_elems, sizeof(float), "key cache"},
-        {(void **)&c->d_v, kv_elems, sizeof(float), "value cache"},
-        {(void **)&c->d_cos, rope_elems, sizeof(float), "RoPE cos"},
-        {(void **)&c->d_sin, rope_elems, sizeof(float), "RoPE sin"},
-        {(void **)&c->d_x, B * d, sizeof(float), "residual"},
-        {(void **)&c->d_h, B * d, sizeof(float), "normed"},
-        {(void **)&c->d_q, B * q_dim, sizeof(float), "queries"},
-        {(void **)&c->d_att, B * q_dim, sizeof(float), "attention"},
-        {(void **)&c->d_router, B * E, sizeof(float), "router logits"},
-        {(void **)&c->d_experts, B * k, sizeof(int32_t), "routing"},
-        {(void **)&c->d_weights, B * k, sizeof(float), "routing weights"},
-        {(void **)&c->d_xe, B * d, sizeof(float), "expert input"},
-        {(void **)&c->d_a, B * ff, sizeof(float), "expert gate"},
-        {(void **)&c->d_b, B * ff, sizeof(float), "expert up"},
-        {(void **)&c->d_ye, B * d, sizeof(float), "expert output"},
-        {(void **)&c->d_eo, B * k * d, sizeof(float), "expert outputs"},
-        {(void **)&c->d_moe, B * d, sizeof(float), "MoE output"},
+    /* each buffer with the parts that use it (0: every context) */
+    const unsigned A = FERRY_CONTEXT_ATTENTION, M = FERRY_CONTEXT_MOE;
+    const ctx_buf all_bufs[] = {
+        {(void **)&c->d_k, kv_elems, sizeof(float), "key cache", A},
+        {(void **)&c->d_v, kv_elems, sizeof(float), "value cache", A},
+        {(void **)&c->d_cos, rope_elems, sizeof(float), "RoPE cos", A},
+        {(void **)&c->d_sin, rope_elems, sizeof(float), "RoPE sin", A},
+        {(void **)&c->d_x, B * d, sizeof(float), "residual", 0},
+        {(void **)&c->d_h, B * d, sizeof(float), "normed", 0},
+        {(void **)&c->d_q, B * q_dim, sizeof(float), "queries", A},
+        {(void **)&c->d_att, B * q_dim, sizeof(float), "attention", A},
+        {(void **)&c->d_router, B * E, sizeof(float), "router logits", 0},
+        {(void **)&c->d_experts, B * k, sizeof(int32_t), "routing", 0},
+        {(void **)&c->d_weights, B * k, sizeof(float), "routing weights", 0},
+        {(void **)&c->d_xe, B * d, sizeof(float), "expert input", M},
+        {(void **)&c->d_a, B * ff, sizeof(float), "expert gate", M},
+        {(void **)&c->d_b, B * ff, sizeof(float), "expert up", M},
+        {(void **)&c->d_ye, B * d, sizeof(float), "expert output", M},
+        {(void **)&c->d_eo, B * k * d, sizeof(float), "expert outputs", M},
+        {(void **)&c->d_moe, B * d, sizeof(float), "MoE output", M},
         {(void **)&c->d_logits, (B < FERRY_LOGIT_ROWS ? B : FERRY_LOGIT_ROWS) *
-                                    (size_t)cfg->vocab_size, sizeof(float), "logits"},
+                                    (size_t)cfg->vocab_size, sizeof(float), "logits", 0},
     };
-    size_t n_bufs = sizeof bufs / sizeof bufs[0];
+    ctx_buf bufs[sizeof all_bufs / sizeof all_bufs[0]];
+    size_t n_bufs = 0;
+    for (size_t i = 0; i < sizeof all_bufs / sizeof all_bufs[0]; i++)
+        if (!all_bufs[i].part || (all_bufs[i].part & parts))
+            bufs[n_bufs++] = all_bufs[i];
     if (m->store) {
         /* with a device budget, say up front what this context needs next to the rest */
         size_t kv_bytes = 2 * kv_elems * sizeof(float), all = 0;
@@ -200,7 +219,7 @@ ferry_status ferry_context_create(ferry_model *m, const ferry_context_params *p,
         goto fail;
     if ((st = ferry_dispatch_init(&c->dispatch, cfg->n_experts, (int32_t)(B * k))))
         goto fail;
-    if ((st = build_rope_tables(c)))
+    if ((parts & FERRY_CONTEXT_ATTENTION) && (st = build_rope_tables(c)))
         goto fail;
     if (m->store) {
         if ((st = halloc((void **)&c->prev_used, (size_t)cfg->n_layers * E, 1, "routing history")) ||
@@ -511,6 +530,8 @@ static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t
     const ferry_layer_weights *L = &m->layers[l];
     int32_t d = cfg->hidden_size, k = cfg->n_experts_per_tok;
     int32_t E = cfg->n_experts;
+    if (!(c->parts & FERRY_CONTEXT_MOE))
+        return ferry_fail(FERRY_ERR_INVALID, "an MoE block on a context made without one");
 
     TRY(o->matmul(be, c->d_router, c->d_h, &L->gate, n));
     TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k));
@@ -565,6 +586,8 @@ ferry_status ferry_context_attention(ferry_context *c, int32_t l, int32_t n)
         .sliding_window = cfg->sliding_window,
         .scale = 1.0f / sqrtf((float)cfg->head_dim),
     };
+    if (!(c->parts & FERRY_CONTEXT_ATTENTION))
+        return ferry_fail(FERRY_ERR_INVALID, "attention on a context made without it");
     float *k_cache = c->d_k + (size_t)l * layer_kv, *v_cache = c->d_v + (size_t)l * layer_kv;
     float *k_new = k_cache + (size_t)pos0 * kv_dim, *v_new = v_cache + (size_t)pos0 * kv_dim;
 

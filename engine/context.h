@@ -30,6 +30,7 @@ typedef struct {
 struct ferry_context {
     ferry_model *m;
     ferry_context_params p;
+    unsigned parts; /* FERRY_CONTEXT_ATTENTION | FERRY_CONTEXT_MOE: what it has buffers for */
     int32_t n_ctx;
     int32_t n_batch;
     int32_t n_past;
@@ -87,6 +88,17 @@ struct ferry_context {
  * logits_last, when not NULL, the last position's. Same errors as ferry_eval. */
 ferry_status ferry_context_forward(ferry_context *c, const int32_t *ids, int32_t n,
                                    float *logits_all, float *logits_last);
+
+/* What a context has device buffers for: the attention half (KV cache, RoPE tables, query
+ * and attention buffers) and the MoE block (the experts' workspace). ferry_context_create
+ * makes both; engine/batch.c gives each sequence attention only and its shared MoE context
+ * the MoE block only, so neither holds budget it never uses. */
+enum { FERRY_CONTEXT_ATTENTION = 1u, FERRY_CONTEXT_MOE = 2u };
+
+/* ferry_context_create with only the given parts; calling the missing part's step is
+ * FERRY_ERR_INVALID. */
+ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_params *p,
+                                        unsigned parts, ferry_context **out);
 
 /* The parts of a forward step, for work that runs several contexts' tokens through one MoE
  * block (engine/batch.c); ferry_context_forward is embed, then for each layer attention and

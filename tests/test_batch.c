@@ -10,6 +10,8 @@
 #include <string.h>
 
 #include "check_util.h"
+#include "engine/context.h"
+#include "engine/model.h"
 #include "ferry.h"
 
 #define MODEL_DIR FERRY_SOURCE_DIR "/models/tiny-moe-code"
@@ -190,6 +192,53 @@ START_TEST(test_batch_shapes_and_offload_give_the_same_tokens)
 }
 END_TEST
 
+/* The per-sequence contexts hold only the attention half and the shared MoE context only
+ * the MoE block: each takes less of the device than a whole context, the halves add up to
+ * one whole, and the missing half refuses to run. */
+START_TEST(test_batch_contexts_hold_only_their_half)
+{
+    ferry_model_params mp = cpu_params();
+    ferry_model *m = NULL;
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_OK);
+    ferry_backend *be = m->be;
+    ferry_context_params cp = ferry_context_params_default();
+    cp.n_ctx = 256;
+    cp.n_batch = 16;
+    size_t used[3];
+    const unsigned parts[3] = {FERRY_CONTEXT_ATTENTION | FERRY_CONTEXT_MOE,
+                               FERRY_CONTEXT_ATTENTION, FERRY_CONTEXT_MOE};
+    for (int i = 0; i < 3; i++) {
+        size_t before = be->ops->mem_used(be);
+        ferry_context *c = NULL;
+        ck_assert_int_eq(ferry_context_create_parts(m, &cp, parts[i], &c), FERRY_OK);
+        used[i] = be->ops->mem_used(be) - before;
+        int32_t id = 1;
+        if (parts[i] == FERRY_CONTEXT_ATTENTION) {
+            ck_assert_int_eq(ferry_context_embed(c, &id, 1), FERRY_OK);
+            ck_assert_int_eq(ferry_context_attention(c, 0, 1), FERRY_OK);
+            ck_assert_int_eq(ferry_context_moe(c, 0, 1), FERRY_ERR_INVALID);
+        } else if (parts[i] == FERRY_CONTEXT_MOE) {
+            float row[192] = {0}; /* the bundled model's hidden size */
+            row[0] = 1.0f;
+            ck_assert_int_eq(be->ops->upload(be, c->d_h, row, sizeof row), FERRY_OK);
+            ck_assert_int_eq(be->ops->upload(be, c->d_x, row, sizeof row), FERRY_OK);
+            ck_assert_int_eq(ferry_context_attention(c, 0, 1), FERRY_ERR_INVALID);
+            ck_assert_int_eq(ferry_context_moe(c, 0, 1), FERRY_OK);
+        }
+        ferry_context_free(c);
+    }
+    ck_assert_uint_lt(used[1], used[0]);
+    ck_assert_uint_lt(used[2], used[0]);
+    /* the buffers every context has (residual, norm, routing, logits) count in both halves */
+    ck_assert_uint_gt(used[1] + used[2], used[0]);
+    ferry_context *c = NULL;
+    ck_assert_int_eq(ferry_context_create_parts(m, &cp, 0, &c), FERRY_ERR_INVALID);
+    ck_assert_int_eq(ferry_context_create_parts(m, &cp, 4, &c), FERRY_ERR_INVALID);
+    ck_assert_ptr_null(c);
+    ferry_model_close(m);
+}
+END_TEST
+
 START_TEST(test_batch_errors)
 {
     ferry_model *m = NULL;
@@ -235,6 +284,7 @@ static Suite *batch_suite(void)
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_reordering_is_lossless_and_loads_fewer_experts);
     tcase_add_test(tc, test_batch_shapes_and_offload_give_the_same_tokens);
+    tcase_add_test(tc, test_batch_contexts_hold_only_their_half);
     tcase_add_test(tc, test_batch_errors);
     suite_add_tcase(s, tc);
     return s;
