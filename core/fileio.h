@@ -5,6 +5,7 @@
 #ifndef FERRY_CORE_FILEIO_H
 #define FERRY_CORE_FILEIO_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "ferry.h"
@@ -14,5 +15,17 @@
  * for disjoint ranges of one file. */
 ferry_status ferry_pwrite_all(int fd, const char *path, const void *data, uint64_t n,
                               uint64_t offset);
+
+/* One piece of a file's contents. */
+typedef struct {
+    const void *data;
+    size_t n_bytes;
+} ferry_file_part;
+
+/* Replaces path atomically with the concatenated parts: writes "<path>.tmp", fsyncs it and
+ * renames it over path, so a reader sees the old file or the whole new one, never a torn
+ * write. On failure the .tmp is removed and path is untouched. FERRY_ERR_NOMEM,
+ * FERRY_ERR_IO naming the file and strerror. */
+ferry_status ferry_replace_file(const char *path, const ferry_file_part *parts, int32_t n_parts);
 
 #endif

@@ -37,6 +37,7 @@
 
 #include "core/bytes.h"
 #include "core/error.h"
+#include "core/fileio.h"
 #include "predictor/predictor.h"
 
 #define STATS_MAGIC "FERRYST1"
@@ -211,14 +212,10 @@ ferry_status ferry_routing_stats_save(const ferry_routing_stats *s, const char *
     if (!s || !path)
         return ferry_fail(FERRY_ERR_INVALID, "routing stats save: NULL argument");
     size_t L = (size_t)s->n_layers, E = (size_t)s->n_experts, n = n_counts(L, E);
-    size_t bytes = file_bytes(L, E), plen = strlen(path);
-    ferry_status st = FERRY_OK;
+    size_t bytes = file_bytes(L, E);
     uint8_t *buf = malloc(bytes);
-    char *tmp = malloc(plen + 5);
-    if (!buf || !tmp) {
-        st = ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
-        goto done;
-    }
+    if (!buf)
+        return ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
     memcpy(buf, STATS_MAGIC, 8);
     ferry_put_u32(buf + 8, STATS_VERSION);
     ferry_put_u32(buf + 12, (uint32_t)L);
@@ -230,30 +227,9 @@ ferry_status ferry_routing_stats_save(const ferry_routing_stats *s, const char *
     for (size_t i = 0; i < n; i++)
         ferry_put_u32(buf + STATS_HEADER_BYTES + 4 * i, s->counts[i]);
     ferry_put_u64(buf + bytes - 8, XXH3_64bits(buf, bytes - 8));
-
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
-        goto done;
-    }
-    int ok = fwrite(buf, 1, bytes, f) == bytes && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    if (fclose(f) != 0)
-        ok = 0;
-    if (!ok) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-        unlink(tmp);
-        goto done;
-    }
-    if (rename(tmp, path) != 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot rename %s over it: %s", path, tmp,
-                        strerror(errno));
-        unlink(tmp);
-    }
-done:
+    ferry_file_part part = {buf, bytes};
+    ferry_status st = ferry_replace_file(path, &part, 1);
     free(buf);
-    free(tmp);
     return st;
 }
 

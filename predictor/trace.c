@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/fileio.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "trace.c reads and writes float32 probabilities in host order: little-endian only"
@@ -635,44 +636,10 @@ ferry_status ferry_trace_save(const ferry_trace *tr, const char *path)
         return ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory for the header", path);
     }
 
-    ferry_status st = FERRY_OK;
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
-    if (!tmp) {
-        free(tb.p);
-        return ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
-    }
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
-        goto done;
-    }
     size_t id_bytes = (size_t)tr->n_tokens * ids_per_token(tr);
     size_t prob_bytes = tr->probs ? (size_t)tr->n_tokens * probs_per_token(tr) * sizeof(float) : 0;
-    int ok = fwrite(tb.p, 1, tb.len, f) == tb.len &&
-             fwrite(tr->experts ? (const void *)tr->experts : "", 1, id_bytes, f) == id_bytes &&
-             (prob_bytes == 0 || fwrite(tr->probs, 1, prob_bytes, f) == prob_bytes) &&
-             fflush(f) == 0;
-    if (!ok || fsync(fileno(f)) != 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-        fclose(f);
-        unlink(tmp);
-        goto done;
-    }
-    if (fclose(f) != 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-        unlink(tmp);
-        goto done;
-    }
-    if (rename(tmp, path) != 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot rename %s over it: %s", path, tmp,
-                        strerror(errno));
-        unlink(tmp);
-    }
-done:
-    free(tmp);
+    const ferry_file_part parts[] = {{tb.p, tb.len}, {tr->experts, id_bytes}, {tr->probs, prob_bytes}};
+    ferry_status st = ferry_replace_file(path, parts, 3);
     free(tb.p);
     return st;
 }
