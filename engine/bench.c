@@ -35,17 +35,6 @@ ferry_bench_params ferry_bench_params_default(void)
 
 /* ---- bandwidths ---------------------------------------------------------------------- */
 
-/* The backend the params resolve to, without a budget (the CPU one with an arena, so its
- * copy engine runs as it does when offloading). */
-static ferry_status bandwidth_backend(const ferry_model_params *mp, size_t n, ferry_backend **out)
-{
-    int cuda = mp->backend == FERRY_BACKEND_CUDA ||
-               (mp->backend == FERRY_BACKEND_AUTO && ferry_backend_cuda_probe(NULL, 0) == FERRY_OK);
-    if (cuda)
-        return ferry_backend_cuda_create(0, out);
-    return ferry_backend_cpu_create(1, 2 * n + (1u << 20), out);
-}
-
 static ferry_status measure(ferry_backend *be, size_t n, void *h, ferry_bandwidths *bw)
 {
     const ferry_backend_ops *o = be->ops;
@@ -103,7 +92,9 @@ ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_b
         return ferry_fail(FERRY_ERR_INVALID, "bandwidth buffer of %zu bytes (4 KiB to 16 GiB)",
                           n);
     ferry_backend *be = NULL;
-    TRY(bandwidth_backend(mp, n, &be));
+    /* a budget room for the two buffers: the CPU backend's copy engine then runs as it does
+     * when offloading */
+    TRY(ferry_backend_for_params(mp, 2 * n + (1u << 20), &be));
     void *h = aligned_alloc(4096, (n + 4095) / 4096 * 4096);
     ferry_bandwidths bw = {.n_bytes = n};
     ferry_status st = h ? measure(be, n, h, &bw)
@@ -410,8 +401,6 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
                           (int)bp->prompt_len, (int)bp->gen_len, (int)bp->repeat);
     ferry_bench_result res;
     memset(&res, 0, sizeof res);
-    TRY(ferry_measure_bandwidths(mp, bp->bandwidth_bytes, &res.bw));
-
     bench_state s;
     memset(&s, 0, sizeof s);
     decode_counters dc;
@@ -421,7 +410,14 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
     if ((st = ferry_model_open(model_dir, mp, &s.m)))
         goto done;
     {
+        /* on the backend the model resolved to (AUTO has said its say once already) */
+        ferry_model_info mi;
+        ferry_model_get_info(s.m, &mi);
+        ferry_model_params bw_params = *mp;
+        bw_params.backend = mi.backend;
         char path[4096];
+        if ((st = ferry_measure_bandwidths(&bw_params, bp->bandwidth_bytes, &res.bw)))
+            goto done;
         uint64_t n = bp->bandwidth_bytes ? bp->bandwidth_bytes : FERRY_BENCH_BW_BYTES;
         if ((st = disk_file(s.m, model_dir, path, sizeof path)) ||
             (st = measure_disk(path, n, &res.bw)))

@@ -394,16 +394,15 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     return FERRY_OK;
 }
 
-/* The backend the params ask for; AUTO takes the GPU when there is a usable one. */
-static ferry_status create_backend(ferry_model *m, const ferry_model_params *p)
+ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device_bytes,
+                                      ferry_backend **out)
 {
     int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
-    size_t budget = (size_t)p->gpu_mem_bytes;
     switch (p->backend) {
     case FERRY_BACKEND_CPU:
-        return ferry_backend_cpu_create(n_threads, budget, &m->be);
+        return ferry_backend_cpu_create(n_threads, device_bytes, out);
     case FERRY_BACKEND_CUDA:
-        return ferry_backend_cuda_create(budget, &m->be);
+        return ferry_backend_cuda_create(device_bytes, out);
     case FERRY_BACKEND_AUTO:
         break;
     default:
@@ -411,13 +410,13 @@ static ferry_status create_backend(ferry_model *m, const ferry_model_params *p)
     }
     ferry_status st = ferry_backend_cuda_probe(NULL, 0);
     if (st == FERRY_OK) {
-        st = ferry_backend_cuda_create(budget, &m->be);
+        st = ferry_backend_cuda_create(device_bytes, out);
         if (st != FERRY_ERR_DEVICE)
             return st; /* the GPU, or a real failure such as a budget larger than the GPU */
     }
     if (st != FERRY_ERR_UNSUPPORTED) /* a CUDA build without a GPU: say why the CPU runs */
         ferry_log(FERRY_LOG_WARN, "%s; running on the CPU backend", ferry_last_error());
-    return ferry_backend_cpu_create(n_threads, budget, &m->be);
+    return ferry_backend_cpu_create(n_threads, device_bytes, out);
 }
 
 ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferry_model **out)
@@ -465,7 +464,7 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         }
         m->params.pack_path = m->pack_path;
     }
-    if ((st = create_backend(m, p)))
+    if ((st = ferry_backend_for_params(p, (size_t)p->gpu_mem_bytes, &m->be)))
         goto fail;
     /* without offloading, experts are device weights like the rest, unless the backend
      * computes on host memory in place */

@@ -85,6 +85,13 @@ struct ferry_model {
     ferry_routing_stats *route_stats;  /* for the stats and combined predictors */
 };
 
+/* Creates the backend the params name (p->backend, p->n_threads) with device_bytes of
+ * budget (0: none). AUTO takes the GPU when this build has CUDA and a usable device, else
+ * the CPU, logging why when a CUDA build falls back. The codes of the backends' create
+ * functions; FERRY_ERR_INVALID for an unknown backend id. */
+ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device_bytes,
+                                      ferry_backend **out);
+
 /* Bytes of one expert's weights (w1, w3, w2) as the checkpoint stores them. */
 uint64_t ferry_model_expert_bytes(const ferry_model *m);
 
