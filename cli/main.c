@@ -60,7 +60,15 @@ static void usage_run(FILE *f)
             "                      recency (what the next layer used last time)\n"
             "      --predictor-stats FILE  statistics for stats/combined (ferry predictor fit)\n"
             "      --lookahead D   prefetch layers l+1 .. l+D, D in 1..3 (default 1)\n"
-            "      --slots N       use at most N expert slots of the budget\n");
+            "      --slots N       use at most N expert slots of the budget\n"
+            "      --hybrid H      where missing experts are computed: auto (default: per\n"
+            "                      miss, fetch it or compute it on the CPU from host memory,\n"
+            "                      whichever a cost model measured at start says is sooner),\n"
+            "                      off (always fetch) or cpu-experts (every expert on the\n"
+            "                      CPU, the device holds the dense weights only)\n"
+            "      --cpu-kernels K CPU matmul kernels: auto (default: the fastest exact set),\n"
+            "                      reference, avx2, avx512, or avx512bf16 (activations\n"
+            "                      rounded to bf16: faster prefill, within 1e-2)\n");
 }
 
 /* Parses "123", "64K", "1.5G" (powers of 1024) into bytes. */
@@ -228,7 +236,8 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
     static const char *const with_value[] = {
         "--temp", "--top-k", "--top-p", "--seed", "--threads", "--gpu-mem", "--host-cache",
         "--offload", "--pack", "--reader", "--policy", "--prefetch", "--predictor",
-        "--predictor-stats", "--lookahead", "--slots", "--backend"};
+        "--predictor-stats", "--lookahead", "--slots", "--backend", "--hybrid",
+        "--cpu-kernels"};
     const char *a = argv[*i];
     size_t w = 0, n_with = sizeof with_value / sizeof with_value[0];
     while (w < n_with && strcmp(a, with_value[w]))
@@ -317,6 +326,13 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
         if ((rc = parse_i64(a, v, 1, INT32_MAX, &n)))
             return rc;
         mp->max_slots = (int32_t)n;
+    } else if (!strcmp(a, "--hybrid")) {
+        static const char *const names[] = {"auto", "off", "cpu-experts"};
+        return parse_name(a, v, names, 3, "auto, off or cpu-experts", &mp->hybrid);
+    } else if (!strcmp(a, "--cpu-kernels")) {
+        static const char *const names[] = {"auto", "reference", "avx2", "avx512", "avx512bf16"};
+        return parse_name(a, v, names, 5, "auto, reference, avx2, avx512 or avx512bf16",
+                          &mp->cpu_kernels);
     }
     return 0;
 }
@@ -428,11 +444,28 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
         free(ls);
         return;
     }
+    if (o.hybrid == FERRY_HYBRID_CPU_EXPERTS) {
+        fprintf(stderr,
+                "hybrid cpu-experts: every expert on the CPU: %lld expert runs over %lld token "
+                "rows, %.1f MiB of weights read in %.3f s (%.2f GB/s)\n",
+                (long long)o.cpu_experts, (long long)o.cpu_tokens, MIB(o.cpu_bytes),
+                o.cpu_seconds, o.cpu_seconds > 0 ? (double)o.cpu_bytes / o.cpu_seconds / 1e9 : 0.0);
+        free(ls);
+        return;
+    }
     fprintf(stderr,
             "memory plan: budget %.1f MiB = dense %.1f MiB + KV cache and workspace %.1f MiB + "
             "%d expert slots x %.2f MiB (%.1f MiB)\n",
             MIB(o.budget_bytes), MIB(o.dense_bytes), MIB(o.context_bytes), (int)o.n_slots,
             MIB(o.slot_bytes), MIB(o.slots_bytes));
+    if (o.hybrid == FERRY_HYBRID_AUTO)
+        fprintf(stderr,
+                "hybrid auto: %lld experts computed on the CPU (%lld token rows, %.1f MiB read, "
+                "busy %.3f s, waited %.3f s) instead of fetched; cost model: fetch %.2f GB/s, "
+                "CPU %.2f GB/s at one token\n",
+                (long long)o.cpu_experts, (long long)o.cpu_tokens, MIB(o.cpu_bytes),
+                o.cpu_seconds, o.cpu_wait_seconds, o.cost_fetch_bytes_per_s / 1e9,
+                o.cost_cpu_bytes_per_s / 1e9);
     int64_t lookups = o.hits + o.misses;
     fprintf(stderr,
             "experts: %s tier%s, %lld lookups, hit rate %.1f%%, %.1f MiB moved to the device, "
@@ -458,15 +491,16 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
                         o.recall[d], (long long)o.predictions[d]);
         fprintf(stderr, "\n");
     }
-    fprintf(stderr, "layer   hits misses  prefetch issued/used/wasted  evictions  to device MiB"
-                    "  from disk MiB  stall s\n");
+    fprintf(stderr, "layer   hits fetched on-cpu  prefetch issued/used/wasted  evictions  "
+                    "to device MiB  from disk MiB  stall s\n");
     for (int32_t l = 0; l < info->n_layers; l++) {
         char pre[48];
         snprintf(pre, sizeof pre, "%lld/%lld/%lld", (long long)ls[l].prefetch_issued,
                  (long long)ls[l].prefetch_used, (long long)ls[l].prefetch_wasted);
-        fprintf(stderr, "%5d %6lld %6lld  %27s  %9lld  %13.1f  %13.1f  %7.3f\n", (int)l,
-                (long long)ls[l].hits, (long long)ls[l].misses, pre, (long long)ls[l].evictions,
-                MIB(ls[l].bytes_to_device), MIB(ls[l].bytes_from_disk), ls[l].stall_seconds);
+        fprintf(stderr, "%5d %6lld %7lld %6lld  %27s  %9lld  %13.1f  %13.1f  %7.3f\n", (int)l,
+                (long long)ls[l].hits, (long long)ls[l].misses, (long long)ls[l].cpu_experts,
+                pre, (long long)ls[l].evictions, MIB(ls[l].bytes_to_device),
+                MIB(ls[l].bytes_from_disk), ls[l].stall_seconds);
     }
     free(ls);
 }
@@ -1021,7 +1055,7 @@ static void usage_batch(FILE *f)
             "      --ignore-eos    generate max_tokens even past EOS\n"
             "  and ferry run's sampling and model options: --temp --top-k --top-p --seed\n"
             "  --threads --backend --gpu-mem --offload --pack --host-cache --reader --policy --prefetch\n"
-            "  --predictor --predictor-stats --lookahead --slots\n");
+            "  --predictor --predictor-stats --lookahead --slots --hybrid --cpu-kernels\n");
 }
 
 typedef struct {
@@ -1577,7 +1611,7 @@ static void usage_bench(FILE *f)
             "      --json FILE       also write the results as one JSON object\n"
             "  and ferry run's model options: --threads --backend --gpu-mem --offload --pack\n"
             "  --host-cache --reader --policy --prefetch --predictor --predictor-stats\n"
-            "  --lookahead --slots\n");
+            "  --lookahead --slots --hybrid --cpu-kernels\n");
 }
 
 static int write_bench_json(const char *path, const char *model, const ferry_bench_params *bp,
@@ -1615,6 +1649,11 @@ static int write_bench_json(const char *path, const char *model, const ferry_ben
     cJSON_AddNumberToObject(o, "moved_bytes_per_token", r->moved_bytes_per_token);
     cJSON_AddNumberToObject(o, "stall_ms_per_token", r->stall_ms_per_token);
     cJSON_AddNumberToObject(o, "fetch_gbps", r->fetch_gbps);
+    cJSON_AddNumberToObject(o, "host_read_gbps", r->bw.host_read_gbps);
+    cJSON_AddNumberToObject(o, "hybrid", r->hybrid);
+    cJSON_AddNumberToObject(o, "cpu_experts_per_token", r->cpu_experts_per_token);
+    cJSON_AddNumberToObject(o, "cpu_bytes_per_token", r->cpu_bytes_per_token);
+    cJSON_AddNumberToObject(o, "cpu_gbps", r->cpu_gbps);
     cJSON_AddNumberToObject(o, "bound_tokens_per_s", r->bound_tokens_per_s);
     cJSON_AddNumberToObject(o, "fraction_of_bound", r->fraction_of_bound);
     char *text = cJSON_Print(o);
@@ -1707,8 +1746,9 @@ static int cmd_bench(int argc, char **argv)
         return fail_lib("bench", st);
     printf("backend: %s (%s)\n", r.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu", r.device);
     printf("bandwidth: device %.1f GB/s, pinned host->device %.2f GB/s, pageable host->device "
-           "%.2f GB/s (%.0f MiB buffers)\n",
-           r.bw.device_gbps, r.bw.pinned_h2d_gbps, r.bw.pageable_h2d_gbps, MIB(r.bw.n_bytes));
+           "%.2f GB/s, host memory read by all cores %.1f GB/s (%.0f MiB buffers)\n",
+           r.bw.device_gbps, r.bw.pinned_h2d_gbps, r.bw.pageable_h2d_gbps, r.bw.host_read_gbps,
+           MIB(r.bw.n_bytes));
     if (r.bw.disk_gbps > 0)
         printf("disk: %.2f GB/s reading %s (%s)\n", r.bw.disk_gbps, r.bw.disk_path,
                r.bw.disk_direct ? "O_DIRECT" : "buffered: the page cache may serve it");
@@ -1736,8 +1776,16 @@ static int cmd_bench(int argc, char **argv)
                    100.0 * r.hit_rate, MIB((uint64_t)r.moved_bytes_per_token),
                    MIB((uint64_t)r.disk_bytes_per_token), r.stall_ms_per_token, r.fetch_gbps,
                    r.bw.pinned_h2d_gbps > 0 ? 100.0 * r.fetch_gbps / r.bw.pinned_h2d_gbps : 0.0);
-        printf("bound: %.1f tokens/s from the bandwidths above; measured %.1f%% of it\n",
-               r.bound_tokens_per_s, 100.0 * r.fraction_of_bound);
+        if (r.hybrid != FERRY_HYBRID_OFF)
+            printf("hybrid %s: %.2f experts (%.2f MiB of weights) computed on the CPU per token, "
+                   "at %.2f GB/s\n",
+                   r.hybrid == FERRY_HYBRID_AUTO ? "auto" : "cpu-experts",
+                   r.cpu_experts_per_token, MIB((uint64_t)r.cpu_bytes_per_token), r.cpu_gbps);
+        printf("bound: %.1f tokens/s from the bandwidths above%s; measured %.1f%% of it\n",
+               r.bound_tokens_per_s,
+               r.hybrid == FERRY_HYBRID_AUTO ? " (bus plus CPU memory for the missing experts)"
+               : r.hybrid == FERRY_HYBRID_CPU_EXPERTS ? " (CPU memory for the experts)" : "",
+               100.0 * r.fraction_of_bound);
     }
     if (json_path)
         return write_bench_json(json_path, model_dir, &bp, &r);

@@ -6,6 +6,7 @@
 #include "core/pool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -120,6 +121,23 @@ void ferry_pool_destroy(ferry_pool *p)
     pthread_cond_destroy(&p->done);
     free(p->workers);
     free(p);
+}
+
+int32_t ferry_pool_pin(ferry_pool *p, const int32_t *cpus, int32_t n_cpus)
+{
+    int32_t pinned = 0;
+    if (!p || !cpus || n_cpus <= 0)
+        return 0;
+    for (int32_t i = 0; i < p->n_started; i++) {
+        int32_t cpu = cpus[(i + 1) % n_cpus];
+        if (cpu < 0 || cpu >= CPU_SETSIZE)
+            continue;
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        pinned += pthread_setaffinity_np(p->workers[i], sizeof set, &set) == 0;
+    }
+    return pinned;
 }
 
 int32_t ferry_pool_size(const ferry_pool *p) { return p->n_threads; }

@@ -28,6 +28,12 @@ ferry_status ferry_pool_create(int32_t n_threads, ferry_pool **out);
 /* Stops and joins the workers. NULL-safe. */
 void ferry_pool_destroy(ferry_pool *p);
 
+/* Pins worker i (the workers, not the calling thread) to logical CPU cpus[(i + 1) % n_cpus],
+ * so with one CPU per physical core no two workers share a core's hardware threads and the
+ * scheduler does not move them between runs. Returns how many workers were pinned (the
+ * system may refuse; the pool works the same unpinned). Call before the first run. */
+int32_t ferry_pool_pin(ferry_pool *p, const int32_t *cpus, int32_t n_cpus);
+
 /* Threads in the pool, the caller included. */
 int32_t ferry_pool_size(const ferry_pool *p);
 

@@ -94,7 +94,7 @@ static ferry_status create_contexts(batch_run *b)
     ferry_backend *be = m->be;
     size_t used_before = m->store ? be->ops->mem_used(be) : 0;
     pthread_mutex_lock(&m->lock);
-    int deferred = m->store && !m->cache;
+    int deferred = m->store && !m->slots_planned;
     m->defer_plan = deferred;
     pthread_mutex_unlock(&m->lock);
     ferry_context_params cp = b->p->sampling;
@@ -110,7 +110,7 @@ static ferry_status create_contexts(batch_run *b)
     }
     pthread_mutex_lock(&m->lock);
     m->defer_plan = 0;
-    if (st == FERRY_OK && deferred && !m->cache)
+    if (st == FERRY_OK && deferred)
         st = ferry_model_plan_slots(m, be->ops->mem_used(be) - used_before);
     pthread_mutex_unlock(&m->lock);
     if (st)

@@ -5,7 +5,9 @@
  *
  * The bound of a decode step: it must read every byte it touches from device memory (dense
  * weights, the chosen experts, the KV cache) and copy every expert it misses over the bus;
- * with perfect overlap it takes max(read / device bandwidth, moved / pinned bandwidth).
+ * with perfect overlap it takes max(read / device bandwidth, moved / pinned bandwidth). With
+ * hybrid execution the CPU computes some missing experts from host memory instead: the
+ * bytes not in a slot are then shared by the bus and the CPU's memory bandwidth.
  */
 #include <dirent.h>
 #include <stdio.h>
@@ -15,9 +17,11 @@
 
 #include "core/clock.h"
 #include "core/error.h"
+#include "core/pool.h"
 #include "engine/context.h"
 #include "engine/model.h"
 #include "offload/reader.h"
+#include "offload/topology.h"
 
 #define FERRY_BENCH_BW_BYTES (256ull << 20)
 #define FERRY_BENCH_BW_REPS 5
@@ -82,6 +86,48 @@ done:
     return st;
 }
 
+/* Host memory read by every compute thread at once: each thread sums its share of the
+ * buffer as 64-bit words (integer adds, so the compiler vectorises the loop). */
+typedef struct {
+    const uint64_t *words;
+    size_t n_words;
+    int32_t n_tasks;
+    uint64_t sums[64];
+} host_read_job;
+
+static void host_read_task(void *vp, int32_t task)
+{
+    host_read_job *j = vp;
+    size_t per = j->n_words / (size_t)j->n_tasks;
+    const uint64_t *w = j->words + per * (size_t)task;
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    for (size_t i = 0; i + 4 <= per; i += 4) {
+        a += w[i];
+        b += w[i + 1];
+        c += w[i + 2];
+        d += w[i + 3];
+    }
+    j->sums[task] = a + b + c + d;
+}
+
+static ferry_status measure_host_read(const ferry_model_params *mp, const void *h, size_t n,
+                                      double *gbps)
+{
+    int32_t n_threads = mp->n_threads ? mp->n_threads : ferry_topology_default_threads();
+    ferry_pool *pool;
+    TRY(ferry_pool_create(n_threads, &pool));
+    host_read_job j = {.words = h, .n_words = n / 8, .n_tasks = 64};
+    ferry_pool_run(pool, j.n_tasks, host_read_task, &j); /* warm */
+    double t0 = ferry_now_seconds();
+    for (int r = 0; r < FERRY_BENCH_BW_REPS; r++)
+        ferry_pool_run(pool, j.n_tasks, host_read_task, &j);
+    double dt = ferry_now_seconds() - t0;
+    ferry_pool_destroy(pool);
+    size_t read = j.n_words / (size_t)j.n_tasks * (size_t)j.n_tasks * 8;
+    *gbps = dt > 0 ? (double)read * FERRY_BENCH_BW_REPS / dt / 1e9 : 0;
+    return FERRY_OK;
+}
+
 ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_bytes,
                                       ferry_bandwidths *out)
 {
@@ -99,6 +145,8 @@ ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_b
     ferry_bandwidths bw = {.n_bytes = n};
     ferry_status st = h ? measure(be, n, h, &bw)
                         : ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes", n);
+    if (st == FERRY_OK)
+        st = measure_host_read(mp, h, n, &bw.host_read_gbps);
     free(h);
     ferry_backend_destroy(be);
     if (st == FERRY_OK)
@@ -256,9 +304,9 @@ static void bench_free(bench_state *s)
 
 /* Offload counters of the decode steps (accumulated over runs). */
 typedef struct {
-    int64_t hits, misses;
-    uint64_t moved, from_disk;
-    double stall, copy;
+    int64_t hits, misses, cpu_experts;
+    uint64_t moved, from_disk, cpu_bytes;
+    double stall, copy, cpu;
 } decode_counters;
 
 static void add_offload_delta(decode_counters *acc, const ferry_offload_stats *a,
@@ -270,6 +318,9 @@ static void add_offload_delta(decode_counters *acc, const ferry_offload_stats *a
     acc->from_disk += b->bytes_from_disk - a->bytes_from_disk;
     acc->stall += b->stall_seconds - a->stall_seconds;
     acc->copy += b->copy_seconds - a->copy_seconds;
+    acc->cpu_experts += b->cpu_experts - a->cpu_experts;
+    acc->cpu_bytes += b->cpu_bytes - a->cpu_bytes;
+    acc->cpu += b->cpu_seconds - a->cpu_seconds;
 }
 
 static ferry_status run_all(bench_state *s, const ferry_bench_params *bp, decode_counters *dc)
@@ -494,12 +545,21 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
             res.stall_ms_per_token = 1e3 * dc.stall / n_dec;
             res.fetch_gbps = dc.copy > 0 ? (double)dc.moved / dc.copy / 1e9 : 0;
         }
+        res.hybrid = s.m->hybrid;
+        if (res.hybrid != FERRY_HYBRID_OFF) {
+            res.cpu_experts_per_token = (double)dc.cpu_experts / n_dec;
+            res.cpu_bytes_per_token = (double)dc.cpu_bytes / n_dec;
+            res.cpu_gbps = dc.cpu > 0 ? (double)dc.cpu_bytes / dc.cpu / 1e9 : 0;
+        }
         double read = (double)(res.dense_bytes_per_token + res.expert_bytes_per_token +
-                               res.kv_bytes_per_token);
+                               res.kv_bytes_per_token) - res.cpu_bytes_per_token;
         double t_read = read / (res.bw.device_gbps * 1e9);
-        double t_move = res.bw.pinned_h2d_gbps > 0
-                            ? res.moved_bytes_per_token / (res.bw.pinned_h2d_gbps * 1e9)
-                            : 0;
+        double off = res.moved_bytes_per_token + res.cpu_bytes_per_token;
+        double lanes = res.bw.pinned_h2d_gbps +
+                       (res.hybrid != FERRY_HYBRID_OFF ? res.bw.host_read_gbps : 0);
+        if (res.hybrid == FERRY_HYBRID_CPU_EXPERTS)
+            lanes = res.bw.host_read_gbps; /* nothing crosses the bus */
+        double t_move = lanes > 0 ? off / (lanes * 1e9) : 0;
         double t_disk = res.bw.disk_gbps > 0
                             ? res.disk_bytes_per_token / (res.bw.disk_gbps * 1e9)
                             : 0;

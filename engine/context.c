@@ -181,13 +181,15 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
         {(void **)&c->d_ye, B * d, sizeof(float), "expert output", M},
         {(void **)&c->d_eo, B * k * d, sizeof(float), "expert outputs", M},
         {(void **)&c->d_moe, B * d, sizeof(float), "MoE output", M},
+        {(void **)&c->d_cpu_out, m->hybrid != FERRY_HYBRID_OFF ? B * k * d : 0, sizeof(float),
+         "CPU expert outputs", M},
         {(void **)&c->d_logits, (B < FERRY_LOGIT_ROWS ? B : FERRY_LOGIT_ROWS) *
                                     (size_t)cfg->vocab_size, sizeof(float), "logits", 0},
     };
     ctx_buf bufs[sizeof all_bufs / sizeof all_bufs[0]];
     size_t n_bufs = 0;
     for (size_t i = 0; i < sizeof all_bufs / sizeof all_bufs[0]; i++)
-        if (!all_bufs[i].part || (all_bufs[i].part & parts))
+        if (all_bufs[i].n_elems > 0 && (!all_bufs[i].part || (all_bufs[i].part & parts)))
             bufs[n_bufs++] = all_bufs[i];
     if (m->store) {
         /* with a device budget, say up front what this context needs next to the rest */
@@ -221,6 +223,18 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
         goto fail;
     if ((parts & FERRY_CONTEXT_ATTENTION) && (st = build_rope_tables(c)))
         goto fail;
+    if (m->hybrid != FERRY_HYBRID_OFF && (parts & FERRY_CONTEXT_MOE)) {
+        if ((st = ferry_hybrid_create(m, c->n_batch, &c->hybrid)) ||
+            (st = halloc((void **)&c->h_on_cpu, E, 1, "hybrid plan")) ||
+            (st = halloc((void **)&c->h_cpu_list, E, sizeof(int32_t), "hybrid plan")) ||
+            (st = halloc((void **)&c->h_miss, E, sizeof(int32_t), "hybrid plan")) ||
+            (st = halloc((void **)&c->h_items, E, sizeof(ferry_hybrid_item), "hybrid plan")) ||
+            (st = halloc((void **)&c->layer_cpu_experts, (size_t)cfg->n_layers, sizeof(int64_t),
+                         "statistics")) ||
+            (st = halloc((void **)&c->layer_cpu_tokens, (size_t)cfg->n_layers, sizeof(int64_t),
+                         "statistics")))
+            goto fail;
+    }
     if (m->store) {
         if ((st = halloc((void **)&c->prev_used, (size_t)cfg->n_layers * E, 1, "routing history")) ||
             (st = halloc((void **)&c->held_slot, E, sizeof(int32_t), "expert slots")) ||
@@ -254,7 +268,7 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
                 goto fail;
         }
         pthread_mutex_lock(&m->lock);
-        if (!m->cache && !m->defer_plan)
+        if (!m->slots_planned && !m->defer_plan)
             st = ferry_model_plan_slots(m, m->be->ops->mem_used(m->be) - used_before);
         pthread_mutex_unlock(&m->lock);
         if (st)
@@ -277,7 +291,7 @@ void ferry_context_free(ferry_context *c)
     void *dev[] = {c->d_k,  c->d_v,      c->d_cos,     c->d_sin,     c->d_x,  c->d_h,
                    c->d_q,  c->d_att,    c->d_router,  c->d_experts, c->d_weights,
                    c->d_xe, c->d_a,      c->d_b,       c->d_ye,      c->d_eo, c->d_moe,
-                   c->d_logits};
+                   c->d_logits, c->d_cpu_out};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i])
             be->ops->free(be, dev[i]);
@@ -298,6 +312,13 @@ void ferry_context_free(ferry_context *c)
     free(c->h_top);
     free(c->pred_top);
     free(c->pred_valid);
+    ferry_hybrid_destroy(c->hybrid); /* first: its worker may read the dispatch */
+    free(c->h_on_cpu);
+    free(c->h_cpu_list);
+    free(c->h_miss);
+    free(c->h_items);
+    free(c->layer_cpu_experts);
+    free(c->layer_cpu_tokens);
     ferry_dispatch_free(&c->dispatch);
     ferry_sampler_free(&c->sampler);
     free(c);
@@ -313,6 +334,12 @@ void ferry_context_reset(ferry_context *c)
     c->stall_seconds = 0;
     if (c->m->cache)
         snapshot_offload_counters(c);
+    if (c->hybrid) {
+        memset(c->layer_cpu_experts, 0, (size_t)c->m->cfg.n_layers * sizeof(int64_t));
+        memset(c->layer_cpu_tokens, 0, (size_t)c->m->cfg.n_layers * sizeof(int64_t));
+        c->cpu_bytes = 0;
+        c->cpu_seconds = c->cpu_wait_seconds = 0;
+    }
     if (c->predictor) {
         ferry_predictor_reset(c->predictor);
         memset(c->pred_valid, 0, (size_t)c->m->cfg.n_layers * 4);
@@ -351,17 +378,7 @@ static ferry_status run_expert(ferry_context *c, int32_t e, const ferry_expert_w
 static ferry_expert_weights slot_weights(const ferry_model *m, int32_t layer, int32_t e,
                                          int32_t slot)
 {
-    const ferry_expert_layout *lay = ferry_store_layout(m->store, layer, e);
-    const ferry_layer_weights *L = &m->layers[layer];
-    const char *base = m->d_slots + (size_t)slot * m->slot_bytes;
-    ferry_expert_weights X = L->experts[e]; /* shapes */
-    X.w1.d_data = base;
-    X.w1.dtype = lay->dtype[0];
-    X.w3.d_data = base + lay->part_bytes[0];
-    X.w3.dtype = lay->dtype[1];
-    X.w2.d_data = base + lay->part_bytes[0] + lay->part_bytes[1];
-    X.w2.dtype = lay->dtype[2];
-    return X;
+    return ferry_model_expert_at(m, layer, e, m->d_slots + (size_t)slot * m->slot_bytes);
 }
 
 /* Computes and releases the experts held in this wave: ready ones first, then each one in
@@ -393,10 +410,92 @@ static ferry_status run_wave(ferry_context *c, int32_t layer, int32_t n_held)
     return st;
 }
 
-/* Experts come through the cache: acquire every expert the layer needs (hits are pinned,
- * misses queued as demand fills), in waves when the cache cannot pin them all at once;
- * then tell the prefetcher what the next layer used last time. */
-static ferry_status moe_offloaded(ferry_context *c, int32_t l)
+/* The CPU's share of layer l: experts[0..n_experts) over their tokens among the n rows of
+ * c->d_h, computed by the hybrid worker while this thread goes on with the device. */
+static ferry_status cpu_share_start(ferry_context *c, int32_t l, const int32_t *experts,
+                                    int32_t n_experts, int32_t n)
+{
+    ferry_backend *be = c->m->be;
+    size_t d = (size_t)c->m->cfg.hidden_size;
+    TRY(be->ops->download(be, ferry_hybrid_input(c->hybrid), c->d_h,
+                          (size_t)n * d * sizeof(float)));
+    TRY(ferry_hybrid_start(c->hybrid, l, &c->dispatch, experts, n_experts));
+    c->layer_cpu_experts[l] += n_experts;
+    for (int32_t i = 0; i < n_experts; i++)
+        c->layer_cpu_tokens[l] += ferry_dispatch_count(&c->dispatch, experts[i]);
+    return FERRY_OK;
+}
+
+/* Waits for the CPU's share and, when apply, puts its rows into the expert outputs. Always
+ * called after a successful start, also when the device's share failed (apply 0), so the
+ * worker is done with the dispatch before anything changes it. */
+static ferry_status cpu_share_finish(ferry_context *c, int apply)
+{
+    ferry_backend *be = c->m->be;
+    int32_t d = c->m->cfg.hidden_size;
+    const float *out;
+    const int32_t *rows;
+    int32_t n_rows;
+    uint64_t n_bytes;
+    double busy, t0 = ferry_now_seconds();
+    ferry_status st = ferry_hybrid_finish(c->hybrid, &out, &rows, &n_rows, &n_bytes, &busy);
+    c->cpu_wait_seconds += ferry_now_seconds() - t0;
+    if (st || !apply)
+        return st;
+    c->cpu_bytes += n_bytes;
+    c->cpu_seconds += busy;
+    TRY(be->ops->upload(be, c->d_cpu_out, out, (size_t)n_rows * (size_t)d * sizeof(float)));
+    TRY(be->ops->scatter_rows(be, c->d_eo, c->d_cpu_out, rows, n_rows, d));
+    return FERRY_OK;
+}
+
+/* --hybrid cpu-experts: every expert of the layer-batch on the CPU. */
+static ferry_status moe_cpu_experts(ferry_context *c, int32_t l, int32_t n)
+{
+    int32_t n_cpu = 0;
+    for (int32_t e = 0; e < c->m->cfg.n_experts; e++)
+        if (ferry_dispatch_count(&c->dispatch, e) > 0)
+            c->h_cpu_list[n_cpu++] = e;
+    if (n_cpu == 0)
+        return FERRY_OK;
+    TRY(cpu_share_start(c, l, c->h_cpu_list, n_cpu, n));
+    return cpu_share_finish(c, 1);
+}
+
+/* --hybrid auto: the cost model splits the layer-batch's misses (experts in no slot, not
+ * even in flight) between fetching and the CPU. Marks the CPU's in h_on_cpu and lists them
+ * in h_cpu_list; returns how many. */
+static int32_t plan_misses(ferry_context *c, int32_t l)
+{
+    ferry_model *m = c->m;
+    int32_t E = m->cfg.n_experts, n_miss = 0, n_cpu = 0;
+    size_t n_bytes = ferry_model_expert_bytes(m);
+    memset(c->h_on_cpu, 0, (size_t)E);
+    if (m->hybrid != FERRY_HYBRID_AUTO)
+        return 0;
+    for (int32_t e = 0; e < E; e++) {
+        int32_t me = ferry_dispatch_count(&c->dispatch, e);
+        if (me > 0 && ferry_cache_find(m->cache, l, e, NULL) < 0) {
+            c->h_miss[n_miss] = e;
+            c->h_items[n_miss] = (ferry_hybrid_item){n_bytes, me};
+            n_miss++;
+        }
+    }
+    uint8_t on_cpu[FERRY_CONFIG_MAX_EXPERTS];
+    ferry_hybrid_plan(&m->hybrid_cost, c->h_items, n_miss, on_cpu, NULL, NULL);
+    for (int32_t i = 0; i < n_miss; i++)
+        if (on_cpu[i]) {
+            c->h_on_cpu[c->h_miss[i]] = 1;
+            c->h_cpu_list[n_cpu++] = c->h_miss[i];
+        }
+    return n_cpu;
+}
+
+/* Experts come through the cache, except those the CPU computes: acquire every other
+ * expert the layer needs (hits are pinned, misses queued as demand fills), in waves when
+ * the cache cannot pin them all at once; then tell the prefetcher what the next layer used
+ * last time. */
+static ferry_status moe_device_share(ferry_context *c, int32_t l)
 {
     ferry_model *m = c->m;
     const ferry_config *cfg = &m->cfg;
@@ -425,8 +524,8 @@ static ferry_status moe_offloaded(ferry_context *c, int32_t l)
 
     int32_t e = 0, n_held = 0;
     while (e < E) {
-        if (ferry_dispatch_count(&c->dispatch, e) == 0) {
-            used[e] = 0;
+        if (ferry_dispatch_count(&c->dispatch, e) == 0 || (c->h_on_cpu && c->h_on_cpu[e])) {
+            used[e] = ferry_dispatch_count(&c->dispatch, e) > 0;
             e++;
             continue;
         }
@@ -464,6 +563,22 @@ static ferry_status moe_offloaded(ferry_context *c, int32_t l)
     }
     ferry_prefetch_cancel(m->prefetch, l); /* queued prefetches this layer did not need */
     return run_wave(c, l, n_held);
+}
+
+/* The offloaded MoE block's experts: the CPU's share (--hybrid auto) started first, the
+ * device's share meanwhile, then the CPU's rows put in place. */
+static ferry_status moe_offloaded(ferry_context *c, int32_t l, int32_t n)
+{
+    int32_t n_cpu = c->hybrid ? plan_misses(c, l) : 0;
+    if (n_cpu > 0)
+        TRY(cpu_share_start(c, l, c->h_cpu_list, n_cpu, n));
+    ferry_status st = moe_device_share(c, l);
+    if (n_cpu > 0) {
+        ferry_status st2 = cpu_share_finish(c, st == FERRY_OK);
+        if (st == FERRY_OK)
+            st = st2;
+    }
+    return st;
 }
 
 /* During decode, after layer l: scores the live prediction made earlier for this layer,
@@ -542,8 +657,10 @@ static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t
         c->obs.on_route(c->obs.user, l, pos0, n, c->h_router, c->h_experts, c->h_weights);
     }
     TRY(ferry_dispatch_build(&c->dispatch, c->h_experts, n, k));
-    if (m->store) {
-        TRY(moe_offloaded(c, l));
+    if (m->hybrid == FERRY_HYBRID_CPU_EXPERTS) {
+        TRY(moe_cpu_experts(c, l, n));
+    } else if (m->store) {
+        TRY(moe_offloaded(c, l, n));
     } else {
         for (int32_t e = 0; e < E; e++)
             if (ferry_dispatch_count(&c->dispatch, e) > 0)
@@ -735,9 +852,33 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
     const ferry_model *m = c->m;
     ferry_offload_stats o;
     memset(&o, 0, sizeof o);
+    o.hybrid = m->hybrid;
+    for (int32_t l = 0; l < n_layers; l++)
+        memset(&layers[l], 0, sizeof layers[l]);
+    if (c->hybrid) {
+        for (int32_t l = 0; l < m->cfg.n_layers; l++) {
+            o.cpu_experts += c->layer_cpu_experts[l];
+            o.cpu_tokens += c->layer_cpu_tokens[l];
+            if (l < n_layers) {
+                layers[l].cpu_experts = c->layer_cpu_experts[l];
+                layers[l].cpu_tokens = c->layer_cpu_tokens[l];
+            }
+        }
+        o.cpu_bytes = c->cpu_bytes;
+        o.cpu_seconds = c->cpu_seconds;
+        o.cpu_wait_seconds = c->cpu_wait_seconds;
+        if (m->hybrid == FERRY_HYBRID_AUTO) {
+            o.cost_fetch_bytes_per_s = m->hybrid_cost.fetch_bytes_per_s;
+            o.cost_cpu_bytes_per_s = m->hybrid_cost.ref_bytes / m->hybrid_cost.cpu_seconds_1;
+        }
+    }
+    if (m->hybrid == FERRY_HYBRID_CPU_EXPERTS) { /* experts on the host, none on the device */
+        o.enabled = 1;
+        o.tier = FERRY_OFFLOAD_RAM;
+        o.budget_bytes = m->be->ops->mem_capacity(m->be);
+        o.dense_bytes = m->dense_bytes;
+    }
     if (!m->cache) {
-        for (int32_t l = 0; l < n_layers; l++)
-            memset(&layers[l], 0, sizeof layers[l]);
         *out = o;
         return FERRY_OK;
     }
@@ -763,7 +904,9 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
                                a->evictions - b->evictions,
                                dev[l] - c->layer_device0[l],
                                disk[l] - c->layer_disk0[l],
-                               c->layer_stall[l]};
+                               c->layer_stall[l],
+                               c->hybrid ? c->layer_cpu_experts[l] : 0,
+                               c->hybrid ? c->layer_cpu_tokens[l] : 0};
         if (l < n_layers)
             layers[l] = d;
         o.hits += d.hits;

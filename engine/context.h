@@ -8,6 +8,7 @@
 #ifndef FERRY_ENGINE_CONTEXT_H
 #define FERRY_ENGINE_CONTEXT_H
 
+#include "engine/hybrid.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "ferry.h"
@@ -81,6 +82,18 @@ struct ferry_context {
     int32_t *pred_top;      /* (n_layers, 4, k): the set predicted for layer j at distance d */
     uint8_t *pred_valid;    /* (n_layers, 4) */
     int64_t pred_n[4], pred_correct[4];
+
+    /* hybrid execution (the model's hybrid mode is not OFF and the context has the MoE part) */
+    ferry_hybrid *hybrid;
+    float *d_cpu_out;              /* (n_batch * k, d) the CPU's output rows, uploaded */
+    uint8_t *h_on_cpu;             /* (n_experts) this layer-batch: the CPU computes it */
+    int32_t *h_cpu_list;           /* (n_experts) those experts */
+    int32_t *h_miss;               /* (n_experts) the misses the plan chose from */
+    ferry_hybrid_item *h_items;    /* (n_experts) */
+    int64_t *layer_cpu_experts;    /* (n_layers) since reset */
+    int64_t *layer_cpu_tokens;     /* (n_layers) */
+    uint64_t cpu_bytes;
+    double cpu_seconds, cpu_wait_seconds;
 };
 
 /* Runs n tokens (any n; chunks of n_batch internally) after the n_past already cached.

@@ -18,10 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <xxhash.h>
 
 #include "core/error.h"
 #include "engine/model.h"
+#include "engine/hybrid.h"
 #include "offload/pack.h"
 #include "offload/reader.h"
 #include "offload/topology.h"
@@ -40,7 +42,9 @@ ferry_model_params ferry_model_params_default(void)
                             .predictor = FERRY_PREDICT_GATE,
                             .predictor_stats_path = NULL,
                             .lookahead = 1,
-                            .max_slots = 0};
+                            .max_slots = 0,
+                            .hybrid = FERRY_HYBRID_AUTO,
+                            .cpu_kernels = FERRY_CPU_KERNELS_AUTO};
     return p;
 }
 
@@ -69,6 +73,22 @@ static ferry_status check_offload_params(const ferry_model_params *p)
         return ferry_fail(FERRY_ERR_INVALID, "lookahead %d is not in 1..3", (int)p->lookahead);
     if (p->max_slots < 0)
         return ferry_fail(FERRY_ERR_INVALID, "slot count %d must be >= 0", (int)p->max_slots);
+    return FERRY_OK;
+}
+
+static ferry_status check_hybrid_params(const ferry_model_params *p)
+{
+    if (p->hybrid < FERRY_HYBRID_AUTO || p->hybrid > FERRY_HYBRID_CPU_EXPERTS)
+        return ferry_fail(FERRY_ERR_INVALID, "hybrid mode %d is not auto (0), off (1) or "
+                          "cpu-experts (2)", (int)p->hybrid);
+    if (p->cpu_kernels < FERRY_CPU_KERNELS_AUTO || p->cpu_kernels > FERRY_CPU_KERNELS_AVX512BF16)
+        return ferry_fail(FERRY_ERR_INVALID, "CPU kernel set %d is not one of 0..4",
+                          (int)p->cpu_kernels);
+    if (p->hybrid == FERRY_HYBRID_CPU_EXPERTS && p->gpu_mem_bytes > 0 &&
+        p->offload == FERRY_OFFLOAD_NVME)
+        return ferry_fail(FERRY_ERR_INVALID, "--hybrid cpu-experts computes the experts where "
+                          "the checkpoint is mapped in RAM; it does not combine with --offload "
+                          "nvme");
     return FERRY_OK;
 }
 
@@ -238,9 +258,57 @@ uint64_t ferry_model_expert_bytes(const ferry_model *m)
     return bytes;
 }
 
+ferry_expert_weights ferry_model_expert_at(const ferry_model *m, int32_t layer, int32_t e,
+                                           const void *base)
+{
+    const ferry_expert_layout *lay = ferry_store_layout(m->store, layer, e);
+    const char *p = base;
+    ferry_expert_weights X = m->layers[layer].experts[e]; /* shapes */
+    X.w1.d_data = p;
+    X.w1.dtype = lay->dtype[0];
+    X.w3.d_data = p + lay->part_bytes[0];
+    X.w3.dtype = lay->dtype[1];
+    X.w2.d_data = p + lay->part_bytes[0] + lay->part_bytes[1];
+    X.w2.dtype = lay->dtype[2];
+    return X;
+}
+
+ferry_status ferry_model_expert_host(ferry_model *m, int32_t layer, int32_t e,
+                                     ferry_expert_weights *out)
+{
+    if (!m->store) {
+        *out = m->layers[layer].experts[e];
+        return FERRY_OK;
+    }
+    const void *bytes;
+    /* A small NVMe host cache can have every buffer held by the prefetcher's fetch in
+     * flight; it puts each one back once its copy lands, so wait for one (bounded, in case
+     * something never does). */
+    ferry_status st;
+    for (int tries = 0;; tries++) {
+        st = ferry_store_get(m->store, layer, e, &bytes);
+        if (st != FERRY_ERR_NOMEM || tries == 100000)
+            break;
+        struct timespec ts = {0, 100000};
+        nanosleep(&ts, NULL);
+    }
+    if (st)
+        return st;
+    *out = ferry_model_expert_at(m, layer, e, bytes);
+    return FERRY_OK;
+}
+
+void ferry_model_expert_host_done(ferry_model *m, int32_t layer, int32_t e)
+{
+    if (m->store)
+        ferry_store_put(m->store, layer, e);
+}
+
 ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
 {
     ferry_backend *be = m->be;
+    if (m->slots_planned)
+        return FERRY_OK;
     size_t budget = be->ops->mem_capacity(be), used = be->ops->mem_used(be);
     size_t slot = (ferry_store_max_expert_bytes(m->store) + 255) / 256 * 256;
     int32_t k = m->cfg.n_experts_per_tok, total = m->cfg.n_layers * m->cfg.n_experts;
@@ -282,6 +350,17 @@ ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
               "device budget %.1f MiB: dense %.1f MiB, context %.1f MiB, %d expert slots x %.2f "
               "MiB",
               MIB(budget), MIB(m->dense_bytes), MIB(context_bytes), (int)n, MIB(slot));
+    if (m->hybrid == FERRY_HYBRID_AUTO) {
+        if ((st = ferry_hybrid_measure(m, &m->hybrid_cost)))
+            return st;
+        const ferry_hybrid_cost *hc = &m->hybrid_cost;
+        ferry_log(FERRY_LOG_INFO,
+                  "hybrid cost model: fetch %.2f GB/s; CPU %.2f ms per expert for 1 token "
+                  "(%.2f GB/s), +%.3f ms per further token",
+                  hc->fetch_bytes_per_s / 1e9, hc->cpu_seconds_1 * 1e3,
+                  hc->ref_bytes / hc->cpu_seconds_1 / 1e9, hc->cpu_seconds_per_token * 1e3);
+    }
+    m->slots_planned = 1;
     return FERRY_OK;
 }
 
@@ -394,13 +473,28 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     return FERRY_OK;
 }
 
+/* Pins a CPU backend's workers one per physical core (hwloc), so the matmul threads neither
+ * share a core's hardware threads nor wander between runs. */
+static void pin_cpu_backend(ferry_backend *b)
+{
+    int32_t cpus[1024];
+    int32_t n = ferry_topology_core_cpus(cpus, 1024);
+    int32_t pinned = n > 0 ? ferry_backend_cpu_pin(b, cpus, n) : 0;
+    ferry_log(FERRY_LOG_DEBUG, "%s: %d worker threads pinned over %d cores", b->device,
+              (int)pinned, (int)n);
+}
+
 ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device_bytes,
                                       ferry_backend **out)
 {
     int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
     switch (p->backend) {
-    case FERRY_BACKEND_CPU:
-        return ferry_backend_cpu_create(n_threads, device_bytes, out);
+    case FERRY_BACKEND_CPU: {
+        ferry_status st = ferry_backend_cpu_create_isa(n_threads, device_bytes, p->cpu_kernels, out);
+        if (st == FERRY_OK)
+            pin_cpu_backend(*out);
+        return st;
+    }
     case FERRY_BACKEND_CUDA:
         return ferry_backend_cuda_create(device_bytes, out);
     case FERRY_BACKEND_AUTO:
@@ -416,7 +510,10 @@ ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device
     }
     if (st != FERRY_ERR_UNSUPPORTED) /* a CUDA build without a GPU: say why the CPU runs */
         ferry_log(FERRY_LOG_WARN, "%s; running on the CPU backend", ferry_last_error());
-    return ferry_backend_cpu_create(n_threads, device_bytes, out);
+    st = ferry_backend_cpu_create_isa(n_threads, device_bytes, p->cpu_kernels, out);
+    if (st == FERRY_OK)
+        pin_cpu_backend(*out);
+    return st;
 }
 
 ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferry_model **out)
@@ -453,7 +550,7 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     }
     if ((st = ferry_st_open_dir(dir, &m->st)))
         goto fail;
-    if ((st = check_offload_params(p)))
+    if ((st = check_offload_params(p)) || (st = check_hybrid_params(p)))
         goto fail;
     m->params = *p;
     if (p->pack_path) {
@@ -468,7 +565,18 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         goto fail;
     /* without offloading, experts are device weights like the rest, unless the backend
      * computes on host memory in place */
-    m->experts_on_host = p->gpu_mem_bytes > 0 || m->be->map_host_weights;
+    m->experts_on_host = p->gpu_mem_bytes > 0 || m->be->map_host_weights ||
+                         p->hybrid == FERRY_HYBRID_CPU_EXPERTS;
+    /* AUTO decides between fetching and the CPU only where there is something to fetch */
+    m->hybrid = p->hybrid;
+    if (m->hybrid == FERRY_HYBRID_AUTO && p->gpu_mem_bytes == 0)
+        m->hybrid = FERRY_HYBRID_OFF;
+    if (m->hybrid != FERRY_HYBRID_OFF) {
+        int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
+        if ((st = ferry_backend_cpu_create_isa(n_threads, 0, p->cpu_kernels, &m->cpu_be)))
+            goto fail;
+        pin_cpu_backend(m->cpu_be);
+    }
     if (pthread_mutex_init(&m->lock, NULL) != 0) {
         st = ferry_fail(FERRY_ERR_NOMEM, "cannot create the model lock");
         goto fail;
@@ -510,7 +618,9 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         if ((st = bind_layer(m, l)))
             goto fail;
     m->dense_bytes = m->be->ops->mem_used(m->be);
-    if (p->gpu_mem_bytes > 0 && (st = open_store(m, dir)))
+    /* CPU_EXPERTS computes every expert where the checkpoint maps it: no store, no slots */
+    if (p->gpu_mem_bytes > 0 && m->hybrid != FERRY_HYBRID_CPU_EXPERTS &&
+        (st = open_store(m, dir)))
         goto fail;
     if (m->store) {
         void *h;
@@ -562,6 +672,7 @@ void ferry_model_close(ferry_model *m)
     }
     free(m->owned);
     ferry_backend_destroy(m->be);
+    ferry_backend_destroy(m->cpu_be);
     ferry_st_close(m->st);
     ferry_tokenizer_free(m->tok);
     if (m->lock_ready)

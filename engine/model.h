@@ -18,6 +18,7 @@
 #include "engine/tokenizer.h"
 #include "ferry.h"
 #include "kernels/backend.h"
+#include "moe/hybrid.h"
 #include "offload/cache.h"
 #include "offload/prefetch.h"
 #include "offload/store.h"
@@ -81,6 +82,13 @@ struct ferry_model {
     char *d_slots;            /* (n_slots, slot_bytes) */
     ferry_cache *cache;
     ferry_prefetch *prefetch;
+    /* Hybrid execution (--hybrid): the mode in force (AUTO only with a store and slots),
+     * the CPU backend computing the CPU's share of the experts (not OFF), and the cost
+     * model's rates, measured when the slots are planned (AUTO). */
+    int32_t hybrid;
+    ferry_backend *cpu_be;
+    ferry_hybrid_cost hybrid_cost;
+    int slots_planned;        /* ferry_model_plan_slots has run (CPU_EXPERTS plans none) */
     ferry_weight *gates, *ffn_norms;   /* (n_layers) host views, for the gate predictor */
     ferry_routing_stats *route_stats;  /* for the stats and combined predictors */
 };
@@ -91,6 +99,19 @@ struct ferry_model {
  * functions; FERRY_ERR_INVALID for an unknown backend id. */
 ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device_bytes,
                                       ferry_backend **out);
+
+/* The weights of expert e of layer whose block [w1 | w3 | w2], laid out as the store lays it
+ * out, starts at base (a device slot or the store's host memory). */
+ferry_expert_weights ferry_model_expert_at(const ferry_model *m, int32_t layer, int32_t e,
+                                           const void *base);
+
+/* The expert's weights in host memory, for the CPU: from the store (blocking while the NVMe
+ * tier reads it, or while every host cache buffer is held) or, without one, the
+ * checkpoint's host tensors. Each successful call is
+ * ended by ferry_model_expert_host_done. The store's codes. Thread-safe. */
+ferry_status ferry_model_expert_host(ferry_model *m, int32_t layer, int32_t e,
+                                     ferry_expert_weights *out);
+void ferry_model_expert_host_done(ferry_model *m, int32_t layer, int32_t e);
 
 /* Bytes of one expert's weights (w1, w3, w2) as the checkpoint stores them. */
 uint64_t ferry_model_expert_bytes(const ferry_model *m);

@@ -83,6 +83,35 @@ typedef enum {
  * CUDA; FERRY_ERR_DEVICE: no usable device) when there is none. The CUDA backend uses
  * device 0 of those CUDA_VISIBLE_DEVICES leaves visible. */
 typedef enum { FERRY_BACKEND_AUTO = 0, FERRY_BACKEND_CPU = 1, FERRY_BACKEND_CUDA = 2 } ferry_backend_id;
+/* Where experts that are not in a device slot are computed (--hybrid).
+ * AUTO: with offloading (gpu_mem_bytes > 0), each missing expert is either fetched into a
+ * slot or computed on the CPU from host memory, whichever a cost model fed by rates measured
+ * at start says finishes the layer sooner; both kinds of work run at once, and resident
+ * experts run on the device meanwhile. Without offloading it changes nothing.
+ * OFF: every missing expert is fetched.
+ * CPU_EXPERTS: every expert is computed on the CPU from host memory (the checkpoint's
+ * mapping), and the device holds only the dense weights (llama.cpp's --cpu-moe); no expert
+ * slots; not combined with the NVMe tier.
+ * The CPU computes experts with the CPU backend's kernels (exact float32), the device with its
+ * own: on the CPU backend outputs are bit-identical across modes; on a GPU they agree within
+ * the GPU's tolerance, and which experts the CPU takes can depend on timing. */
+typedef enum {
+    FERRY_HYBRID_AUTO = 0,
+    FERRY_HYBRID_OFF = 1,
+    FERRY_HYBRID_CPU_EXPERTS = 2
+} ferry_hybrid_id;
+/* The CPU kernels (--cpu-kernels): AUTO picks the fastest exact set this CPU runs (AVX-512,
+ * else AVX2, else the reference loops). REFERENCE, AVX2 and AVX512 give bit-identical
+ * results; AVX512BF16 rounds activations to bf16 inside the matmuls (faster for many tokens,
+ * within 1e-2 of the others, like the GPU's batched path). A set the CPU lacks fails
+ * ferry_model_open with FERRY_ERR_UNSUPPORTED. */
+typedef enum {
+    FERRY_CPU_KERNELS_AUTO = 0,
+    FERRY_CPU_KERNELS_REFERENCE = 1,
+    FERRY_CPU_KERNELS_AVX2 = 2,
+    FERRY_CPU_KERNELS_AVX512 = 3,
+    FERRY_CPU_KERNELS_AVX512BF16 = 4
+} ferry_cpu_kernels_id;
 /* How the NVMe tier reads: io_uring where the kernel allows it, else a pread thread pool. */
 typedef enum { FERRY_READ_AUTO = 0, FERRY_READ_URING = 1, FERRY_READ_PREAD = 2 } ferry_reader_id;
 
@@ -108,6 +137,9 @@ typedef struct {
     const char *predictor_stats_path; /* stats and combined: the file of ferry predictor fit */
     int32_t lookahead;         /* predict and prefetch layers l+1 .. l+lookahead (1..3) */
     int32_t max_slots;         /* at most this many expert slots (0: what the budget holds) */
+    int32_t hybrid;            /* ferry_hybrid_id */
+    int32_t cpu_kernels;       /* ferry_cpu_kernels_id, for the CPU backend and the CPU's
+                                  share of hybrid work */
 } ferry_model_params;
 
 ferry_model_params ferry_model_params_default(void);
@@ -337,6 +369,9 @@ typedef struct {
     uint64_t bytes_to_device;          /* this layer's experts copied into slots */
     uint64_t bytes_from_disk;          /* this layer's experts read from the pack file */
     double stall_seconds;              /* the forward pass waiting for this layer's experts */
+    int64_t cpu_experts;               /* experts computed on the CPU (--hybrid), once per
+                                          layer-batch each */
+    int64_t cpu_tokens;                /* token rows those computed */
 } ferry_layer_stats;
 
 typedef struct {
@@ -360,6 +395,16 @@ typedef struct {
     int32_t predictor;                  /* ferry_predict_id */
     int64_t predictions[4];             /* top-k sets predicted for layer l+d */
     double precision[4], recall[4];     /* of those sets against the experts then chosen */
+    /* hybrid execution (--hybrid): experts computed on the CPU instead of fetched */
+    int32_t hybrid;                 /* ferry_hybrid_id in force (OFF when nothing is offloaded) */
+    int64_t cpu_experts;            /* expert computations on the CPU */
+    int64_t cpu_tokens;             /* token rows they computed */
+    uint64_t cpu_bytes;             /* expert weight bytes the CPU read for them */
+    double cpu_seconds;             /* the CPU's busy time on them */
+    double cpu_wait_seconds;        /* the forward pass waiting for the CPU after the device's
+                                       share was done */
+    double cost_fetch_bytes_per_s;  /* the cost model's rates, measured at start: fetches, */
+    double cost_cpu_bytes_per_s;    /* and the CPU computing an expert for one token */
 } ferry_offload_stats;
 
 /* Offload statistics of the model's expert cache (shared by its contexts) since the
@@ -495,6 +540,8 @@ typedef struct {
     double device_gbps;       /* device memory: bytes read + written by a device-to-device copy */
     double pinned_h2d_gbps;   /* pinned host memory to the device, through the copy engine */
     double pageable_h2d_gbps; /* pageable host memory to the device (a plain upload) */
+    double host_read_gbps;    /* host memory read by every compute thread at once: what
+                                 bounds the CPU computing experts (--hybrid) */
     uint64_t n_bytes;         /* buffer size measured with */
     /* ferry_bench_run only: reads of the expert file (the pack file with --offload nvme,
      * else the checkpoint's largest shard) through ferry's reader, 4 MiB requests, 16 in
@@ -542,9 +589,18 @@ typedef struct {
     double stall_ms_per_token;
     double fetch_gbps;            /* expert bytes over the copy engine's busy time */
     double disk_bytes_per_token;  /* --offload nvme: read from the pack file per token */
+    /* hybrid execution (--hybrid auto or cpu-experts): the CPU's share per decoded token */
+    int32_t hybrid;               /* ferry_hybrid_id in force */
+    double cpu_experts_per_token;
+    double cpu_bytes_per_token;   /* expert weight bytes the CPU read */
+    double cpu_gbps;              /* those bytes over the CPU's busy time */
     /* the bound: the fastest decode the measured bandwidths allow for these bytes, when
      * copies, reads and compute overlap perfectly:
-     * 1 / max(read / device_bw, moved / pinned_bw, from disk / disk_bw) */
+     * 1 / max(device read / device_bw, off-device / (pinned_bw + host_read_bw),
+     * from disk / disk_bw), where device read counts the dense weights, the KV cache and
+     * the experts the device computes, and off-device the expert bytes that were not in a
+     * slot (moved plus computed on the CPU), which the bus and the CPU can share; without
+     * hybrid work the CPU takes no share (off-device / pinned_bw) */
     double bound_tokens_per_s;
     double fraction_of_bound;     /* decode_tokens_per_s / bound_tokens_per_s */
     /* batch mode (median run): generated tokens of all sequences per second, and per

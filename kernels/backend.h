@@ -127,10 +127,11 @@ struct ferry_backend {
     const ferry_backend_ops *ops;
     void *impl;
     int map_host_weights; /* nonzero: weights may stay where they are in host memory */
-    char device[128];     /* what it runs on, for messages: "cpu, 2 threads", a GPU's name */
+    char device[128];     /* what it runs on, for messages: "cpu, 2 threads, avx512", a GPU name */
 };
 
-/* Creates the CPU reference backend with n_threads threads (0 = every core).
+/* Creates the CPU reference backend with n_threads threads (0 = every core), its matmuls
+ * run by the fastest exact kernels this CPU has (same bits as the reference loops).
  * device_bytes = 0: "device" memory is plain host memory without limit, and weights are
  * used in place. device_bytes > 0: the backend keeps a separate device arena of exactly
  * that size, every alloc comes from it (FERRY_ERR_NOMEM beyond it), and data gets there
@@ -139,6 +140,21 @@ struct ferry_backend {
  * On success *out owns it; destroy with ferry_backend_destroy. FERRY_ERR_NOMEM,
  * FERRY_ERR_INVALID. */
 ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, ferry_backend **out);
+
+/* As ferry_backend_cpu_create (which is this with FERRY_CPU_ISA_AUTO), with the matmul
+ * kernels of isa, a ferry_cpu_isa value (kernels/cpu/cpu_kernels.h): AUTO = the best exact
+ * set this CPU runs (AVX-512, else AVX2, else the reference loops); REFERENCE, AVX2 and
+ * AVX512 give bit-identical results, AVX512BF16 rounds activations to bf16 (within 1e-2).
+ * b->device names the set ("cpu, 2 threads, avx512"). FERRY_ERR_UNSUPPORTED when this CPU
+ * lacks the ISA (the message names it and what the CPU has), FERRY_ERR_INVALID for a value
+ * out of range, FERRY_ERR_NOMEM. */
+ferry_status ferry_backend_cpu_create_isa(int32_t n_threads, size_t device_bytes, int32_t isa,
+                                          ferry_backend **out);
+
+/* Pins the CPU backend's worker threads, worker i to cpus[(i + 1) % n_cpus] (core/pool.h);
+ * the engine passes one CPU per physical core (offload/topology.h). Returns how many were
+ * pinned; 0 for other backends. Call before the backend runs anything. */
+int32_t ferry_backend_cpu_pin(ferry_backend *b, const int32_t *cpus, int32_t n_cpus);
 
 /* Creates the CUDA backend on device 0 (of those CUDA_VISIBLE_DEVICES leaves visible): a
  * compute stream for the ops, a copy stream for copy_async (each copy waits for the ops

@@ -51,6 +51,25 @@ int32_t ferry_topology_default_threads(void)
     return t.n_physical_cores;
 }
 
+int32_t ferry_topology_core_cpus(int32_t *cpus, int32_t cap)
+{
+    hwloc_topology_t topo;
+    if (!cpus || cap <= 0 || hwloc_topology_init(&topo) != 0)
+        return 0;
+    int32_t n = 0;
+    if (hwloc_topology_load(topo) == 0) {
+        int cores = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_CORE);
+        for (int i = 0; i < cores && n < cap; i++) {
+            hwloc_obj_t core = hwloc_get_obj_by_type(topo, HWLOC_OBJ_CORE, (unsigned)i);
+            int first = core && core->cpuset ? hwloc_bitmap_first(core->cpuset) : -1;
+            if (first >= 0)
+                cpus[n++] = first;
+        }
+    }
+    hwloc_topology_destroy(topo);
+    return n;
+}
+
 /* Host memory for the expert store comes from mmap (page-aligned, returned to the system on
  * free) and is bound to the caller's NUMA node when hwloc can. */
 ferry_status ferry_host_alloc(size_t n_bytes, void **out)

@@ -24,6 +24,12 @@ void ferry_topology_read(ferry_topology *out);
 /* The default compute thread count: one per physical core. */
 int32_t ferry_topology_default_threads(void);
 
+/* One logical CPU (the OS index of its first hardware thread) per physical core this process
+ * may use, in topology order, into cpus[0..cap): where to pin compute threads so no two
+ * share a core. Returns how many were written; 0 when hwloc cannot read the topology.
+ * Thread-safe. */
+int32_t ferry_topology_core_cpus(int32_t *cpus, int32_t cap);
+
 /* Allocates n_bytes of page-aligned host memory bound to the NUMA node of the calling
  * thread (through hwloc; plain page-aligned memory where binding is unavailable). Free
  * with ferry_host_free and the same size. FERRY_ERR_NOMEM naming the size. Thread-safe. */

@@ -9,7 +9,8 @@
 #   mixtral (part of all): build if needed, write an 8-layer Mixtral-8x7B-shaped checkpoint
 #     with ferry synth (about 24 GB, under $SYNTH_DIR, default /tmp/mixtral-8l, kept for the
 #     next run) and benchmark it: resident decode against the device-bandwidth bound, and
-#     decode with --gpu-mem 6G (fetch rate against pinned host-to-device bandwidth).
+#     decode with --gpu-mem 6G (fetch rate against pinned host-to-device bandwidth) with
+#     --hybrid auto, off and cpu-experts (the bound of PCIe plus CPU memory bandwidth).
 # Each device command may run 10 minutes: run `tests` and `mixtral` as separate commands.
 #
 #   ARCH=90 scripts/gpu-check.sh "$OUT" tests   # CUDA architectures to build (default 90)
@@ -114,8 +115,13 @@ if [ "$what" != tests ]; then
     fi
     step bench-mixtral-resident build-gpu/ferry bench "$synth" --backend cuda --mode decode \
         --prompt-len 32 --gen-len 64 --repeat 3 --json "$out/bench-mixtral-resident.json"
-    step bench-mixtral-6g build-gpu/ferry bench "$synth" --backend cuda --mode decode \
-        --gpu-mem 6G --prompt-len 32 --gen-len 32 --repeat 2 --json "$out/bench-mixtral-6g.json"
+    # the issue-7 target: --gpu-mem 6G, batch-1 decode with hybrid auto (the default), next to
+    # every miss fetched (off) and every expert on the CPU (llama.cpp's --cpu-moe placement)
+    for h in auto off cpu-experts; do
+        step "bench-mixtral-6g-$h" build-gpu/ferry bench "$synth" --backend cuda --mode decode \
+            --gpu-mem 6G --hybrid "$h" --prompt-len 32 --gen-len 32 --repeat 2 \
+            --json "$out/bench-mixtral-6g-$h.json"
+    done
 fi
 
 cat "$out/summary.txt"

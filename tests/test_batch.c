@@ -153,14 +153,19 @@ START_TEST(test_batch_shapes_and_offload_give_the_same_tokens)
     run_batch(m, &ref, 0, 16, 64, NULL);
     ferry_model_close(m);
 
-    /* other layer-batch and chunk sizes, and an expert cache smaller than one layer's
-     * experts, on the RAM and NVMe tiers */
+    /* other layer-batch and chunk sizes, an expert cache smaller than one layer's experts
+     * on the RAM and NVMe tiers (every miss fetched), and hybrid execution (misses split
+     * between fetching and the CPU, or every expert on the CPU) */
     const struct {
-        int32_t max_batch, chunk, slots, nvme;
-    } cases[] = {{1, 1, 0, 0}, {3, 5, 0, 0}, {8, 16, 2, 0}, {8, 16, 5, 1}, {64, 64, 12, 0}};
+        int32_t max_batch, chunk, slots, nvme, hybrid;
+    } cases[] = {{1, 1, 0, 0, FERRY_HYBRID_OFF},         {3, 5, 0, 0, FERRY_HYBRID_OFF},
+                 {8, 16, 2, 0, FERRY_HYBRID_OFF},        {8, 16, 5, 1, FERRY_HYBRID_OFF},
+                 {64, 64, 12, 0, FERRY_HYBRID_OFF},      {8, 16, 3, 0, FERRY_HYBRID_AUTO},
+                 {8, 16, 0, 0, FERRY_HYBRID_CPU_EXPERTS}};
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         ferry_model_params mp = ferry_model_params_default();
         mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+        mp.hybrid = cases[ci].hybrid;
         char pack[4096];
         if (cases[ci].slots) {
             mp.gpu_mem_bytes = 64ull << 20;
@@ -181,7 +186,7 @@ START_TEST(test_batch_shapes_and_offload_give_the_same_tokens)
         char what[64];
         snprintf(what, sizeof what, "case %zu", ci);
         assert_same_outputs(&ref, &w, what);
-        if (cases[ci].slots) {
+        if (cases[ci].slots && cases[ci].hybrid == FERRY_HYBRID_OFF) {
             ck_assert(s.misses > 0 && s.bytes_to_device > 0);
             ck_assert_int_eq(s.bytes_to_device % s.expert_bytes, 0);
         }

@@ -120,6 +120,55 @@ class CliTest(unittest.TestCase):
                     self.assertRegex(err, r"nvme tier \((io_uring|pread)\)")
                     self.assertNotIn(" 0.0 MiB read from disk", err)
 
+    def test_hybrid_modes_print_the_same_text(self):
+        args = ["run", MODEL, "-p", "def fibonacci(n):", "-n", "40", "--ctx", "256"]
+        want = ferry(*args).stdout
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+        kernels = ["reference"] + [k for k in ("avx2", "avx512") if k in flags or
+                                   (k == "avx512" and "avx512f" in flags)]
+        for extra in (["--hybrid", "cpu-experts"],
+                      ["--hybrid", "cpu-experts", "--gpu-mem", "8M"],
+                      ["--gpu-mem", "8M", "--slots", "4", "--hybrid", "auto"],
+                      ["--gpu-mem", "8M", "--slots", "4", "--hybrid", "off"],
+                      *[["--cpu-kernels", k, "--hybrid", "cpu-experts"] for k in kernels]):
+            p = ferry(*args, *extra, "--stats")
+            self.assertEqual(p.stdout, want, extra)
+            err = p.stderr.decode()
+            if "cpu-experts" in extra:
+                self.assertRegex(err, r"hybrid cpu-experts: every expert on the CPU: [1-9]\d* "
+                                      r"expert runs over \d+ token rows", extra)
+            elif "auto" in extra:
+                self.assertRegex(err, r"hybrid auto: \d+ experts computed on the CPU .*cost "
+                                      r"model: fetch [0-9.]+ GB/s, CPU [0-9.]+ GB/s", extra)
+                self.assertIn("layer   hits fetched on-cpu", err)
+            else:
+                self.assertNotIn("hybrid auto", err)
+        for extra, msg in [(["--hybrid", "sometimes"], "--hybrid expects auto, off or cpu-experts"),
+                           (["--cpu-kernels", "sse"], "--cpu-kernels expects auto, reference"),
+                           (["--hybrid"], "--hybrid needs a value")]:
+            p = ferry(*args, *extra, check=False)
+            self.assertEqual(p.returncode, 2, extra)
+            self.assertIn(msg, p.stderr.decode(), extra)
+        p = ferry(*args, "--hybrid", "cpu-experts", "--gpu-mem", "8M", "--offload", "nvme",
+                  check=False)
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("does not combine with --offload nvme", p.stderr.decode())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "bench.json")
+            p = ferry("bench", MODEL, "--backend", "cpu", "--hybrid", "cpu-experts",
+                      "--prompt-len", "8", "--gen-len", "4", "--repeat", "1",
+                      "--bandwidth-size", "8M", "--json", path)
+            out = p.stdout.decode()
+            self.assertRegex(out, r"host memory read by all cores [0-9.]+ GB/s")
+            self.assertRegex(out, r"hybrid cpu-experts: [0-9.]+ experts \([0-9.]+ MiB of weights\) "
+                                  r"computed on the CPU per token")
+            self.assertRegex(out, r"bound: [0-9.]+ tokens/s from the bandwidths above \(CPU memory")
+            with open(path) as f:
+                r = json.load(f)
+            self.assertGreaterEqual(r["cpu_experts_per_token"], 12)  # 6 layers x top-2
+            self.assertGreater(r["host_read_gbps"], 0)
+
     def test_offload_errors(self):
         p = ferry("run", MODEL, "-p", "x", "--gpu-mem", "6M", "--ctx", "256", check=False)
         self.assertEqual(p.returncode, 1)
@@ -321,7 +370,7 @@ class CliTest(unittest.TestCase):
             self.assertEqual(r["expert_bytes_per_token"], 6 * 2 * 3 * 384 * 192 * 2)
 
             p = ferry("bench", MODEL, "--backend", "cpu", "--gpu-mem", "20M", "--slots", "4",
-                      "--prompt-len", "8", "--gen-len", "6", "--repeat", "1",
+                      "--hybrid", "off", "--prompt-len", "8", "--gen-len", "6", "--repeat", "1",
                       "--bandwidth-size", "8M", "--json", path)
             self.assertRegex(p.stdout.decode(), r"offload: hit rate [0-9.]+%")
             with open(path) as f:
@@ -361,7 +410,7 @@ class CliTest(unittest.TestCase):
         self.assertEqual(q.returncode, 2)
         self.assertIn("FERRY_BACKEND expects auto, cpu or cuda", q.stderr.decode())
         p = ferry("run", MODEL, "-p", "def f", "-n", "4", "--backend", "cpu", "--stats")
-        self.assertRegex(p.stderr.decode(), r"backend: cpu \(cpu, \d+ threads?\)")
+        self.assertRegex(p.stderr.decode(), r"backend: cpu \(cpu, \d+ threads?, [a-z0-9]+\)")
         version = ferry("version").stdout.decode()
         self.assertIn("cuda: ", version)
         cuda = "cuda: no usable" not in version and "no CUDA backend" not in version

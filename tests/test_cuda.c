@@ -1170,6 +1170,7 @@ typedef struct {
 static int32_t g_vocab;
 static run_result g_resident[N_OFFLOAD_CASES];
 static uint64_t g_min_budget, g_slot_bytes;
+static const ferry_hybrid_cost *g_force_cost; /* replaces the measured one when set */
 
 /* Opens the model with mp on the GPU, prefills case ci (logits of every position) and
  * decodes N_GEN greedy tokens one at a time (each step's logits). Returns the status of
@@ -1195,6 +1196,8 @@ static ferry_status run_case(const ferry_model_params *mp, int ci, run_result *r
         ferry_model_close(m);
         return st;
     }
+    if (g_force_cost)
+        m->hybrid_cost = *g_force_cost;
     int32_t *ids = tu_json_ints(cJSON_GetObjectItem(ref_case(ci), "ids"), &r->n);
     r->logits = malloc(((size_t)r->n + N_GEN) * v * sizeof(float));
     ck_assert(r->logits != NULL);
@@ -1227,11 +1230,13 @@ static void assert_same(const run_result *a, const run_result *b, const char *wh
     ck_assert_msg(memcmp(a->gen, b->gen, sizeof a->gen) == 0, "%s: tokens differ", what);
 }
 
+/* Bit-identical offloading holds with every expert on the GPU: --hybrid off. */
 static ferry_model_params gpu_params(void)
 {
     ferry_model_params mp = ferry_model_params_default();
     mp.n_threads = 2;
     mp.backend = FERRY_BACKEND_CUDA;
+    mp.hybrid = FERRY_HYBRID_OFF;
     return mp;
 }
 
@@ -1315,6 +1320,59 @@ START_TEST(test_cuda_offload_lossless_across_policies_and_prefetch)
 }
 END_TEST
 
+/* Hybrid execution on the GPU: the CPU computes some or all experts in float32 with its
+ * own kernels, so the logits agree with the all-GPU run within the GPU tolerance (the
+ * prefill, teacher-forced by the prompt), not bit for bit. */
+START_TEST(test_cuda_hybrid_matches_the_gpu)
+{
+    const ferry_hybrid_cost slow_bus = {1e-3, 1e-6, 0, (double)g_slot_bytes};
+    struct {
+        const char *what;
+        int32_t hybrid;
+        int budget;
+        const ferry_hybrid_cost *cost;
+    } modes[] = {{"cpu-experts", FERRY_HYBRID_CPU_EXPERTS, 0, NULL},
+                 {"cpu-experts with a budget", FERRY_HYBRID_CPU_EXPERTS, 1, NULL},
+                 {"auto, measured", FERRY_HYBRID_AUTO, 1, NULL},
+                 {"auto, every miss on the CPU", FERRY_HYBRID_AUTO, 1, &slow_bus}};
+    size_t v = (size_t)g_vocab;
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++)
+        for (int ci = 0; ci < N_OFFLOAD_CASES; ci++) {
+            ferry_model_params mp = gpu_params();
+            mp.hybrid = modes[i].hybrid;
+            if (modes[i].budget)
+                mp.gpu_mem_bytes = g_min_budget + 2 * g_slot_bytes;
+            run_result r;
+            ferry_offload_stats os;
+            g_force_cost = modes[i].cost;
+            ferry_status st = run_case(&mp, ci, &r, &os);
+            g_force_cost = NULL;
+            ck_assert_msg(st == FERRY_OK, "%s: %s", modes[i].what, ferry_last_error());
+            const run_result *ref = &g_resident[ci];
+            int32_t agree = 0;
+            for (int32_t p = 0; p < r.n; p++) {
+                const float *a = r.logits + (size_t)p * v, *b = ref->logits + (size_t)p * v;
+                double err = tu_rel_l2(a, b, v);
+                ck_assert_msg(err <= 2e-2, "%s, case %d, position %d: relative error %g",
+                              modes[i].what, ci, (int)p, err);
+                agree += ferry_argmax(a, g_vocab) == ferry_argmax(b, g_vocab);
+            }
+            ck_assert_msg(agree >= (int32_t)(0.98 * r.n), "%s, case %d: argmax agrees at %d of %d",
+                          modes[i].what, ci, (int)agree, (int)r.n);
+            ck_assert_int_eq(os.hybrid, modes[i].hybrid);
+            if (modes[i].hybrid == FERRY_HYBRID_CPU_EXPERTS) {
+                ck_assert(os.cpu_experts > 0);
+                ck_assert_int_eq(os.hits + os.misses, 0);
+            }
+            if (modes[i].cost == &slow_bus) {
+                ck_assert(os.cpu_experts > 0);
+                ck_assert_int_eq(os.misses, 0);
+            }
+            free(r.logits);
+        }
+}
+END_TEST
+
 static Suite *cuda_suite(void)
 {
     Suite *s = suite_create("cuda");
@@ -1350,6 +1408,7 @@ static Suite *cuda_suite(void)
     tcase_set_timeout(offload, 900);
     tcase_add_test(offload, test_cuda_offload_lossless_across_budgets);
     tcase_add_test(offload, test_cuda_offload_lossless_across_policies_and_prefetch);
+    tcase_add_test(offload, test_cuda_hybrid_matches_the_gpu);
     suite_add_tcase(s, offload);
     return s;
 }

@@ -4,13 +4,17 @@
  * conversion, MoE dispatch and the sampler.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/pool.h"
 #include "engine/sampler.h"
 #include "kernels/backend.h"
 #include "moe/dispatch.h"
+#include "offload/topology.h"
 #include "tests/check_util.h"
 
 static ferry_backend *cpu(int32_t n_threads)
@@ -45,6 +49,50 @@ static void count_task(void *arg, int32_t i)
     int *hits = arg;
     __atomic_add_fetch(&hits[i], 1, __ATOMIC_RELAXED);
 }
+
+typedef struct {
+    pthread_t caller;
+    int cpu[64];      /* where each task ran */
+    int by_worker[64]; /* 1: a worker ran it, not the caller */
+} where_job;
+
+static void where_task(void *vp, int32_t task)
+{
+    where_job *j = vp;
+    j->by_worker[task] = !pthread_equal(pthread_self(), j->caller);
+    j->cpu[task] = sched_getcpu();
+    struct timespec ts = {0, 200000}; /* long enough for the worker to take some */
+    nanosleep(&ts, NULL);
+}
+
+START_TEST(test_kernels_pool_pins_workers_to_cores)
+{
+    /* one CPU per physical core, each one this process may run on */
+    int32_t cpus[1024];
+    int32_t n = ferry_topology_core_cpus(cpus, 1024);
+    ck_assert_int_ge(n, 1);
+    cpu_set_t allowed;
+    ck_assert_int_eq(sched_getaffinity(0, sizeof allowed, &allowed), 0);
+    for (int32_t i = 0; i < n; i++)
+        ck_assert_msg(CPU_ISSET(cpus[i], &allowed), "core CPU %d is not allowed", (int)cpus[i]);
+    /* a pool of 2 pins its one worker to the second CPU of the list (the first when the
+     * list has one): every task the worker ran ran there */
+    ferry_pool *p;
+    ck_assert_int_eq(ferry_pool_create(2, &p), FERRY_OK);
+    ck_assert_int_eq(ferry_pool_pin(p, cpus, n), 1);
+    where_job j = {.caller = pthread_self()};
+    ferry_pool_run(p, 64, where_task, &j);
+    int worker_tasks = 0;
+    for (int t = 0; t < 64; t++)
+        if (j.by_worker[t]) {
+            worker_tasks++;
+            ck_assert_int_eq(j.cpu[t], cpus[1 % n]);
+        }
+    ck_assert_int_gt(worker_tasks, 0);
+    ck_assert_int_eq(ferry_pool_pin(p, NULL, 0), 0);
+    ferry_pool_destroy(p);
+}
+END_TEST
 
 START_TEST(test_kernels_pool_runs_each_task_once)
 {
@@ -385,6 +433,7 @@ static Suite *kernels_suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, test_kernels_half_conversions_exact);
     tcase_add_test(tc, test_kernels_pool_runs_each_task_once);
+    tcase_add_test(tc, test_kernels_pool_pins_workers_to_cores);
     tcase_add_test(tc, test_kernels_matmul_matches_definition);
     tcase_add_test(tc, test_kernels_matmul_independent_of_threads);
     tcase_add_test(tc, test_kernels_rmsnorm_embedding_silu_add);

@@ -106,6 +106,7 @@ static void setup(void)
 {
     ferry_model_params mp = ferry_model_params_default();
     mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
     mp.n_threads = 2;
     for (int ci = 0; ci < 3; ci++)
         ck_assert_int_eq(run_case(&mp, ci, &g_resident[ci], NULL), FERRY_OK);
@@ -138,6 +139,7 @@ START_TEST(test_offload_budget_below_minimum_is_refused)
 {
     ferry_model_params mp = ferry_model_params_default();
     mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
     mp.n_threads = 2;
     mp.gpu_mem_bytes = g_min_budget - 256;
     run_result r;
@@ -157,6 +159,7 @@ START_TEST(test_offload_lossless_across_budgets)
 {
     ferry_model_params mp = ferry_model_params_default();
     mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
     mp.n_threads = 2;
     ferry_offload_stats os;
     const int32_t extra_slots[] = {0, 1, 5, 12, 30, 46};
@@ -188,6 +191,7 @@ START_TEST(test_offload_lossless_across_policies_and_prefetch)
         for (int pre = 0; pre < 2; pre++) {
             ferry_model_params mp = ferry_model_params_default();
             mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
             mp.n_threads = 2;
             mp.policy = policies[pi];
             mp.prefetch = pre;
@@ -213,6 +217,7 @@ START_TEST(test_offload_nvme_tier_is_lossless)
     for (size_t ri = 0; ri < 2; ri++) {
         ferry_model_params mp = ferry_model_params_default();
         mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
         mp.n_threads = 2;
         mp.offload = FERRY_OFFLOAD_NVME;
         mp.pack_path = g_pack;
@@ -260,6 +265,7 @@ START_TEST(test_offload_corrupt_pack_names_the_expert)
 
     ferry_model_params mp = ferry_model_params_default();
     mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
     mp.n_threads = 2;
     mp.offload = FERRY_OFFLOAD_NVME;
     mp.pack_path = copy;
@@ -291,6 +297,7 @@ START_TEST(test_offload_bad_options)
 {
     ferry_model_params mp = ferry_model_params_default();
     mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
     mp.gpu_mem_bytes = 64ull << 20;
     mp.offload = FERRY_OFFLOAD_NVME;
     ferry_model *m = NULL;
@@ -316,6 +323,7 @@ START_TEST(test_offload_default_pack_in_cache_folder)
     setenv("FERRY_CACHE_DIR", cache, 1);
     ferry_model_params mp = ferry_model_params_default();
     mp.backend = FERRY_BACKEND_CPU; /* the reference; test_cuda covers the GPU */
+    mp.hybrid = FERRY_HYBRID_OFF;   /* every miss fetched: test_hybrid covers the CPU side */
     mp.n_threads = 2;
     mp.offload = FERRY_OFFLOAD_NVME;
     mp.gpu_mem_bytes = g_min_budget + 4ull * 430080;

@@ -328,7 +328,7 @@ class OffloadTest(unittest.TestCase):
         return o
 
     def test_ram_tier_gives_the_same_text(self):
-        with open_model(gpu_mem="20M") as m:
+        with open_model(gpu_mem="20M", hybrid="off") as m:
             self.assertEqual(m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
                              GREEDY)
             o = self.check_offload_stats(m, "ram")
@@ -339,12 +339,30 @@ class OffloadTest(unittest.TestCase):
             self.assertEqual("".join(m.stream(CASE["prompt"], max_tokens=32,
                                               stop_at_eos=False)), GREEDY)
 
+    def test_hybrid_modes_give_the_same_text(self):
+        for kw in (dict(hybrid="cpu-experts"), dict(gpu_mem="20M", hybrid="auto", slots=4),
+                   dict(hybrid="cpu-experts", cpu_kernels="reference")):
+            with open_model(**kw) as m:
+                self.assertEqual(m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                                 GREEDY, kw)
+                o = m.stats()["offload"]
+                self.assertEqual(o["hybrid"], kw["hybrid"])
+                self.assertEqual(sum(layer["cpu_experts"] for layer in o["layers"]),
+                                 o["cpu_experts"])
+                if kw["hybrid"] == "cpu-experts":
+                    self.assertGreater(o["cpu_experts"], 0)
+                    self.assertEqual(o["hits"] + o["misses"], 0)
+        with self.assertRaises(ValueError):
+            open_model(hybrid="sometimes")
+        with self.assertRaises(ValueError):
+            open_model(cpu_kernels="mmx")
+
     def test_nvme_tier_gives_the_same_text(self):
         with tempfile.TemporaryDirectory() as tmp:
             pack = os.path.join(tmp, "tiny.pack")
             ferry.pack_model(MODEL, pack)
             with open_model(gpu_mem=20 << 20, offload="nvme", pack=pack, reader="pread",
-                            host_cache="2M", policy="lfu") as m:
+                            hybrid="off", host_cache="2M", policy="lfu") as m:
                 self.assertEqual(m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
                                  GREEDY)
                 o = self.check_offload_stats(m, "nvme")

@@ -2,7 +2,9 @@
  * kernels/cpu/backend_cpu.c: the CPU reference backend. Plain loops with float32
  * accumulation, written to be read; the heavy ops (matmul, attention) are split over the
  * thread pool by output rows, so each output element is computed by one thread in a
- * fixed order and results do not depend on the thread count or the batch.
+ * fixed order and results do not depend on the thread count or the batch. The matmul runs
+ * the kernel chosen at creation (kernels/cpu/cpu_kernels.h): the reference loops or a
+ * vectorised kernel that gives the same bits.
  *
  * "Device" memory is ordinary host memory (64-byte aligned).
  */
@@ -17,6 +19,7 @@
 #include "core/error.h"
 #include "core/pool.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/cpu_kernels.h"
 
 #define FERRY_COPY_QUEUE 1024
 
@@ -28,6 +31,11 @@ typedef struct {
 
 typedef struct {
     ferry_pool *pool;
+    ferry_cpu_isa isa;             /* the matmul kernels, resolved (never AUTO) */
+    ferry_cpu_matmul_fn matmul_fn; /* its matmul */
+    /* Products of fewer multiply-adds run on the calling thread: waking the workers costs
+     * some 10-30 us, in which the vector kernels do about a million. */
+    int64_t matmul_serial_below;
 
     /* device arena (device_bytes > 0) */
     void *arena_mem;
@@ -212,32 +220,6 @@ static ferry_status cpu_synchronize(ferry_backend *b)
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-/* Widens n elements of a weight row starting at element offset off into f32. */
-static void widen(float *dst, const ferry_weight *w, int64_t row, int64_t off, int64_t n)
-{
-    const char *base = (const char *)w->d_data;
-    size_t at = (size_t)(row * w->cols + off);
-    switch (w->dtype) {
-    case FERRY_DTYPE_F32:
-        memcpy(dst, (const float *)base + at, (size_t)n * sizeof(float));
-        break;
-    case FERRY_DTYPE_BF16: {
-        const uint16_t *s = (const uint16_t *)base + at;
-        for (int64_t i = 0; i < n; i++)
-            dst[i] = ferry_bf16_to_f32(s[i]);
-        break;
-    }
-    case FERRY_DTYPE_F16: {
-        const uint16_t *s = (const uint16_t *)base + at;
-        for (int64_t i = 0; i < n; i++)
-            dst[i] = ferry_f16_to_f32(s[i]);
-        break;
-    }
-    default:
-        break;
-    }
-}
-
 static ferry_status check_weight(const ferry_weight *w, const char *op)
 {
     if (!w || !w->d_data || w->rows <= 0 || w->cols <= 0 || (int)w->dtype < 0 ||
@@ -261,7 +243,7 @@ static ferry_status cpu_embedding(ferry_backend *b, float *d_out, const ferry_we
                               (int)ids[t], (long long)table->rows);
     }
     for (int32_t t = 0; t < n; t++)
-        widen(d_out + (size_t)t * (size_t)table->cols, table, ids[t], 0, table->cols);
+        ferry_cpu_widen(d_out + (size_t)t * (size_t)table->cols, table, ids[t], 0, table->cols);
     return FERRY_OK;
 }
 
@@ -285,7 +267,7 @@ static ferry_status cpu_rmsnorm(ferry_backend *b, float *d_out, const float *d_x
         float inv = (float)(1.0 / sqrt(ss / d + (double)eps));
         for (int32_t i0 = 0; i0 < d; i0 += 1024) {
             int32_t m = d - i0 < 1024 ? d - i0 : 1024;
-            widen(wf, w, 0, i0, m);
+            ferry_cpu_widen(wf, w, 0, i0, m);
             for (int32_t i = 0; i < m; i++)
                 y[i0 + i] = wf[i] * (x[i0 + i] * inv);
         }
@@ -314,70 +296,28 @@ static ferry_status cpu_add(ferry_backend *b, float *d_x, const float *d_y, size
 
 /* ---- matmul --------------------------------------------------------------------- */
 
-/* The canonical dot product: element i goes to lane i % 8, lanes are summed pairwise at
- * the end. Weight rows are widened to f32 in chunks of FERRY_MM_CHUNK (a multiple of 8,
- * so lanes line up across chunks) and each chunk serves up to FERRY_MM_TOKENS tokens. */
-#define FERRY_MM_CHUNK 512
-#define FERRY_MM_TOKENS 32
-#define FERRY_MM_ROWS_PER_TASK 8
+/* Rows are handed out in tasks of FERRY_MM_ROWS_PER_TASK; each task runs the backend's
+ * kernel over its rows (every kernel computes each output alone, always in the same order,
+ * so neither the split nor the thread count changes a bit). 24 is a multiple of each
+ * kernel's block of rows (avx2 4, avx512 8, avx512bf16 24), so no task computes rows it
+ * does not store. */
+#define FERRY_MM_ROWS_PER_TASK 24
 
 typedef struct {
     float *out;
     const float *x;
     const ferry_weight *w;
     int32_t n;
+    ferry_cpu_matmul_fn fn;
 } matmul_job;
-
-/* Accumulates x . w into the 8 lanes of acc. The lanes live in locals during the loop:
- * through the pointer, the compiler would have to assume acc aliases x or w. */
-static inline void dot_lanes(float *restrict acc, const float *restrict x,
-                             const float *restrict w, int64_t m)
-{
-    float a[8];
-    memcpy(a, acc, sizeof a);
-    int64_t i = 0;
-    for (; i + 8 <= m; i += 8)
-        for (int l = 0; l < 8; l++)
-            a[l] += x[i + l] * w[i + l];
-    for (; i < m; i++)
-        a[i & 7] += x[i] * w[i];
-    memcpy(acc, a, sizeof a);
-}
-
-static inline float reduce_lanes(const float acc[8])
-{
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
 
 static void matmul_task(void *vp, int32_t task)
 {
     const matmul_job *job = vp;
-    const ferry_weight *w = job->w;
-    int64_t cols = w->cols, rows = w->rows;
     int64_t j0 = (int64_t)task * FERRY_MM_ROWS_PER_TASK;
-    int64_t j1 = j0 + FERRY_MM_ROWS_PER_TASK < rows ? j0 + FERRY_MM_ROWS_PER_TASK : rows;
-    float wf[FERRY_MM_CHUNK];
-    float acc[FERRY_MM_TOKENS][8];
-    for (int64_t j = j0; j < j1; j++) {
-        for (int32_t t0 = 0; t0 < job->n; t0 += FERRY_MM_TOKENS) {
-            int32_t tn = job->n - t0 < FERRY_MM_TOKENS ? job->n - t0 : FERRY_MM_TOKENS;
-            memset(acc, 0, sizeof acc);
-            for (int64_t c0 = 0; c0 < cols; c0 += FERRY_MM_CHUNK) {
-                int64_t m = cols - c0 < FERRY_MM_CHUNK ? cols - c0 : FERRY_MM_CHUNK;
-                const float *wr;
-                if (w->dtype == FERRY_DTYPE_F32) {
-                    wr = (const float *)w->d_data + j * cols + c0;
-                } else {
-                    widen(wf, w, j, c0, m);
-                    wr = wf;
-                }
-                for (int32_t t = 0; t < tn; t++)
-                    dot_lanes(acc[t], job->x + (size_t)(t0 + t) * (size_t)cols + c0, wr, m);
-            }
-            for (int32_t t = 0; t < tn; t++)
-                job->out[(size_t)(t0 + t) * (size_t)rows + (size_t)j] = reduce_lanes(acc[t]);
-        }
-    }
+    int64_t j1 = j0 + FERRY_MM_ROWS_PER_TASK < job->w->rows ? j0 + FERRY_MM_ROWS_PER_TASK
+                                                             : job->w->rows;
+    job->fn(job->out, job->x, job->w, job->n, j0, j1);
 }
 
 static ferry_status cpu_matmul(ferry_backend *b, float *d_out, const float *d_x,
@@ -390,14 +330,14 @@ static ferry_status cpu_matmul(ferry_backend *b, float *d_out, const float *d_x,
         return ferry_fail(FERRY_ERR_INVALID, "matmul: %d rows with NULL buffers", (int)n);
     if (n == 0)
         return FERRY_OK;
-    matmul_job job = {d_out, d_x, w, n};
-    int64_t n_tasks = (w->rows + FERRY_MM_ROWS_PER_TASK - 1) / FERRY_MM_ROWS_PER_TASK;
+    cpu_impl *impl = b->impl;
     /* small products are not worth waking the workers for */
-    if (w->rows * w->cols * (int64_t)n < (1 << 18)) {
-        for (int64_t t = 0; t < n_tasks; t++)
-            matmul_task(&job, (int32_t)t);
+    if (w->rows * w->cols * (int64_t)n < impl->matmul_serial_below) {
+        impl->matmul_fn(d_out, d_x, w, n, 0, w->rows);
         return FERRY_OK;
     }
+    matmul_job job = {d_out, d_x, w, n, impl->matmul_fn};
+    int64_t n_tasks = (w->rows + FERRY_MM_ROWS_PER_TASK - 1) / FERRY_MM_ROWS_PER_TASK;
     ferry_pool_run(pool_of(b), (int32_t)n_tasks, matmul_task, &job);
     return FERRY_OK;
 }
@@ -467,8 +407,8 @@ static void attn_task(void *vp, int32_t task)
         for (int32_t j = 0; j < jn; j++) {
             const float *kr = job->k + (size_t)(j0 + j) * kv_stride + (size_t)kvh * (size_t)hd;
             float acc[8] = {0};
-            dot_lanes(acc, q, kr, hd);
-            scores[j] = reduce_lanes(acc) * sh->scale;
+            ferry_cpu_dot_lanes(acc, q, kr, hd);
+            scores[j] = ferry_cpu_reduce_lanes(acc) * sh->scale;
             if (scores[j] > bm)
                 bm = scores[j];
         }
@@ -662,6 +602,33 @@ static const ferry_backend_ops cpu_ops = {
 
 ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, ferry_backend **out)
 {
+    return ferry_backend_cpu_create_isa(n_threads, device_bytes, FERRY_CPU_ISA_AUTO, out);
+}
+
+/* "reference, avx2, avx512": the kernel sets this CPU runs. */
+static void describe_isas(char *buf, size_t len)
+{
+    size_t at = (size_t)snprintf(buf, len, "%s", ferry_cpu_isa_name(FERRY_CPU_ISA_REFERENCE));
+    for (int i = FERRY_CPU_ISA_AVX2; i < FERRY_CPU_ISA_COUNT && at < len; i++)
+        if (ferry_cpu_isa_available((ferry_cpu_isa)i))
+            at += (size_t)snprintf(buf + at, len - at, ", %s",
+                                   ferry_cpu_isa_name((ferry_cpu_isa)i));
+}
+
+ferry_status ferry_backend_cpu_create_isa(int32_t n_threads, size_t device_bytes, int32_t isa,
+                                          ferry_backend **out)
+{
+    if (isa < 0 || isa >= FERRY_CPU_ISA_COUNT)
+        return ferry_fail(FERRY_ERR_INVALID, "CPU kernel set %d is out of range", (int)isa);
+    ferry_cpu_isa chosen = isa == FERRY_CPU_ISA_AUTO ? ferry_cpu_isa_best_exact()
+                                                     : (ferry_cpu_isa)isa;
+    ferry_cpu_matmul_fn fn = ferry_cpu_matmul_kernel(chosen);
+    if (!fn) {
+        char have[128];
+        describe_isas(have, sizeof have);
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "this CPU cannot run the %s kernels; it runs: %s",
+                          ferry_cpu_isa_name(chosen), have);
+    }
     ferry_backend *b = calloc(1, sizeof *b);
     cpu_impl *impl = calloc(1, sizeof *impl);
     if (!b || !impl) {
@@ -671,6 +638,9 @@ ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, fe
     }
     b->ops = &cpu_ops;
     b->impl = impl;
+    impl->isa = chosen;
+    impl->matmul_fn = fn;
+    impl->matmul_serial_below = chosen == FERRY_CPU_ISA_REFERENCE ? 1 << 18 : 1 << 20;
     b->map_host_weights = device_bytes == 0;
     pthread_mutex_init(&impl->arena_mu, NULL);
     pthread_mutex_init(&impl->copy_mu, NULL);
@@ -696,11 +666,18 @@ ferry_status ferry_backend_cpu_create(int32_t n_threads, size_t device_bytes, fe
         }
         impl->copier_started = 1;
     }
-    snprintf(b->device, sizeof b->device, "cpu, %d thread%s", (int)ferry_pool_size(impl->pool),
-             ferry_pool_size(impl->pool) == 1 ? "" : "s");
+    snprintf(b->device, sizeof b->device, "cpu, %d thread%s, %s", (int)ferry_pool_size(impl->pool),
+             ferry_pool_size(impl->pool) == 1 ? "" : "s", ferry_cpu_isa_name(chosen));
     *out = b;
     return FERRY_OK;
 fail:
     cpu_destroy(b);
     return st;
+}
+
+int32_t ferry_backend_cpu_pin(ferry_backend *b, const int32_t *cpus, int32_t n_cpus)
+{
+    if (!b || b->ops != &cpu_ops)
+        return 0;
+    return ferry_pool_pin(pool_of(b), cpus, n_cpus);
 }

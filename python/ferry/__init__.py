@@ -48,6 +48,8 @@ OFFLOAD_TIERS = ("ram", "nvme")                           # ferry_offload_tier
 POLICIES = ("lru", "lfu", "layer-lru", "predicted")       # ferry_cache_policy_id
 PREDICTORS = ("recency", "gate", "stats", "combined")     # ferry_predict_id
 READERS = ("auto", "uring", "pread")                      # ferry_reader_id
+HYBRID = ("auto", "off", "cpu-experts")                   # ferry_hybrid_id
+CPU_KERNELS = ("auto", "reference", "avx2", "avx512", "avx512bf16")  # ferry_cpu_kernels_id
 
 
 class FerryError(Exception):
@@ -334,6 +336,10 @@ class Model:
       ctx         KV cache capacity in tokens (0: the model's maximum, capped at 4096)
       host_cache  "nvme": RAM cache in front of the pack file, bytes or "1G"; None: 1 GiB
       reader      "auto", "uring" or "pread": how the pack file is read
+      hybrid      "auto" (each missing expert fetched or computed on the CPU, whichever
+                  is sooner), "off" (always fetched) or "cpu-experts" (every expert on
+                  the CPU)
+      cpu_kernels "auto", "reference", "avx2", "avx512" or "avx512bf16"
 
     Raises FerryError when the library fails (a missing config.json is FERRY_ERR_IO),
     ValueError/TypeError for bad arguments. A Model is used by one thread at a time (see
@@ -343,7 +349,7 @@ class Model:
     def __init__(self, path, *, gpu_mem=None, offload="ram", pack=None, backend="auto",
                  threads=0, policy="lru", prefetch=True, predictor="gate",
                  predictor_stats=None, lookahead=1, slots=0, ctx=0, host_cache=None,
-                 reader="auto"):
+                 reader="auto", hybrid="auto", cpu_kernels="auto"):
         self._handle = None
         self._ctx = None
         self._closed = True
@@ -369,6 +375,8 @@ class Model:
         mp.predictor_stats_path = self._predictor_stats
         mp.lookahead = _int("lookahead", lookahead, 1, 3)
         mp.max_slots = _int("slots", slots, 0, _INT32_MAX)
+        mp.hybrid = _choice("hybrid", hybrid, HYBRID)
+        mp.cpu_kernels = _choice("cpu_kernels", cpu_kernels, CPU_KERNELS)
         self._n_ctx = _int("ctx", ctx, 0, _INT32_MAX)
         model_dir = _path("path", path)
 
@@ -593,6 +601,7 @@ class Model:
             off["tier"] = OFFLOAD_TIERS[o.tier] if 0 <= o.tier < 2 else o.tier
             off["predictor"] = PREDICTORS[o.predictor] if 0 <= o.predictor < 4 else o.predictor
             off["uses_uring"] = bool(o.uses_uring)
+            off["hybrid"] = HYBRID[o.hybrid] if 0 <= o.hybrid < 3 else o.hybrid
             lookups = o.hits + o.misses
             off["hit_rate"] = o.hits / lookups if lookups else 0.0
             off["layers"] = [_struct_dict(layer) for layer in layers]

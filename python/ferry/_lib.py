@@ -48,6 +48,8 @@ class ModelParams(ctypes.Structure):
         ("predictor_stats_path", ctypes.c_char_p),
         ("lookahead", c_int32),
         ("max_slots", c_int32),
+        ("hybrid", c_int32),
+        ("cpu_kernels", c_int32),
     ]
 
 
@@ -120,6 +122,8 @@ class LayerStats(ctypes.Structure):
         ("bytes_to_device", c_uint64),
         ("bytes_from_disk", c_uint64),
         ("stall_seconds", c_double),
+        ("cpu_experts", c_int64),
+        ("cpu_tokens", c_int64),
     ]
 
 
@@ -148,6 +152,14 @@ class OffloadStats(ctypes.Structure):
         ("predictions", c_int64 * 4),
         ("precision", c_double * 4),
         ("recall", c_double * 4),
+        ("hybrid", c_int32),
+        ("cpu_experts", c_int64),
+        ("cpu_tokens", c_int64),
+        ("cpu_bytes", c_uint64),
+        ("cpu_seconds", c_double),
+        ("cpu_wait_seconds", c_double),
+        ("cost_fetch_bytes_per_s", c_double),
+        ("cost_cpu_bytes_per_s", c_double),
     ]
 
 

@@ -1,0 +1,164 @@
+/*
+ * kernels/cpu/cpu_kernels.c: the reference matmul kernel (the spec every other CPU kernel
+ * is tested against) and the run-time choice of kernel by what the CPU supports.
+ *
+ * Detection asks the CPU (cpuid, through __builtin_cpu_supports) and the OS (xgetbv: the
+ * AVX and AVX-512 register state must be enabled, else the instructions fault).
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "core/error.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+#if FERRY_CPU_X86
+#include <cpuid.h>
+#endif
+
+void ferry_cpu_widen(float *dst, const ferry_weight *w, int64_t row, int64_t off, int64_t n)
+{
+    const char *base = (const char *)w->d_data;
+    size_t at = (size_t)(row * w->cols + off);
+    switch (w->dtype) {
+    case FERRY_DTYPE_F32: memcpy(dst, (const float *)base + at, (size_t)n * sizeof(float)); break;
+    case FERRY_DTYPE_BF16: {
+        const uint16_t *s = (const uint16_t *)base + at;
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = ferry_bf16_to_f32(s[i]);
+        break;
+    }
+    case FERRY_DTYPE_F16: {
+        const uint16_t *s = (const uint16_t *)base + at;
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = ferry_f16_to_f32(s[i]);
+        break;
+    }
+    default: break;
+    }
+}
+
+/* ---- the reference kernel ---------------------------------------------------------- */
+
+/* Weight rows are widened to f32 in chunks of FERRY_MM_CHUNK columns (a multiple of 8, so
+ * lanes line up across chunks) and each chunk serves up to FERRY_MM_TOKENS tokens. The
+ * chunking changes nothing in the order of operations of any output. */
+#define FERRY_MM_CHUNK 512
+#define FERRY_MM_TOKENS 32
+
+void ferry_cpu_matmul_reference(float *out, const float *x, const ferry_weight *w, int32_t n,
+                                int64_t j0, int64_t j1)
+{
+    int64_t cols = w->cols, rows = w->rows;
+    float wf[FERRY_MM_CHUNK];
+    float acc[FERRY_MM_TOKENS][8];
+    for (int64_t j = j0; j < j1; j++) {
+        for (int32_t t0 = 0; t0 < n; t0 += FERRY_MM_TOKENS) {
+            int32_t tn = n - t0 < FERRY_MM_TOKENS ? n - t0 : FERRY_MM_TOKENS;
+            memset(acc, 0, sizeof acc);
+            for (int64_t c0 = 0; c0 < cols; c0 += FERRY_MM_CHUNK) {
+                int64_t m = cols - c0 < FERRY_MM_CHUNK ? cols - c0 : FERRY_MM_CHUNK;
+                const float *wr;
+                if (w->dtype == FERRY_DTYPE_F32) {
+                    wr = (const float *)w->d_data + j * cols + c0;
+                } else {
+                    ferry_cpu_widen(wf, w, j, c0, m);
+                    wr = wf;
+                }
+                for (int32_t t = 0; t < tn; t++)
+                    ferry_cpu_dot_lanes(acc[t], x + (size_t)(t0 + t) * (size_t)cols + c0, wr, m);
+            }
+            for (int32_t t = 0; t < tn; t++)
+                out[(size_t)(t0 + t) * (size_t)rows + (size_t)j] = ferry_cpu_reduce_lanes(acc[t]);
+        }
+    }
+}
+
+/* ---- detection --------------------------------------------------------------------- */
+
+#if FERRY_CPU_X86
+/* XCR0: which register states the OS saves and restores (0 when xgetbv is unavailable). */
+static uint64_t os_xcr0(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE))
+        return 0;
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (uint64_t)hi << 32 | lo;
+}
+#endif
+
+int ferry_cpu_isa_available(ferry_cpu_isa isa)
+{
+    int avx2 = 0, avx512 = 0, avx512bf16 = 0;
+#if FERRY_CPU_X86
+    uint64_t xcr0 = os_xcr0();
+    int ymm = (xcr0 & 0x6) == 0x6;   /* SSE and AVX state */
+    int zmm = (xcr0 & 0xe6) == 0xe6; /* plus opmask, ZMM_Hi256, Hi16_ZMM */
+    avx2 = ymm && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    avx512 = avx2 && zmm && __builtin_cpu_supports("avx512f") &&
+             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    avx512bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
+    switch (isa) {
+    case FERRY_CPU_ISA_AUTO:
+    case FERRY_CPU_ISA_REFERENCE: return 1;
+    case FERRY_CPU_ISA_AVX2: return avx2;
+    case FERRY_CPU_ISA_AVX512: return avx512;
+    case FERRY_CPU_ISA_AVX512BF16: return avx512bf16;
+    default: return 0;
+    }
+}
+
+ferry_cpu_isa ferry_cpu_isa_best_exact(void)
+{
+    if (ferry_cpu_isa_available(FERRY_CPU_ISA_AVX512))
+        return FERRY_CPU_ISA_AVX512;
+    if (ferry_cpu_isa_available(FERRY_CPU_ISA_AVX2))
+        return FERRY_CPU_ISA_AVX2;
+    return FERRY_CPU_ISA_REFERENCE;
+}
+
+int ferry_cpu_isa_exact(ferry_cpu_isa isa)
+{
+    return isa == FERRY_CPU_ISA_REFERENCE || isa == FERRY_CPU_ISA_AVX2 ||
+           isa == FERRY_CPU_ISA_AVX512;
+}
+
+static const char *const isa_names[FERRY_CPU_ISA_COUNT] = {"auto", "reference", "avx2", "avx512",
+                                                           "avx512bf16"};
+
+const char *ferry_cpu_isa_name(ferry_cpu_isa isa)
+{
+    return (int)isa >= 0 && isa < FERRY_CPU_ISA_COUNT ? isa_names[isa] : "?";
+}
+
+ferry_status ferry_cpu_isa_parse(const char *s, ferry_cpu_isa *out)
+{
+    for (int i = 0; s && i < FERRY_CPU_ISA_COUNT; i++)
+        if (strcmp(s, isa_names[i]) == 0) {
+            *out = (ferry_cpu_isa)i;
+            return FERRY_OK;
+        }
+    return ferry_fail(FERRY_ERR_INVALID,
+                      "unknown CPU kernel set '%s' (choose auto, reference, avx2, avx512 or "
+                      "avx512bf16)",
+                      s ? s : "(null)");
+}
+
+ferry_cpu_matmul_fn ferry_cpu_matmul_kernel(ferry_cpu_isa isa)
+{
+    if (isa == FERRY_CPU_ISA_AUTO)
+        isa = ferry_cpu_isa_best_exact();
+    if (!ferry_cpu_isa_available(isa))
+        return NULL;
+    switch (isa) {
+    case FERRY_CPU_ISA_REFERENCE: return ferry_cpu_matmul_reference;
+#if FERRY_CPU_X86
+    case FERRY_CPU_ISA_AVX2: return ferry_cpu_matmul_avx2;
+    case FERRY_CPU_ISA_AVX512: return ferry_cpu_matmul_avx512;
+    case FERRY_CPU_ISA_AVX512BF16: return ferry_cpu_matmul_avx512bf16;
+#endif
+    default: return NULL;
+    }
+}
