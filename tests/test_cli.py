@@ -302,7 +302,7 @@ class CliTest(unittest.TestCase):
             out2 = os.path.join(tmp, "out2.jsonl")
             p = ferry("batch", MODEL, "--prompts", prompts, "--out", out2, "-n", "16",
                       "--max-batch", "8", "--chunk", "16", "--reorder", "off", "--gpu-mem",
-                      "64M", "--slots", "4")
+                      "64M", "--slots", "4", "--hybrid", "off")
             self.assertRegex(p.stderr.decode(), r"expert cache: hit rate 0\.\d{3}")
             with open(out) as f, open(out2) as g:
                 self.assertEqual(f.read(), g.read())
