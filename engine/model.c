@@ -24,6 +24,7 @@
 #include "core/error.h"
 #include "engine/model.h"
 #include "engine/hybrid.h"
+#include "kernels/cpu/cpu_kernels.h"
 #include "offload/pack.h"
 #include "offload/reader.h"
 #include "offload/topology.h"
@@ -75,6 +76,14 @@ static ferry_status check_offload_params(const ferry_model_params *p)
         return ferry_fail(FERRY_ERR_INVALID, "slot count %d must be >= 0", (int)p->max_slots);
     return FERRY_OK;
 }
+
+/* --cpu-kernels passes straight through to the CPU backend's kernel choice */
+_Static_assert((int)FERRY_CPU_KERNELS_AUTO == (int)FERRY_CPU_ISA_AUTO &&
+                   (int)FERRY_CPU_KERNELS_REFERENCE == (int)FERRY_CPU_ISA_REFERENCE &&
+                   (int)FERRY_CPU_KERNELS_AVX2 == (int)FERRY_CPU_ISA_AVX2 &&
+                   (int)FERRY_CPU_KERNELS_AVX512 == (int)FERRY_CPU_ISA_AVX512 &&
+                   (int)FERRY_CPU_KERNELS_AVX512BF16 == (int)FERRY_CPU_ISA_AVX512BF16,
+               "ferry_cpu_kernels_id and ferry_cpu_isa must agree");
 
 static ferry_status check_hybrid_params(const ferry_model_params *p)
 {
