@@ -114,6 +114,7 @@ static void usage(FILE *f)
                "  sim       replay a routing trace through the expert cache (ferry sim --help)\n"
                "  batch     generate for many prompts at once (ferry batch --help)\n"
                "  bench     measure bandwidths and speed against their bound (ferry bench --help)\n"
+               "  perplexity  perplexity on a text file (ferry perplexity --help)\n"
                "  predictor fit routing statistics, evaluate predictors (ferry predictor --help)\n"
                "  version   print the version and the GPU this build can use\n");
 }
@@ -1792,6 +1793,93 @@ static int cmd_bench(int argc, char **argv)
     return 0;
 }
 
+static void usage_perplexity(FILE *f)
+{
+    fprintf(f,
+            "usage: ferry perplexity MODEL_DIR --text FILE [--window N] [options]\n"
+            "\n"
+            "Perplexity of the model on a text file: the text is tokenized once and cut into\n"
+            "windows, each run with BOS on an empty KV cache; every token is scored once by\n"
+            "the logits of the position before it.\n"
+            "\n"
+            "  --text FILE     the text (UTF-8)\n"
+            "  --window N      tokens per window, BOS included (default 512, at most the\n"
+            "                  model's positions)\n"
+            "  and ferry run's model options: --threads --backend --gpu-mem --offload --pack\n"
+            "  --host-cache --reader --policy --prefetch --predictor --predictor-stats\n"
+            "  --lookahead --slots --hybrid --cpu-kernels\n");
+}
+
+static int cmd_perplexity(int argc, char **argv)
+{
+    ferry_model_params mp;
+    if (cli_model_params(&mp))
+        return 2;
+    ferry_context_params unused = ferry_context_params_default();
+    const char *model_dir = NULL, *text_path = NULL;
+    long long window = 512;
+    int rc;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if ((rc = parse_model_option("perplexity", argc, argv, &i, &mp, &unused)) >= 0) {
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage_perplexity(stdout);
+            return 0;
+        }
+        if (a[0] != '-') {
+            if (model_dir) {
+                fprintf(stderr, "ferry perplexity: one model directory, got '%s' and '%s'\n",
+                        model_dir, a);
+                return 2;
+            }
+            model_dir = a;
+            continue;
+        }
+        if ((!strcmp(a, "--text") || !strcmp(a, "--window")) && i + 1 >= argc) {
+            fprintf(stderr, "ferry perplexity: %s needs a value\n", a);
+            return 2;
+        }
+        if (!strcmp(a, "--text")) {
+            text_path = argv[++i];
+        } else if (!strcmp(a, "--window")) {
+            if ((rc = parse_i64(a, argv[++i], 2, INT32_MAX, &window)))
+                return rc;
+        } else {
+            fprintf(stderr, "ferry perplexity: unknown option %s (ferry perplexity --help)\n", a);
+            return 2;
+        }
+    }
+    if (!model_dir || !text_path) {
+        usage_perplexity(stderr);
+        return 2;
+    }
+    size_t len;
+    char *text = read_text_file(text_path, &len);
+    if (!text)
+        return 1;
+    ferry_model *m;
+    ferry_status st = ferry_model_open(model_dir, &mp, &m);
+    if (st) {
+        free(text);
+        return fail_lib("perplexity", st);
+    }
+    ferry_perplexity_result r;
+    st = ferry_perplexity(m, text, len, (int32_t)window, &r);
+    ferry_model_close(m);
+    free(text);
+    if (st)
+        return fail_lib("perplexity", st);
+    printf("perplexity: %.4f (mean NLL %.5f nats) over %lld tokens in %d windows of %d, "
+           "%.1f tokens/s\n",
+           r.perplexity, r.nll, (long long)r.n_scored, (int)r.n_windows, (int)r.window,
+           r.seconds > 0 ? (double)r.n_scored / r.seconds : 0.0);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -1812,6 +1900,8 @@ int main(int argc, char **argv)
         return cmd_batch(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench"))
         return cmd_bench(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "perplexity"))
+        return cmd_perplexity(argc - 2, argv + 2);
     if (!strcmp(argv[1], "predictor"))
         return cmd_predictor(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {

@@ -1,6 +1,7 @@
 /*
- * engine/tools.c: routing traces of text, fitting and evaluating routing predictors (the
- * library side of `ferry trace`, `ferry sim` and `ferry predictor fit|eval`).
+ * engine/tools.c: routing traces of text, fitting and evaluating routing predictors, and
+ * perplexity (the library side of `ferry trace`, `ferry sim`, `ferry predictor fit|eval`
+ * and `ferry perplexity`).
  *
  * Text is tokenized once, without BOS, and cut into sequences of seq_len - 1 tokens, each
  * run with BOS in front on an empty KV cache, in one forward per sequence with an observer
@@ -481,5 +482,80 @@ done:
     ferry_predictor_destroy(p);
     ferry_routing_stats_free(rs);
     ferry_trace_free(tr);
+    return st;
+}
+
+/* ---- perplexity ---------------------------------------------------------------------- */
+
+ferry_status ferry_perplexity(ferry_model *m, const char *text, size_t len, int32_t window,
+                              ferry_perplexity_result *out)
+{
+    if (!m || (!text && len) || !out)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_perplexity: NULL argument");
+    if (window < 2 || window > m->cfg.max_positions)
+        return ferry_fail(FERRY_ERR_INVALID, "perplexity window of %d tokens: need 2 to %d (the "
+                          "model's positions)", (int)window, (int)m->cfg.max_positions);
+    int32_t V = m->cfg.vocab_size;
+    int32_t bos = m->cfg.bos_id >= 0 ? m->cfg.bos_id : ferry_tokenizer_bos_id(m->tok);
+    int32_t *ids = NULL, n_ids = 0, *seq = NULL;
+    float *logits = NULL;
+    ferry_context *c = NULL;
+    ferry_status st = tokenize_all(m, text, len, &ids, &n_ids);
+    if (st)
+        return st;
+    ferry_context_params cp = ferry_context_params_default();
+    cp.n_ctx = window;
+    if ((st = ferry_context_create(m, &cp, &c)))
+        goto done;
+    seq = malloc((size_t)window * sizeof *seq);
+    logits = malloc((size_t)window * (size_t)V * sizeof *logits);
+    if (!seq || !logits) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for a window of %d tokens", (int)window);
+        goto done;
+    }
+    /* each window: BOS, then the next window - 1 tokens of the text; position p's logits
+     * score the token at p + 1 (without a BOS the first token of a window is not scored) */
+    int32_t per = bos >= 0 ? window - 1 : window;
+    double nll = 0;
+    int64_t n_scored = 0;
+    int32_t n_windows = 0;
+    double t0 = ferry_now_seconds();
+    for (int32_t i = 0; i < n_ids; i += per) {
+        int32_t n = n_ids - i < per ? n_ids - i : per, at = 0;
+        if (bos >= 0)
+            seq[at++] = bos;
+        memcpy(seq + at, ids + i, (size_t)n * sizeof *seq);
+        ferry_context_reset(c);
+        if ((st = ferry_context_forward(c, seq, at + n, logits, NULL)))
+            goto done;
+        for (int32_t p = 0; p + 1 < at + n; p++) {
+            const float *l = logits + (size_t)p * (size_t)V;
+            double mx = l[0];
+            for (int32_t v = 1; v < V; v++)
+                mx = l[v] > mx ? l[v] : mx;
+            double sum = 0;
+            for (int32_t v = 0; v < V; v++)
+                sum += exp((double)l[v] - mx);
+            nll -= (double)l[seq[p + 1]] - mx - log(sum);
+            n_scored++;
+        }
+        n_windows++;
+    }
+    if (n_scored == 0) {
+        st = ferry_fail(FERRY_ERR_INVALID, "perplexity: the text's %d token(s) leave nothing to "
+                        "score", (int)n_ids);
+        goto done;
+    }
+    *out = (ferry_perplexity_result){.perplexity = exp(nll / (double)n_scored),
+                                     .nll = nll / (double)n_scored,
+                                     .n_scored = n_scored,
+                                     .n_windows = n_windows,
+                                     .window = window,
+                                     .seconds = ferry_now_seconds() - t0};
+done:
+    ferry_context_free(c);
+    free(logits);
+    free(seq);
+    free(ids);
     return st;
 }

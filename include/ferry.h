@@ -534,6 +534,26 @@ ferry_status ferry_predictor_eval_trace_file(const char *trace_path, const char 
                                              const ferry_sim_options *sim,
                                              ferry_predictor_report *out);
 
+/* ---- perplexity ----------------------------------------------------------------- */
+
+typedef struct {
+    double perplexity; /* exp(nll) */
+    double nll;        /* mean negative log-likelihood of the scored tokens, in nats */
+    int64_t n_scored;  /* tokens scored */
+    int32_t n_windows; /* windows evaluated */
+    int32_t window;    /* tokens per window, BOS included */
+    double seconds;    /* evaluation time */
+} ferry_perplexity_result;
+
+/* Perplexity of the model (with its offloading, hybrid and kernel options) on text: the
+ * text is tokenized once without BOS and cut into windows of window - 1 tokens, each run
+ * with BOS in front on an empty KV cache; every token is scored by the logits of the
+ * position before it (log-softmax in double precision), so each text token counts once.
+ * FERRY_ERR_INVALID (window outside 2..max_positions, a text without tokens), and the codes
+ * of the forward pass. Not thread-safe for one model. */
+ferry_status ferry_perplexity(ferry_model *m, const char *text, size_t len, int32_t window,
+                              ferry_perplexity_result *out);
+
 /* ---- benchmarks --------------------------------------------------------------- */
 
 typedef struct {

@@ -169,6 +169,35 @@ class CliTest(unittest.TestCase):
             self.assertGreaterEqual(r["cpu_experts_per_token"], 12)  # 6 layers x top-2
             self.assertGreater(r["host_read_gbps"], 0)
 
+    def test_perplexity(self):
+        heldout = os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            text = os.path.join(tmp, "in.txt")
+            with open(heldout) as f, open(text, "w") as g:
+                g.write(f.read()[:3000])
+            runs = [ferry("perplexity", MODEL, "--text", text, "--window", "256", *extra)
+                    for extra in ([], ["--gpu-mem", "20M", "--hybrid", "off"],
+                                  ["--hybrid", "cpu-experts"])]
+            pat = (r"perplexity: ([0-9.]+) \(mean NLL ([0-9.]+) nats\) over (\d+) tokens in "
+                   r"(\d+) windows of 256")
+            got = [re.search(pat, p.stdout.decode()) for p in runs]
+            for g in got:
+                self.assertIsNotNone(g)
+            self.assertEqual(len({g.group(1, 2, 3) for g in got}), 1)  # the same figure
+            self.assertGreater(float(got[0].group(1)), 1)
+            for args, msg in [(["--text", text, "--window", "1"], "--window expects"),
+                              (["--window", "64"], "usage: ferry perplexity"),
+                              (["--text"], "--text needs a value"),
+                              (["--text", text, "--bogus"], "unknown option --bogus")]:
+                p = ferry("perplexity", MODEL, *args, check=False)
+                self.assertEqual(p.returncode, 2, args)
+                self.assertIn(msg, p.stderr.decode(), args)
+            p = ferry("perplexity", MODEL, "--text", os.path.join(tmp, "none.txt"), check=False)
+            self.assertEqual(p.returncode, 1)
+            p = ferry("perplexity", MODEL, "--text", text, "--window", "5000", check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("window of 5000 tokens", p.stderr.decode())
+
     def test_offload_errors(self):
         p = ferry("run", MODEL, "-p", "x", "--gpu-mem", "6M", "--ctx", "256", check=False)
         self.assertEqual(p.returncode, 1)
