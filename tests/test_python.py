@@ -10,6 +10,7 @@ Every model runs on the CPU backend (the GPU has its own suite).
 """
 import ctypes
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -306,6 +307,24 @@ class LifetimeTest(unittest.TestCase):
         with self.assertRaises(ValueError):
             next(s)
         self.assertEqual(list(s), [])
+
+
+class PerplexityTest(unittest.TestCase):
+    def test_perplexity_matches_the_cli_definition(self):
+        with open(os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")) as f:
+            text = f.read()[:3000]
+        with open_model() as m:
+            r = m.perplexity(text, window=256)
+            self.assertGreater(r["n_scored"], 500)
+            self.assertEqual(r["window"], 256)
+            self.assertAlmostEqual(r["perplexity"], math.exp(r["nll"]), places=9)
+            self.assertGreater(r["perplexity"], 1.0)
+            self.assertLess(r["perplexity"], m.perplexity("qzx vkj wpq " * 100)["perplexity"])
+            with self.assertRaises(ValueError):
+                m.perplexity(text, window=1)
+            with self.assertRaises(ferry.FerryError) as e:
+                m.perplexity("", window=64)
+            self.assertIn("no tokens", str(e.exception))
 
 
 class OffloadTest(unittest.TestCase):

@@ -500,6 +500,23 @@ class Model:
                 continue
             raise _error(st)
 
+    def perplexity(self, text, window=512):
+        """Perplexity of the model on text (str), as `ferry perplexity` computes it: windows
+        of window - 1 tokens after BOS, each token scored once. Returns a dict of the
+        ferry_perplexity_result fields (perplexity, nll, n_scored, n_windows, window,
+        seconds). Uses a context of its own (with a device budget, its KV cache must fit)."""
+        if not isinstance(text, str):
+            raise TypeError("text must be a str, got %r" % (type(text).__name__,))
+        window = _int("window", window, 2, _INT32_MAX)
+        data = text.encode("utf-8")
+        self._acquire()
+        try:
+            r = _lib.PerplexityResult()
+            _check(_L.ferry_perplexity(self._handle, data, len(data), window, ctypes.byref(r)))
+        finally:
+            self._lock.release()
+        return _struct_dict(r)
+
     def detokenize(self, ids, skip_special=True):
         """The text of token ids, as Hugging Face's decode(skip_special_tokens) gives it."""
         self._check_open()

@@ -163,6 +163,18 @@ class OffloadStats(ctypes.Structure):
     ]
 
 
+class PerplexityResult(ctypes.Structure):
+    """ferry_perplexity_result"""
+    _fields_ = [
+        ("perplexity", c_double),
+        ("nll", c_double),
+        ("n_scored", c_int64),
+        ("n_windows", c_int32),
+        ("window", c_int32),
+        ("seconds", c_double),
+    ]
+
+
 # C type name -> mirror, for the layout test.
 STRUCTS = {
     "ferry_model_params": ModelParams,
@@ -172,6 +184,7 @@ STRUCTS = {
     "ferry_stats": Stats,
     "ferry_layer_stats": LayerStats,
     "ferry_offload_stats": OffloadStats,
+    "ferry_perplexity_result": PerplexityResult,
 }
 
 # int (*ferry_token_fn)(int32_t id, const char *text, size_t len, void *user). The text is
@@ -207,6 +220,8 @@ _FUNCTIONS = {
                                _P(c_int32), c_int32, _P(c_int32)]),
     "ferry_context_get_stats": (c_int, [_p, _P(Stats)]),
     "ferry_context_get_offload_stats": (c_int, [_p, _P(OffloadStats), _P(LayerStats), c_int32]),
+    "ferry_perplexity": (c_int, [_p, ctypes.c_char_p, ctypes.c_size_t, c_int32,
+                                 _P(PerplexityResult)]),
 }
 
 
