@@ -253,7 +253,7 @@ typedef struct {
     float rms_eps;
     int64_t n_params;
     int32_t backend;  /* ferry_backend_id that computes: FERRY_BACKEND_CPU or FERRY_BACKEND_CUDA */
-    char device[128]; /* what it runs on: "cpu, 2 threads" or the GPU's name, compute
+    char device[128]; /* what it runs on: "cpu, 2 threads, avx512" or the GPU's name, compute
                          capability and memory */
 } ferry_model_info;
 

@@ -174,7 +174,7 @@ class ModelInfo:
     rms_eps: float
     n_params: int
     backend: str  # "cpu" or "cuda": the backend that computes
-    device: str   # "cpu, 2 threads", or the GPU's name, compute capability and memory
+    device: str   # "cpu, 2 threads, avx512", or the GPU's name, compute capability and memory
 
 
 def _struct_dict(s):
