@@ -1143,6 +1143,8 @@ static void print_batch_stats(const char *what, const ferry_batch_stats *s, cons
         fprintf(stderr, "; expert cache: hit rate %.3f, %.1f MiB moved to the device",
                 (double)s->hits / (double)(s->hits + s->misses),
                 (double)s->bytes_to_device / 1048576.0);
+    if (s->cpu_experts > 0)
+        fprintf(stderr, "; %lld expert runs on the CPU (--hybrid)", (long long)s->cpu_experts);
     fprintf(stderr, "; %.2f s, %.1f tokens/s\n", s->seconds,
             s->seconds > 0 ? (double)s->tokens / s->seconds : 0.0);
     fprintf(stderr, "  expert loads per layer:");

@@ -305,13 +305,14 @@ ferry_status ferry_batch_generate(ferry_model *m, const int32_t *const *prompts,
         goto done;
     b.stats.seconds = ferry_now_seconds() - t0;
     b.stats.expert_bytes = ferry_model_expert_bytes(m);
-    if (m->cache) {
+    if (m->cache || m->hybrid != FERRY_HYBRID_OFF) {
         ferry_offload_stats os;
         if ((st = ferry_context_get_offload_stats(b.moe, &os, NULL, 0)))
             goto done;
         b.stats.bytes_to_device = os.bytes_to_device;
         b.stats.hits = os.hits;
         b.stats.misses = os.misses;
+        b.stats.cpu_experts = os.cpu_experts;
     }
     for (int32_t i = 0; i < n_seqs; i++)
         n_out[i] = b.seq[i].n_gen;

@@ -443,6 +443,7 @@ typedef struct {
     uint64_t bytes_to_device; /* offloading: expert bytes copied into device slots; else 0 */
     int64_t hits, misses;   /* offloading: expert cache lookups */
     double seconds;
+    int64_t cpu_experts;    /* --hybrid: expert runs computed on the CPU instead */
 } ferry_batch_stats;
 
 /* Generates up to n_predict[i] tokens after each prompt i < n_seqs (prompts[i], n_prompt[i]

@@ -186,6 +186,13 @@ START_TEST(test_batch_shapes_and_offload_give_the_same_tokens)
         char what[64];
         snprintf(what, sizeof what, "case %zu", ci);
         assert_same_outputs(&ref, &w, what);
+        if (cases[ci].hybrid == FERRY_HYBRID_CPU_EXPERTS) {
+            ck_assert(s.cpu_experts > 0);
+            ck_assert_int_eq(s.cpu_experts, s.expert_loads); /* every load ran on the CPU */
+            ck_assert_int_eq(s.hits + s.misses, 0);
+        } else if (cases[ci].hybrid == FERRY_HYBRID_OFF) {
+            ck_assert_int_eq(s.cpu_experts, 0);
+        }
         if (cases[ci].slots && cases[ci].hybrid == FERRY_HYBRID_OFF) {
             ck_assert(s.misses > 0 && s.bytes_to_device > 0);
             ck_assert_int_eq(s.bytes_to_device % s.expert_bytes, 0);

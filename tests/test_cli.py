@@ -155,6 +155,12 @@ class CliTest(unittest.TestCase):
         self.assertEqual(p.returncode, 1)
         self.assertIn("does not combine with --offload nvme", p.stderr.decode())
         with tempfile.TemporaryDirectory() as tmp:
+            prompts, out = os.path.join(tmp, "p.jsonl"), os.path.join(tmp, "o.jsonl")
+            with open(prompts, "w") as f:
+                f.write('{"prompt": "def fibonacci(n):"}\n{"prompt": "import os"}\n')
+            p = ferry("batch", MODEL, "--prompts", prompts, "--out", out, "-n", "8",
+                      "--hybrid", "cpu-experts")
+            self.assertRegex(p.stderr.decode(), r"; [1-9]\d* expert runs on the CPU \(--hybrid\)")
             path = os.path.join(tmp, "bench.json")
             p = ferry("bench", MODEL, "--backend", "cpu", "--hybrid", "cpu-experts",
                       "--prompt-len", "8", "--gen-len", "4", "--repeat", "1",
