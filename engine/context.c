@@ -363,13 +363,10 @@ static ferry_status run_expert(ferry_context *c, int32_t e, const ferry_expert_w
 {
     ferry_backend *be = c->m->be;
     const ferry_backend_ops *o = be->ops;
-    int32_t d = c->m->cfg.hidden_size, ff = c->m->cfg.intermediate_size;
+    int32_t d = c->m->cfg.hidden_size;
     int32_t me = ferry_dispatch_count(&c->dispatch, e), off = c->dispatch.offsets[e];
     TRY(o->gather_rows(be, c->d_xe, c->d_h, c->dispatch.tokens + off, me, d));
-    TRY(o->matmul(be, c->d_a, c->d_xe, &X->w1, me));
-    TRY(o->matmul(be, c->d_b, c->d_xe, &X->w3, me));
-    TRY(o->silu_mul(be, c->d_a, c->d_a, c->d_b, (size_t)me * (size_t)ff));
-    TRY(o->matmul(be, c->d_ye, c->d_a, &X->w2, me));
+    TRY(ferry_expert_ffn(be, X, c->d_xe, me, c->d_a, c->d_b, c->d_ye));
     TRY(o->scatter_rows(be, c->d_eo, c->d_ye, c->dispatch.rows + off, me, d));
     return FERRY_OK;
 }

@@ -45,18 +45,6 @@ struct ferry_hybrid {
     double busy_seconds;
 };
 
-/* out (m, d) = silu(x W1^T) * (x W3^T) W2^T on the CPU backend; a, b are (m, ff) scratch. */
-static ferry_status cpu_expert(ferry_backend *cpu, const ferry_expert_weights *X, const float *x,
-                               int32_t m, float *a, float *b, float *out)
-{
-    const ferry_backend_ops *o = cpu->ops;
-    TRY(o->matmul(cpu, a, x, &X->w1, m));
-    TRY(o->matmul(cpu, b, x, &X->w3, m));
-    TRY(o->silu_mul(cpu, a, a, b, (size_t)m * (size_t)X->w1.rows));
-    TRY(o->matmul(cpu, out, a, &X->w2, m));
-    return FERRY_OK;
-}
-
 static ferry_status run_job(ferry_hybrid *h)
 {
     const ferry_dispatch *dsp = h->dispatch;
@@ -71,7 +59,7 @@ static ferry_status run_job(ferry_hybrid *h)
                    d * sizeof(float));
         ferry_expert_weights X;
         TRY(ferry_model_expert_host(h->m, h->layer, e, &X));
-        ferry_status st = cpu_expert(h->cpu, &X, h->xe, me, h->a, h->b,
+        ferry_status st = ferry_expert_ffn(h->cpu, &X, h->xe, me, h->a, h->b,
                                      h->out + (size_t)h->n_rows * d);
         ferry_model_expert_host_done(h->m, h->layer, e);
         if (st)
@@ -256,10 +244,10 @@ ferry_status ferry_hybrid_measure(ferry_model *m, ferry_hybrid_cost *out)
     ferry_expert_weights X = ferry_model_expert_at(m, 0, 0, bytes);
     for (int rep = 0; rep < 2 && st == FERRY_OK; rep++) {
         double t0 = ferry_now_seconds();
-        if ((st = cpu_expert(cpu, &X, x, 1, a, b, y)))
+        if ((st = ferry_expert_ffn(cpu, &X, x, 1, a, b, y)))
             break;
         double t1 = ferry_now_seconds();
-        if ((st = cpu_expert(cpu, &X, x, MEASURE_TOKENS, a, b, y)))
+        if ((st = ferry_expert_ffn(cpu, &X, x, MEASURE_TOKENS, a, b, y)))
             break;
         double t2 = ferry_now_seconds();
         cpu1 = t1 - t0 < cpu1 ? t1 - t0 : cpu1;

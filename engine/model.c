@@ -282,6 +282,17 @@ ferry_expert_weights ferry_model_expert_at(const ferry_model *m, int32_t layer, 
     return X;
 }
 
+ferry_status ferry_expert_ffn(ferry_backend *be, const ferry_expert_weights *X, const float *d_x,
+                              int32_t m, float *d_a, float *d_b, float *d_out)
+{
+    const ferry_backend_ops *o = be->ops;
+    TRY(o->matmul(be, d_a, d_x, &X->w1, m));
+    TRY(o->matmul(be, d_b, d_x, &X->w3, m));
+    TRY(o->silu_mul(be, d_a, d_a, d_b, (size_t)m * (size_t)X->w1.rows));
+    TRY(o->matmul(be, d_out, d_a, &X->w2, m));
+    return FERRY_OK;
+}
+
 ferry_status ferry_model_expert_host(ferry_model *m, int32_t layer, int32_t e,
                                      ferry_expert_weights *out)
 {
@@ -482,15 +493,18 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     return FERRY_OK;
 }
 
-/* Pins a CPU backend's workers one per physical core (hwloc), so the matmul threads neither
- * share a core's hardware threads nor wander between runs. */
-static void pin_cpu_backend(ferry_backend *b)
+/* A CPU backend with the params' kernels, its workers pinned one per physical core (hwloc)
+ * so the matmul threads neither share a core's hardware threads nor wander between runs. */
+static ferry_status cpu_backend_pinned(const ferry_model_params *p, int32_t n_threads,
+                                       size_t device_bytes, ferry_backend **out)
 {
+    TRY(ferry_backend_cpu_create_isa(n_threads, device_bytes, p->cpu_kernels, out));
     int32_t cpus[1024];
     int32_t n = ferry_topology_core_cpus(cpus, 1024);
-    int32_t pinned = n > 0 ? ferry_backend_cpu_pin(b, cpus, n) : 0;
-    ferry_log(FERRY_LOG_DEBUG, "%s: %d worker threads pinned over %d cores", b->device,
+    int32_t pinned = n > 0 ? ferry_backend_cpu_pin(*out, cpus, n) : 0;
+    ferry_log(FERRY_LOG_DEBUG, "%s: %d worker threads pinned over %d cores", (*out)->device,
               (int)pinned, (int)n);
+    return FERRY_OK;
 }
 
 ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device_bytes,
@@ -498,12 +512,8 @@ ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device
 {
     int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
     switch (p->backend) {
-    case FERRY_BACKEND_CPU: {
-        ferry_status st = ferry_backend_cpu_create_isa(n_threads, device_bytes, p->cpu_kernels, out);
-        if (st == FERRY_OK)
-            pin_cpu_backend(*out);
-        return st;
-    }
+    case FERRY_BACKEND_CPU:
+        return cpu_backend_pinned(p, n_threads, device_bytes, out);
     case FERRY_BACKEND_CUDA:
         return ferry_backend_cuda_create(device_bytes, out);
     case FERRY_BACKEND_AUTO:
@@ -519,10 +529,7 @@ ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device
     }
     if (st != FERRY_ERR_UNSUPPORTED) /* a CUDA build without a GPU: say why the CPU runs */
         ferry_log(FERRY_LOG_WARN, "%s; running on the CPU backend", ferry_last_error());
-    st = ferry_backend_cpu_create_isa(n_threads, device_bytes, p->cpu_kernels, out);
-    if (st == FERRY_OK)
-        pin_cpu_backend(*out);
-    return st;
+    return cpu_backend_pinned(p, n_threads, device_bytes, out);
 }
 
 ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferry_model **out)
@@ -582,9 +589,8 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         m->hybrid = FERRY_HYBRID_OFF;
     if (m->hybrid != FERRY_HYBRID_OFF) {
         int32_t n_threads = p->n_threads ? p->n_threads : ferry_topology_default_threads();
-        if ((st = ferry_backend_cpu_create_isa(n_threads, 0, p->cpu_kernels, &m->cpu_be)))
+        if ((st = cpu_backend_pinned(p, n_threads, 0, &m->cpu_be)))
             goto fail;
-        pin_cpu_backend(m->cpu_be);
     }
     if (pthread_mutex_init(&m->lock, NULL) != 0) {
         st = ferry_fail(FERRY_ERR_NOMEM, "cannot create the model lock");

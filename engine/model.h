@@ -105,6 +105,13 @@ ferry_status ferry_backend_for_params(const ferry_model_params *p, size_t device
 ferry_expert_weights ferry_model_expert_at(const ferry_model *m, int32_t layer, int32_t e,
                                            const void *base);
 
+/* One expert over m rows on backend be: d_out (m, d_model) = (silu(d_x W1^T) * (d_x W3^T))
+ * W2^T, with d_a, d_b (m, d_ff) as scratch (d_a ends up holding the gated product). The
+ * forward pass runs it on the model's backend, the hybrid worker on the CPU's. The
+ * backend's codes. */
+ferry_status ferry_expert_ffn(ferry_backend *be, const ferry_expert_weights *X, const float *d_x,
+                              int32_t m, float *d_a, float *d_b, float *d_out);
+
 /* The expert's weights in host memory, for the CPU: from the store (blocking while the NVMe
  * tier reads it, or while every host cache buffer is held) or, without one, the
  * checkpoint's host tensors. Each successful call is
