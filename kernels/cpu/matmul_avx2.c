@@ -68,48 +68,8 @@ AVX2 INLINE void step(tile_acc acc, const char *const *w, size_t off, const floa
     }
 }
 
-/* Accumulates columns [0, m) into acc; w[r] and x[t] point at column 0. */
-AVX2 INLINE void accumulate(tile_acc acc, const char *const *w, const float *const *x, int64_t m,
-                            int nt, int dt)
-{
-    size_t cb = col_bytes(dt);
-    int64_t c = 0;
-    for (; c + 8 <= m; c += 8) {
-        if (dt != WIDE && ((size_t)c * cb) % 64 == 0)
-            for (int r = 0; r < RB; r++)
-                _mm_prefetch(w[r] + (size_t)c * cb + PF_BYTES, _MM_HINT_T0);
-        step(acc, w, (size_t)c * cb, x, c, nt, dt);
-    }
-    if (c == m)
-        return;
-    float xpad[TB][8] = {{0}};
-    const float *xp[TB];
-    for (int t = 0; t < nt; t++) {
-        memcpy(xpad[t], x[t] + c, (size_t)(m - c) * sizeof(float));
-        xp[t] = xpad[t];
-    }
-    if (dt == WIDE) { /* the chunk buffer is padded already */
-        step(acc, w, (size_t)c * cb, xp, 0, nt, dt);
-        return;
-    }
-    char wpad[RB][32] = {{0}};
-    const char *wp[RB];
-    for (int r = 0; r < RB; r++) {
-        memcpy(wpad[r], w[r] + (size_t)c * cb, (size_t)(m - c) * cb);
-        wp[r] = wpad[r];
-    }
-    step(acc, wp, 0, xp, 0, nt, dt);
-}
-
-/* r[k] = ((a[k]0 + a[k]1) + (a[k]2 + a[k]3)) + ((a[k]4 + a[k]5) + (a[k]6 + a[k]7)). */
-AVX2 INLINE __m256 reduce8(const __m256 a[8])
-{
-    __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 h2 = _mm256_hadd_ps(a[4], a[5]), h3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 g0 = _mm256_hadd_ps(h0, h1), g1 = _mm256_hadd_ps(h2, h3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20),
-                         _mm256_permute2f128_ps(g0, g1, 0x31));
-}
+#define TILE_TARGET AVX2
+#include "kernels/cpu/matmul_x86_tile.h"
 
 /* Reduces the tile and stores rows [0, nr) of its nt tokens; out points at (token 0, row 0). */
 AVX2 INLINE void store_tile(float *out, int64_t ld, tile_acc acc, int nt, int nr)
