@@ -10,6 +10,8 @@ const char *ferry_dtype_name(ferry_dtype t)
     case FERRY_DTYPE_F32: return "F32";
     case FERRY_DTYPE_F16: return "F16";
     case FERRY_DTYPE_BF16: return "BF16";
+    case FERRY_DTYPE_Q8: return "Q8";
+    case FERRY_DTYPE_Q4: return "Q4";
     default: return "?";
     }
 }

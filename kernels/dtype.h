@@ -1,9 +1,11 @@
 /*
  * kernels/dtype.h: element types of weights and activations, and bf16/f16 conversion.
  *
- * Weights may be f32, f16 or bf16 (as stored in the checkpoint); activations and
- * accumulators are always f32. Conversions are exact (bf16/f16 -> f32) or round to
- * nearest even (f32 -> bf16/f16), matching PyTorch's casts.
+ * Weights may be f32, f16 or bf16 (as stored in the checkpoint), or, for the experts of a
+ * quantized pack, q8 or q4: rows of groups of 32 weights with their own scales (the layout
+ * and the exact dequantized values are in kernels/quant.h). Activations and accumulators
+ * are always f32. Conversions are exact (bf16/f16 -> f32) or round to nearest even
+ * (f32 -> bf16/f16), matching PyTorch's casts.
  */
 #ifndef FERRY_KERNELS_DTYPE_H
 #define FERRY_KERNELS_DTYPE_H
@@ -16,13 +18,43 @@ typedef enum {
     FERRY_DTYPE_F32 = 0,
     FERRY_DTYPE_F16 = 1,
     FERRY_DTYPE_BF16 = 2,
+    FERRY_DTYPE_Q8 = 3, /* groups of 32: f16 scale + 32 x int8 (34 bytes) */
+    FERRY_DTYPE_Q4 = 4, /* groups of 32: f16 scale + f16 minimum + 32 x 4 bits (20 bytes) */
     FERRY_DTYPE_COUNT
 } ferry_dtype;
 
-/* Bytes per element. */
-static inline size_t ferry_dtype_size(ferry_dtype t) { return t == FERRY_DTYPE_F32 ? 4 : 2; }
+/* Weights per group of a quantized row. */
+#define FERRY_QUANT_GROUP 32
 
-/* "F32", "F16", "BF16" (the safetensors spelling). */
+static inline int ferry_dtype_is_quant(ferry_dtype t)
+{
+    return t == FERRY_DTYPE_Q8 || t == FERRY_DTYPE_Q4;
+}
+
+/* Bytes per element of an element type (f32 4, f16 and bf16 2); 0 for a quantized type,
+ * whose rows are measured by ferry_dtype_row_bytes. */
+static inline size_t ferry_dtype_size(ferry_dtype t)
+{
+    return t == FERRY_DTYPE_F32 ? 4 : (t == FERRY_DTYPE_F16 || t == FERRY_DTYPE_BF16) ? 2 : 0;
+}
+
+/* Bytes of one group of a quantized type: 34 (q8), 20 (q4); 0 otherwise. */
+static inline size_t ferry_quant_group_bytes(ferry_dtype t)
+{
+    return t == FERRY_DTYPE_Q8 ? 2 + FERRY_QUANT_GROUP
+                               : t == FERRY_DTYPE_Q4 ? 4 + FERRY_QUANT_GROUP / 2 : 0;
+}
+
+/* Bytes of a row of cols weights of type t (for a quantized type, cols must be a multiple
+ * of 32: the caller checks). */
+static inline size_t ferry_dtype_row_bytes(ferry_dtype t, int64_t cols)
+{
+    if (ferry_dtype_is_quant(t))
+        return (size_t)(cols / FERRY_QUANT_GROUP) * ferry_quant_group_bytes(t);
+    return (size_t)cols * ferry_dtype_size(t);
+}
+
+/* "F32", "F16", "BF16" (the safetensors spelling), "Q8", "Q4". */
 const char *ferry_dtype_name(ferry_dtype t);
 
 static inline float ferry_bf16_to_f32(uint16_t h)

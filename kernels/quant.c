@@ -9,25 +9,28 @@
 #include "core/error.h"
 #include "kernels/dtype.h"
 
-const char *ferry_quant_name(ferry_quant_type t)
+const char *ferry_quant_name(ferry_dtype t)
 {
     switch (t) {
-    case FERRY_QUANT_Q8: return "q8";
-    case FERRY_QUANT_Q4: return "q4";
+    case FERRY_DTYPE_Q8: return "q8";
+    case FERRY_DTYPE_Q4: return "q4";
     default: return "?";
     }
 }
 
-size_t ferry_quant_group_bytes(ferry_quant_type t)
+ferry_status ferry_quant_parse(const char *s, ferry_dtype *out)
 {
-    switch (t) {
-    case FERRY_QUANT_Q8: return 2 + FERRY_QUANT_GROUP;
-    case FERRY_QUANT_Q4: return 4 + FERRY_QUANT_GROUP / 2;
-    default: return 0;
-    }
+    if (s && strcmp(s, "q8") == 0)
+        *out = FERRY_DTYPE_Q8;
+    else if (s && strcmp(s, "q4") == 0)
+        *out = FERRY_DTYPE_Q4;
+    else
+        return ferry_fail(FERRY_ERR_INVALID, "unknown quantization '%s' (choose q8 or q4)",
+                          s ? s : "(null)");
+    return FERRY_OK;
 }
 
-ferry_status ferry_quant_row_bytes(ferry_quant_type t, int64_t cols, size_t *out)
+ferry_status ferry_quant_row_bytes(ferry_dtype t, int64_t cols, size_t *out)
 {
     size_t g = ferry_quant_group_bytes(t);
     if (g == 0)
@@ -98,7 +101,7 @@ static ferry_status quantize_q4(const float *w, int64_t c, uint8_t *g)
     return FERRY_OK;
 }
 
-ferry_status ferry_quantize_row(ferry_quant_type t, const float *src, int64_t cols, void *dst)
+ferry_status ferry_quantize_row(ferry_dtype t, const float *src, int64_t cols, void *dst)
 {
     size_t n_bytes;
     TRY(ferry_quant_row_bytes(t, cols, &n_bytes));
@@ -109,11 +112,11 @@ ferry_status ferry_quantize_row(ferry_quant_type t, const float *src, int64_t co
     size_t gb = ferry_quant_group_bytes(t);
     uint8_t *out = dst;
     for (int64_t c = 0; c < cols; c += FERRY_QUANT_GROUP, out += gb)
-        TRY(t == FERRY_QUANT_Q8 ? quantize_q8(src + c, c, out) : quantize_q4(src + c, c, out));
+        TRY(t == FERRY_DTYPE_Q8 ? quantize_q8(src + c, c, out) : quantize_q4(src + c, c, out));
     return FERRY_OK;
 }
 
-ferry_status ferry_dequantize_row(ferry_quant_type t, const void *src, int64_t cols, float *dst)
+ferry_status ferry_dequantize_row(ferry_dtype t, const void *src, int64_t cols, float *dst)
 {
     size_t n_bytes;
     TRY(ferry_quant_row_bytes(t, cols, &n_bytes));
@@ -121,7 +124,7 @@ ferry_status ferry_dequantize_row(ferry_quant_type t, const void *src, int64_t c
     const uint8_t *g = src;
     for (int64_t c = 0; c < cols; c += FERRY_QUANT_GROUP, g += gb) {
         float d = get_f16(g);
-        if (t == FERRY_QUANT_Q8) {
+        if (t == FERRY_DTYPE_Q8) {
             for (int i = 0; i < FERRY_QUANT_GROUP; i++)
                 dst[c + i] = d * (float)(int8_t)g[2 + i];
         } else {

@@ -25,27 +25,41 @@
 
 #include "ferry.h"
 
-typedef enum { FERRY_QUANT_Q8 = 0, FERRY_QUANT_Q4 = 1, FERRY_QUANT_COUNT } ferry_quant_type;
+#include "kernels/dtype.h"
 
-#define FERRY_QUANT_GROUP 32
+/* The types are FERRY_DTYPE_Q8 and FERRY_DTYPE_Q4 (kernels/dtype.h, which also gives the
+ * group and row sizes). */
 
 /* "q8", "q4"; "?" otherwise. */
-const char *ferry_quant_name(ferry_quant_type t);
+const char *ferry_quant_name(ferry_dtype t);
 
-/* Bytes of one group: 34 (Q8), 20 (Q4); 0 for an unknown type. */
-size_t ferry_quant_group_bytes(ferry_quant_type t);
+/* Parses "q8" or "q4" into *out. FERRY_ERR_INVALID (the message lists the choices). */
+ferry_status ferry_quant_parse(const char *s, ferry_dtype *out);
 
 /* Bytes of a row of cols weights. FERRY_ERR_INVALID when cols is not a positive multiple of
- * 32 or the type is unknown. */
-ferry_status ferry_quant_row_bytes(ferry_quant_type t, int64_t cols, size_t *out);
+ * 32 or the type is not quantized. */
+ferry_status ferry_quant_row_bytes(ferry_dtype t, int64_t cols, size_t *out);
 
 /* Quantizes src (cols floats) into dst (ferry_quant_row_bytes of them). FERRY_ERR_INVALID
  * for a bad cols or type, a value that is not finite, or a group whose scale does not fit
  * an f16 (the message names the column); dst is then partly written. Thread-safe. */
-ferry_status ferry_quantize_row(ferry_quant_type t, const float *src, int64_t cols, void *dst);
+ferry_status ferry_quantize_row(ferry_dtype t, const float *src, int64_t cols, void *dst);
 
 /* The dequantized values of a row (see above) into dst (cols floats). FERRY_ERR_INVALID
  * for a bad cols or type. Thread-safe. */
-ferry_status ferry_dequantize_row(ferry_quant_type t, const void *src, int64_t cols, float *dst);
+ferry_status ferry_dequantize_row(ferry_dtype t, const void *src, int64_t cols, float *dst);
+
+/* Weight i of a quantized row (row points at its first group), as defined above. For
+ * kernels that widen a few weights at a time; ferry_dequantize_row does whole rows. */
+static inline float ferry_quant_weight(ferry_dtype t, const uint8_t *row, int64_t i)
+{
+    const uint8_t *g = row + (size_t)(i / FERRY_QUANT_GROUP) * ferry_quant_group_bytes(t);
+    int k = (int)(i % FERRY_QUANT_GROUP);
+    float d = ferry_f16_to_f32((uint16_t)(g[0] | g[1] << 8));
+    if (t == FERRY_DTYPE_Q8)
+        return d * (float)(int8_t)g[2 + k];
+    float m = ferry_f16_to_f32((uint16_t)(g[2] | g[3] << 8));
+    return d * (float)((g[4 + k / 2] >> (4 * (k & 1))) & 15) + m;
+}
 
 #endif

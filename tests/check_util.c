@@ -2,6 +2,7 @@
  * tests/check_util.c: see check_util.h.
  */
 #include "tests/check_util.h"
+#include "kernels/quant.h"
 
 #include <errno.h>
 #include <math.h>
@@ -126,6 +127,18 @@ float *tu_rand_floats(uint64_t *state, size_t n, float lo, float hi)
 void *tu_make_weight(ferry_weight *w, float *vals, int64_t rows, int64_t cols, ferry_dtype t)
 {
     size_t n = (size_t)(rows * cols);
+    if (ferry_dtype_is_quant(t)) {
+        size_t rb = ferry_dtype_row_bytes(t, cols);
+        uint8_t *q = malloc((size_t)rows * rb + 1);
+        ck_assert(q != NULL);
+        for (int64_t r = 0; r < rows; r++) {
+            ck_assert_msg(ferry_quantize_row(t, vals + r * cols, cols, q + (size_t)r * rb) == 0,
+                          "%s", ferry_last_error());
+            ck_assert(ferry_dequantize_row(t, q + (size_t)r * rb, cols, vals + r * cols) == 0);
+        }
+        *w = (ferry_weight){.d_data = q, .dtype = t, .rows = rows, .cols = cols};
+        return q;
+    }
     void *data = malloc((n ? n : 1) * ferry_dtype_size(t));
     ck_assert(data != NULL);
     for (size_t i = 0; i < n; i++) {

@@ -34,8 +34,9 @@ float *tu_json_floats(const cJSON *a, int32_t *n);
 float *tu_rand_floats(uint64_t *state, size_t n, float lo, float hi);
 
 /* Makes w a host weight (rows, cols) of dtype t holding vals, rounding vals in place to what
- * is stored, so a reference computed from vals uses exactly the stored values. Returns the
- * storage, which the caller frees. */
+ * is stored, so a reference computed from vals uses exactly the stored values (q8/q4: each
+ * row quantized, vals replaced by the dequantized values; cols a multiple of 32). Returns
+ * the storage, which the caller frees. */
 void *tu_make_weight(ferry_weight *w, float *vals, int64_t rows, int64_t cols, ferry_dtype t);
 
 /* Writes bytes to a fresh file under the test scratch folder and returns its path in a

@@ -237,6 +237,87 @@ START_TEST(test_backend_cpu_isa_matches_reference_backend)
 }
 END_TEST
 
+/* q8 and q4 weights: every kernel's fused dequantization equals the reference's, which
+ * equals a float32 matmul over the dequantized rows (ferry_dequantize_row), bit for bit, for
+ * the decode and the prefill paths, full and split row ranges, and through the backend. */
+START_TEST(test_matmul_quant_fused_equals_dequantize_then_multiply)
+{
+    const ferry_dtype qt[] = {FERRY_DTYPE_Q8, FERRY_DTYPE_Q4};
+    const int64_t cols[] = {32, 64, 96, 512, 544, 1056, 4096};
+    const ferry_cpu_isa isas[] = {FERRY_CPU_ISA_REFERENCE, FERRY_CPU_ISA_AVX2,
+                                  FERRY_CPU_ISA_AVX512, FERRY_CPU_ISA_AVX512BF16};
+    uint64_t rng = 4242;
+    size_t n_checked = 0;
+    for (size_t ti = 0; ti < COUNT(qt); ti++)
+        for (size_t ci = 0; ci < COUNT(cols); ci++)
+            for (size_t ri = 0; ri < COUNT(g_rows); ri++)
+                for (size_t ni = 0; ni < COUNT(g_ns); ni += 2) {
+                    mm_case c = make_case(&rng, qt[ti], g_rows[ri], cols[ci], g_ns[ni], 1);
+                    /* make_case left the dequantized values in c.wv: the same rows in f32 */
+                    ferry_weight wf;
+                    void *fstore = tu_make_weight(&wf, c.wv, c.w.rows, c.w.cols, FERRY_DTYPE_F32);
+                    size_t n_out = (size_t)c.n * (size_t)c.w.rows;
+                    float *want = malloc(n_out * sizeof(float)), *got = malloc(n_out * sizeof(float));
+                    ferry_cpu_matmul_reference(want, c.x, &wf, c.n, 0, wf.rows);
+                    assert_same_bits("dequantize then multiply", &c, c.ref, want);
+                    for (size_t k = 0; k < COUNT(isas); k++) {
+                        ferry_cpu_matmul_fn fn = ferry_cpu_matmul_kernel(isas[k]);
+                        if (!fn)
+                            continue;
+                        run_range(fn, &c, got, 0, c.w.rows);
+                        assert_same_bits(ferry_cpu_isa_name(isas[k]), &c, got, want);
+                        int64_t a = (int64_t)(tu_rand_u64(&rng) % (uint64_t)(c.w.rows + 1));
+                        memset(got, 0, n_out * sizeof(float));
+                        run_range(fn, &c, got, 0, a);
+                        run_range(fn, &c, got, a, c.w.rows);
+                        assert_same_bits(ferry_cpu_isa_name(isas[k]), &c, got, want);
+                        n_checked++;
+                    }
+                    free(want);
+                    free(got);
+                    free(fstore);
+                    free_case(&c);
+                }
+    ck_assert(n_checked >= COUNT(qt) * COUNT(cols) * COUNT(g_rows) * (COUNT(g_ns) / 2));
+
+    /* through the backend, with the thread pool splitting the rows */
+    ferry_backend *b = backend(2, ferry_cpu_isa_best_exact());
+    const int64_t shapes[][2] = {{257, 608}, {1000, 192}, {33, 4096}};
+    const int32_t ns[] = {1, 3, 70};
+    for (size_t ti = 0; ti < COUNT(qt); ti++)
+        for (size_t si = 0; si < COUNT(shapes); si++)
+            for (size_t ni = 0; ni < COUNT(ns); ni++) {
+                mm_case c = make_case(&rng, qt[ti], shapes[si][0], shapes[si][1], ns[ni], 1);
+                float *got = malloc((size_t)c.n * (size_t)c.w.rows * sizeof(float));
+                ck_assert_int_eq(b->ops->matmul(b, got, c.x, &c.w, c.n), FERRY_OK);
+                assert_same_bits(b->device, &c, got, c.ref);
+                free(got);
+                free_case(&c);
+            }
+    ferry_backend_destroy(b);
+}
+END_TEST
+
+/* Quantized weights serve matmuls of whole groups only; other ops refuse them by name. */
+START_TEST(test_quant_weights_refused_where_unsupported)
+{
+    ferry_backend *b = backend(1, FERRY_CPU_ISA_REFERENCE);
+    uint8_t q[4 * 34] = {0};
+    float x[64] = {0}, y[64];
+    ferry_weight w = {.d_data = q, .dtype = FERRY_DTYPE_Q8, .rows = 1, .cols = 48};
+    ck_assert_int_eq(b->ops->matmul(b, y, x, &w, 1), FERRY_ERR_UNSUPPORTED);
+    ck_assert(strstr(ferry_last_error(), "multiple of 32") != NULL);
+    w.cols = 64;
+    ck_assert_int_eq(b->ops->matmul(b, y, x, &w, 1), FERRY_OK);
+    ck_assert_int_eq(b->ops->rmsnorm(b, y, x, &w, 1, 64, 1e-5f), FERRY_ERR_UNSUPPORTED);
+    ck_assert(strstr(ferry_last_error(), "rmsnorm: Q8") != NULL);
+    int32_t id = 0;
+    w.dtype = FERRY_DTYPE_Q4;
+    ck_assert_int_eq(b->ops->embedding(b, y, &w, &id, 1), FERRY_ERR_UNSUPPORTED);
+    ferry_backend_destroy(b);
+}
+END_TEST
+
 /* Lossy, but each output depends on its own row alone. */
 START_TEST(test_matmul_avx512bf16_close_and_independent_of_n)
 {
@@ -369,6 +450,8 @@ static Suite *cpu_kernels_suite(void)
     tcase_add_test(tc, test_matmul_exact_kernels_special_values);
     tcase_add_test(tc, test_backend_cpu_isa_matches_reference_backend);
     tcase_add_test(tc, test_matmul_avx512bf16_close_and_independent_of_n);
+    tcase_add_test(tc, test_matmul_quant_fused_equals_dequantize_then_multiply);
+    tcase_add_test(tc, test_quant_weights_refused_where_unsupported);
     tcase_add_test(tc, test_isa_detection_consistent);
     tcase_add_test(tc, test_isa_missing_is_refused);
     tcase_add_test(tc, test_isa_parse_names);

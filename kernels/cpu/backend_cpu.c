@@ -220,11 +220,16 @@ static ferry_status cpu_synchronize(ferry_backend *b)
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-static ferry_status check_weight(const ferry_weight *w, const char *op)
+/* A weight the op can read: quantized weights only for matmul, in whole groups. */
+static ferry_status check_weight(const ferry_weight *w, const char *op, int quant_ok)
 {
     if (!w || !w->d_data || w->rows <= 0 || w->cols <= 0 || (int)w->dtype < 0 ||
         w->dtype >= FERRY_DTYPE_COUNT)
         return ferry_fail(FERRY_ERR_INVALID, "%s: invalid weight", op);
+    if (ferry_dtype_is_quant(w->dtype) && (!quant_ok || w->cols % FERRY_QUANT_GROUP))
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: %s weight of %lld columns (quantized "
+                          "weights serve matmuls of a multiple of %d columns)", op,
+                          ferry_dtype_name(w->dtype), (long long)w->cols, FERRY_QUANT_GROUP);
     return FERRY_OK;
 }
 
@@ -234,7 +239,7 @@ static ferry_status cpu_embedding(ferry_backend *b, float *d_out, const ferry_we
                                   const int32_t *ids, int32_t n)
 {
     (void)b;
-    ferry_status st = check_weight(table, "embedding");
+    ferry_status st = check_weight(table, "embedding", 0);
     if (st)
         return st;
     for (int32_t t = 0; t < n; t++) {
@@ -251,7 +256,7 @@ static ferry_status cpu_rmsnorm(ferry_backend *b, float *d_out, const float *d_x
                                 const ferry_weight *w, int32_t n, int32_t d, float eps)
 {
     (void)b;
-    ferry_status st = check_weight(w, "rmsnorm");
+    ferry_status st = check_weight(w, "rmsnorm", 0);
     if (st)
         return st;
     if (w->rows * w->cols != d || d > 1 << 20)
@@ -323,7 +328,7 @@ static void matmul_task(void *vp, int32_t task)
 static ferry_status cpu_matmul(ferry_backend *b, float *d_out, const float *d_x,
                                const ferry_weight *w, int32_t n)
 {
-    ferry_status st = check_weight(w, "matmul");
+    ferry_status st = check_weight(w, "matmul", 1);
     if (st)
         return st;
     if (n < 0 || (n > 0 && (!d_out || !d_x)))

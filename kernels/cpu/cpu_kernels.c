@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/quant.h"
 
 #if FERRY_CPU_X86
 #include <cpuid.h>
@@ -19,6 +20,12 @@ void ferry_cpu_widen(float *dst, const ferry_weight *w, int64_t row, int64_t off
 {
     const char *base = (const char *)w->d_data;
     size_t at = (size_t)(row * w->cols + off);
+    if (ferry_dtype_is_quant(w->dtype)) {
+        const uint8_t *r = (const uint8_t *)base + (size_t)row * ferry_dtype_row_bytes(w->dtype, w->cols);
+        for (int64_t i = 0; i < n; i++)
+            dst[i] = ferry_quant_weight(w->dtype, r, off + i);
+        return;
+    }
     switch (w->dtype) {
     case FERRY_DTYPE_F32: memcpy(dst, (const float *)base + at, (size_t)n * sizeof(float)); break;
     case FERRY_DTYPE_BF16: {

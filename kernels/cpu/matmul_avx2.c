@@ -41,11 +41,15 @@
 
 typedef __m256 tile_acc[RB][TB];
 
-INLINE size_t col_bytes(int dt) { return dt == WIDE ? WIDE_COL_BYTES : ferry_dtype_size(dt); }
+#define TILE_TARGET AVX2
+#include "kernels/cpu/matmul_x86_quant.h"
 
-/* 8 columns of a row as floats. */
-AVX2 INLINE __m256 load_row(const char *a, int dt)
+/* Columns c..c+7 of the row starting at row, as floats. */
+AVX2 INLINE __m256 load_row(const char *row, int64_t c, int dt)
 {
+    if (ferry_dtype_is_quant((ferry_dtype)dt))
+        return load8_quant(row, c, dt);
+    const char *a = row + col_offset(dt, c);
     if (dt == WIDE || dt == FERRY_DTYPE_F32)
         return _mm256_loadu_ps((const float *)a);
     __m128i h = _mm_loadu_si128((const void *)a);
@@ -54,13 +58,14 @@ AVX2 INLINE __m256 load_row(const char *a, int dt)
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* One step: columns [c, c + 8) of the rows w[] (byte offset off) and tokens x[]. */
-AVX2 INLINE void step(tile_acc acc, const char *const *w, size_t off, const float *const *x,
+/* One step: weight columns [wc, wc + 8) of the rows w[], activation columns [c, c + 8) of
+ * the tokens x[]. */
+AVX2 INLINE void step(tile_acc acc, const char *const *w, int64_t wc, const float *const *x,
                       int64_t c, int nt, int dt)
 {
     __m256 wv[RB];
     for (int r = 0; r < RB; r++)
-        wv[r] = load_row(w[r] + off, dt);
+        wv[r] = load_row(w[r], wc, dt);
     for (int t = 0; t < nt; t++) {
         __m256 xv = _mm256_loadu_ps(x[t] + c);
         for (int r = 0; r < RB; r++)
@@ -68,7 +73,6 @@ AVX2 INLINE void step(tile_acc acc, const char *const *w, size_t off, const floa
     }
 }
 
-#define TILE_TARGET AVX2
 #include "kernels/cpu/matmul_x86_tile.h"
 
 /* Reduces the tile and stores rows [0, nr) of its nt tokens; out points at (token 0, row 0). */
@@ -129,25 +133,28 @@ static AVX2 void stream_any(float *out, int64_t ld, const char *const *w, const 
     switch (dt) {
     case FERRY_DTYPE_F32: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_F32); break;
     case FERRY_DTYPE_F16: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_F16); break;
+    case FERRY_DTYPE_Q8: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_Q8); break;
+    case FERRY_DTYPE_Q4: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_Q4); break;
     default: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_BF16); break;
     }
 }
 
-/* Widens columns [0, m) of the rows w[] (pointing at the chunk's first column) into buf,
- * zero-padded to a multiple of 8 columns. */
-static AVX2 void widen_chunk(__m256 *buf, const char *const *w, int64_t m, ferry_dtype dt)
+/* Widens columns [c0, c0 + m) of the rows w[] into buf, zero-padded to a multiple of 8
+ * columns (a quantized row has whole groups: no padding). */
+static AVX2 void widen_chunk(__m256 *buf, const char *const *w, int64_t c0, int64_t m,
+                             ferry_dtype dt)
 {
-    size_t es = ferry_dtype_size(dt);
     int64_t c = 0;
     for (; c + 8 <= m; c += 8, buf += RB)
         for (int r = 0; r < RB; r++)
-            buf[r] = load_row(w[r] + (size_t)c * es, dt);
+            buf[r] = load_row(w[r], c0 + c, dt);
     if (c == m)
         return;
+    size_t es = ferry_dtype_size(dt);
     char wpad[RB][32] = {{0}};
     for (int r = 0; r < RB; r++) {
-        memcpy(wpad[r], w[r] + (size_t)c * es, (size_t)(m - c) * es);
-        buf[r] = load_row(wpad[r], dt);
+        memcpy(wpad[r], w[r] + (size_t)(c0 + c) * es, (size_t)(m - c) * es);
+        buf[r] = load_row(wpad[r], 0, dt);
     }
 }
 
@@ -155,13 +162,12 @@ AVX2 void ferry_cpu_matmul_avx2(float *out, const float *x, const ferry_weight *
                                 int64_t j0, int64_t j1)
 {
     int64_t cols = w->cols, rows = w->rows;
-    size_t es = ferry_dtype_size(w->dtype);
+    size_t row_bytes = ferry_dtype_row_bytes(w->dtype, cols);
     for (int64_t j = j0; j < j1; j += RB) {
         int nr = j1 - j < RB ? (int)(j1 - j) : RB;
         const char *wr[RB];
         for (int r = 0; r < RB; r++)
-            wr[r] =
-                (const char *)w->d_data + (size_t)(j + (r < nr ? r : nr - 1)) * (size_t)cols * es;
+            wr[r] = (const char *)w->d_data + (size_t)(j + (r < nr ? r : nr - 1)) * row_bytes;
         if (n <= TB) {
             const float *xr[TB];
             for (int t = 0; t < TB; t++)
@@ -179,10 +185,7 @@ AVX2 void ferry_cpu_matmul_avx2(float *out, const float *x, const ferry_weight *
             memset(saved, 0, (size_t)ng * RB * sizeof saved[0]);
             for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
                 int64_t m = cols - c0 < CHUNK ? cols - c0 : CHUNK;
-                const char *wc[RB];
-                for (int r = 0; r < RB; r++)
-                    wc[r] = wr[r] + (size_t)c0 * es;
-                widen_chunk(wide, wc, m, w->dtype);
+                widen_chunk(wide, wr, c0, m, w->dtype);
                 for (int32_t t = 0; t < ng; t += TB) {
                     int nt = ng - t < TB ? ng - t : TB;
                     const float *xr[TB];

@@ -46,11 +46,18 @@
 
 typedef __m512 tile_acc[RB / 2][TB];
 
-INLINE size_t col_bytes(int dt) { return dt == WIDE ? WIDE_COL_BYTES : ferry_dtype_size(dt); }
+#define TILE_TARGET AVX512
+#include "kernels/cpu/matmul_x86_quant.h"
 
-/* Rows a and b, 8 columns each, as floats [a | b]. */
-AVX512 INLINE __m512 load_pair(const char *a, const char *b, int dt)
+/* Columns c..c+7 of the rows starting at ra and rb, as floats [ra | rb]. */
+AVX512 INLINE __m512 load_pair(const char *ra, const char *rb, int64_t c, int dt)
 {
+    if (ferry_dtype_is_quant((ferry_dtype)dt)) {
+        __m256d lo = _mm256_castps_pd(load8_quant(ra, c, dt));
+        __m256d hi = _mm256_castps_pd(load8_quant(rb, c, dt));
+        return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(lo), hi, 1));
+    }
+    const char *a = ra + col_offset(dt, c), *b = rb + col_offset(dt, c);
     if (dt == WIDE)
         return _mm512_loadu_ps(a);
     if (dt == FERRY_DTYPE_F32) {
@@ -71,13 +78,14 @@ AVX512 INLINE __m512 broadcast8(const float *p)
     return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_loadu_ps(p))));
 }
 
-/* One step: columns [c, c + 8) of the rows w[] (byte offset off) and tokens x[]. */
-AVX512 INLINE void step(tile_acc acc, const char *const *w, size_t off, const float *const *x,
+/* One step: weight columns [wc, wc + 8) of the rows w[], activation columns [c, c + 8) of
+ * the tokens x[]. */
+AVX512 INLINE void step(tile_acc acc, const char *const *w, int64_t wc, const float *const *x,
                         int64_t c, int nt, int dt)
 {
     __m512 wv[RB / 2];
     for (int p = 0; p < RB / 2; p++)
-        wv[p] = load_pair(w[2 * p] + off, w[2 * p + 1] + off, dt);
+        wv[p] = load_pair(w[2 * p], w[2 * p + 1], wc, dt);
     for (int t = 0; t < nt; t++) {
         __m512 xv = broadcast8(x[t] + c);
         for (int p = 0; p < RB / 2; p++)
@@ -85,7 +93,6 @@ AVX512 INLINE void step(tile_acc acc, const char *const *w, size_t off, const fl
     }
 }
 
-#define TILE_TARGET AVX512
 #include "kernels/cpu/matmul_x86_tile.h"
 
 /* Reduces the tile and stores rows [0, nr) of its nt tokens; out points at (token 0, row 0). */
@@ -149,6 +156,8 @@ static AVX512 void stream_any(float *out, int64_t ld, const char *const *w, cons
     switch (dt) {
     case FERRY_DTYPE_F32: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_F32); break;
     case FERRY_DTYPE_F16: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_F16); break;
+    case FERRY_DTYPE_Q8: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_Q8); break;
+    case FERRY_DTYPE_Q4: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_Q4); break;
     default: BY_NT(nt, tile_stream, out, ld, w, x, cols, nr, FERRY_DTYPE_BF16); break;
     }
 }
@@ -159,29 +168,30 @@ static AVX512 void wide_any(__m512 *saved, const char *const *w, const float *co
     BY_NT(nt, tile_wide, saved, w, x, m);
 }
 
-/* Widens columns [0, m) of the rows w[] (pointing at the chunk's first column) into buf,
- * pair by pair, zero-padded to a multiple of 8 columns. */
-static AVX512 void widen_chunk(__m512 *buf, const char *const *w, int64_t m, ferry_dtype dt)
+/* Widens columns [c0, c0 + m) of the rows w[] into buf, pair by pair, zero-padded to a
+ * multiple of 8 columns (a quantized row has whole groups: no padding). */
+static AVX512 void widen_chunk(__m512 *buf, const char *const *w, int64_t c0, int64_t m,
+                               ferry_dtype dt)
 {
-    size_t es = ferry_dtype_size(dt);
     int64_t c = 0;
     for (; c + 8 <= m; c += 8, buf += RB / 2)
         for (int p = 0; p < RB / 2; p++)
-            buf[p] = load_pair(w[2 * p] + (size_t)c * es, w[2 * p + 1] + (size_t)c * es, dt);
+            buf[p] = load_pair(w[2 * p], w[2 * p + 1], c0 + c, dt);
     if (c == m)
         return;
+    size_t es = ferry_dtype_size(dt);
     char wpad[RB][32] = {{0}};
     for (int r = 0; r < RB; r++)
-        memcpy(wpad[r], w[r] + (size_t)c * es, (size_t)(m - c) * es);
+        memcpy(wpad[r], w[r] + (size_t)(c0 + c) * es, (size_t)(m - c) * es);
     for (int p = 0; p < RB / 2; p++)
-        buf[p] = load_pair(wpad[2 * p], wpad[2 * p + 1], dt);
+        buf[p] = load_pair(wpad[2 * p], wpad[2 * p + 1], 0, dt);
 }
 
 AVX512 void ferry_cpu_matmul_avx512(float *out, const float *x, const ferry_weight *w, int32_t n,
                                     int64_t j0, int64_t j1)
 {
     int64_t cols = w->cols, rows = w->rows;
-    size_t row_bytes = (size_t)cols * ferry_dtype_size(w->dtype);
+    size_t row_bytes = ferry_dtype_row_bytes(w->dtype, cols);
     for (int64_t j = j0; j < j1; j += RB) {
         int nr = j1 - j < RB ? (int)(j1 - j) : RB;
         const char *wr[RB];
@@ -204,10 +214,7 @@ AVX512 void ferry_cpu_matmul_avx512(float *out, const float *x, const ferry_weig
             memset(saved, 0, (size_t)ng * (RB / 2) * sizeof saved[0]);
             for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
                 int64_t m = cols - c0 < CHUNK ? cols - c0 : CHUNK;
-                const char *wc[RB];
-                for (int r = 0; r < RB; r++)
-                    wc[r] = wr[r] + (size_t)c0 * ferry_dtype_size(w->dtype);
-                widen_chunk(wide, wc, m, w->dtype);
+                widen_chunk(wide, wr, c0, m, w->dtype);
                 for (int32_t t = 0; t < ng; t += TB) {
                     int nt = ng - t < TB ? ng - t : TB;
                     const float *xr[TB];

@@ -5,10 +5,12 @@
  *   TILE_TARGET  the function attribute naming the instruction set
  *   INLINE, RB, TB, PF_BYTES, WIDE (the pseudo dtype of an already widened chunk)
  *   tile_acc     the tile's accumulators
- *   col_bytes(dt), step(acc, w, off, x, c, nt, dt): one 8-column step of the tile
- * accumulate walks the columns (prefetching streamed rows, zero-padding the last cols % 8,
- * which adds +0 to lanes that start at +0 and so changes no bit), reduce8 sums eight sets
- * of 8 lanes in the reference's pairwise order.
+ *   step(acc, w, wc, x, c, nt, dt): one 8-column step of the tile, weight columns
+ *                wc..wc+7 of the rows w[] and activation columns c..c+7 of the tokens x[]
+ * (and matmul_x86_quant.h's col_offset). accumulate walks the columns (prefetching streamed
+ * rows, zero-padding the last cols % 8, which adds +0 to lanes that start at +0 and so
+ * changes no bit; quantized rows have whole groups of 32 and never a tail), reduce8 sums
+ * eight sets of 8 lanes in the reference's pairwise order.
  */
 #ifndef FERRY_KERNELS_CPU_MATMUL_X86_TILE_H
 #define FERRY_KERNELS_CPU_MATMUL_X86_TILE_H
@@ -17,13 +19,16 @@
 TILE_TARGET INLINE void accumulate(tile_acc acc, const char *const *w, const float *const *x,
                                    int64_t m, int nt, int dt)
 {
-    size_t cb = col_bytes(dt);
+    /* one prefetch per 64 bytes of an element type's rows, one per group of a quantized one */
+    int64_t pf_cols = dt == WIDE                             ? 0
+                      : ferry_dtype_is_quant((ferry_dtype)dt) ? FERRY_QUANT_GROUP
+                                                             : 64 / (int64_t)col_offset(dt, 1);
     int64_t c = 0;
     for (; c + 8 <= m; c += 8) {
-        if (dt != WIDE && ((size_t)c * cb) % 64 == 0)
+        if (pf_cols && c % pf_cols == 0)
             for (int r = 0; r < RB; r++)
-                _mm_prefetch(w[r] + (size_t)c * cb + PF_BYTES, _MM_HINT_T0);
-        step(acc, w, (size_t)c * cb, x, c, nt, dt);
+                _mm_prefetch(w[r] + col_offset(dt, c) + PF_BYTES, _MM_HINT_T0);
+        step(acc, w, c, x, c, nt, dt);
     }
     if (c == m)
         return;
@@ -34,13 +39,13 @@ TILE_TARGET INLINE void accumulate(tile_acc acc, const char *const *w, const flo
         xp[t] = xpad[t];
     }
     if (dt == WIDE) { /* the chunk buffer is padded already */
-        step(acc, w, (size_t)c * cb, xp, 0, nt, dt);
+        step(acc, w, c, xp, 0, nt, dt);
         return;
     }
     char wpad[RB][32] = {{0}};
     const char *wp[RB];
     for (int r = 0; r < RB; r++) {
-        memcpy(wpad[r], w[r] + (size_t)c * cb, (size_t)(m - c) * cb);
+        memcpy(wpad[r], w[r] + col_offset(dt, c), (size_t)(m - c) * col_offset(dt, 1));
         wp[r] = wpad[r];
     }
     step(acc, wp, 0, xp, 0, nt, dt);
