@@ -48,7 +48,10 @@ static void usage_run(FILE *f)
             "                      experts that do not fit stay in the store and are cached\n"
             "                      in expert slots (default: everything resident)\n"
             "      --offload T     where experts live: ram (default) or nvme\n"
-            "      --pack FILE     the packed expert file for --offload nvme (ferry pack)\n"
+            "      --pack FILE     take the experts from this pack (ferry pack; a --quant\n"
+            "                      q8/q4 pack gives quantized experts), in every mode; the\n"
+            "                      file --offload nvme reads (default: written once into\n"
+            "                      ferry's cache folder)\n"
             "      --host-cache SIZE  RAM cache in front of the pack file (default 1G)\n"
             "      --reader R      NVMe reads: auto (default), uring or pread\n"
             "      --policy P      expert cache eviction: lru (default), lfu, layer-lru,\n"
@@ -106,8 +109,8 @@ static void usage(FILE *f)
                "\n"
                "commands:\n"
                "  run       generate text from a model (ferry run --help)\n"
-               "  pack      write the packed expert file of a model for --offload nvme\n"
-               "            (ferry pack MODEL_DIR OUT_FILE)\n"
+               "  pack      write the packed expert file of a model, optionally quantized\n"
+               "            (ferry pack MODEL_DIR OUT_FILE [--quant q8|q4])\n"
                "  synth     write a checkpoint of a real shape with random weights, for\n"
                "            benchmarks (ferry synth --help)\n"
                "  trace     write the routing trace of a text (ferry trace --help)\n"
@@ -506,19 +509,52 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
     free(ls);
 }
 
+static const char *const pack_usage = "usage: ferry pack MODEL_DIR OUT_FILE [--quant q8|q4]\n";
+
 static int cmd_pack(int argc, char **argv)
 {
     if (argc == 1 && (!strcmp(argv[0], "-h") || !strcmp(argv[0], "--help"))) {
-        printf("usage: ferry pack MODEL_DIR OUT_FILE\n\nWrites the packed expert file "
-               "(every expert's w1, w3, w2, 4 KiB aligned, with checksums) that --offload "
-               "nvme reads.\n");
+        printf("%s\nWrites the packed expert file (every expert's w1, w3, w2, 4 KiB aligned, "
+               "with checksums) that --pack FILE reads, in every mode and for --offload nvme.\n"
+               "\n"
+               "      --quant q8|q4   quantize the experts in groups of 32 weights: q8 an f16\n"
+               "                      scale and 32 int8 (8.5 bits per weight), q4 an f16 scale,\n"
+               "                      an f16 minimum and 32 x 4 bits (5 bits per weight).\n"
+               "                      Without it the experts keep the checkpoint's dtype.\n"
+               "                      The dense weights are not in the pack.\n",
+               pack_usage);
         return 0;
     }
-    if (argc != 2) {
-        fprintf(stderr, "usage: ferry pack MODEL_DIR OUT_FILE\n");
+    ferry_pack_params pp = ferry_pack_params_default();
+    const char *pos[2];
+    int n_pos = 0;
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--quant")) {
+            const char *val = i + 1 < argc ? argv[++i] : NULL;
+            if (val && !strcmp(val, "q8")) {
+                pp.format = FERRY_PACK_Q8;
+            } else if (val && !strcmp(val, "q4")) {
+                pp.format = FERRY_PACK_Q4;
+            } else {
+                fprintf(stderr, "ferry pack: --quant takes q8 or q4, not '%s'\n%s",
+                        val ? val : "(nothing)", pack_usage);
+                return 2;
+            }
+        } else if (argv[i][0] == '-' && argv[i][1]) {
+            fprintf(stderr, "ferry pack: unknown option '%s'\n%s", argv[i], pack_usage);
+            return 2;
+        } else if (n_pos < 2) {
+            pos[n_pos++] = argv[i];
+        } else {
+            fprintf(stderr, "ferry pack: unexpected argument '%s'\n%s", argv[i], pack_usage);
+            return 2;
+        }
+    }
+    if (n_pos != 2) {
+        fprintf(stderr, "%s", pack_usage);
         return 2;
     }
-    ferry_status st = ferry_pack_model(argv[0], argv[1]);
+    ferry_status st = ferry_pack_model(pos[0], pos[1], &pp);
     if (st) {
         fprintf(stderr, "ferry pack: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
         return 1;

@@ -248,7 +248,7 @@ static ferry_status measure_disk(const char *path, uint64_t n, ferry_bandwidths 
 
 static uint64_t weight_bytes(const ferry_weight *w)
 {
-    return (uint64_t)w->rows * (uint64_t)w->cols * ferry_dtype_size(w->dtype);
+    return (uint64_t)w->rows * ferry_dtype_row_bytes(w->dtype, w->cols);
 }
 
 /* Dense weight bytes one decode token reads: every layer's attention, norms and router,

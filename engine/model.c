@@ -14,11 +14,14 @@
  *   lm_head.weight                                                (vocab, hidden), absent when tied
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "core/error.h"
@@ -111,14 +114,13 @@ static ferry_status expert_source(void *user, int32_t layer, int32_t expert, con
     for (int k = 0; k < 3; k++) {
         parts[k] = w[k]->d_data;
         layout->dtype[k] = w[k]->dtype;
-        layout->part_bytes[k] = (size_t)(w[k]->rows * w[k]->cols) * ferry_dtype_size(w[k]->dtype);
+        layout->part_bytes[k] = (size_t)w[k]->rows * ferry_dtype_row_bytes(w[k]->dtype, w[k]->cols);
     }
     return FERRY_OK;
 }
 
-/* The pack writer's source when ferry packs a model it has open: its host expert tensors. */
-static ferry_status open_model_source(void *user, int32_t layer, int32_t expert, int32_t which,
-                                      const void **data, ferry_dtype *dtype)
+ferry_status ferry_model_pack_source(void *user, int32_t layer, int32_t expert, int32_t which,
+                                     const void **data, ferry_dtype *dtype)
 {
     const ferry_model *m = user;
     const ferry_expert_weights *X = &m->layers[layer].experts[expert];
@@ -178,7 +180,7 @@ static ferry_status default_pack(ferry_model *m, const char *dir)
                   path);
         ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
                                   m->cfg.intermediate_size};
-        ferry_status st = ferry_pack_write(path, &shape, open_model_source, NULL, m);
+        ferry_status st = ferry_pack_write(path, &shape, ferry_model_pack_source, NULL, m);
         if (st)
             return st;
     }
@@ -263,7 +265,7 @@ uint64_t ferry_model_expert_bytes(const ferry_model *m)
     const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
     uint64_t bytes = 0;
     for (int i = 0; i < 3; i++)
-        bytes += (uint64_t)w[i]->rows * (uint64_t)w[i]->cols * ferry_dtype_size(w[i]->dtype);
+        bytes += (uint64_t)w[i]->rows * ferry_dtype_row_bytes(w[i]->dtype, w[i]->cols);
     return bytes;
 }
 
@@ -400,6 +402,21 @@ static ferry_status keep_owned(ferry_model *m, void *ptr, int on_device)
 }
 
 
+/* A device copy of n_bytes at data, freed at close; *out is the copy. */
+static ferry_status upload_owned(ferry_model *m, const void *data, size_t n_bytes, void **out)
+{
+    void *copy;
+    TRY(m->be->ops->alloc(m->be, n_bytes, &copy));
+    ferry_status st = keep_owned(m, copy, 1);
+    if (st) {
+        m->be->ops->free(m->be, copy);
+        return st;
+    }
+    TRY(m->be->ops->upload(m->be, copy, data, n_bytes));
+    *out = copy;
+    return FERRY_OK;
+}
+
 /* Finds `name` with the given shape and binds it as a weight of rows x cols (a 1-D
  * tensor of d elements binds as 1 x d). Dense weights go to the device (in place when the
  * backend may use host memory); experts (on_host) stay in host memory, where the expert
@@ -427,16 +444,7 @@ static ferry_status bind_tensor(ferry_model *m, const char *name, int32_t n_dims
         data = copy;
     } else if (!on_host && (!m->be->map_host_weights || misaligned)) {
         void *copy;
-        st = m->be->ops->alloc(m->be, t->n_bytes, &copy);
-        if (st)
-            return ferry_fail_prefix(st, "tensor '%s'", name);
-        st = keep_owned(m, copy, 1);
-        if (st) {
-            m->be->ops->free(m->be, copy);
-            return st;
-        }
-        st = m->be->ops->upload(m->be, copy, data, t->n_bytes);
-        if (st)
+        if ((st = upload_owned(m, data, t->n_bytes, &copy)))
             return ferry_fail_prefix(st, "tensor '%s'", name);
         data = copy;
     }
@@ -452,6 +460,29 @@ static ferry_status bind(ferry_model *m, const char *name, int32_t n_dims, int64
                          ferry_weight *out)
 {
     return bind_tensor(m, name, n_dims, d0, d1, 0, out);
+}
+
+/* Binds expert e of layer l from the caller's pack: views into its mapping (copied to the
+ * device when experts do not stay on the host). */
+static ferry_status bind_pack_expert(ferry_model *m, int32_t l, int32_t e, ferry_expert_weights *X)
+{
+    const ferry_pack_entry *pe = ferry_pack_get(m->pack, l, e);
+    int64_t d = m->cfg.hidden_size, ff = m->cfg.intermediate_size;
+    ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
+    const char *p = (const char *)m->pack_map + pe->offset;
+    for (int k = 0; k < 3; k++) {
+        void *data = (void *)p;
+        ferry_status st;
+        if (!m->experts_on_host && (st = upload_owned(m, p, pe->part_bytes[k], &data)))
+            return ferry_fail_prefix(st, "%s: layer %d expert %d", m->pack_path, (int)l, (int)e);
+        *w[k] = (ferry_weight){.d_data = data,
+                               .dtype = pe->dtype[k],
+                               .rows = k == 2 ? d : ff,
+                               .cols = k == 2 ? ff : d};
+        m->n_params += d * ff;
+        p += pe->part_bytes[k];
+    }
+    return FERRY_OK;
 }
 
 static ferry_status bind_layer(ferry_model *m, int32_t l)
@@ -479,7 +510,10 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     L->experts = calloc((size_t)c->n_experts, sizeof *L->experts);
     if (!L->experts)
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory for layer %d's experts", (int)l);
-    for (int32_t e = 0; e < c->n_experts; e++) {
+    for (int32_t e = 0; e < c->n_experts && m->pack; e++)
+        if ((st = bind_pack_expert(m, l, e, &L->experts[e])))
+            return st;
+    for (int32_t e = 0; e < c->n_experts && !m->pack; e++) {
         char sfx[96];
         snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w1.weight", (int)e);
         BIND_AT(sfx, 2, ff, d, m->experts_on_host, &L->experts[e].w1);
@@ -490,6 +524,38 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     }
 #undef BIND
 #undef BIND_AT
+    return FERRY_OK;
+}
+
+/* --pack FILE: the experts come from the pack instead of the checkpoint. It is checked
+ * against the model's shape and mapped read-only; unless the NVMe tier reads it (and checks
+ * every read), every expert's checksum is checked here, once, so a corrupt pack fails at
+ * open and never computes. */
+static ferry_status open_user_pack(ferry_model *m)
+{
+    const ferry_config *c = &m->cfg;
+    ferry_pack_shape shape = {c->n_layers, c->n_experts, c->hidden_size, c->intermediate_size};
+    TRY(ferry_pack_open(m->pack_path, &shape, &m->pack));
+    int fd = open(m->pack_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot open: %s", m->pack_path, strerror(errno));
+    size_t n_bytes = (size_t)ferry_pack_file_bytes(m->pack);
+    void *map = mmap(NULL, n_bytes, PROT_READ, MAP_SHARED, fd, 0);
+    int err = errno;
+    close(fd);
+    if (map == MAP_FAILED)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot map %zu bytes: %s", m->pack_path, n_bytes,
+                          strerror(err));
+    m->pack_map = map;
+    m->pack_map_bytes = n_bytes;
+    if (m->params.gpu_mem_bytes > 0 && m->params.offload == FERRY_OFFLOAD_NVME)
+        return FERRY_OK;
+    madvise(map, n_bytes, MADV_SEQUENTIAL);
+    for (int32_t l = 0; l < c->n_layers; l++)
+        for (int32_t e = 0; e < c->n_experts; e++)
+            TRY(ferry_pack_verify(m->pack, l, e,
+                                  (const char *)map + ferry_pack_get(m->pack, l, e)->offset));
+    madvise(map, n_bytes, MADV_NORMAL);
     return FERRY_OK;
 }
 
@@ -624,6 +690,8 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     } else if ((st = bind(m, "lm_head.weight", 2, c->vocab_size, c->hidden_size, &m->lm_head))) {
         goto fail;
     }
+    if (m->pack_path && (st = open_user_pack(m)))
+        goto fail;
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     if (!m->layers) {
         st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for %d layers", (int)c->n_layers);
@@ -670,6 +738,9 @@ void ferry_model_close(ferry_model *m)
     if (m->h_pinned)
         m->be->ops->host_unregister(m->be, m->h_pinned);
     ferry_store_destroy(m->store);
+    if (m->pack_map)
+        munmap(m->pack_map, m->pack_map_bytes);
+    ferry_pack_close(m->pack);
     ferry_routing_stats_free(m->route_stats);
     free(m->gates);
     free(m->ffn_norms);
@@ -739,24 +810,3 @@ ferry_status ferry_detokenize(const ferry_model *m, const int32_t *ids, int32_t 
     return ferry_tokenizer_decode(m->tok, ids, n, skip_special, text, cap, len_out);
 }
 
-/* ---- ferry pack ---------------------------------------------------------------------- */
-
-ferry_status ferry_pack_model(const char *model_dir, const char *out_path)
-{
-    if (!model_dir || !out_path)
-        return ferry_fail(FERRY_ERR_INVALID, "ferry_pack_model: NULL argument");
-    /* open the whole model, so every shape is checked against config.json first; on the
-     * CPU backend, which reads the experts where the checkpoint is mapped */
-    ferry_model *m;
-    ferry_model_params mp = ferry_model_params_default();
-    mp.backend = FERRY_BACKEND_CPU;
-    mp.n_threads = 1;
-    ferry_status st = ferry_model_open(model_dir, &mp, &m);
-    if (st)
-        return st;
-    ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
-                              m->cfg.intermediate_size};
-    st = ferry_pack_write(out_path, &shape, open_model_source, NULL, m);
-    ferry_model_close(m);
-    return st;
-}

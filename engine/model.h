@@ -20,6 +20,7 @@
 #include "kernels/backend.h"
 #include "moe/hybrid.h"
 #include "offload/cache.h"
+#include "offload/pack.h"
 #include "offload/prefetch.h"
 #include "offload/store.h"
 #include "predictor/predictor.h"
@@ -69,6 +70,11 @@ struct ferry_model {
      * cache and prefetch pipeline when the first context has taken its share of the budget. */
     ferry_model_params params;
     char *pack_path;          /* owned copy of params.pack_path */
+    /* The caller's pack (params.pack_path given): the experts are bound from it, not from
+     * the checkpoint (a quantized pack gives quantized experts). Mapped read-only. */
+    ferry_pack *pack;
+    void *pack_map;
+    size_t pack_map_bytes;
     ferry_store *store;
     void *h_pinned;           /* the store's host memory, when the backend pinned it */
     int experts_on_host;      /* experts stay in host memory (the store's source, or used in
@@ -120,7 +126,13 @@ ferry_status ferry_model_expert_host(ferry_model *m, int32_t layer, int32_t e,
                                      ferry_expert_weights *out);
 void ferry_model_expert_host_done(ferry_model *m, int32_t layer, int32_t e);
 
-/* Bytes of one expert's weights (w1, w3, w2) as the checkpoint stores them. */
+/* A ferry_pack_source_fn (offload/pack.h) over an open model (user): its experts' host
+ * tensors as they are. */
+ferry_status ferry_model_pack_source(void *user, int32_t layer, int32_t expert, int32_t which,
+                                     const void **data, ferry_dtype *dtype);
+
+/* Bytes of one expert's weights (w1, w3, w2) as the model holds them (the checkpoint's, or
+ * the pack's). */
 uint64_t ferry_model_expert_bytes(const ferry_model *m);
 
 /* Builds the expert slots, cache and prefetch pipeline from what is left of the device

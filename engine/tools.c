@@ -1,7 +1,7 @@
 /*
  * engine/tools.c: routing traces of text, fitting and evaluating routing predictors, and
- * perplexity (the library side of `ferry trace`, `ferry sim`, `ferry predictor fit|eval`
- * and `ferry perplexity`).
+ * perplexity, and the packed expert file, quantized or not (the library side of `ferry
+ * trace`, `ferry sim`, `ferry predictor fit|eval`, `ferry perplexity` and `ferry pack`).
  *
  * Text is tokenized once, without BOS, and cut into sequences of seq_len - 1 tokens, each
  * run with BOS in front on an empty KV cache, in one forward per sequence with an observer
@@ -15,8 +15,12 @@
 
 #include "core/clock.h"
 #include "core/error.h"
+#include "core/pool.h"
 #include "engine/context.h"
 #include "engine/sim.h"
+#include "kernels/cpu/cpu_kernels.h"
+#include "kernels/quant.h"
+#include "offload/topology.h"
 #include "predictor/predictor.h"
 #include "predictor/trace.h"
 
@@ -116,7 +120,8 @@ static ferry_status run_sequences(ferry_model *m, const char *text, size_t len, 
         st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for a sequence of %d tokens", (int)seq_len);
         goto done;
     }
-    ferry_observer obs = {record_route, with_hidden ? record_hidden : NULL, &r};
+    ferry_observer obs = {
+        .on_route = record_route, .on_hidden = with_hidden ? record_hidden : NULL, .user = &r};
     ferry_context_set_observer(c, &obs);
     int32_t bos = m->cfg.bos_id >= 0 ? m->cfg.bos_id : ferry_tokenizer_bos_id(m->tok);
     for (int32_t i = 0; i < n_ids; i += seq_len - 1) {
@@ -557,5 +562,134 @@ done:
     free(logits);
     free(seq);
     free(ids);
+    return st;
+}
+
+/* ---- ferry pack ---------------------------------------------------------------------- */
+
+/* The pack writer's source for a quantized pack: each matrix of the open model widened to
+ * float32 and quantized row by row, the rows spread over a thread pool (every row is
+ * quantized alone, so the bytes do not depend on the thread count). */
+#define QUANT_ROWS_PER_TASK 64
+
+typedef struct {
+    const ferry_model *m;
+    ferry_dtype quant; /* FERRY_DTYPE_Q8 or FERRY_DTYPE_Q4 */
+    ferry_pool *pool;
+    uint8_t *buf;      /* the part being handed out */
+    size_t cap;
+    const ferry_weight *w; /* the part being quantized */
+    int64_t *task_bad;     /* per task: the first row that failed, -2 out of memory, -1 none */
+} quant_source;
+
+static void quant_task(void *arg, int32_t task)
+{
+    quant_source *q = arg;
+    const ferry_weight *w = q->w;
+    size_t rb = ferry_dtype_row_bytes(q->quant, w->cols);
+    int64_t r0 = (int64_t)task * QUANT_ROWS_PER_TASK;
+    int64_t r1 = r0 + QUANT_ROWS_PER_TASK < w->rows ? r0 + QUANT_ROWS_PER_TASK : w->rows;
+    float *row = malloc((size_t)w->cols * sizeof(float));
+    q->task_bad[task] = row ? -1 : -2;
+    for (int64_t r = r0; row && r < r1; r++) {
+        ferry_cpu_widen(row, w, r, 0, w->cols);
+        if (ferry_quantize_row(q->quant, row, w->cols, q->buf + (size_t)r * rb) != FERRY_OK) {
+            q->task_bad[task] = r;
+            break;
+        }
+    }
+    free(row);
+}
+
+static ferry_status quant_model_source(void *user, int32_t layer, int32_t expert, int32_t which,
+                                       const void **data, ferry_dtype *dtype)
+{
+    quant_source *q = user;
+    const ferry_expert_weights *X = &q->m->layers[layer].experts[expert];
+    const ferry_weight *w = which == FERRY_PACK_W1 ? &X->w1 : which == FERRY_PACK_W3 ? &X->w3 : &X->w2;
+    size_t n_bytes = (size_t)w->rows * ferry_dtype_row_bytes(q->quant, w->cols);
+    if (n_bytes > q->cap) {
+        free(q->buf);
+        q->buf = malloc(n_bytes);
+        q->cap = q->buf ? n_bytes : 0;
+        if (!q->buf)
+            return ferry_fail(FERRY_ERR_NOMEM, "no memory for %zu bytes of quantized weights",
+                              n_bytes);
+    }
+    q->w = w;
+    int32_t n_tasks = (int32_t)((w->rows + QUANT_ROWS_PER_TASK - 1) / QUANT_ROWS_PER_TASK);
+    ferry_pool_run(q->pool, n_tasks, quant_task, q);
+    for (int32_t t = 0; t < n_tasks; t++) {
+        if (q->task_bad[t] == -2)
+            return ferry_fail(FERRY_ERR_NOMEM, "no memory to quantize a row");
+        if (q->task_bad[t] >= 0) { /* again on this thread, for the message */
+            float *row = malloc((size_t)w->cols * sizeof(float));
+            if (!row)
+                return ferry_fail(FERRY_ERR_NOMEM, "no memory to quantize a row");
+            ferry_cpu_widen(row, w, q->task_bad[t], 0, w->cols);
+            ferry_status st = ferry_quantize_row(q->quant, row, w->cols, q->buf);
+            free(row);
+            return ferry_fail_prefix(st ? st : FERRY_ERR_INVALID, "row %lld",
+                                     (long long)q->task_bad[t]);
+        }
+    }
+    *data = q->buf;
+    *dtype = q->quant;
+    return FERRY_OK;
+}
+
+ferry_pack_params ferry_pack_params_default(void)
+{
+    return (ferry_pack_params){.format = FERRY_PACK_AS_STORED};
+}
+
+ferry_status ferry_pack_model(const char *model_dir, const char *out_path,
+                              const ferry_pack_params *params)
+{
+    ferry_pack_params defaults = ferry_pack_params_default();
+    const ferry_pack_params *p = params ? params : &defaults;
+    if (!model_dir || !out_path)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_pack_model: NULL argument");
+    if (p->format != FERRY_PACK_AS_STORED && p->format != FERRY_PACK_Q8 &&
+        p->format != FERRY_PACK_Q4)
+        return ferry_fail(FERRY_ERR_INVALID, "pack format %d is not as-stored (0), q8 (1) or q4 "
+                          "(2)", (int)p->format);
+    /* open the whole model, so every shape is checked against config.json first; on the
+     * CPU backend, which reads the experts where the checkpoint is mapped */
+    ferry_model *m;
+    ferry_model_params mp = ferry_model_params_default();
+    mp.backend = FERRY_BACKEND_CPU;
+    mp.n_threads = 1;
+    ferry_status st = ferry_model_open(model_dir, &mp, &m);
+    if (st)
+        return st;
+    ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
+                              m->cfg.intermediate_size};
+    if (p->format == FERRY_PACK_AS_STORED) {
+        st = ferry_pack_write(out_path, &shape, ferry_model_pack_source, NULL, m);
+        ferry_model_close(m);
+        return st;
+    }
+    quant_source q = {.m = m, .quant = p->format == FERRY_PACK_Q8 ? FERRY_DTYPE_Q8 : FERRY_DTYPE_Q4};
+    if (shape.d_model % FERRY_QUANT_GROUP || shape.d_ff % FERRY_QUANT_GROUP) {
+        st = ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: hidden_size %d and intermediate_size %d must "
+                        "be multiples of %d to quantize the experts in groups of %d", model_dir,
+                        (int)shape.d_model, (int)shape.d_ff, FERRY_QUANT_GROUP, FERRY_QUANT_GROUP);
+        goto done;
+    }
+    int64_t most_rows = shape.d_model > shape.d_ff ? shape.d_model : shape.d_ff;
+    q.task_bad = malloc((size_t)(most_rows / QUANT_ROWS_PER_TASK + 1) * sizeof *q.task_bad);
+    if (!q.task_bad) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    if ((st = ferry_pool_create(ferry_topology_default_threads(), &q.pool)))
+        goto done;
+    st = ferry_pack_write(out_path, &shape, quant_model_source, NULL, &q);
+done:
+    ferry_pool_destroy(q.pool);
+    free(q.task_bad);
+    free(q.buf);
+    ferry_model_close(m);
     return st;
 }

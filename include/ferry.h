@@ -123,8 +123,13 @@ typedef struct {
      * becomes expert slots, a cache in front of the expert store. */
     uint64_t gpu_mem_bytes;
     int32_t offload;           /* ferry_offload_tier: where experts live */
-    const char *pack_path;     /* FERRY_OFFLOAD_NVME: the file written by ferry_pack_model;
-                                  NULL: ferry writes one into its cache folder
+    const char *pack_path;     /* a file written by ferry_pack_model: the experts come from
+                                  it instead of the checkpoint, in every mode (a q8 or q4
+                                  pack gives quantized experts, computed by kernels that
+                                  dequantize as they read); checked against the model's
+                                  shape and, unless the NVMe tier reads it, every expert's
+                                  checksum at open. FERRY_OFFLOAD_NVME reads it from disk;
+                                  NULL there: ferry writes one into its cache folder
                                   ($FERRY_CACHE_DIR, else $XDG_CACHE_HOME/ferry, else
                                   ~/.cache/ferry) when it is missing or older than the
                                   checkpoint, and logs that it does */
@@ -157,11 +162,31 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
 /* Frees the model. NULL-safe. Every context of the model must be freed first. */
 void ferry_model_close(ferry_model *m);
 
+/* How ferry_pack_model stores the expert weights. */
+typedef enum {
+    FERRY_PACK_AS_STORED = 0, /* the checkpoint's own dtype, bit for bit */
+    FERRY_PACK_Q8 = 1,        /* groups of 32: f16 scale + 32 int8 (8.5 bits per weight) */
+    FERRY_PACK_Q4 = 2         /* groups of 32: f16 scale + f16 minimum + 32 x 4 bits (5 bits) */
+} ferry_pack_format;
+
+typedef struct {
+    int32_t format; /* ferry_pack_format */
+} ferry_pack_params;
+
+ferry_pack_params ferry_pack_params_default(void);
+
 /* Writes the packed expert file of the checkpoint in model_dir to out_path (atomically):
- * a header with the model's shape and each expert's offset, size and checksum, then every
- * expert's w1, w3, w2 contiguous and 4 KiB aligned, for the NVMe tier. Returns the codes
- * of ferry_model_open, and FERRY_ERR_IO when out_path cannot be written. */
-ferry_status ferry_pack_model(const char *model_dir, const char *out_path);
+ * a header with the model's shape and each expert's offset, size, dtypes and checksum,
+ * then every expert's w1, w3, w2 contiguous and 4 KiB aligned, in p's format (Q8 and Q4
+ * quantize each row's groups of 32 weights with their own scales, using every core; the
+ * dense weights are not in the pack and stay as the checkpoint has them). p NULL: the
+ * defaults (as stored). The pack serves ferry_model_params.pack_path. Returns the codes of
+ * ferry_model_open, FERRY_ERR_IO when out_path cannot be written, FERRY_ERR_INVALID (an
+ * unknown format; a weight that is not finite: naming layer, expert, matrix, row and
+ * column), FERRY_ERR_UNSUPPORTED (quantizing a model whose hidden or
+ * intermediate size is not a multiple of 32). */
+ferry_status ferry_pack_model(const char *model_dir, const char *out_path,
+                              const ferry_pack_params *p);
 
 /* ---- synthetic checkpoints ------------------------------------------------------ */
 

@@ -4,7 +4,8 @@
  * The file (integers little-endian):
  *   [0, 4096)  the fixed header
  *        0   8  magic "FERRYPK1"
- *        8   4  u32 format version (1)
+ *        8   4  u32 format version: 2 (written), 1 (read too: the same layout, without the
+ *               quantized dtypes)
  *       12   4  u32 header region bytes H: 4096 + 32 x n_layers x n_experts, rounded up to
  *               a multiple of 4096
  *       16   4  u32 n_layers
@@ -20,10 +21,13 @@
  *        0   8  u64 offset of the expert's first byte (a multiple of 4096, >= H)
  *        8   8  u64 n_bytes = bytes of w1 + w3 + w2
  *       16   8  u64 XXH3-64 of those n_bytes
- *       24   3  u8 ferry_dtype of w1, w3, w2 (F32 0, F16 1, BF16 2)
+ *       24   3  u8 ferry_dtype of w1, w3, w2 (F32 0, F16 1, BF16 2; version 2 also Q8 3
+ *               and Q4 4, the group-wise formats of kernels/quant.h, which need d_model
+ *               and d_ff to be multiples of 32)
  *       27   5  zero
  *   [H, end)   the experts in table order, each w1 (d_ff x d_model), w3 (d_ff x d_model),
- *              w2 (d_model x d_ff), row-major and contiguous; each expert starts at the next
+ *              w2 (d_model x d_ff), row-major and contiguous (a quantized matrix is its rows of
+ *              groups back to back, kernels/quant.h); each expert starts at the next
  *              multiple of 4096 after the previous one ends (the gap is zeros); the last
  *              expert is not padded, so the file may end off a 4096 boundary.
  *
@@ -90,10 +94,25 @@ static uint64_t header_checksum(uint8_t *header, uint64_t header_bytes)
     return h;
 }
 
-/* Bytes of one part: w1 and w3 are (d_ff, d_model), w2 (d_model, d_ff); same count. */
-static uint64_t part_bytes(const ferry_pack_shape *s, ferry_dtype t)
+/* Bytes of one part: w1 and w3 are (d_ff, d_model), w2 (d_model, d_ff). */
+static uint64_t part_bytes(const ferry_pack_shape *s, int32_t which, ferry_dtype t)
 {
-    return (uint64_t)s->d_ff * (uint64_t)s->d_model * ferry_dtype_size(t);
+    int64_t rows = which == FERRY_PACK_W2 ? s->d_model : s->d_ff;
+    int64_t cols = which == FERRY_PACK_W2 ? s->d_ff : s->d_model;
+    return (uint64_t)rows * (uint64_t)ferry_dtype_row_bytes(t, cols);
+}
+
+/* Why a part of this dtype cannot be stored for this shape, or NULL when it can. */
+static const char *dtype_problem(const ferry_pack_shape *s, uint32_t dt, uint32_t version)
+{
+    if (dt >= FERRY_DTYPE_COUNT)
+        return "is unknown";
+    if (ferry_dtype_is_quant((ferry_dtype)dt) && version < 2)
+        return "is quantized, which pack format version 1 does not hold";
+    if (ferry_dtype_is_quant((ferry_dtype)dt) &&
+        (s->d_model % FERRY_QUANT_GROUP || s->d_ff % FERRY_QUANT_GROUP))
+        return "is quantized in groups of 32, which d_model and d_ff must be multiples of";
+    return NULL;
 }
 
 /* Which field of the shape is out of range, or NULL when it is fine. */
@@ -183,13 +202,14 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
                                       part_names[w]);
                     goto fail;
                 }
-                if ((unsigned)dt >= FERRY_DTYPE_COUNT || !data) {
-                    st = ferry_fail(FERRY_ERR_INVALID, "%s: layer %d expert %d %s: the source "
-                                    "gave %s", path, l, e, part_names[w],
-                                    data ? "an unknown dtype" : "no data");
+                const char *why = dtype_problem(shape, (uint32_t)dt, FERRY_PACK_VERSION);
+                if (why || !data) {
+                    st = ferry_fail(FERRY_ERR_INVALID, "%s: layer %d expert %d %s: %s%s", path,
+                                    l, e, part_names[w], data ? "the source's dtype " : "the "
+                                    "source gave no data", data ? why : "");
                     goto fail;
                 }
-                uint64_t n = part_bytes(shape, dt);
+                uint64_t n = part_bytes(shape, w, dt);
                 st = ferry_pwrite_all(fd, tmp, data, n, pos);
                 if (st != FERRY_OK)
                     goto fail;
@@ -298,7 +318,8 @@ static ferry_status check_expected(const char *path, const ferry_pack_shape *got
 }
 
 /* Decodes and checks the table; fills p->entries and p->max_expert_bytes. */
-static ferry_status parse_table(ferry_pack *p, const uint8_t *header, uint64_t header_bytes)
+static ferry_status parse_table(ferry_pack *p, const uint8_t *header, uint64_t header_bytes,
+                                uint32_t version)
 {
     const ferry_pack_shape *s = &p->shape;
     uint64_t prev_end = header_bytes;
@@ -312,11 +333,12 @@ static ferry_status parse_table(ferry_pack *p, const uint8_t *header, uint64_t h
             pe->checksum = ferry_get_u64(ent + 16);
             uint64_t want = 0;
             for (int w = 0; w < FERRY_PACK_N_PARTS; w++) {
-                if (ent[24 + w] >= FERRY_DTYPE_COUNT)
-                    return ferry_fail(FERRY_ERR_FORMAT, "%s: layer %d expert %d: %s dtype %u is "
-                                      "unknown", p->path, l, e, part_names[w], ent[24 + w]);
+                const char *why = dtype_problem(s, ent[24 + w], version);
+                if (why)
+                    return ferry_fail(FERRY_ERR_FORMAT, "%s: layer %d expert %d: %s dtype %u %s",
+                                      p->path, l, e, part_names[w], ent[24 + w], why);
                 pe->dtype[w] = (ferry_dtype)ent[24 + w];
-                pe->part_bytes[w] = part_bytes(s, pe->dtype[w]);
+                pe->part_bytes[w] = part_bytes(s, w, pe->dtype[w]);
                 want += pe->part_bytes[w];
             }
             if (pe->n_bytes != want)
@@ -405,9 +427,9 @@ ferry_status ferry_pack_open(const char *path, const ferry_pack_shape *expect, f
         goto fail;
     }
     uint32_t version = ferry_get_u32(fixed + 8);
-    if (version != FERRY_PACK_VERSION) {
-        st = ferry_fail(FERRY_ERR_FORMAT, "%s: pack format version %u, this build reads %d", path,
-                        version, FERRY_PACK_VERSION);
+    if (version < 1 || version > FERRY_PACK_VERSION) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: pack format version %u, this build reads 1 to %d",
+                        path, version, FERRY_PACK_VERSION);
         goto fail;
     }
     const uint64_t header_bytes = ferry_get_u32(fixed + 12);
@@ -473,7 +495,7 @@ ferry_status ferry_pack_open(const char *path, const ferry_pack_shape *expect, f
                         (unsigned long long)(n_layers * n_experts));
         goto fail;
     }
-    if ((st = parse_table(p, header, header_bytes)) != FERRY_OK)
+    if ((st = parse_table(p, header, header_bytes, version)) != FERRY_OK)
         goto fail;
     if (size < p->file_bytes) {
         st = report_truncation(p, size);

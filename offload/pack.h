@@ -6,7 +6,8 @@
  * The layout is spelled out in pack.c. The writer pulls the matrices from a callback and
  * writes the file atomically; the reader side (ferry_pack_open) validates the whole
  * header before any entry is handed out, so an entry of an open pack always lies inside
- * the file, 4096-aligned, with a size that matches its dtypes and the model's shape. An
+ * the file, 4096-aligned, with a size that matches its dtypes (which may be the quantized
+ * Q8 and Q4 of kernels/quant.h) and the model's shape. An
  * open pack is immutable: every query is thread-safe. Reading the bytes is the job of
  * offload/reader.h.
  */
@@ -19,7 +20,7 @@
 #include "ferry.h"
 #include "kernels/dtype.h"
 
-#define FERRY_PACK_VERSION 1
+#define FERRY_PACK_VERSION 2 /* written; versions 1 and 2 are read */
 #define FERRY_PACK_ALIGN 4096 /* header region and every expert start are multiples */
 
 /* The model shape a pack is written for and checked against. */
@@ -45,7 +46,8 @@ typedef struct {
 
 /* Hands the writer one matrix of one expert: which is FERRY_PACK_W1, _W3 or _W2. On
  * success writes a pointer to the row-major elements to *data (w1 and w3 hold d_ff x
- * d_model elements, w2 d_model x d_ff) and their type to *dtype; the data is borrowed and
+ * d_model elements, w2 d_model x d_ff; quantized: those rows as groups, kernels/quant.h)
+ * and their type to *dtype; the data is borrowed and
  * must stay valid until the callback is called again or ferry_pack_write returns. A
  * failure returns its status with the message set through ferry_fail; the writer adds the
  * layer, expert and part. Called from the writing thread only, in file order. */
@@ -62,7 +64,8 @@ typedef void (*ferry_pack_progress_fn)(void *user, int32_t n_done, int32_t n_tot
  * interrupted or failed write never leaves a file at path that looks valid (a previous
  * file at path stays as it was) and a failed write removes the .tmp. progress may be
  * NULL; user goes to both callbacks. Returns FERRY_ERR_INVALID (NULL arguments, a shape
- * out of range, a dtype the callback gives that ferry does not know), FERRY_ERR_IO
+ * out of range, a dtype the callback gives that ferry does not know or a quantized one
+ * for dimensions that are not multiples of 32), FERRY_ERR_IO
  * (create, write, fsync or rename failed: the message names the path and strerror),
  * FERRY_ERR_NOMEM, or the callback's status with "<path>: layer L expert E w2: " put in
  * front of its message. Thread-safe (shares nothing between calls). */
@@ -74,7 +77,7 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
 typedef struct ferry_pack ferry_pack;
 
 /* Opens path and validates it: the magic, the format version ("<path>: pack format version
- * 7, this build reads 1"), the header's size and checksum (a corrupt table is caught
+ * 7, this build reads 1 to 2"), the header's size and checksum (a corrupt table is caught
  * here), the shape against *expect when expect is not NULL ("<path>: pack holds d_ff 384,
  * the model has 385 (a pack of another model?)"), and every entry: dtypes known, size
  * equal to what the dtypes and the shape imply, 4096-aligned, after the header, in order

@@ -173,7 +173,7 @@ START_TEST(test_batch_shapes_and_offload_give_the_same_tokens)
             if (cases[ci].nvme) {
                 tu_scratch_dir(pack, "batch");
                 strcat(pack, "/tiny.pack");
-                ck_assert_int_eq(ferry_pack_model(MODEL_DIR, pack), FERRY_OK);
+                ck_assert_int_eq(ferry_pack_model(MODEL_DIR, pack, NULL), FERRY_OK);
                 mp.offload = FERRY_OFFLOAD_NVME;
                 mp.pack_path = pack;
             }

@@ -304,7 +304,7 @@ START_TEST(test_hybrid_cpu_failure_comes_back_with_its_message)
     char dir[512], pack[600];
     tu_scratch_dir(dir, "hybrid");
     snprintf(pack, sizeof pack, "%s/tiny.pack", dir);
-    ck_assert_msg(ferry_pack_model(MODEL_DIR, pack) == FERRY_OK, "%s", ferry_last_error());
+    ck_assert_msg(ferry_pack_model(MODEL_DIR, pack, NULL) == FERRY_OK, "%s", ferry_last_error());
     size_t len;
     char *bytes = tu_read_file(pack, &len);
     long stride = (430080 + 4095) / 4096 * 4096;

@@ -127,7 +127,7 @@ START_TEST(test_model_prefill_matches_reference)
         ck_assert(r.experts && r.router && r.hidden && logits);
 
         ferry_context *c = new_context(0);
-        ferry_observer obs = {on_route, on_hidden, &r};
+        ferry_observer obs = {.on_route = on_route, .on_hidden = on_hidden, .user = &r};
         ferry_context_set_observer(c, &obs);
         ck_assert_msg(ferry_context_forward(c, ids, n, logits, NULL) == FERRY_OK, "%s",
                       ferry_last_error());

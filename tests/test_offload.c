@@ -124,7 +124,7 @@ static void setup(void)
     char dir[512];
     tu_scratch_dir(dir, "offload");
     snprintf(g_pack, sizeof g_pack, "%.400s/tiny.pack", dir);
-    ck_assert_msg(ferry_pack_model(MODEL_DIR, g_pack) == FERRY_OK, "%s", ferry_last_error());
+    ck_assert_msg(ferry_pack_model(MODEL_DIR, g_pack, NULL) == FERRY_OK, "%s", ferry_last_error());
 }
 
 static void teardown(void)

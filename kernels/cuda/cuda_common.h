@@ -28,7 +28,8 @@ extern "C" {
  * of this many entries: no staging copy, no device scratch. */
 #define FERRY_CUDA_IDX_CHUNK 512
 /* Matmuls of at most this many rows run in the backend's own float32 GEMV kernel (weights
- * read once, activations kept in float32); more rows go to cuBLAS. */
+ * read once, activations kept in float32); more rows go to cuBLAS, or for Q8/Q4 weights to
+ * the backend's tiled kernel. */
 #define FERRY_CUDA_GEMV_MAX_ROWS 8
 /* Workspaces beside the device budget: cuBLAS's, and the half-precision copy of the
  * activations that cuBLAS multiplies with half-precision weights. */
@@ -96,7 +97,8 @@ ferry_status ferry_cublas_status(cublasStatus_t e, const char *what, const char 
 /* The status of the kernel launch just made. */
 #define CUDA_LAUNCHED() CUDA_TRY(cudaGetLastError())
 
-/* Element i of a weight of the given dtype (ferry_dtype), widened to float32. */
+/* Element i of a weight of the given element dtype (f32, f16, bf16), widened to float32.
+ * Quantized weights have no element i on its own: only matmul_cuda.cu reads them. */
 __device__ __forceinline__ float cuda_weight_at(const void *w, int dtype, size_t i)
 {
     if (dtype == FERRY_DTYPE_F32)

@@ -5,6 +5,9 @@
  * combine over j). Not bit-identical to the CPU: nvcc fuses multiply-adds, and rmsnorm sums
  * in float where the CPU sums in double; the tests hold the ops to 1e-5 relative.
  *
+ * The weights of embedding and rmsnorm are f32, f16 or bf16; a quantized one (Q8, Q4) is
+ * refused with FERRY_ERR_UNSUPPORTED, as the CPU backend refuses it.
+ *
  * Every launcher checks its arguments as the CPU backend does, returns at once when there
  * is no work (an empty grid is a launch error), launches on the compute stream and returns
  * the launch status. Host index arrays are passed by value as kernel arguments in chunks of
@@ -62,11 +65,17 @@ __device__ float block_sum(float v)
     return total;
 }
 
+/* A weight these ops can read: an element type. Quantized weights serve matmuls only
+ * (matmul_cuda.cu), as on the CPU backend, whose message this is. */
 static ferry_status check_weight(const ferry_weight *w, const char *op)
 {
     if (!w || !w->d_data || w->rows <= 0 || w->cols <= 0 || (int)w->dtype < 0 ||
         w->dtype >= FERRY_DTYPE_COUNT)
         return ferry_fail(FERRY_ERR_INVALID, "%s: invalid weight", op);
+    if (ferry_dtype_is_quant(w->dtype))
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: %s weight of %lld columns (quantized "
+                          "weights serve matmuls of a multiple of %d columns)", op,
+                          ferry_dtype_name(w->dtype), (long long)w->cols, FERRY_QUANT_GROUP);
     return FERRY_OK;
 }
 
