@@ -1321,8 +1321,8 @@ static int cmd_batch(int argc, char **argv)
         usage_batch(stderr);
         return 2;
     }
-    if (mp.gpu_mem_bytes == 0 && (mp.offload != FERRY_OFFLOAD_RAM || mp.pack_path)) {
-        fprintf(stderr, "ferry batch: --offload and --pack need a device budget (--gpu-mem "
+    if (mp.gpu_mem_bytes == 0 && mp.offload != FERRY_OFFLOAD_RAM) {
+        fprintf(stderr, "ferry batch: --offload needs a device budget (--gpu-mem "
                         "SIZE)\n");
         return 2;
     }
@@ -1531,8 +1531,8 @@ static int cmd_run(int argc, char **argv)
     ferry_status st;
     rc = 1;
 
-    if (mp.gpu_mem_bytes == 0 && (mp.offload != FERRY_OFFLOAD_RAM || mp.pack_path)) {
-        fprintf(stderr, "ferry run: --offload and --pack need a device budget (--gpu-mem SIZE)\n");
+    if (mp.gpu_mem_bytes == 0 && mp.offload != FERRY_OFFLOAD_RAM) {
+        fprintf(stderr, "ferry run: --offload needs a device budget (--gpu-mem SIZE)\n");
         rc = 2;
         goto done;
     }

@@ -120,6 +120,45 @@ class CliTest(unittest.TestCase):
                     self.assertRegex(err, r"nvme tier \((io_uring|pread)\)")
                     self.assertNotIn(" 0.0 MiB read from disk", err)
 
+    def test_quantized_packs(self):
+        heldout = os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            text = os.path.join(tmp, "in.txt")
+            with open(heldout) as f, open(text, "w") as g:
+                g.write(f.read()[:3000])
+            sizes, ppl = {}, {}
+            for quant in (None, "q8", "q4"):
+                pack = os.path.join(tmp, "%s.pack" % quant)
+                p = ferry("pack", MODEL, pack, *(["--quant", quant] if quant else []))
+                self.assertEqual(p.stdout, b"")
+                sizes[quant] = os.path.getsize(pack)
+                base = ["perplexity", MODEL, "--text", text, "--window", "256", "--pack", pack]
+                runs = [ferry(*base, *extra).stdout.decode()
+                        for extra in ([], ["--gpu-mem", "20M", "--hybrid", "off"],
+                                      ["--hybrid", "cpu-experts"])]
+                self.assertEqual(len({r.split(", ")[0] for r in runs}), 1, runs)  # lossless
+                ppl[quant] = float(re.search(r"perplexity: ([0-9.]+)", runs[0]).group(1))
+                out = ferry("run", MODEL, "-p", "def fibonacci(n):", "-n", "24", "--pack", pack)
+                self.assertGreater(len(out.stdout), 20)
+            # 5 and 8.5 bits per weight against 16
+            self.assertLess(sizes["q4"], 0.36 * sizes[None])
+            self.assertLess(sizes["q8"], 0.56 * sizes[None])
+            plain = ferry("perplexity", MODEL, "--text", text, "--window", "256").stdout.decode()
+            self.assertEqual(ppl[None], float(re.search(r"perplexity: ([0-9.]+)", plain).group(1)))
+            self.assertLess(abs(ppl["q8"] / ppl[None] - 1), 0.002)
+            self.assertLess(abs(ppl["q4"] / ppl[None] - 1), 0.03)
+            for args, msg in [(["--quant", "q3"], "--quant takes q8 or q4"),
+                              (["--quant"], "--quant takes q8 or q4"),
+                              (["--bogus"], "unknown option '--bogus'")]:
+                p = ferry("pack", MODEL, os.path.join(tmp, "x.pack"), *args, check=False)
+                self.assertEqual(p.returncode, 2, args)
+                self.assertIn(msg, p.stderr.decode(), args)
+            self.assertFalse(os.path.exists(os.path.join(tmp, "x.pack")))
+            p = ferry("run", MODEL, "-p", "x", "--pack", os.path.join(tmp, "none.pack"),
+                      check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("none.pack", p.stderr.decode())
+
     def test_hybrid_modes_print_the_same_text(self):
         args = ["run", MODEL, "-p", "def fibonacci(n):", "-n", "40", "--ctx", "256"]
         want = ferry(*args).stdout
@@ -222,7 +261,7 @@ class CliTest(unittest.TestCase):
             (["--offload", "tape"], "--offload expects ram or nvme"),
             (["--policy", "random"], "--policy expects lru, lfu, layer-lru or predicted"),
             (["--prefetch", "maybe"], "--prefetch expects on or off"),
-            (["--offload", "nvme"], "need a device budget"),
+            (["--offload", "nvme"], "needs a device budget"),
             (["--predictor", "psychic"], "--predictor expects recency, gate, stats or combined"),
             (["--lookahead", "4"], "--lookahead expects an integer in [1, 3]"),
             (["--slots", "0"], "--slots expects an integer"),

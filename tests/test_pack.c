@@ -1117,6 +1117,62 @@ START_TEST(test_pack_writer_is_atomic)
 }
 END_TEST
 
+/* ---- quantized parts (format version 2) ------------------------------------------------ */
+
+static ferry_status quant_source(void *user, int32_t l, int32_t e, int32_t which,
+                                 const void **data, ferry_dtype *dtype)
+{
+    (void)l, (void)e;
+    *data = user;
+    *dtype = which == FERRY_PACK_W2 ? FERRY_DTYPE_Q8 : FERRY_DTYPE_Q4;
+    return FERRY_OK;
+}
+
+START_TEST(test_pack_quantized_parts)
+{
+    char dir[512], path[600];
+    tu_scratch_dir(dir, "pack_quant");
+    snprintf(path, sizeof path, "%s/q.pack", dir);
+    uint8_t *src = calloc(1, (size_t)D_MODEL * D_FF / 32 * 34);
+    ck_assert_msg(ferry_pack_write(path, &tiny_shape, quant_source, NULL, src) == FERRY_OK, "%s",
+                  ferry_last_error());
+    ferry_pack *p;
+    ck_assert_msg(ferry_pack_open(path, &tiny_shape, &p) == FERRY_OK, "%s", ferry_last_error());
+    const ferry_pack_entry *pe = ferry_pack_get(p, 1, 2);
+    ck_assert_int_eq(pe->dtype[0], FERRY_DTYPE_Q4);
+    ck_assert_int_eq(pe->dtype[2], FERRY_DTYPE_Q8);
+    ck_assert_uint_eq(pe->part_bytes[0], D_FF * (D_MODEL / 32 * 20));
+    ck_assert_uint_eq(pe->part_bytes[2], D_MODEL * (D_FF / 32 * 34));
+    ck_assert_uint_eq(pe->n_bytes, 2 * pe->part_bytes[0] + pe->part_bytes[2]);
+    ferry_pack_close(p);
+
+    /* the same table under version 1, which has no quantized dtypes */
+    size_t len;
+    uint8_t *bytes = (uint8_t *)tu_read_file(path, &len);
+    bytes[8] = 1;
+    reseal(bytes);
+    expect_fail(open_variant("v1-quant.pack", bytes, len, &tiny_shape, path), FERRY_ERR_FORMAT,
+                "quantized in version 1", "layer 0 expert 0: w1 dtype 4",
+                "pack format version 1 does not hold");
+    /* a version 1 pack of plain dtypes still opens */
+    size_t glen;
+    uint8_t *g = pack_bytes(&glen);
+    g[8] = 1;
+    reseal(g);
+    ck_assert_int_eq(open_variant("v1.pack", g, glen, &tiny_shape, path), FERRY_OK);
+    free(g);
+    free(bytes);
+
+    /* group-wise formats need whole groups of 32 in both dimensions */
+    ferry_pack_shape odd = {1, 1, 48, 64};
+    snprintf(path, sizeof path, "%s/odd.pack", dir);
+    expect_fail(ferry_pack_write(path, &odd, quant_source, NULL, src), FERRY_ERR_INVALID,
+                "d_model 48", "layer 0 expert 0 w1", "multiples of");
+    ck_assert_int_eq(access(path, F_OK), -1);
+    free(src);
+}
+END_TEST
+
 /* ---- many threads on one reader ------------------------------------------------------- */
 
 #define STRESS_SUBMITTERS 4
@@ -1302,6 +1358,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_rejects_other_model_shape);
     tcase_add_test(tc, test_pack_rejects_short_file);
     tcase_add_test(tc, test_pack_rejects_bad_entries);
+    tcase_add_test(tc, test_pack_quantized_parts);
     tcase_add_test(tc, test_pack_writer_is_atomic);
     tcase_add_loop_test(tc, test_pack_reader_stress_threads, 0, 2);
     suite_add_tcase(s, tc);

@@ -388,6 +388,20 @@ class OffloadTest(unittest.TestCase):
                 self.assertFalse(o["uses_uring"])
                 self.assertGreater(o["bytes_from_disk"], 0)
 
+    def test_quantized_pack(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            pack = os.path.join(tmp, "q4.pack")
+            ferry.pack_model(MODEL, pack, quant="q4")
+            texts = []
+            for kw in ({}, {"gpu_mem": 20 << 20, "hybrid": "off"}, {"hybrid": "cpu-experts"}):
+                with open_model(pack=pack, **kw) as m:
+                    texts.append(m.generate(CASE["prompt"], max_tokens=24, stop_at_eos=False))
+            self.assertEqual(len(set(texts)), 1)
+            with self.assertRaises(ValueError):
+                ferry.pack_model(MODEL, pack, quant="q2")
+            with self.assertRaises(ferry.FerryError):
+                open_model(pack=os.path.join(tmp, "missing.pack"))
+
     def test_budget_too_small_is_a_ferry_error(self):
         with self.assertRaises(ferry.FerryError) as cm:
             open_model(gpu_mem="1M")

@@ -149,10 +149,19 @@ def _sampling(max_tokens, temperature, top_k, top_p, seed):
     return (float(temperature), top_k, float(top_p), seed)
 
 
-def pack_model(model_dir, out_path):
+_PACK_FORMATS = {None: 0, "q8": 1, "q4": 2}
+
+
+def pack_model(model_dir, out_path, quant=None):
     """Writes the packed expert file of the checkpoint in model_dir to out_path (atomically),
-    for Model(..., offload="nvme", pack=out_path). Raises FerryError."""
-    _check(_L.ferry_pack_model(_path("model_dir", model_dir), _path("out_path", out_path)))
+    for Model(..., pack=out_path): quant None keeps the checkpoint's dtype, "q8" or "q4"
+    quantizes the experts in groups of 32. Raises ValueError (quant), FerryError."""
+    if quant not in _PACK_FORMATS:
+        raise ValueError("quant must be None, 'q8' or 'q4', not %r" % (quant,))
+    pp = _L.ferry_pack_params_default()
+    pp.format = _PACK_FORMATS[quant]
+    _check(_L.ferry_pack_model(_path("model_dir", model_dir), _path("out_path", out_path),
+                               ctypes.byref(pp)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +333,9 @@ class Model:
     path: a Hugging Face Mixtral-style checkpoint folder. Keywords, as `ferry run` has them:
       gpu_mem     device memory budget, bytes or "6G"; None: everything resident
       offload     "ram" or "nvme": where offloaded experts live
-      pack        the packed expert file for "nvme" (pack_model); None: ferry's cache folder
+      pack        a pack file (pack_model): the experts come from it in every mode (quantized
+                  with quant="q8"/"q4"); the file "nvme" reads (None there: ferry's cache
+                  folder)
       backend     "auto", "cpu" or "cuda"
       threads     compute threads; 0: one per physical core
       policy      "lru", "lfu", "layer-lru" or "predicted": which expert slot to evict

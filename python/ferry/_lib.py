@@ -163,6 +163,11 @@ class OffloadStats(ctypes.Structure):
     ]
 
 
+class PackParams(ctypes.Structure):
+    """ferry_pack_params"""
+    _fields_ = [("format", c_int32)]
+
+
 class PerplexityResult(ctypes.Structure):
     """ferry_perplexity_result"""
     _fields_ = [
@@ -185,6 +190,7 @@ STRUCTS = {
     "ferry_layer_stats": LayerStats,
     "ferry_offload_stats": OffloadStats,
     "ferry_perplexity_result": PerplexityResult,
+    "ferry_pack_params": PackParams,
 }
 
 # int (*ferry_token_fn)(int32_t id, const char *text, size_t len, void *user). The text is
@@ -205,7 +211,8 @@ _FUNCTIONS = {
     "ferry_model_params_default": (ModelParams, []),
     "ferry_model_open": (c_int, [ctypes.c_char_p, _P(ModelParams), _P(_p)]),
     "ferry_model_close": (None, [_p]),
-    "ferry_pack_model": (c_int, [ctypes.c_char_p, ctypes.c_char_p]),
+    "ferry_pack_params_default": (PackParams, []),
+    "ferry_pack_model": (c_int, [ctypes.c_char_p, ctypes.c_char_p, _P(PackParams)]),
     "ferry_model_get_info": (c_int, [_p, _P(ModelInfo)]),
     "ferry_tokenize": (c_int, [_p, ctypes.c_char_p, ctypes.c_size_t, c_int, _P(c_int32), c_int32,
                                _P(c_int32)]),
