@@ -7,8 +7,11 @@
  * - Pointers named d_* are device memory of this backend (for the CPU backend, host
  *   memory). Activations are float32, row-major, one row per token.
  * - A matrix weight is row-major (rows, cols) as stored in the checkpoint (PyTorch's
- *   Linear layout, out_features x in_features), in f32, f16 or bf16; products
- *   accumulate in float32.
+ *   Linear layout, out_features x in_features), in f32, f16 or bf16, or, for matmul only,
+ *   q8/q4 (groups of 32 along each row, kernels/quant.h; cols a multiple of 32, other ops
+ *   refuse them with FERRY_ERR_UNSUPPORTED); products accumulate in float32. Quantized
+ *   weights are read as their exact dequantized values, on the CUDA backend too (its
+ *   quantized matmuls never round the activations: within 1e-5 of the CPU).
  * - Each output row depends only on its own input row (and, for attention, the KV cache),
  *   never on the other rows of the batch or on the thread count: this is what makes
  *   prefill, decode and any reordering of tokens produce bit-identical results. On the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/gpu-check.sh OUT_DIR [all|tests|mixtral]: the GPU cycle on the project's GPU test
+# scripts/gpu-check.sh OUT_DIR [all|tests|mixtral|quant]: the GPU cycle on the project's GPU test
 # machine (../shared/device/README.md), writing every log to OUT_DIR. Exits nonzero when a
 # step fails; OUT_DIR/summary.txt says which.
 #   tests (part of all): unpack the packages that machine lacks (from .devdeps/), build with
@@ -11,16 +11,19 @@
 #     next run) and benchmark it: resident decode against the device-bandwidth bound, and
 #     decode with --gpu-mem 6G (fetch rate against pinned host-to-device bandwidth) with
 #     --hybrid auto, off and cpu-experts (the bound of PCIe plus CPU memory bandwidth).
-# Each device command may run 10 minutes: run `tests` and `mixtral` as separate commands.
+#   quant (part of all): the same checkpoint (written if missing) packed with --quant q4
+#     (kept beside it) and benchmarked with --gpu-mem 6G, resident, and --hybrid off.
+# Each device command may run 10 minutes: run `tests`, `mixtral` and `quant` as separate
+# commands.
 #
 #   ARCH=90 scripts/gpu-check.sh "$OUT" tests   # CUDA architectures to build (default 90)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-out=${1:?usage: scripts/gpu-check.sh OUT_DIR [all|tests|mixtral]}
+out=${1:?usage: scripts/gpu-check.sh OUT_DIR [all|tests|mixtral|quant]}
 what=${2:-all}
-case "$what" in all | tests | mixtral) ;; *)
-    echo "scripts/gpu-check.sh: the second argument is all, tests or mixtral, not '$what'" >&2
+case "$what" in all | tests | mixtral | quant) ;; *)
+    echo "scripts/gpu-check.sh: the second argument is all, tests, mixtral or quant, not '$what'" >&2
     exit 2
     ;;
 esac
@@ -61,7 +64,7 @@ step configure cmake -S . -B build-gpu -DFERRY_CUDA=ON -DCMAKE_CUDA_ARCHITECTURE
 step build cmake --build build-gpu -j "$jobs" || exit 1
 build-gpu/ferry version >"$out/version.txt" 2>&1
 
-if [ "$what" != mixtral ]; then
+if [ "$what" = tests ] || [ "$what" = all ]; then
     # every test; the gpu-labelled suites run for real here (they exit 77 only without a GPU)
     step ctest ctest --test-dir build-gpu --output-on-failure -j 4 --timeout 900
     step ctest-gpu ctest --test-dir build-gpu --output-on-failure -L gpu --no-tests=error
@@ -113,6 +116,9 @@ if [ "$what" != tests ]; then
         rm -rf "$synth"
         step synth build-gpu/ferry synth "$synth" --preset mixtral-8x7b --layers 8 || exit 1
     fi
+fi
+
+if [ "$what" = mixtral ] || [ "$what" = all ]; then
     step bench-mixtral-resident build-gpu/ferry bench "$synth" --backend cuda --mode decode \
         --prompt-len 32 --gen-len 64 --repeat 3 --json "$out/bench-mixtral-resident.json"
     # the issue-7 target: --gpu-mem 6G, batch-1 decode with hybrid auto (the default), next to
@@ -121,6 +127,19 @@ if [ "$what" != tests ]; then
         step "bench-mixtral-6g-$h" build-gpu/ferry bench "$synth" --backend cuda --mode decode \
             --gpu-mem 6G --hybrid "$h" --prompt-len 32 --gen-len 32 --repeat 2 \
             --json "$out/bench-mixtral-6g-$h.json"
+    done
+fi
+
+if [ "$what" = quant ] || [ "$what" = all ]; then
+    # the issue-8 target: q4 experts, --gpu-mem 6G, batch-1 decode
+    q4="$synth-q4.pack"
+    [ -f "$q4" ] || step pack-q4 build-gpu/ferry pack "$synth" "$q4" --quant q4 || exit 1
+    step bench-mixtral-q4-resident build-gpu/ferry bench "$synth" --backend cuda --mode decode \
+        --pack "$q4" --prompt-len 32 --gen-len 64 --repeat 3 --json "$out/bench-mixtral-q4-resident.json"
+    for h in auto off; do
+        step "bench-mixtral-q4-6g-$h" build-gpu/ferry bench "$synth" --backend cuda --mode decode \
+            --pack "$q4" --gpu-mem 6G --hybrid "$h" --prompt-len 32 --gen-len 32 --repeat 2 \
+            --json "$out/bench-mixtral-q4-6g-$h.json"
     done
 fi
 
