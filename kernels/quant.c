@@ -48,8 +48,6 @@ static void put_f16(uint8_t *p, uint16_t h)
     p[1] = (uint8_t)(h >> 8);
 }
 
-static float get_f16(const uint8_t *p) { return ferry_f16_to_f32((uint16_t)(p[0] | p[1] << 8)); }
-
 /* An f16 that is finite: the scale of the group at column c. */
 static ferry_status to_f16(float v, const char *what, int64_t c, uint16_t *out)
 {
@@ -120,18 +118,7 @@ ferry_status ferry_dequantize_row(ferry_dtype t, const void *src, int64_t cols, 
 {
     size_t n_bytes;
     TRY(ferry_quant_row_bytes(t, cols, &n_bytes));
-    size_t gb = ferry_quant_group_bytes(t);
-    const uint8_t *g = src;
-    for (int64_t c = 0; c < cols; c += FERRY_QUANT_GROUP, g += gb) {
-        float d = get_f16(g);
-        if (t == FERRY_DTYPE_Q8) {
-            for (int i = 0; i < FERRY_QUANT_GROUP; i++)
-                dst[c + i] = d * (float)(int8_t)g[2 + i];
-        } else {
-            float m = get_f16(g + 2);
-            for (int i = 0; i < FERRY_QUANT_GROUP; i++)
-                dst[c + i] = d * (float)((g[4 + i / 2] >> (4 * (i & 1))) & 15) + m;
-        }
-    }
+    for (int64_t c = 0; c < cols; c++)
+        dst[c] = ferry_quant_weight(t, src, c);
     return FERRY_OK;
 }
