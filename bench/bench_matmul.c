@@ -35,10 +35,10 @@ static void run_task(void *arg, int32_t task)
         j->fn(j->out, j->x, j->w, j->n, r0, r1);
 }
 
-static int usage(const char *why)
+static int usage(const char *why, const char *what)
 {
-    fprintf(stderr, "bench_matmul: %s\nusage: bench_matmul [--rows R] [--cols C] "
-            "[--tokens N,N,...] [--threads T] [--repeat K]\n", why);
+    fprintf(stderr, "bench_matmul: %s%s\nusage: bench_matmul [--rows R] [--cols C] "
+            "[--tokens N,N,...] [--threads T] [--repeat K]\n", why, what);
     return 2;
 }
 
@@ -98,18 +98,21 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i += 2) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v)
-            return usage("an option is missing its value");
+            return usage("a value is missing after ", a);
         int known = 0;
         for (size_t k = 0; k < sizeof opts / sizeof opts[0]; k++)
             if (!strcmp(a, opts[k].name)) {
                 known = 1;
-                if (parse_int(v, opts[k].lo, opts[k].hi, opts[k].value))
-                    return usage("a value is out of range");
+                if (parse_int(v, opts[k].lo, opts[k].hi, opts[k].value)) {
+                    fprintf(stderr, "bench_matmul: %s expects an integer in [%ld, %ld], got '%s'\n",
+                            a, opts[k].lo, opts[k].hi, v);
+                    return 2;
+                }
             }
         if (known)
             continue;
         if (strcmp(a, "--tokens"))
-            return usage("unknown option");
+            return usage("unknown option ", a);
         char *list = strdup(v), *save = NULL;
         n_tokens = 0;
         for (char *t = list ? strtok_r(list, ",", &save) : NULL; t; t = strtok_r(NULL, ",", &save))
@@ -119,10 +122,10 @@ int main(int argc, char **argv)
             }
         free(list);
         if (n_tokens == 0)
-            return usage("--tokens takes 1 to 8 counts from 1 to 4096");
+            return usage("--tokens takes 1 to 8 counts from 1 to 4096, got ", v);
     }
     if (cols % FERRY_QUANT_GROUP)
-        return usage("--cols must be a multiple of 32 (the quantized group)");
+        return usage("--cols must be a multiple of 32 (the quantized group)", "");
     long max_n = 0;
     for (int i = 0; i < n_tokens; i++)
         max_n = tokens[i] > max_n ? tokens[i] : max_n;

@@ -578,6 +578,31 @@ class CliTest(unittest.TestCase):
             self.assertEqual(p.returncode, 1)
             self.assertIn("none: No such file or directory", p.stderr.decode())
 
+    def test_bench_matmul_prints_every_format_and_kernel(self):
+        exe = os.path.join(os.path.dirname(FERRY), "bench_matmul")
+        p = subprocess.run([exe, "--rows", "40", "--cols", "64", "--tokens", "1,5",
+                            "--repeat", "1", "--threads", "2"], capture_output=True, timeout=120)
+        self.assertEqual(p.returncode, 0, p.stderr.decode())
+        rows = [l.split() for l in p.stdout.decode().splitlines()[2:]]
+        seen = {(r[0], r[1], r[2]) for r in rows}
+        for fmt in ("bf16", "q8", "q4"):
+            for n in ("1", "5"):
+                self.assertIn((fmt, "reference", n), seen)
+        for r in rows:
+            self.assertGreater(float(r[3]), 0, r)
+            self.assertGreater(float(r[4]), 0, r)
+        for args, msg in [
+            (["--cols", "48"], "--cols must be a multiple of 32"),
+            (["--rows", "0"], "--rows expects an integer in [8, "),
+            (["--tokens", "1,x"], "--tokens takes 1 to 8 counts"),
+            (["--tokens", "1,2,3,4,5,6,7,8,9"], "--tokens takes 1 to 8 counts"),
+            (["--repeat"], "a value is missing after --repeat"),
+            (["--fast", "1"], "unknown option --fast"),
+        ]:
+            p = subprocess.run([exe, *args], capture_output=True, timeout=60)
+            self.assertEqual(p.returncode, 2, args)
+            self.assertIn(msg, p.stderr.decode(), args)
+
 
 if __name__ == "__main__":
     FERRY = os.path.abspath(sys.argv.pop(1))
