@@ -24,6 +24,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include "core/bytes.h"
 #include "core/error.h"
 #include "engine/model.h"
 #include "engine/hybrid.h"
@@ -119,6 +120,51 @@ static ferry_status expert_source(void *user, int32_t layer, int32_t expert, con
     return FERRY_OK;
 }
 
+ferry_status ferry_model_pack_shape(const ferry_model *m, ferry_pack_shape *out)
+{
+    const ferry_config *c = &m->cfg;
+    ferry_pack_shape s = {c->n_layers, c->n_experts, c->hidden_size, c->intermediate_size, 0};
+    uint8_t head[16];
+    ferry_put_u32(head, (uint32_t)s.n_layers);
+    ferry_put_u32(head + 4, (uint32_t)s.n_experts);
+    ferry_put_u32(head + 8, (uint32_t)s.d_model);
+    ferry_put_u32(head + 12, (uint32_t)s.d_ff);
+    XXH3_state_t *h = XXH3_createState();
+    char *raw = malloc((size_t)s.d_model * sizeof(float)); /* a row of the widest dtype */
+    float *row = malloc((size_t)s.d_model * sizeof *row);
+    ferry_status st = FERRY_OK;
+    if (!h || !raw || !row) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+        goto done;
+    }
+    XXH3_64bits_reset(h);
+    XXH3_64bits_update(h, head, sizeof head);
+    for (int32_t l = 0; l < s.n_layers && !st; l++) {
+        char name[96];
+        snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", (int)l);
+        const int64_t shape[2] = {s.n_experts, s.d_model};
+        const ferry_st_tensor *t;
+        ferry_dtype dt;
+        if ((st = ferry_st_get(m->st, name, 2, shape, &t, &dt)))
+            break;
+        size_t rb = (size_t)s.d_model * ferry_dtype_size(dt);
+        ferry_weight w = {.d_data = raw, .dtype = dt, .rows = 1, .cols = s.d_model};
+        for (int32_t e = 0; e < s.n_experts; e++) {
+            memcpy(raw, (const char *)t->data + (size_t)e * rb, rb); /* may be misaligned */
+            ferry_cpu_widen(row, &w, 0, 0, s.d_model);
+            XXH3_64bits_update(h, row, (size_t)s.d_model * sizeof *row);
+        }
+    }
+    s.fingerprint = XXH3_64bits_digest(h);
+    s.fingerprint += s.fingerprint == 0;
+    *out = s;
+done:
+    XXH3_freeState(h);
+    free(raw);
+    free(row);
+    return st;
+}
+
 ferry_status ferry_model_pack_source(void *user, int32_t layer, int32_t expert, int32_t which,
                                      const void **data, ferry_dtype *dtype)
 {
@@ -178,9 +224,10 @@ static ferry_status default_pack(ferry_model *m, const char *dir)
                               strerror(errno));
         ferry_log(FERRY_LOG_WARN, "no --pack given: writing the packed expert file %s (once)",
                   path);
-        ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
-                                  m->cfg.intermediate_size};
-        ferry_status st = ferry_pack_write(path, &shape, ferry_model_pack_source, NULL, m);
+        ferry_pack_shape shape;
+        ferry_status st = ferry_model_pack_shape(m, &shape);
+        if (!st)
+            st = ferry_pack_write(path, &shape, ferry_model_pack_source, NULL, m);
         if (st)
             return st;
     }
@@ -239,17 +286,19 @@ static ferry_status open_store(ferry_model *m, const char *dir)
     const ferry_config *c = &m->cfg;
     if (m->params.offload == FERRY_OFFLOAD_RAM)
         return ferry_store_create_ram(c->n_layers, c->n_experts, expert_source, m, &m->store);
-    if (!m->pack_path) {
-        ferry_status st = default_pack(m, dir);
-        if (st)
-            return st;
-    }
+    ferry_pack_shape shape;
+    ferry_status st = m->pack_path ? FERRY_OK : default_pack(m, dir);
+    if (!st)
+        st = ferry_model_pack_shape(m, &shape);
+    if (st)
+        return st;
     ferry_store_nvme_params np = {
         .pack_path = m->pack_path,
         .n_layers = c->n_layers,
         .n_experts = c->n_experts,
         .d_model = c->hidden_size,
         .d_ff = c->intermediate_size,
+        .fingerprint = shape.fingerprint,
         .host_cache_bytes = m->params.host_cache_bytes ? (size_t)m->params.host_cache_bytes
                                                         : (size_t)FERRY_DEFAULT_HOST_CACHE,
         .reader_mode = m->params.reader == FERRY_READ_URING   ? FERRY_READER_URING
@@ -534,8 +583,12 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
 static ferry_status open_user_pack(ferry_model *m)
 {
     const ferry_config *c = &m->cfg;
-    ferry_pack_shape shape = {c->n_layers, c->n_experts, c->hidden_size, c->intermediate_size};
+    ferry_pack_shape shape;
+    TRY(ferry_model_pack_shape(m, &shape));
     TRY(ferry_pack_open(m->pack_path, &shape, &m->pack));
+    if (!ferry_pack_get_shape(m->pack).fingerprint)
+        ferry_log(FERRY_LOG_WARN, "%s records no checkpoint fingerprint (an older ferry wrote it): "
+                  "only its shape is checked against the model", m->pack_path);
     int fd = open(m->pack_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return ferry_fail(FERRY_ERR_IO, "%s: cannot open: %s", m->pack_path, strerror(errno));

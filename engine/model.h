@@ -126,6 +126,12 @@ ferry_status ferry_model_expert_host(ferry_model *m, int32_t layer, int32_t e,
                                      ferry_expert_weights *out);
 void ferry_model_expert_host_done(ferry_model *m, int32_t layer, int32_t e);
 
+/* The pack shape of the model's checkpoint, with its fingerprint: XXH3-64 over the shape
+ * and every layer's router widened to float32 (a bf16 and an f32 copy of one checkpoint
+ * agree; two trainings of one shape do not), never 0. Reads the routers from the
+ * checkpoint's mapping. FERRY_ERR_NOMEM, or the checkpoint's error for a missing router. */
+ferry_status ferry_model_pack_shape(const ferry_model *m, ferry_pack_shape *out);
+
 /* A ferry_pack_source_fn (offload/pack.h) over an open model (user): its experts' host
  * tensors as they are. */
 ferry_status ferry_model_pack_source(void *user, int32_t layer, int32_t expert, int32_t which,

@@ -663,8 +663,11 @@ ferry_status ferry_pack_model(const char *model_dir, const char *out_path,
     ferry_status st = ferry_model_open(model_dir, &mp, &m);
     if (st)
         return st;
-    ferry_pack_shape shape = {m->cfg.n_layers, m->cfg.n_experts, m->cfg.hidden_size,
-                              m->cfg.intermediate_size};
+    ferry_pack_shape shape;
+    if ((st = ferry_model_pack_shape(m, &shape))) {
+        ferry_model_close(m);
+        return st;
+    }
     if (p->format == FERRY_PACK_AS_STORED) {
         st = ferry_pack_write(out_path, &shape, ferry_model_pack_source, NULL, m);
         ferry_model_close(m);

@@ -15,7 +15,9 @@
  *       32   8  u64 file bytes (the end of the last expert; the file ends there)
  *       40   8  u64 XXH3-64 of the whole header region [0, H) with these 8 bytes zeroed;
  *               kept in the fixed part so it is found before the table is trusted
- *       48      zero up to 4096
+ *       48   8  u64 fingerprint of the checkpoint the experts came from (pack.h); 0: none
+ *               (packs written before it was recorded)
+ *       56      zero up to 4096
  *   [4096, H)  the expert table, n_layers x n_experts entries of 32 bytes, layer-major
  *              (entry l x n_experts + e), then zeros up to H:
  *        0   8  u64 offset of the expert's first byte (a multiple of 4096, >= H)
@@ -33,7 +35,8 @@
  *
  * Validation on open, in this order, so that each failure names its real cause: the size
  * covers the fixed header; magic; version; H matches the shape it claims and is inside
- * the file; the checksum; the shape is in range and equals the expected one; each entry
+ * the file; the checksum; the shape is in range and equals the expected one; the
+ * fingerprints agree where both exist; each entry
  * has known dtypes, the size they and the shape imply, an aligned offset after the header
  * and after the previous entry, and ends inside the recorded file bytes; the recorded
  * file bytes equal the file's size (a shorter file names the first expert it cuts off).
@@ -60,6 +63,7 @@
 #define PACK_FIXED_BYTES 4096u
 #define PACK_ENTRY_BYTES 32u
 #define PACK_CHECKSUM_AT 40u
+#define PACK_FINGERPRINT_AT 48u
 /* Bounds that keep every product below in range and the table a sane size (32 MiB). */
 #define PACK_MAX_EXPERTS_TOTAL (1 << 20)
 #define PACK_MAX_DIM (1 << 20)
@@ -233,6 +237,7 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
     ferry_put_u32(header + 24, (uint32_t)shape->d_model);
     ferry_put_u32(header + 28, (uint32_t)shape->d_ff);
     ferry_put_u64(header + 32, pos);
+    ferry_put_u64(header + PACK_FINGERPRINT_AT, shape->fingerprint);
     ferry_put_u64(header + PACK_CHECKSUM_AT, header_checksum(header, header_bytes));
     st = ferry_pwrite_all(fd, tmp, header, header_bytes, 0);
     if (st != FERRY_OK)
@@ -314,6 +319,12 @@ static ferry_status check_expected(const char *path, const ferry_pack_shape *got
         if (g[i] != w[i])
             return ferry_fail(FERRY_ERR_FORMAT, "%s: pack holds %s %d, the model has %d (a pack "
                               "of another model?)", path, names[i], g[i], w[i]);
+    if (got->fingerprint && want->fingerprint && got->fingerprint != want->fingerprint)
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: pack written from another checkpoint of the same "
+                          "shape (fingerprint %016llx, the model's %016llx: the routers differ); "
+                          "pack this model with ferry pack", path,
+                          (unsigned long long)got->fingerprint,
+                          (unsigned long long)want->fingerprint);
     return FERRY_OK;
 }
 
@@ -478,7 +489,8 @@ ferry_status ferry_pack_open(const char *path, const ferry_pack_shape *expect, f
     const uint32_t d_model = ferry_get_u32(header + 24), d_ff = ferry_get_u32(header + 28);
     p->shape = (ferry_pack_shape){(int32_t)n_layers, (int32_t)n_experts,
                                   d_model > PACK_MAX_DIM ? -1 : (int32_t)d_model,
-                                  d_ff > PACK_MAX_DIM ? -1 : (int32_t)d_ff};
+                                  d_ff > PACK_MAX_DIM ? -1 : (int32_t)d_ff,
+                                  ferry_get_u64(header + PACK_FINGERPRINT_AT)};
     const char *bad = shape_problem(&p->shape);
     if (bad) {
         st = ferry_fail(FERRY_ERR_FORMAT, "%s: %s out of range (n_layers %llu, n_experts %llu, "

@@ -23,12 +23,15 @@
 #define FERRY_PACK_VERSION 2 /* written; versions 1 and 2 are read */
 #define FERRY_PACK_ALIGN 4096 /* header region and every expert start are multiples */
 
-/* The model shape a pack is written for and checked against. */
+/* The model a pack is written for and checked against: its shape, and a fingerprint of the
+ * checkpoint (engine/model.h's ferry_model_pack_shape: its routers), 0 meaning none: a pack
+ * written with none records none, and opening with none checks none. */
 typedef struct {
     int32_t n_layers;
-    int32_t n_experts; /* per layer */
-    int32_t d_model;   /* hidden_size */
-    int32_t d_ff;      /* intermediate_size of one expert */
+    int32_t n_experts;    /* per layer */
+    int32_t d_model;      /* hidden_size */
+    int32_t d_ff;         /* intermediate_size of one expert */
+    uint64_t fingerprint; /* of the checkpoint; 0: none */
 } ferry_pack_shape;
 
 /* The parts of an expert, in file order. */
@@ -79,7 +82,9 @@ typedef struct ferry_pack ferry_pack;
 /* Opens path and validates it: the magic, the format version ("<path>: pack format version
  * 7, this build reads 1 to 2"), the header's size and checksum (a corrupt table is caught
  * here), the shape against *expect when expect is not NULL ("<path>: pack holds d_ff 384,
- * the model has 385 (a pack of another model?)"), and every entry: dtypes known, size
+ * the model has 385 (a pack of another model?)"), the fingerprint when both the pack and
+ * *expect have one ("<path>: pack written from another checkpoint (fingerprint ..., the
+ * model's ...)"), and every entry: dtypes known, size
  * equal to what the dtypes and the shape imply, 4096-aligned, after the header, in order
  * without overlap, inside the file. A file shorter than the header says so; a truncated
  * file names the first layer/expert it cuts off. On success *out owns the pack (free with
@@ -99,7 +104,7 @@ const ferry_pack_entry *ferry_pack_get(const ferry_pack *p, int32_t layer, int32
 /* The path the pack was opened from, borrowed from the pack. Thread-safe. */
 const char *ferry_pack_path(const ferry_pack *p);
 
-/* The shape recorded in the pack. Thread-safe. */
+/* The shape and fingerprint recorded in the pack. Thread-safe. */
 ferry_pack_shape ferry_pack_get_shape(const ferry_pack *p);
 
 /* The largest n_bytes of any expert (a staging buffer of this size, rounded up to 4096,

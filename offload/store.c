@@ -133,7 +133,7 @@ ferry_status ferry_store_create_nvme(const ferry_store_nvme_params *p, ferry_sto
     if (!s)
         return ferry_fail(FERRY_ERR_NOMEM, "expert store: out of memory");
     ferry_status st;
-    ferry_pack_shape shape = {p->n_layers, p->n_experts, p->d_model, p->d_ff};
+    ferry_pack_shape shape = {p->n_layers, p->n_experts, p->d_model, p->d_ff, p->fingerprint};
     if ((st = ferry_pack_open(p->pack_path, &shape, &s->pack)))
         goto fail;
     for (int32_t l = 0; l < p->n_layers; l++)

@@ -48,6 +48,7 @@ ferry_status ferry_store_create_ram(int32_t n_layers, int32_t n_experts, ferry_e
 typedef struct {
     const char *pack_path;
     int32_t n_layers, n_experts, d_model, d_ff; /* the model the pack must match */
+    uint64_t fingerprint;                       /* of the model's checkpoint; 0: unchecked */
     size_t host_cache_bytes;                    /* RAM in front of the disk; at least one expert */
     int32_t reader_mode;                        /* ferry_reader_mode */
 } ferry_store_nvme_params;

@@ -40,7 +40,7 @@
 #define D_FF 384
 #define EXPERT_BYTES (3ull * D_MODEL * D_FF * 2) /* bf16 */
 
-static const ferry_pack_shape tiny_shape = {N_LAYERS, N_EXPERTS, D_MODEL, D_FF};
+static const ferry_pack_shape tiny_shape = {N_LAYERS, N_EXPERTS, D_MODEL, D_FF, 0};
 static const ferry_reader_mode both_modes[2] = {FERRY_READER_URING, FERRY_READER_PREAD};
 static const char *const mode_names[2] = {"uring", "pread"};
 
@@ -970,6 +970,39 @@ START_TEST(test_pack_rejects_other_model_shape)
 }
 END_TEST
 
+/* The fingerprint is recorded and checked only where both sides have one. */
+START_TEST(test_pack_fingerprint)
+{
+    char path[600];
+    snprintf(path, sizeof path, "%s/fingerprinted.pack", g_dir);
+    source_ctx c = {NULL, -1, 0};
+    ck_assert_msg(ferry_st_open_dir(TINY_DIR, &c.st) == FERRY_OK, "%s", ferry_last_error());
+    ferry_pack_shape s = tiny_shape;
+    s.fingerprint = 0x0123456789abcdefULL;
+    ck_assert_int_eq(ferry_pack_write(path, &s, st_source, count_progress, &c), FERRY_OK);
+    ferry_st_close(c.st);
+    ferry_pack *p = NULL;
+    ck_assert_int_eq(ferry_pack_open(path, &s, &p), FERRY_OK);
+    ck_assert_uint_eq(ferry_pack_get_shape(p).fingerprint, 0x0123456789abcdefULL);
+    ferry_pack_close(p);
+    ck_assert_int_eq(ferry_pack_open(path, NULL, &p), FERRY_OK);
+    ferry_pack_close(p);
+    ck_assert_int_eq(ferry_pack_open(path, &tiny_shape, &p), FERRY_OK); /* the model has none */
+    ferry_pack_close(p);
+    ferry_pack_shape other = s;
+    other.fingerprint = 0x0123456789abcdeeULL;
+    p = (ferry_pack *)0x1;
+    expect_fail(ferry_pack_open(path, &other, &p), FERRY_ERR_FORMAT, "another checkpoint", path,
+                "another checkpoint of the same shape (fingerprint 0123456789abcdef, the model's "
+                "0123456789abcdee");
+    ck_assert_ptr_eq(p, (ferry_pack *)0x1);
+    /* a pack with none (an older ferry's) opens for a model with one */
+    ck_assert_int_eq(ferry_pack_open(g_pack, &other, &p), FERRY_OK);
+    ck_assert_uint_eq(ferry_pack_get_shape(p).fingerprint, 0);
+    ferry_pack_close(p);
+}
+END_TEST
+
 START_TEST(test_pack_rejects_short_file)
 {
     size_t len;
@@ -1164,7 +1197,7 @@ START_TEST(test_pack_quantized_parts)
     free(bytes);
 
     /* group-wise formats need whole groups of 32 in both dimensions */
-    ferry_pack_shape odd = {1, 1, 48, 64};
+    ferry_pack_shape odd = {1, 1, 48, 64, 0};
     snprintf(path, sizeof path, "%s/odd.pack", dir);
     expect_fail(ferry_pack_write(path, &odd, quant_source, NULL, src), FERRY_ERR_INVALID,
                 "d_model 48", "layer 0 expert 0 w1", "multiples of");
@@ -1356,6 +1389,7 @@ static Suite *pack_suite(void)
     tcase_add_test(tc, test_pack_detects_truncation);
     tcase_add_test(tc, test_pack_rejects_wrong_version_and_magic);
     tcase_add_test(tc, test_pack_rejects_other_model_shape);
+    tcase_add_test(tc, test_pack_fingerprint);
     tcase_add_test(tc, test_pack_rejects_short_file);
     tcase_add_test(tc, test_pack_rejects_bad_entries);
     tcase_add_test(tc, test_pack_quantized_parts);

@@ -216,7 +216,7 @@ START_TEST(test_packed_foreign_missing_and_bad_arguments)
     static uint16_t zeros[64 * 64];
     char path[600];
     snprintf(path, sizeof path, "%s/other.pack", g_dir);
-    ferry_pack_shape other = {6, 8, 64, 64};
+    ferry_pack_shape other = {6, 8, 64, 64, 0};
     ck_assert_int_eq(ferry_pack_write(path, &other, tiny_source, NULL, zeros), FERRY_OK);
     ferry_model_params mp = cpu_params(path);
     ferry_model *m = NULL;
@@ -239,11 +239,54 @@ START_TEST(test_packed_foreign_missing_and_bad_arguments)
 }
 END_TEST
 
+/* A pack of another checkpoint of the same shape (a synthetic one with the bundled model's
+ * shape) is refused by its fingerprint, with the experts resident and on the NVMe tier. Its
+ * own model opens it. */
+START_TEST(test_packed_other_checkpoint_same_shape_refused)
+{
+    char synth_dir[600], path[700];
+    snprintf(synth_dir, sizeof synth_dir, "%s/synth-tiny", g_dir);
+    snprintf(path, sizeof path, "%s/synth-tiny.pack", g_dir);
+    ferry_synth_params sp = ferry_synth_params_default();
+    ck_assert_int_eq(ferry_synth_preset("tiny", &sp), FERRY_OK);
+    sp.tokenizer_dir = MODEL_DIR;
+    sp.n_threads = 2;
+    ck_assert_msg(ferry_synth(&sp, synth_dir) == FERRY_OK, "%s", ferry_last_error());
+    ck_assert_msg(ferry_pack_model(synth_dir, path, NULL) == FERRY_OK, "%s", ferry_last_error());
+
+    ferry_model_params mp = cpu_params(path);
+    ferry_model *m = NULL;
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_FORMAT);
+    ck_assert_msg(strstr(ferry_last_error(), "another checkpoint of the same shape"), "%s",
+                  ferry_last_error());
+    ck_assert_ptr_null(m);
+    mp.gpu_mem_bytes = 20 << 20;
+    mp.offload = FERRY_OFFLOAD_NVME;
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_FORMAT);
+    ck_assert_msg(strstr(ferry_last_error(), "another checkpoint of the same shape"), "%s",
+                  ferry_last_error());
+    mp = cpu_params(path);
+    ck_assert_msg(ferry_model_open(synth_dir, &mp, &m) == FERRY_OK, "%s", ferry_last_error());
+    ferry_model_close(m);
+    /* the bundled model's own packs carry its fingerprint, the same for q4 and as stored */
+    ferry_pack *a, *b;
+    ck_assert_int_eq(ferry_pack_open(g_as_stored, NULL, &a), FERRY_OK);
+    ck_assert_int_eq(ferry_pack_open(g_q4, NULL, &b), FERRY_OK);
+    ck_assert_uint_ne(ferry_pack_get_shape(a).fingerprint, 0);
+    ck_assert_uint_eq(ferry_pack_get_shape(a).fingerprint, ferry_pack_get_shape(b).fingerprint);
+    ferry_pack_close(a);
+    ck_assert_int_eq(ferry_pack_open(path, NULL, &a), FERRY_OK);
+    ck_assert_uint_ne(ferry_pack_get_shape(a).fingerprint, ferry_pack_get_shape(b).fingerprint);
+    ferry_pack_close(a);
+    ferry_pack_close(b);
+}
+END_TEST
+
 /* The pack's table says what each expert is: q4 parts, 20 bytes per 32 weights. */
 START_TEST(test_packed_q4_table)
 {
     ferry_pack *p;
-    ferry_pack_shape want = {6, 8, 192, 384};
+    ferry_pack_shape want = {6, 8, 192, 384, 0};
     ck_assert_int_eq(ferry_pack_open(g_q4, &want, &p), FERRY_OK);
     for (int32_t l = 0; l < 6; l++)
         for (int32_t e = 0; e < 8; e++) {
@@ -273,6 +316,7 @@ static Suite *packed_model_suite(void)
     tcase_add_test(tc, test_packed_corrupt_pack_refused_at_open);
     tcase_add_test(tc, test_packed_foreign_missing_and_bad_arguments);
     tcase_add_test(tc, test_packed_q4_table);
+    tcase_add_test(tc, test_packed_other_checkpoint_same_shape_refused);
     suite_add_tcase(s, tc);
     return s;
 }
