@@ -440,6 +440,100 @@ START_TEST(test_isa_parse_names)
 }
 END_TEST
 
+/* Attention: every x86 set's kernel gives the reference's bits, for head sizes with and
+ * without a multiple of 8 (those fall back), contexts inside one block and across several,
+ * sliding windows, interleaved KV heads; scores spread over a wide range so the softmax's
+ * rescaling between blocks matters. */
+START_TEST(test_attention_kernels_match_reference)
+{
+    const int32_t hds[] = {8, 16, 32, 64, 96, 128, 136, 12};
+    const int32_t lasts[] = {0, 1, 7, 8, 9, 127, 128, 129, 255, 256, 700};
+    ferry_cpu_attn_fn ref = ferry_cpu_attn_kernel(FERRY_CPU_ISA_REFERENCE);
+    ck_assert_ptr_eq(ref, ferry_cpu_attn_reference);
+    uint64_t rng = 11;
+    int n_checked = 0;
+    for (size_t k = 0; k < COUNT(g_exact); k++) {
+        ferry_cpu_attn_fn fn = ferry_cpu_attn_kernel(g_exact[k]);
+        if (!ferry_cpu_isa_available(g_exact[k])) {
+            ck_assert_ptr_null(fn);
+            continue;
+        }
+        ck_assert_ptr_nonnull(fn);
+        for (size_t hi = 0; hi < COUNT(hds); hi++)
+            for (size_t li = 0; li < COUNT(lasts); li++) {
+                int32_t hd = hds[hi], last = lasts[li];
+                size_t stride = 2 * (size_t)hd; /* two KV heads; this one is the second */
+                float *q = spread_floats(&rng, (size_t)hd, 1);
+                float *kv = spread_floats(&rng, 2 * (size_t)(last + 1) * stride, 1);
+                const int32_t firsts[] = {0, last / 2, last};
+                for (int f = 0; f < 3; f++) {
+                    ferry_cpu_attn_head a = {.q = q,
+                                             .k = kv + hd,
+                                             .v = kv + (size_t)(last + 1) * stride + hd,
+                                             .kv_stride = stride,
+                                             .first = firsts[f],
+                                             .last = last,
+                                             .head_dim = hd,
+                                             .scale = 1.0f / sqrtf((float)hd)};
+                    float *want = malloc((size_t)hd * sizeof(float));
+                    float *got = malloc((size_t)hd * sizeof(float));
+                    ref(want, &a);
+                    fn(got, &a);
+                    ck_assert_msg(memcmp(want, got, (size_t)hd * sizeof(float)) == 0,
+                                  "%s: head_dim %d, positions %d..%d differ",
+                                  ferry_cpu_isa_name(g_exact[k]), (int)hd, (int)firsts[f],
+                                  (int)last);
+                    for (int32_t d = 0; d < hd; d++)
+                        ck_assert(isfinite(want[d]));
+                    free(want);
+                    free(got);
+                    n_checked++;
+                }
+                free(q);
+                free(kv);
+            }
+    }
+    if (ferry_cpu_isa_available(FERRY_CPU_ISA_AVX2))
+        ck_assert_int_gt(n_checked, 0);
+}
+END_TEST
+
+/* The attention op of each x86 backend equals the reference backend's: grouped-query heads,
+ * several tokens after a prefix, a sliding window, 1 and 2 threads. */
+START_TEST(test_backend_attention_matches_reference_backend)
+{
+    const int32_t n = 5, pos0 = 300, n_heads = 6, n_kv = 2, hd = 32, ctx = pos0 + n;
+    uint64_t rng = 5;
+    float *q = spread_floats(&rng, (size_t)n * n_heads * hd, 1);
+    float *k = spread_floats(&rng, (size_t)ctx * n_kv * hd, 1);
+    float *v = spread_floats(&rng, (size_t)ctx * n_kv * hd, 1);
+    size_t n_out = (size_t)n * n_heads * hd;
+    float *want = malloc(n_out * sizeof(float)), *got = malloc(n_out * sizeof(float));
+    ferry_backend *ref = backend(1, FERRY_CPU_ISA_REFERENCE);
+    for (int window = 0; window <= 100; window += 100) {
+        ferry_attn_shape sh = {n_heads, n_kv, hd, window, 1.0f / sqrtf((float)hd)};
+        ck_assert_int_eq(ref->ops->attention(ref, want, q, k, v, n, pos0, &sh), FERRY_OK);
+        for (size_t i = 0; i < COUNT(g_exact); i++) {
+            if (!ferry_cpu_isa_available(g_exact[i]))
+                continue;
+            for (int32_t threads = 1; threads <= 2; threads++) {
+                ferry_backend *b = backend(threads, g_exact[i]);
+                ck_assert_int_eq(b->ops->attention(b, got, q, k, v, n, pos0, &sh), FERRY_OK);
+                ck_assert_msg(memcmp(want, got, n_out * sizeof(float)) == 0, "%s, window %d",
+                              b->device, window);
+                ferry_backend_destroy(b);
+            }
+        }
+    }
+    ferry_backend_destroy(ref);
+    free(q);
+    free(k);
+    free(v);
+    free(want);
+    free(got);
+}
+END_TEST
+
 static Suite *cpu_kernels_suite(void)
 {
     Suite *s = suite_create("cpu_kernels");
@@ -452,6 +546,8 @@ static Suite *cpu_kernels_suite(void)
     tcase_add_test(tc, test_matmul_avx512bf16_close_and_independent_of_n);
     tcase_add_test(tc, test_matmul_quant_fused_equals_dequantize_then_multiply);
     tcase_add_test(tc, test_quant_weights_refused_where_unsupported);
+    tcase_add_test(tc, test_attention_kernels_match_reference);
+    tcase_add_test(tc, test_backend_attention_matches_reference_backend);
     tcase_add_test(tc, test_isa_detection_consistent);
     tcase_add_test(tc, test_isa_missing_is_refused);
     tcase_add_test(tc, test_isa_parse_names);

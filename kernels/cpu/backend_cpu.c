@@ -2,9 +2,9 @@
  * kernels/cpu/backend_cpu.c: the CPU reference backend. Plain loops with float32
  * accumulation, written to be read; the heavy ops (matmul, attention) are split over the
  * thread pool by output rows, so each output element is computed by one thread in a
- * fixed order and results do not depend on the thread count or the batch. The matmul runs
- * the kernel chosen at creation (kernels/cpu/cpu_kernels.h): the reference loops or a
- * vectorised kernel that gives the same bits.
+ * fixed order and results do not depend on the thread count or the batch. The matmul and
+ * the attention run the kernels chosen at creation (kernels/cpu/cpu_kernels.h): the
+ * reference loops or vectorised kernels that give the same bits.
  *
  * "Device" memory is ordinary host memory (64-byte aligned).
  */
@@ -33,6 +33,7 @@ typedef struct {
     ferry_pool *pool;
     ferry_cpu_isa isa;             /* the matmul kernels, resolved (never AUTO) */
     ferry_cpu_matmul_fn matmul_fn; /* its matmul */
+    ferry_cpu_attn_fn attn_fn;     /* its attention */
     /* Products of fewer multiply-adds run on the calling thread: waking the workers costs
      * some 10-30 us, in which the vector kernels do about a million. */
     int64_t matmul_serial_below;
@@ -376,17 +377,15 @@ static ferry_status cpu_rope(ferry_backend *b, float *d_x, int32_t n, int32_t n_
 
 /* ---- attention ------------------------------------------------------------------- */
 
-#define FERRY_ATT_BLOCK 128
-
 typedef struct {
     float *out;
     const float *q, *k, *v;
     int32_t n, pos0;
     const ferry_attn_shape *shape;
+    ferry_cpu_attn_fn fn;
 } attn_job;
 
-/* One (token, head): softmax(q.K^T * scale) V over the visible positions, with the
- * softmax computed blockwise (running max and sum) so no buffer scales with the context. */
+/* One (token, head), by the backend's attention kernel (cpu_kernels.h). */
 static void attn_task(void *vp, int32_t task)
 {
     const attn_job *job = vp;
@@ -394,46 +393,21 @@ static void attn_task(void *vp, int32_t task)
     int32_t t = task / sh->n_heads, h = task % sh->n_heads;
     int32_t hd = sh->head_dim;
     int32_t kvh = h / (sh->n_heads / sh->n_kv_heads);
-    size_t kv_stride = (size_t)sh->n_kv_heads * (size_t)hd;
-    const float *q = job->q + ((size_t)t * (size_t)sh->n_heads + (size_t)h) * (size_t)hd;
-    float *o = job->out + ((size_t)t * (size_t)sh->n_heads + (size_t)h) * (size_t)hd;
     int32_t pos = job->pos0 + t;
-    int32_t first = 0;
-    if (sh->sliding_window > 0 && pos - sh->sliding_window + 1 > 0)
-        first = pos - sh->sliding_window + 1;
-
-    float scores[FERRY_ATT_BLOCK];
-    float m = -INFINITY, l = 0;
-    for (int32_t d = 0; d < hd; d++)
-        o[d] = 0;
-    for (int32_t j0 = first; j0 <= pos; j0 += FERRY_ATT_BLOCK) {
-        int32_t jn = pos + 1 - j0 < FERRY_ATT_BLOCK ? pos + 1 - j0 : FERRY_ATT_BLOCK;
-        float bm = -INFINITY;
-        for (int32_t j = 0; j < jn; j++) {
-            const float *kr = job->k + (size_t)(j0 + j) * kv_stride + (size_t)kvh * (size_t)hd;
-            float acc[8] = {0};
-            ferry_cpu_dot_lanes(acc, q, kr, hd);
-            scores[j] = ferry_cpu_reduce_lanes(acc) * sh->scale;
-            if (scores[j] > bm)
-                bm = scores[j];
-        }
-        float m_new = bm > m ? bm : m;
-        float corr = expf(m - m_new); /* 0 on the first block (m = -inf) */
-        l *= corr;
-        for (int32_t d = 0; d < hd; d++)
-            o[d] *= corr;
-        for (int32_t j = 0; j < jn; j++) {
-            const float *vr = job->v + (size_t)(j0 + j) * kv_stride + (size_t)kvh * (size_t)hd;
-            float p = expf(scores[j] - m_new);
-            l += p;
-            for (int32_t d = 0; d < hd; d++)
-                o[d] += p * vr[d];
-        }
-        m = m_new;
-    }
-    float inv = 1.0f / l;
-    for (int32_t d = 0; d < hd; d++)
-        o[d] *= inv;
+    size_t at = ((size_t)t * (size_t)sh->n_heads + (size_t)h) * (size_t)hd;
+    ferry_cpu_attn_head a = {
+        .q = job->q + at,
+        .k = job->k + (size_t)kvh * (size_t)hd,
+        .v = job->v + (size_t)kvh * (size_t)hd,
+        .kv_stride = (size_t)sh->n_kv_heads * (size_t)hd,
+        .first = sh->sliding_window > 0 && pos - sh->sliding_window + 1 > 0
+                     ? pos - sh->sliding_window + 1
+                     : 0,
+        .last = pos,
+        .head_dim = hd,
+        .scale = sh->scale,
+    };
+    job->fn(job->out + at, &a);
 }
 
 static ferry_status cpu_attention(ferry_backend *b, float *d_out, const float *d_q,
@@ -443,7 +417,7 @@ static ferry_status cpu_attention(ferry_backend *b, float *d_out, const float *d
     if (!shape || shape->n_heads <= 0 || shape->n_kv_heads <= 0 || shape->head_dim <= 0 ||
         shape->n_heads % shape->n_kv_heads || pos0 < 0 || n < 0)
         return ferry_fail(FERRY_ERR_INVALID, "attention: invalid shape");
-    attn_job job = {d_out, d_q, d_k, d_v, n, pos0, shape};
+    attn_job job = {d_out, d_q, d_k, d_v, n, pos0, shape, ((cpu_impl *)b->impl)->attn_fn};
     int64_t n_tasks = (int64_t)n * shape->n_heads;
     int64_t work = n_tasks * (int64_t)(pos0 + n) * shape->head_dim;
     if (work < (1 << 15)) {
@@ -645,6 +619,7 @@ ferry_status ferry_backend_cpu_create_isa(int32_t n_threads, size_t device_bytes
     b->impl = impl;
     impl->isa = chosen;
     impl->matmul_fn = fn;
+    impl->attn_fn = ferry_cpu_attn_kernel(chosen);
     impl->matmul_serial_below = chosen == FERRY_CPU_ISA_REFERENCE ? 1 << 18 : 1 << 20;
     b->map_host_weights = device_bytes == 0;
     pthread_mutex_init(&impl->arena_mu, NULL);

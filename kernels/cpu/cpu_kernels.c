@@ -6,6 +6,7 @@
  * AVX and AVX-512 register state must be enabled, else the instructions fault).
  */
 #include <stdio.h>
+#include <math.h>
 #include <string.h>
 
 #include "core/error.h"
@@ -168,4 +169,56 @@ ferry_cpu_matmul_fn ferry_cpu_matmul_kernel(ferry_cpu_isa isa)
 #endif
     default: return NULL;
     }
+}
+
+/* ---- attention ---------------------------------------------------------------------- */
+
+void ferry_cpu_attn_reference(float *o, const ferry_cpu_attn_head *a)
+{
+    int32_t hd = a->head_dim;
+    float scores[FERRY_CPU_ATT_BLOCK];
+    float m = -INFINITY, l = 0;
+    for (int32_t d = 0; d < hd; d++)
+        o[d] = 0;
+    for (int32_t j0 = a->first; j0 <= a->last; j0 += FERRY_CPU_ATT_BLOCK) {
+        int32_t jn = a->last + 1 - j0 < FERRY_CPU_ATT_BLOCK ? a->last + 1 - j0
+                                                            : FERRY_CPU_ATT_BLOCK;
+        float bm = -INFINITY;
+        for (int32_t j = 0; j < jn; j++) {
+            float acc[8] = {0};
+            ferry_cpu_dot_lanes(acc, a->q, a->k + (size_t)(j0 + j) * a->kv_stride, hd);
+            scores[j] = ferry_cpu_reduce_lanes(acc) * a->scale;
+            if (scores[j] > bm)
+                bm = scores[j];
+        }
+        float m_new = bm > m ? bm : m;
+        float corr = expf(m - m_new); /* 0 on the first block (m = -inf) */
+        l *= corr;
+        for (int32_t d = 0; d < hd; d++)
+            o[d] *= corr;
+        for (int32_t j = 0; j < jn; j++) {
+            const float *vr = a->v + (size_t)(j0 + j) * a->kv_stride;
+            float p = expf(scores[j] - m_new);
+            l += p;
+            for (int32_t d = 0; d < hd; d++)
+                o[d] += p * vr[d];
+        }
+        m = m_new;
+    }
+    float inv = 1.0f / l;
+    for (int32_t d = 0; d < hd; d++)
+        o[d] *= inv;
+}
+
+ferry_cpu_attn_fn ferry_cpu_attn_kernel(ferry_cpu_isa isa)
+{
+    if (isa == FERRY_CPU_ISA_AUTO)
+        isa = ferry_cpu_isa_best_exact();
+    if (!ferry_cpu_isa_available(isa))
+        return NULL;
+#if FERRY_CPU_X86
+    if (isa != FERRY_CPU_ISA_REFERENCE)
+        return ferry_cpu_attn_avx2; /* every x86 set includes AVX2 */
+#endif
+    return ferry_cpu_attn_reference;
 }

@@ -57,6 +57,27 @@ ferry_status ferry_cpu_isa_parse(const char *s, ferry_cpu_isa *out);
  * it or isa is out of range. */
 ferry_cpu_matmul_fn ferry_cpu_matmul_kernel(ferry_cpu_isa isa);
 
+/* One (token, head) of attention: o = softmax(q . K^T * scale) V over the positions
+ * [first, last], with the softmax computed blockwise (FERRY_CPU_ATT_BLOCK positions at a
+ * time, running maximum and sum), so no buffer grows with the context. Position j's key
+ * is k + j * kv_stride (head_dim floats), its value v + j * kv_stride. */
+#define FERRY_CPU_ATT_BLOCK 128
+typedef struct {
+    const float *q;
+    const float *k, *v;
+    size_t kv_stride;
+    int32_t first, last;
+    int32_t head_dim;
+    float scale;
+} ferry_cpu_attn_head;
+
+typedef void (*ferry_cpu_attn_fn)(float *o, const ferry_cpu_attn_head *a);
+
+/* The attention for isa: the reference loops for REFERENCE, the AVX2 kernel (the same bits:
+ * each score a canonical dot product, each output element updated in position order, expf
+ * from libm) for the x86 sets; NULL when this CPU cannot run isa. */
+ferry_cpu_attn_fn ferry_cpu_attn_kernel(ferry_cpu_isa isa);
+
 /* Widens n elements of weight row `row`, from element `off` on, into f32 (exact). */
 void ferry_cpu_widen(float *dst, const ferry_weight *w, int64_t row, int64_t off, int64_t n);
 
@@ -106,6 +127,8 @@ void ferry_cpu_matmul_avx2(float *out, const float *x, const ferry_weight *w, in
                            int64_t j1);
 void ferry_cpu_matmul_avx512(float *out, const float *x, const ferry_weight *w, int32_t n,
                              int64_t j0, int64_t j1);
+void ferry_cpu_attn_reference(float *o, const ferry_cpu_attn_head *a);
+void ferry_cpu_attn_avx2(float *o, const ferry_cpu_attn_head *a);
 void ferry_cpu_matmul_avx512bf16(float *out, const float *x, const ferry_weight *w, int32_t n,
                                  int64_t j0, int64_t j1);
 

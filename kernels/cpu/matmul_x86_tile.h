@@ -12,11 +12,13 @@
  *   load_x(p): the 8 activations at p, as the tile's vectors pair them with load_block
  * (and matmul_x86_quant.h's col_offset). step is one 8-column step of the tile; accumulate
  * walks the columns (prefetching streamed rows, zero-padding the last cols % 8, which adds
- * +0 to lanes that start at +0 and so changes no bit); reduce8 sums eight sets of 8 lanes
- * in the reference's pairwise order.
+ * +0 to lanes that start at +0 and so changes no bit); the tiles' lanes are summed by
+ * x86_reduce.h's reduce8.
  */
 #ifndef FERRY_KERNELS_CPU_MATMUL_X86_TILE_H
 #define FERRY_KERNELS_CPU_MATMUL_X86_TILE_H
+
+#include "kernels/cpu/x86_reduce.h"
 
 /* One step: weight columns [wc, wc + 8) of the rows w[], activation columns [c, c + 8) of
  * the tokens x[]: a mul and an add, never a fused multiply-add, so each rounds as in the
@@ -86,16 +88,6 @@ TILE_TARGET INLINE void accumulate_quant(tile_acc acc, const char *const *w,
                     acc[b][t] = VADD(acc[b][t], VMUL(load_x(x[t] + c + 8 * k), wv[k]));
         }
     }
-}
-
-/* r[k] = ((a[k]0 + a[k]1) + (a[k]2 + a[k]3)) + ((a[k]4 + a[k]5) + (a[k]6 + a[k]7)). */
-TILE_TARGET INLINE __m256 reduce8(const __m256 a[8])
-{
-    __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
-    __m256 h2 = _mm256_hadd_ps(a[4], a[5]), h3 = _mm256_hadd_ps(a[6], a[7]);
-    __m256 g0 = _mm256_hadd_ps(h0, h1), g1 = _mm256_hadd_ps(h2, h3);
-    return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20),
-                         _mm256_permute2f128_ps(g0, g1, 0x31));
 }
 
 #endif
