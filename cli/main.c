@@ -71,7 +71,9 @@ static void usage_run(FILE *f)
             "                      CPU, the device holds the dense weights only)\n"
             "      --cpu-kernels K CPU matmul kernels: auto (default: the fastest exact set),\n"
             "                      reference, avx2, avx512, or avx512bf16 (activations\n"
-            "                      rounded to bf16: faster prefill, within 1e-2)\n");
+            "                      rounded to bf16: faster prefill, within 1e-2)\n"
+            "      --quant-dense Q quantize the dense matmul weights (attention projections,\n"
+            "                      LM head) in memory at load: q8, q4 or as-stored (default)\n");
 }
 
 /* Parses "123", "64K", "1.5G" (powers of 1024) into bytes. */
@@ -241,7 +243,7 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
         "--temp", "--top-k", "--top-p", "--seed", "--threads", "--gpu-mem", "--host-cache",
         "--offload", "--pack", "--reader", "--policy", "--prefetch", "--predictor",
         "--predictor-stats", "--lookahead", "--slots", "--backend", "--hybrid",
-        "--cpu-kernels"};
+        "--cpu-kernels", "--quant-dense"};
     const char *a = argv[*i];
     size_t w = 0, n_with = sizeof with_value / sizeof with_value[0];
     while (w < n_with && strcmp(a, with_value[w]))
@@ -337,6 +339,9 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
         static const char *const names[] = {"auto", "reference", "avx2", "avx512", "avx512bf16"};
         return parse_name(a, v, names, 5, "auto, reference, avx2, avx512 or avx512bf16",
                           &mp->cpu_kernels);
+    } else if (!strcmp(a, "--quant-dense")) {
+        static const char *const names[] = {"as-stored", "q8", "q4"};
+        return parse_name(a, v, names, 3, "as-stored, q8 or q4", &mp->quant_dense);
     }
     return 0;
 }
@@ -1092,7 +1097,8 @@ static void usage_batch(FILE *f)
             "      --ignore-eos    generate max_tokens even past EOS\n"
             "  and ferry run's sampling and model options: --temp --top-k --top-p --seed\n"
             "  --threads --backend --gpu-mem --offload --pack --host-cache --reader --policy --prefetch\n"
-            "  --predictor --predictor-stats --lookahead --slots --hybrid --cpu-kernels\n");
+            "  --predictor --predictor-stats --lookahead --slots --hybrid --cpu-kernels\n"
+            "  --quant-dense\n");
 }
 
 typedef struct {
@@ -1650,7 +1656,7 @@ static void usage_bench(FILE *f)
             "      --json FILE       also write the results as one JSON object\n"
             "  and ferry run's model options: --threads --backend --gpu-mem --offload --pack\n"
             "  --host-cache --reader --policy --prefetch --predictor --predictor-stats\n"
-            "  --lookahead --slots --hybrid --cpu-kernels\n");
+            "  --lookahead --slots --hybrid --cpu-kernels --quant-dense\n");
 }
 
 static int write_bench_json(const char *path, const char *model, const ferry_bench_params *bp,
@@ -1845,7 +1851,7 @@ static void usage_perplexity(FILE *f)
             "                  model's positions)\n"
             "  and ferry run's model options: --threads --backend --gpu-mem --offload --pack\n"
             "  --host-cache --reader --policy --prefetch --predictor --predictor-stats\n"
-            "  --lookahead --slots --hybrid --cpu-kernels\n");
+            "  --lookahead --slots --hybrid --cpu-kernels --quant-dense\n");
 }
 
 static int cmd_perplexity(int argc, char **argv)

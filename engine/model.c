@@ -28,7 +28,9 @@
 #include "core/error.h"
 #include "engine/model.h"
 #include "engine/hybrid.h"
+#include "engine/quantize.h"
 #include "kernels/cpu/cpu_kernels.h"
+#include "kernels/quant.h"
 #include "offload/pack.h"
 #include "offload/reader.h"
 #include "offload/topology.h"
@@ -49,7 +51,8 @@ ferry_model_params ferry_model_params_default(void)
                             .lookahead = 1,
                             .max_slots = 0,
                             .hybrid = FERRY_HYBRID_AUTO,
-                            .cpu_kernels = FERRY_CPU_KERNELS_AUTO};
+                            .cpu_kernels = FERRY_CPU_KERNELS_AUTO,
+                            .quant_dense = FERRY_PACK_AS_STORED};
     return p;
 }
 
@@ -97,6 +100,10 @@ static ferry_status check_hybrid_params(const ferry_model_params *p)
     if (p->cpu_kernels < FERRY_CPU_KERNELS_AUTO || p->cpu_kernels > FERRY_CPU_KERNELS_AVX512BF16)
         return ferry_fail(FERRY_ERR_INVALID, "CPU kernel set %d is not one of 0..4",
                           (int)p->cpu_kernels);
+    if (p->quant_dense != FERRY_PACK_AS_STORED && p->quant_dense != FERRY_PACK_Q8 &&
+        p->quant_dense != FERRY_PACK_Q4)
+        return ferry_fail(FERRY_ERR_INVALID, "dense weight format %d is not as-stored (0), q8 "
+                          "(1) or q4 (2)", (int)p->quant_dense);
     if (p->hybrid == FERRY_HYBRID_CPU_EXPERTS && p->gpu_mem_bytes > 0 &&
         p->offload == FERRY_OFFLOAD_NVME)
         return ferry_fail(FERRY_ERR_INVALID, "--hybrid cpu-experts computes the experts where "
@@ -511,6 +518,47 @@ static ferry_status bind(ferry_model *m, const char *name, int32_t n_dims, int64
     return bind_tensor(m, name, n_dims, d0, d1, 0, out);
 }
 
+/* A dense matmul weight (d0 x d1): as the checkpoint has it, or with --quant-dense
+ * quantized on all cores into host memory, then copied to the device unless the backend
+ * computes from host memory. */
+static ferry_status bind_matmul(ferry_model *m, const char *name, int64_t d0, int64_t d1,
+                                ferry_weight *out)
+{
+    int32_t f = m->params.quant_dense;
+    if (f == FERRY_PACK_AS_STORED)
+        return bind(m, name, 2, d0, d1, out);
+    ferry_dtype q = f == FERRY_PACK_Q8 ? FERRY_DTYPE_Q8 : FERRY_DTYPE_Q4;
+    if (d1 % FERRY_QUANT_GROUP)
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "--quant-dense %s: tensor '%s' has %lld columns, "
+                          "not a multiple of %d", ferry_quant_name(q), name, (long long)d1,
+                          FERRY_QUANT_GROUP);
+    ferry_weight host;
+    TRY(bind_tensor(m, name, 2, d0, d1, 1, &host));
+    if (!m->bind_pool)
+        TRY(ferry_pool_create(ferry_topology_default_threads(), &m->bind_pool));
+    size_t n_bytes = (size_t)d0 * ferry_dtype_row_bytes(q, d1);
+    void *buf = malloc(n_bytes), *data = buf;
+    if (!buf)
+        return ferry_fail(FERRY_ERR_NOMEM, "tensor '%s': no memory for %zu bytes of %s", name,
+                          n_bytes, ferry_quant_name(q));
+    ferry_status st = ferry_quantize_matrix(&host, q, m->bind_pool, buf);
+    if (st) {
+        free(buf);
+        return ferry_fail_prefix(st, "--quant-dense %s: tensor '%s'", ferry_quant_name(q), name);
+    }
+    if (m->be->map_host_weights) {
+        if ((st = keep_owned(m, buf, 0)))
+            free(buf);
+    } else {
+        st = upload_owned(m, buf, n_bytes, &data);
+        free(buf);
+    }
+    if (st)
+        return st;
+    *out = (ferry_weight){.d_data = data, .dtype = q, .rows = d0, .cols = d1};
+    return FERRY_OK;
+}
+
 /* Binds expert e of layer l from the caller's pack: views into its mapping (copied to the
  * device when experts do not stay on the host). */
 static ferry_status bind_pack_expert(ferry_model *m, int32_t l, int32_t e, ferry_expert_weights *X)
@@ -551,10 +599,16 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
 #define BIND(suffix, nd, a, b, dst) BIND_AT(suffix, nd, a, b, 0, dst)
     BIND("input_layernorm.weight", 1, d, 0, &L->attn_norm);
     BIND("post_attention_layernorm.weight", 1, d, 0, &L->ffn_norm);
-    BIND("self_attn.q_proj.weight", 2, q_dim, d, &L->wq);
-    BIND("self_attn.k_proj.weight", 2, kv_dim, d, &L->wk);
-    BIND("self_attn.v_proj.weight", 2, kv_dim, d, &L->wv);
-    BIND("self_attn.o_proj.weight", 2, d, q_dim, &L->wo);
+#define BIND_MATMUL(suffix, a, b, dst)                                                          \
+    do {                                                                                        \
+        snprintf(name, sizeof name, "model.layers.%d.%s", (int)l, suffix);                      \
+        if ((st = bind_matmul(m, name, a, b, dst)))                                             \
+            return st;                                                                          \
+    } while (0)
+    BIND_MATMUL("self_attn.q_proj.weight", q_dim, d, &L->wq);
+    BIND_MATMUL("self_attn.k_proj.weight", kv_dim, d, &L->wk);
+    BIND_MATMUL("self_attn.v_proj.weight", kv_dim, d, &L->wv);
+    BIND_MATMUL("self_attn.o_proj.weight", d, q_dim, &L->wo);
     BIND("block_sparse_moe.gate.weight", 2, c->n_experts, d, &L->gate);
     L->experts = calloc((size_t)c->n_experts, sizeof *L->experts);
     if (!L->experts)
@@ -573,6 +627,7 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     }
 #undef BIND
 #undef BIND_AT
+#undef BIND_MATMUL
     return FERRY_OK;
 }
 
@@ -740,7 +795,8 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         goto fail;
     if (c->tie_word_embeddings) {
         m->lm_head = m->embed;
-    } else if ((st = bind(m, "lm_head.weight", 2, c->vocab_size, c->hidden_size, &m->lm_head))) {
+    } else if ((st = bind_matmul(m, "lm_head.weight", c->vocab_size, c->hidden_size,
+                                 &m->lm_head))) {
         goto fail;
     }
     if (m->pack_path && (st = open_user_pack(m)))
@@ -753,6 +809,8 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     for (int32_t l = 0; l < c->n_layers; l++)
         if ((st = bind_layer(m, l)))
             goto fail;
+    ferry_pool_destroy(m->bind_pool);
+    m->bind_pool = NULL;
     m->dense_bytes = m->be->ops->mem_used(m->be);
     /* CPU_EXPERTS computes every expert where the checkpoint maps it: no store, no slots */
     if (p->gpu_mem_bytes > 0 && m->hybrid != FERRY_HYBRID_CPU_EXPERTS &&
@@ -784,6 +842,7 @@ void ferry_model_close(ferry_model *m)
 {
     if (!m)
         return;
+    ferry_pool_destroy(m->bind_pool);
     ferry_prefetch_destroy(m->prefetch);
     ferry_cache_destroy(m->cache);
     if (m->d_slots)

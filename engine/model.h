@@ -13,6 +13,7 @@
 
 #include <pthread.h>
 
+#include "core/pool.h"
 #include "engine/config.h"
 #include "engine/safetensors.h"
 #include "engine/tokenizer.h"
@@ -63,6 +64,7 @@ struct ferry_model {
     ferry_layer_weights *layers; /* (n_layers) */
 
     ferry_owned *owned;      /* device copies, or aligned host copies of experts */
+    ferry_pool *bind_pool;   /* quantizes dense weights while binding (--quant-dense) */
     int32_t n_owned, cap_owned;
     int64_t n_params;
 

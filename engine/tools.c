@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/pool.h"
 #include "engine/context.h"
+#include "engine/quantize.h"
 #include "engine/sim.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "kernels/quant.h"
@@ -567,39 +568,15 @@ done:
 
 /* ---- ferry pack ---------------------------------------------------------------------- */
 
-/* The pack writer's source for a quantized pack: each matrix of the open model widened to
- * float32 and quantized row by row, the rows spread over a thread pool (every row is
- * quantized alone, so the bytes do not depend on the thread count). */
-#define QUANT_ROWS_PER_TASK 64
-
+/* The pack writer's source for a quantized pack: each matrix of the open model quantized
+ * on the pool (engine/quantize.h). */
 typedef struct {
     const ferry_model *m;
     ferry_dtype quant; /* FERRY_DTYPE_Q8 or FERRY_DTYPE_Q4 */
     ferry_pool *pool;
     uint8_t *buf;      /* the part being handed out */
     size_t cap;
-    const ferry_weight *w; /* the part being quantized */
-    int64_t *task_bad;     /* per task: the first row that failed, -2 out of memory, -1 none */
 } quant_source;
-
-static void quant_task(void *arg, int32_t task)
-{
-    quant_source *q = arg;
-    const ferry_weight *w = q->w;
-    size_t rb = ferry_dtype_row_bytes(q->quant, w->cols);
-    int64_t r0 = (int64_t)task * QUANT_ROWS_PER_TASK;
-    int64_t r1 = r0 + QUANT_ROWS_PER_TASK < w->rows ? r0 + QUANT_ROWS_PER_TASK : w->rows;
-    float *row = malloc((size_t)w->cols * sizeof(float));
-    q->task_bad[task] = row ? -1 : -2;
-    for (int64_t r = r0; row && r < r1; r++) {
-        ferry_cpu_widen(row, w, r, 0, w->cols);
-        if (ferry_quantize_row(q->quant, row, w->cols, q->buf + (size_t)r * rb) != FERRY_OK) {
-            q->task_bad[task] = r;
-            break;
-        }
-    }
-    free(row);
-}
 
 static ferry_status quant_model_source(void *user, int32_t layer, int32_t expert, int32_t which,
                                        const void **data, ferry_dtype *dtype)
@@ -616,23 +593,7 @@ static ferry_status quant_model_source(void *user, int32_t layer, int32_t expert
             return ferry_fail(FERRY_ERR_NOMEM, "no memory for %zu bytes of quantized weights",
                               n_bytes);
     }
-    q->w = w;
-    int32_t n_tasks = (int32_t)((w->rows + QUANT_ROWS_PER_TASK - 1) / QUANT_ROWS_PER_TASK);
-    ferry_pool_run(q->pool, n_tasks, quant_task, q);
-    for (int32_t t = 0; t < n_tasks; t++) {
-        if (q->task_bad[t] == -2)
-            return ferry_fail(FERRY_ERR_NOMEM, "no memory to quantize a row");
-        if (q->task_bad[t] >= 0) { /* again on this thread, for the message */
-            float *row = malloc((size_t)w->cols * sizeof(float));
-            if (!row)
-                return ferry_fail(FERRY_ERR_NOMEM, "no memory to quantize a row");
-            ferry_cpu_widen(row, w, q->task_bad[t], 0, w->cols);
-            ferry_status st = ferry_quantize_row(q->quant, row, w->cols, q->buf);
-            free(row);
-            return ferry_fail_prefix(st ? st : FERRY_ERR_INVALID, "row %lld",
-                                     (long long)q->task_bad[t]);
-        }
-    }
+    TRY(ferry_quantize_matrix(w, q->quant, q->pool, q->buf));
     *data = q->buf;
     *dtype = q->quant;
     return FERRY_OK;
@@ -680,18 +641,11 @@ ferry_status ferry_pack_model(const char *model_dir, const char *out_path,
                         (int)shape.d_model, (int)shape.d_ff, FERRY_QUANT_GROUP, FERRY_QUANT_GROUP);
         goto done;
     }
-    int64_t most_rows = shape.d_model > shape.d_ff ? shape.d_model : shape.d_ff;
-    q.task_bad = malloc((size_t)(most_rows / QUANT_ROWS_PER_TASK + 1) * sizeof *q.task_bad);
-    if (!q.task_bad) {
-        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
-        goto done;
-    }
     if ((st = ferry_pool_create(ferry_topology_default_threads(), &q.pool)))
         goto done;
     st = ferry_pack_write(out_path, &shape, quant_model_source, NULL, &q);
 done:
     ferry_pool_destroy(q.pool);
-    free(q.task_bad);
     free(q.buf);
     ferry_model_close(m);
     return st;

@@ -145,6 +145,12 @@ typedef struct {
     int32_t hybrid;            /* ferry_hybrid_id */
     int32_t cpu_kernels;       /* ferry_cpu_kernels_id, for the CPU backend and the CPU's
                                   share of hybrid work */
+    int32_t quant_dense;       /* ferry_pack_format for the dense matmul weights (attention
+                                  projections, and the LM head unless tied to the
+                                  embedding), quantized in memory at open:
+                                  FERRY_PACK_AS_STORED (default) keeps the checkpoint's, Q8
+                                  and Q4 as in packs (their columns must be multiples of
+                                  32). Embeddings, norms and routers stay as stored. */
 } ferry_model_params;
 
 ferry_model_params ferry_model_params_default(void);

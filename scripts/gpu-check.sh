@@ -12,7 +12,8 @@
 #     decode with --gpu-mem 6G (fetch rate against pinned host-to-device bandwidth) with
 #     --hybrid auto, off and cpu-experts (the bound of PCIe plus CPU memory bandwidth).
 #   quant (part of all): the same checkpoint (written if missing) packed with --quant q4
-#     (kept beside it) and benchmarked with --gpu-mem 6G, resident, and --hybrid off.
+#     (kept beside it) and benchmarked resident and with --gpu-mem 6G (--hybrid auto and
+#     off), then with --quant-dense q4 too (more of the 6G left for expert slots).
 # Each device command may run 10 minutes: run `tests`, `mixtral` and `quant` as separate
 # commands.
 #
@@ -141,6 +142,9 @@ if [ "$what" = quant ] || [ "$what" = all ]; then
             --pack "$q4" --gpu-mem 6G --hybrid "$h" --prompt-len 32 --gen-len 32 --repeat 2 \
             --json "$out/bench-mixtral-q4-6g-$h.json"
     done
+    step bench-mixtral-q4-6g-dense-q4 build-gpu/ferry bench "$synth" --backend cuda --mode decode \
+        --pack "$q4" --gpu-mem 6G --quant-dense q4 --prompt-len 32 --gen-len 32 --repeat 2 \
+        --json "$out/bench-mixtral-q4-6g-dense-q4.json"
 fi
 
 cat "$out/summary.txt"

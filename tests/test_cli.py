@@ -159,6 +159,33 @@ class CliTest(unittest.TestCase):
             self.assertEqual(p.returncode, 1)
             self.assertIn("none.pack", p.stderr.decode())
 
+    def test_quantized_dense_weights(self):
+        heldout = os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            text = os.path.join(tmp, "in.txt")
+            with open(heldout) as f, open(text, "w") as g:
+                g.write(f.read()[:3000])
+            ppl = {}
+            for q in ("as-stored", "q8", "q4"):
+                base = ["perplexity", MODEL, "--text", text, "--window", "256", "--quant-dense", q]
+                runs = [ferry(*base, *extra).stdout.decode()
+                        for extra in ([], ["--gpu-mem", "20M", "--hybrid", "off"],
+                                      ["--hybrid", "cpu-experts"])]
+                self.assertEqual(len({r.split(", ")[0] for r in runs}), 1, runs)  # lossless
+                ppl[q] = float(re.search(r"perplexity: ([0-9.]+)", runs[0]).group(1))
+            plain = ferry("perplexity", MODEL, "--text", text, "--window", "256").stdout.decode()
+            self.assertEqual(ppl["as-stored"],
+                             float(re.search(r"perplexity: ([0-9.]+)", plain).group(1)))
+            self.assertNotEqual(ppl["q8"], ppl["as-stored"])
+            self.assertLess(abs(ppl["q8"] / ppl["as-stored"] - 1), 0.005)
+            self.assertLess(abs(ppl["q4"] / ppl["as-stored"] - 1), 0.05)
+            out = ferry("run", MODEL, "-p", "def fibonacci(n):", "-n", "24", "--quant-dense", "q4")
+            self.assertGreater(len(out.stdout), 20)
+            p = ferry("run", MODEL, "-p", "x", "--quant-dense", "q2", check=False)
+            self.assertEqual(p.returncode, 2)
+            self.assertIn("--quant-dense", p.stderr.decode())
+            self.assertIn("as-stored, q8 or q4", p.stderr.decode())
+
     def test_hybrid_modes_print_the_same_text(self):
         args = ["run", MODEL, "-p", "def fibonacci(n):", "-n", "40", "--ctx", "256"]
         want = ferry(*args).stdout

@@ -1321,7 +1321,8 @@ static ferry_status run_case(const ferry_model_params *mp, int ci, run_result *r
         return st;
     ferry_model_info info;
     ferry_model_get_info(m, &info);
-    ck_assert_int_eq(info.backend, FERRY_BACKEND_CUDA);
+    ck_assert_int_eq(info.backend, mp->backend == FERRY_BACKEND_CPU ? FERRY_BACKEND_CPU
+                                                                    : FERRY_BACKEND_CUDA);
     g_vocab = info.n_vocab;
     size_t v = (size_t)g_vocab;
     ferry_context_params cp = ferry_context_params_default();
@@ -1509,6 +1510,40 @@ START_TEST(test_cuda_hybrid_matches_the_gpu)
 }
 END_TEST
 
+/* --quant-dense q8 and q4: the GPU's quantized dense matmuls (GEMV for decode, the tiled
+ * kernel for prefill) against the CPU backend with the same quantized weights; with a
+ * budget too (the experts offloaded, the dense weights quantized on the device). */
+START_TEST(test_cuda_quant_dense_matches_cpu)
+{
+    size_t v = (size_t)g_vocab;
+    for (int32_t f = FERRY_PACK_Q8; f <= FERRY_PACK_Q4; f++)
+        for (int ci = 0; ci < N_OFFLOAD_CASES; ci++) {
+            ferry_model_params mp = gpu_params();
+            mp.quant_dense = f;
+            if (ci % 2)
+                mp.gpu_mem_bytes = g_min_budget + 2 * g_slot_bytes;
+            run_result g, c;
+            ck_assert_msg(run_case(&mp, ci, &g, NULL) == FERRY_OK, "%s", ferry_last_error());
+            mp.backend = FERRY_BACKEND_CPU;
+            mp.gpu_mem_bytes = 0;
+            ck_assert_msg(run_case(&mp, ci, &c, NULL) == FERRY_OK, "%s", ferry_last_error());
+            ck_assert_int_eq(g.n, c.n);
+            int32_t agree = 0;
+            for (int32_t p = 0; p < g.n; p++) {
+                const float *a = g.logits + (size_t)p * v, *b = c.logits + (size_t)p * v;
+                double err = tu_rel_l2(a, b, v);
+                ck_assert_msg(err <= 2e-2, "format %d, case %d, position %d: relative error %g",
+                              (int)f, ci, (int)p, err);
+                agree += ferry_argmax(a, g_vocab) == ferry_argmax(b, g_vocab);
+            }
+            ck_assert_msg(agree >= (int32_t)(0.98 * g.n), "format %d, case %d: argmax agrees at "
+                          "%d of %d", (int)f, ci, (int)agree, (int)g.n);
+            free(g.logits);
+            free(c.logits);
+        }
+}
+END_TEST
+
 static Suite *cuda_suite(void)
 {
     Suite *s = suite_create("cuda");
@@ -1547,6 +1582,7 @@ static Suite *cuda_suite(void)
     tcase_add_test(offload, test_cuda_offload_lossless_across_budgets);
     tcase_add_test(offload, test_cuda_offload_lossless_across_policies_and_prefetch);
     tcase_add_test(offload, test_cuda_hybrid_matches_the_gpu);
+    tcase_add_test(offload, test_cuda_quant_dense_matches_cpu);
     suite_add_tcase(s, offload);
     return s;
 }

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "check_util.h"
+#include "engine/model.h"
 #include "ferry.h"
 #include "offload/pack.h"
 
@@ -282,6 +283,61 @@ START_TEST(test_packed_other_checkpoint_same_shape_refused)
 }
 END_TEST
 
+/* --quant-dense: the attention projections and the LM head become q8/q4 (embeddings,
+ * norms and routers do not); the logits move a little; with q4 dense weights and a q4
+ * pack, every placement of the experts still gives the same bits; a bad format is refused. */
+START_TEST(test_packed_quant_dense)
+{
+    ferry_model_params mp = cpu_params(NULL);
+    float *plain = run_logits(&mp, NULL);
+    mp.quant_dense = FERRY_PACK_Q8;
+    ferry_model *m;
+    ck_assert_msg(ferry_model_open(MODEL_DIR, &mp, &m) == FERRY_OK, "%s", ferry_last_error());
+    for (int32_t l = 0; l < 6; l++) {
+        ck_assert_int_eq(m->layers[l].wq.dtype, FERRY_DTYPE_Q8);
+        ck_assert_int_eq(m->layers[l].wk.dtype, FERRY_DTYPE_Q8);
+        ck_assert_int_eq(m->layers[l].wv.dtype, FERRY_DTYPE_Q8);
+        ck_assert_int_eq(m->layers[l].wo.dtype, FERRY_DTYPE_Q8);
+        ck_assert_int_eq(m->layers[l].gate.dtype, FERRY_DTYPE_BF16);
+        ck_assert_int_eq(m->layers[l].attn_norm.dtype, FERRY_DTYPE_BF16);
+        ck_assert_int_eq(m->layers[l].experts[0].w1.dtype, FERRY_DTYPE_BF16);
+    }
+    ck_assert_int_eq(m->lm_head.dtype, FERRY_DTYPE_Q8);
+    ck_assert_int_eq(m->embed.dtype, FERRY_DTYPE_BF16);
+    ferry_model_close(m);
+    float *q8 = run_logits(&mp, NULL);
+    double num = 0, den = 0;
+    for (size_t i = 0; i < 4096; i++) {
+        num += ((double)q8[i] - plain[i]) * ((double)q8[i] - plain[i]);
+        den += (double)plain[i] * plain[i];
+    }
+    ck_assert_msg(num > 0 && sqrt(num / den) < 2e-2, "q8 dense: relative L2 %g", sqrt(num / den));
+
+    mp = cpu_params(g_q4);
+    mp.quant_dense = FERRY_PACK_Q4;
+    float *want = run_logits(&mp, NULL);
+    mp.gpu_mem_bytes = 8 << 20;
+    mp.max_slots = 4;
+    float *ram = run_logits(&mp, NULL);
+    assert_same_logits("q4 dense, RAM tier", ram, want);
+    mp = cpu_params(g_q4);
+    mp.quant_dense = FERRY_PACK_Q4;
+    mp.hybrid = FERRY_HYBRID_CPU_EXPERTS;
+    float *cpu = run_logits(&mp, NULL);
+    assert_same_logits("q4 dense, cpu-experts", cpu, want);
+
+    mp = cpu_params(NULL);
+    mp.quant_dense = 3;
+    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_INVALID);
+    ck_assert_msg(strstr(ferry_last_error(), "dense weight format 3"), "%s", ferry_last_error());
+    free(plain);
+    free(q8);
+    free(want);
+    free(ram);
+    free(cpu);
+}
+END_TEST
+
 /* The pack's table says what each expert is: q4 parts, 20 bytes per 32 weights. */
 START_TEST(test_packed_q4_table)
 {
@@ -317,6 +373,7 @@ static Suite *packed_model_suite(void)
     tcase_add_test(tc, test_packed_foreign_missing_and_bad_arguments);
     tcase_add_test(tc, test_packed_q4_table);
     tcase_add_test(tc, test_packed_other_checkpoint_same_shape_refused);
+    tcase_add_test(tc, test_packed_quant_dense);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -402,6 +402,15 @@ class OffloadTest(unittest.TestCase):
             with self.assertRaises(ferry.FerryError):
                 open_model(pack=os.path.join(tmp, "missing.pack"))
 
+    def test_quantized_dense_weights(self):
+        texts = []
+        for kw in ({}, {"gpu_mem": 20 << 20, "hybrid": "off"}, {"hybrid": "cpu-experts"}):
+            with open_model(quant_dense="q8", **kw) as m:
+                texts.append(m.generate(CASE["prompt"], max_tokens=24, stop_at_eos=False))
+        self.assertEqual(len(set(texts)), 1)
+        with self.assertRaises(ValueError):
+            open_model(quant_dense="q3")
+
     def test_budget_too_small_is_a_ferry_error(self):
         with self.assertRaises(ferry.FerryError) as cm:
             open_model(gpu_mem="1M")

@@ -351,6 +351,8 @@ class Model:
                   is sooner), "off" (always fetched) or "cpu-experts" (every expert on
                   the CPU)
       cpu_kernels "auto", "reference", "avx2", "avx512" or "avx512bf16"
+      quant_dense None (the checkpoint's dtype), "q8" or "q4": the dense matmul weights
+                  (attention projections, LM head) quantized in memory at open
 
     Raises FerryError when the library fails (a missing config.json is FERRY_ERR_IO),
     ValueError/TypeError for bad arguments. A Model is used by one thread at a time (see
@@ -360,7 +362,7 @@ class Model:
     def __init__(self, path, *, gpu_mem=None, offload="ram", pack=None, backend="auto",
                  threads=0, policy="lru", prefetch=True, predictor="gate",
                  predictor_stats=None, lookahead=1, slots=0, ctx=0, host_cache=None,
-                 reader="auto", hybrid="auto", cpu_kernels="auto"):
+                 reader="auto", hybrid="auto", cpu_kernels="auto", quant_dense=None):
         self._handle = None
         self._ctx = None
         self._closed = True
@@ -388,6 +390,9 @@ class Model:
         mp.max_slots = _int("slots", slots, 0, _INT32_MAX)
         mp.hybrid = _choice("hybrid", hybrid, HYBRID)
         mp.cpu_kernels = _choice("cpu_kernels", cpu_kernels, CPU_KERNELS)
+        if quant_dense not in _PACK_FORMATS:
+            raise ValueError("quant_dense must be None, 'q8' or 'q4', not %r" % (quant_dense,))
+        mp.quant_dense = _PACK_FORMATS[quant_dense]
         self._n_ctx = _int("ctx", ctx, 0, _INT32_MAX)
         model_dir = _path("path", path)
 

@@ -50,6 +50,7 @@ class ModelParams(ctypes.Structure):
         ("max_slots", c_int32),
         ("hybrid", c_int32),
         ("cpu_kernels", c_int32),
+        ("quant_dense", c_int32),
     ]
 
 
