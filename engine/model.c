@@ -291,8 +291,18 @@ static ferry_status open_predictor_inputs(ferry_model *m)
 static ferry_status open_store(ferry_model *m, const char *dir)
 {
     const ferry_config *c = &m->cfg;
-    if (m->params.offload == FERRY_OFFLOAD_RAM)
-        return ferry_store_create_ram(c->n_layers, c->n_experts, expert_source, m, &m->store);
+    if (m->params.offload == FERRY_OFFLOAD_RAM) {
+        TRY(ferry_store_create_ram(c->n_layers, c->n_experts, expert_source, m, &m->store));
+        for (int32_t l = 0; m->pack && l < c->n_layers; l++) /* the copies of a --pack */
+            for (int32_t e = 0; e < c->n_experts; e++) {
+                const void *bytes;
+                TRY(ferry_store_get(m->store, l, e, &bytes));
+                ferry_status st = ferry_pack_verify(m->pack, l, e, bytes);
+                ferry_store_put(m->store, l, e);
+                TRY(st);
+            }
+        return FERRY_OK;
+    }
     ferry_pack_shape shape;
     ferry_status st = m->pack_path ? FERRY_OK : default_pack(m, dir);
     if (!st)
@@ -631,10 +641,18 @@ static ferry_status bind_layer(ferry_model *m, int32_t l)
     return FERRY_OK;
 }
 
+/* Whether open_store will build the RAM tier, which copies every expert. */
+static int builds_ram_store(const ferry_model *m)
+{
+    return m->params.gpu_mem_bytes > 0 && m->params.offload == FERRY_OFFLOAD_RAM &&
+           m->hybrid != FERRY_HYBRID_CPU_EXPERTS;
+}
+
 /* --pack FILE: the experts come from the pack instead of the checkpoint. It is checked
- * against the model's shape and mapped read-only; unless the NVMe tier reads it (and checks
- * every read), every expert's checksum is checked here, once, so a corrupt pack fails at
- * open and never computes. */
+ * against the model's shape and mapped read-only; every expert's checksum is checked once
+ * at open, so a corrupt pack fails there and never computes: here, over the mapping, or
+ * where the experts are copied anyway, over the copies (the RAM tier: open_store, so the
+ * pack is read once), or on each read (the NVMe tier). */
 static ferry_status open_user_pack(ferry_model *m)
 {
     const ferry_config *c = &m->cfg;
@@ -656,7 +674,8 @@ static ferry_status open_user_pack(ferry_model *m)
                           strerror(err));
     m->pack_map = map;
     m->pack_map_bytes = n_bytes;
-    if (m->params.gpu_mem_bytes > 0 && m->params.offload == FERRY_OFFLOAD_NVME)
+    if ((m->params.gpu_mem_bytes > 0 && m->params.offload == FERRY_OFFLOAD_NVME) ||
+        builds_ram_store(m))
         return FERRY_OK;
     madvise(map, n_bytes, MADV_SEQUENTIAL);
     for (int32_t l = 0; l < c->n_layers; l++)

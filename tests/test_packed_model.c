@@ -192,13 +192,20 @@ START_TEST(test_packed_corrupt_pack_refused_at_open)
     char path[512];
     tu_write_file(path, "corrupt-q4.pack", bytes, len);
     free(bytes);
-    ferry_model_params mp = cpu_params(path);
-    ferry_model *m = NULL;
-    ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_FORMAT);
-    ck_assert_msg(strstr(ferry_last_error(), "layer 2 expert 3") &&
-                      strstr(ferry_last_error(), "checksum"),
-                  "%s", ferry_last_error());
-    ck_assert_ptr_null(m);
+    /* checked over the mapping (resident, cpu-experts) or over the RAM tier's copies */
+    for (int mode = 0; mode < 3; mode++) {
+        ferry_model_params mp = cpu_params(path);
+        if (mode == 1)
+            mp.hybrid = FERRY_HYBRID_CPU_EXPERTS;
+        if (mode == 2)
+            mp.gpu_mem_bytes = 20 << 20;
+        ferry_model *m = NULL;
+        ck_assert_int_eq(ferry_model_open(MODEL_DIR, &mp, &m), FERRY_ERR_FORMAT);
+        ck_assert_msg(strstr(ferry_last_error(), "layer 2 expert 3") &&
+                          strstr(ferry_last_error(), "checksum"),
+                      "mode %d: %s", mode, ferry_last_error());
+        ck_assert_ptr_null(m);
+    }
 }
 END_TEST
 
