@@ -14,6 +14,13 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The size helpers below are also callable from CUDA device code. */
+#ifdef __CUDACC__
+#define FERRY_HOST_DEVICE __host__ __device__
+#else
+#define FERRY_HOST_DEVICE
+#endif
+
 typedef enum {
     FERRY_DTYPE_F32 = 0,
     FERRY_DTYPE_F16 = 1,
@@ -26,20 +33,20 @@ typedef enum {
 /* Weights per group of a quantized row. */
 #define FERRY_QUANT_GROUP 32
 
-static inline int ferry_dtype_is_quant(ferry_dtype t)
+static inline FERRY_HOST_DEVICE int ferry_dtype_is_quant(ferry_dtype t)
 {
     return t == FERRY_DTYPE_Q8 || t == FERRY_DTYPE_Q4;
 }
 
 /* Bytes per element of an element type (f32 4, f16 and bf16 2); 0 for a quantized type,
  * whose rows are measured by ferry_dtype_row_bytes. */
-static inline size_t ferry_dtype_size(ferry_dtype t)
+static inline FERRY_HOST_DEVICE size_t ferry_dtype_size(ferry_dtype t)
 {
     return t == FERRY_DTYPE_F32 ? 4 : (t == FERRY_DTYPE_F16 || t == FERRY_DTYPE_BF16) ? 2 : 0;
 }
 
 /* Bytes of one group of a quantized type: 34 (q8), 20 (q4); 0 otherwise. */
-static inline size_t ferry_quant_group_bytes(ferry_dtype t)
+static inline FERRY_HOST_DEVICE size_t ferry_quant_group_bytes(ferry_dtype t)
 {
     return t == FERRY_DTYPE_Q8 ? 2 + FERRY_QUANT_GROUP
                                : t == FERRY_DTYPE_Q4 ? 4 + FERRY_QUANT_GROUP / 2 : 0;
@@ -47,7 +54,7 @@ static inline size_t ferry_quant_group_bytes(ferry_dtype t)
 
 /* Bytes of a row of cols weights of type t (for a quantized type, cols must be a multiple
  * of 32: the caller checks). */
-static inline size_t ferry_dtype_row_bytes(ferry_dtype t, int64_t cols)
+static inline FERRY_HOST_DEVICE size_t ferry_dtype_row_bytes(ferry_dtype t, int64_t cols)
 {
     if (ferry_dtype_is_quant(t))
         return (size_t)(cols / FERRY_QUANT_GROUP) * ferry_quant_group_bytes(t);

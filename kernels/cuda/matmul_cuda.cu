@@ -222,11 +222,6 @@ typedef struct {
     uint32_t q[2];
 } quant_raw;
 
-template <int DT> __device__ __forceinline__ size_t quant_group_bytes()
-{
-    return DT == FERRY_DTYPE_Q8 ? 2 + FERRY_QUANT_GROUP : 4 + FERRY_QUANT_GROUP / 2;
-}
-
 /* A little-endian 16-bit field at p: one load where the weight starts at an even address
  * (then every field is at an even address), two byte loads otherwise. */
 template <bool EVEN> __device__ __forceinline__ uint32_t ld_u16(const uint8_t *__restrict__ p)
@@ -317,7 +312,7 @@ __global__ void gemv_quant_kernel(float *__restrict__ out, const float *__restri
     int lane = threadIdx.x & 31;
     if (r >= rows)
         return;
-    const size_t gbytes = quant_group_bytes<DT>(), ucols = (size_t)cols;
+    const size_t gbytes = ferry_quant_group_bytes((ferry_dtype)DT), ucols = (size_t)cols;
     const int64_t n_groups = cols / FERRY_QUANT_GROUP;
     const uint8_t *row = w + (size_t)r * (size_t)n_groups * gbytes;
     const int part = lane & 7;
@@ -398,7 +393,7 @@ __global__ void __launch_bounds__(FERRY_QTILE_THREADS)
     const int tid = threadIdx.x;
     const int64_t t0 = (int64_t)blockIdx.y * FERRY_QTILE_TOKENS;
     const int64_t r0 = (int64_t)blockIdx.x * FERRY_QTILE_ROWS;
-    const size_t gbytes = quant_group_bytes<DT>(), ucols = (size_t)cols;
+    const size_t gbytes = ferry_quant_group_bytes((ferry_dtype)DT), ucols = (size_t)cols;
 
     /* what this thread loads */
     const int xk = tid % FERRY_QUANT_GROUP, xt = tid / FERRY_QUANT_GROUP;
