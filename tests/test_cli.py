@@ -28,6 +28,26 @@ def ferry(*args, check=True):
     return p
 
 
+def short_heldout(tmp):
+    """The first 3000 characters of the held-out text, as a file in tmp."""
+    text = os.path.join(tmp, "in.txt")
+    with open(os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")) as f, \
+            open(text, "w") as g:
+        g.write(f.read()[:3000])
+    return text
+
+
+def perplexity_everywhere(test, *args):
+    """`ferry perplexity MODEL --window 256 ARGS` resident, offloaded and with cpu-experts:
+    asserts the three print the same perplexity (lossless) and returns it."""
+    base = ["perplexity", MODEL, "--window", "256", *args]
+    runs = [ferry(*base, *extra).stdout.decode()
+            for extra in ([], ["--gpu-mem", "20M", "--hybrid", "off"],
+                          ["--hybrid", "cpu-experts"])]
+    test.assertEqual(len({r.split(", ")[0] for r in runs}), 1, runs)
+    return float(re.search(r"perplexity: ([0-9.]+)", runs[0]).group(1))
+
+
 class CliTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -121,23 +141,15 @@ class CliTest(unittest.TestCase):
                     self.assertNotIn(" 0.0 MiB read from disk", err)
 
     def test_quantized_packs(self):
-        heldout = os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")
         with tempfile.TemporaryDirectory() as tmp:
-            text = os.path.join(tmp, "in.txt")
-            with open(heldout) as f, open(text, "w") as g:
-                g.write(f.read()[:3000])
+            text = short_heldout(tmp)
             sizes, ppl = {}, {}
             for quant in (None, "q8", "q4"):
                 pack = os.path.join(tmp, "%s.pack" % quant)
                 p = ferry("pack", MODEL, pack, *(["--quant", quant] if quant else []))
                 self.assertEqual(p.stdout, b"")
                 sizes[quant] = os.path.getsize(pack)
-                base = ["perplexity", MODEL, "--text", text, "--window", "256", "--pack", pack]
-                runs = [ferry(*base, *extra).stdout.decode()
-                        for extra in ([], ["--gpu-mem", "20M", "--hybrid", "off"],
-                                      ["--hybrid", "cpu-experts"])]
-                self.assertEqual(len({r.split(", ")[0] for r in runs}), 1, runs)  # lossless
-                ppl[quant] = float(re.search(r"perplexity: ([0-9.]+)", runs[0]).group(1))
+                ppl[quant] = perplexity_everywhere(self, "--text", text, "--pack", pack)
                 out = ferry("run", MODEL, "-p", "def fibonacci(n):", "-n", "24", "--pack", pack)
                 self.assertGreater(len(out.stdout), 20)
             # 5 and 8.5 bits per weight against 16
@@ -160,19 +172,10 @@ class CliTest(unittest.TestCase):
             self.assertIn("none.pack", p.stderr.decode())
 
     def test_quantized_dense_weights(self):
-        heldout = os.path.join(ROOT, "tests", "fixtures", "heldout-python.txt")
         with tempfile.TemporaryDirectory() as tmp:
-            text = os.path.join(tmp, "in.txt")
-            with open(heldout) as f, open(text, "w") as g:
-                g.write(f.read()[:3000])
-            ppl = {}
-            for q in ("as-stored", "q8", "q4"):
-                base = ["perplexity", MODEL, "--text", text, "--window", "256", "--quant-dense", q]
-                runs = [ferry(*base, *extra).stdout.decode()
-                        for extra in ([], ["--gpu-mem", "20M", "--hybrid", "off"],
-                                      ["--hybrid", "cpu-experts"])]
-                self.assertEqual(len({r.split(", ")[0] for r in runs}), 1, runs)  # lossless
-                ppl[q] = float(re.search(r"perplexity: ([0-9.]+)", runs[0]).group(1))
+            text = short_heldout(tmp)
+            ppl = {q: perplexity_everywhere(self, "--text", text, "--quant-dense", q)
+                   for q in ("as-stored", "q8", "q4")}
             plain = ferry("perplexity", MODEL, "--text", text, "--window", "256").stdout.decode()
             self.assertEqual(ppl["as-stored"],
                              float(re.search(r"perplexity: ([0-9.]+)", plain).group(1)))
