@@ -1,8 +1,8 @@
 """tests/test_python.py: the Python harness (python/ferry, ctypes over libferry.so) against
 the bundled model and the Hugging Face reference outputs: library lookup, tokenizer,
 greedy and sampled generation, streaming and stopping it early, statistics, offloaded
-generation on both tiers, errors, closing, and the ctypes struct layouts against the C
-compiler's.
+generation on both tiers, batch generation against generating each prompt alone,
+benchmarks, errors, closing, and the ctypes struct layouts against the C compiler's.
 
 Run by CTest with FERRY_LIBRARY_PATH=<libferry.so> and PYTHONPATH=<source>/python; by hand:
     FERRY_LIBRARY_PATH=build/libferry.so PYTHONPATH=python python3 tests/test_python.py
@@ -291,7 +291,8 @@ class LifetimeTest(unittest.TestCase):
                              GREEDY)
         self.assertTrue(m.closed)
         for use in (lambda: m.generate("x"), lambda: m.stream("x"), lambda: m.tokenize("x"),
-                    lambda: m.detokenize([1]), lambda: m.stats(), lambda: m.info):
+                    lambda: m.detokenize([1]), lambda: m.stats(), lambda: m.info,
+                    lambda: m.generate_batch(["x"])):
             with self.assertRaises(ValueError):
                 use()
         m.close()
@@ -417,11 +418,234 @@ class OffloadTest(unittest.TestCase):
         self.assertEqual(cm.exception.status, "FERRY_ERR_NOMEM")
 
 
+BATCH_PROMPTS = [case["prompt"] for case in CASES[:3]]  # 11, 14 and 32 tokens
+BATCH_STATS = {"steps", "tokens", "layer_batches", "expert_loads", "expert_bytes",
+               "bytes_to_device", "hits", "misses", "seconds", "cpu_experts"}
+
+
+class BatchTest(unittest.TestCase):
+    """Model.generate_batch against the documented invariant: every sequence's output is
+    the same as generating its prompt alone, whatever the batching, order or placement."""
+
+    N = 24  # tokens per prompt
+
+    @classmethod
+    def setUpClass(cls):
+        cls.m = open_model(threads=2)
+        cls.alone = [cls.m.generate(p, max_tokens=cls.N, stop_at_eos=False)
+                     for p in BATCH_PROMPTS]
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.m.close()
+
+    def check_batch(self, m, **kw):
+        r = m.generate_batch(BATCH_PROMPTS, max_tokens=self.N, stop_at_eos=False, **kw)
+        self.assertIsInstance(r, ferry.BatchResult)
+        self.assertEqual(r.texts, self.alone, kw)
+        self.assertEqual([len(ids) for ids in r.ids], [self.N] * 3)
+        for prompt, ids, text in zip(BATCH_PROMPTS, r.ids, r.texts):
+            self.assertEqual(m.detokenize(m.tokenize(prompt) + ids), prompt + text)
+        s = r.stats
+        self.assertEqual(set(s), BATCH_STATS)
+        n_prompt = sum(len(m.tokenize(p)) for p in BATCH_PROMPTS)
+        # every prompt token, and every generated token but the last, runs once
+        self.assertEqual(s["tokens"], n_prompt + 3 * (self.N - 1))
+        self.assertGreaterEqual(s["steps"], self.N)
+        self.assertGreaterEqual(s["layer_batches"], s["steps"] * 6)
+        self.assertGreaterEqual(s["expert_loads"], s["layer_batches"])
+        self.assertLessEqual(s["expert_loads"], s["layer_batches"] * 8)
+        self.assertGreater(s["expert_bytes"], 0)
+        self.assertGreater(s["seconds"], 0)
+        return r
+
+    def test_greedy_matches_each_prompt_alone(self):
+        r = self.check_batch(self.m)
+        self.assertTrue(GREEDY.startswith(r.texts[0]))
+        self.assertEqual(r.ids[0], CASE["greedy_ids"][:self.N])
+        self.assertEqual((r.stats["bytes_to_device"], r.stats["hits"], r.stats["misses"]),
+                         (0, 0, 0))  # resident
+
+    def test_without_reordering_and_with_small_batches(self):
+        base = self.check_batch(self.m)
+        for kw in (dict(reorder=False), dict(max_batch=3, chunk=5),
+                   dict(max_batch=1, chunk=1, reorder=False)):
+            r = self.check_batch(self.m, **kw)
+            self.assertEqual(r.ids, base.ids, kw)
+        small = self.check_batch(self.m, max_batch=3, chunk=5)
+        self.assertGreater(small.stats["layer_batches"], base.stats["layer_batches"])
+        self.assertGreater(small.stats["steps"], base.stats["steps"])  # prompts in chunks
+
+    def test_before_and_after_generate_resident_and_offloaded(self):
+        # The Model makes its context at open; generate_batch's contexts must fit beside it
+        # (offloaded: in the budget its slots left), and generate() must work after them.
+        for kw in ({}, dict(gpu_mem=20 << 20, hybrid="off")):
+            for batch_first in (True, False):
+                with open_model(**kw) as m:
+                    what = "%r, batch first: %s" % (kw, batch_first)
+                    if not batch_first:
+                        self.assertEqual(m.generate(BATCH_PROMPTS[1], max_tokens=self.N,
+                                                    stop_at_eos=False), self.alone[1], what)
+                    r = self.check_batch(m)
+                    if kw:
+                        self.assertGreater(r.stats["misses"], 0, what)
+                        self.assertGreater(r.stats["bytes_to_device"], 0, what)
+                        self.assertEqual(r.stats["cpu_experts"], 0, what)
+                    self.assertEqual(m.generate(CASE["prompt"], max_tokens=32,
+                                                stop_at_eos=False), GREEDY, what)
+                    self.assertEqual(m.stats()["n_decode_tokens"], 31, what)
+                    self.assertEqual(self.check_batch(m, reorder=False).ids, r.ids, what)
+                    self.assertEqual("offload" in m.stats(), bool(kw), what)
+
+    def test_offloaded_batch_too_large_for_the_budget(self):
+        with open_model(gpu_mem=20 << 20, hybrid="off") as m:
+            with self.assertRaises(ferry.FerryError) as cm:
+                m.generate_batch(["x"] * 64, max_tokens=1000)
+            self.assertEqual(cm.exception.status, "FERRY_ERR_NOMEM")
+            self.assertIn("gpu-mem", cm.exception.message)
+            # the Model's own context is made again
+            self.assertEqual(m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False),
+                             GREEDY)
+            self.assertEqual(self.check_batch(m).texts, self.alone)
+
+    def test_per_prompt_max_tokens(self):
+        full = self.m.generate_batch(BATCH_PROMPTS, max_tokens=self.N, stop_at_eos=False)
+        counts = [1, 5, 12]
+        r = self.m.generate_batch(BATCH_PROMPTS, max_tokens=counts, stop_at_eos=False)
+        self.assertEqual([len(ids) for ids in r.ids], counts)
+        for i, k in enumerate(counts):
+            self.assertEqual(r.ids[i], full.ids[i][:k])
+            self.assertEqual(r.texts[i], self.m.generate(BATCH_PROMPTS[i], max_tokens=k,
+                                                         stop_at_eos=False))
+        r = self.m.generate_batch(BATCH_PROMPTS[:1], max_tokens=(3,), stop_at_eos=False)
+        self.assertEqual(r.ids, [full.ids[0][:3]])
+
+    def test_sampling_and_eos_match_each_prompt_alone(self):
+        kw = dict(temperature=0.9, top_k=50, top_p=0.95, seed=7, stop_at_eos=False)
+        r = self.m.generate_batch(BATCH_PROMPTS, max_tokens=16, **kw)
+        self.assertEqual(r.texts, [self.m.generate(p, max_tokens=16, **kw)
+                                   for p in BATCH_PROMPTS])
+        self.assertNotEqual(r.ids, self.m.generate_batch(BATCH_PROMPTS, max_tokens=16,
+                                                         **dict(kw, seed=8)).ids)
+        # stop_at_eos on (the default) as generate() has it
+        r = self.m.generate_batch(BATCH_PROMPTS, max_tokens=48)
+        self.assertEqual(r.texts, [self.m.generate(p, max_tokens=48) for p in BATCH_PROMPTS])
+
+    def test_bad_arguments(self):
+        m = self.m
+        for args, kw, error in (
+                (([],), {}, ValueError),
+                ((BATCH_PROMPTS[0],), {}, TypeError),        # a str, not a list of them
+                ((["a", 3],), {}, TypeError),
+                (([b"a"],), {}, TypeError),
+                ((None,), {}, TypeError),
+                ((["a"],), dict(max_tokens=0), ValueError),
+                ((["a"],), dict(max_tokens=-3), ValueError),
+                ((["a"],), dict(max_tokens=2.5), TypeError),
+                ((["a", "b"],), dict(max_tokens=[4]), ValueError),
+                ((["a", "b"],), dict(max_tokens=[4, 5, 6]), ValueError),
+                ((["a", "b"],), dict(max_tokens=[4, 0]), ValueError),
+                ((["a"],), dict(max_tokens=[True]), TypeError),
+                ((["a"],), dict(max_batch=0), ValueError),
+                ((["a"],), dict(max_batch=-1), ValueError),
+                ((["a"],), dict(chunk=0), ValueError),
+                ((["a"],), dict(temperature=-1.0), ValueError),
+                ((["a"],), dict(top_p=0), ValueError),
+                ((["a"],), dict(seed=-1), ValueError),
+                ((["a"],), dict(max_tokens=5000), ValueError)):  # beyond 4096 positions
+            with self.assertRaises(error, msg="%r %r" % (args, kw)) as cm:
+                m.generate_batch(*args, **kw)
+            self.assertNotIsInstance(cm.exception, ferry.FerryError)
+        with self.assertRaises(TypeError):
+            m.generate_batch(["a"], 4, 0.5)  # sampling options are keywords
+        # one generation at a time
+        s = m.stream(CASE["prompt"], max_tokens=2000, stop_at_eos=False)
+        next(s)
+        with self.assertRaises(RuntimeError):
+            m.generate_batch(["a"], max_tokens=2)
+        s.close()
+        self.assertEqual(m.generate_batch(["a"], max_tokens=2).stats["tokens"],
+                         len(m.tokenize("a")) + 1)
+
+
+BENCH_FAST = dict(backend="cpu", threads=2, prompt_len=8, gen_len=8, repeat=1,
+                  bandwidth_size="8M")
+
+
+class BenchTest(unittest.TestCase):
+    def check_fields(self, r):
+        self.assertEqual(set(r), {name for name, _ in _lib.BenchResult._fields_})
+        self.assertEqual(set(r["bw"]), {name for name, _ in _lib.Bandwidths._fields_})
+        self.assertEqual(r["backend"], "cpu")
+        self.assertTrue(r["device"].startswith("cpu"), r["device"])
+        bw = r["bw"]
+        self.assertEqual(bw["n_bytes"], 8 << 20)
+        self.assertGreater(bw["device_gbps"], 0)
+        self.assertGreater(bw["host_read_gbps"], 0)
+        self.assertGreater(bw["disk_gbps"], 0)
+        self.assertIsInstance(bw["disk_direct"], bool)
+        self.assertTrue(bw["disk_path"].startswith(MODEL), bw["disk_path"])
+
+    def test_decode(self):
+        r = ferry.bench(MODEL, **BENCH_FAST)
+        self.check_fields(r)
+        self.assertGreater(r["decode_tokens_per_s"], 0)
+        self.assertGreater(r["prefill_tokens_per_s"], 0)
+        self.assertGreater(r["latency_median_ms"], 0)
+        self.assertGreaterEqual(r["latency_p90_ms"], r["latency_median_ms"])
+        self.assertGreater(r["bound_tokens_per_s"], 0)
+        self.assertAlmostEqual(r["fraction_of_bound"],
+                               r["decode_tokens_per_s"] / r["bound_tokens_per_s"])
+        self.assertGreater(r["dense_bytes_per_token"], 0)
+        self.assertEqual(r["expert_bytes_per_token"], 6 * 2 * 3 * 192 * 384 * 2)  # bf16
+        self.assertIs(r["offload"], False)
+        self.assertEqual(r["hybrid"], "off")
+        self.assertEqual(r["batch_tokens_per_s"], 0)
+
+    def test_prefill_and_batch_modes(self):
+        r = ferry.bench(MODEL, mode="prefill", **dict(BENCH_FAST, gen_len=0))
+        self.assertGreater(r["prefill_tokens_per_s"], 0)
+        self.assertEqual(r["decode_tokens_per_s"], 0)
+        r = ferry.bench(MODEL, mode="batch", batch=2, **BENCH_FAST)
+        self.check_fields(r)
+        self.assertGreater(r["batch_tokens_per_s"], 0)
+        self.assertGreater(r["batch_expert_loads_per_token"], 0)
+
+    def test_offloaded(self):
+        r = ferry.bench(MODEL, gpu_mem="20M", hybrid="off", **BENCH_FAST)
+        self.assertIs(r["offload"], True)
+        self.assertGreaterEqual(r["hit_rate"], 0)
+        self.assertLessEqual(r["hit_rate"], 1)
+        self.assertGreater(r["moved_bytes_per_token"], 0)
+        self.assertGreater(r["decode_tokens_per_s"], 0)
+
+    def test_errors(self):
+        for kw in (dict(mode="train"), dict(prompt_len=0), dict(gen_len=0), dict(repeat=0),
+                   dict(batch=0), dict(bandwidth_size="lots"), dict(policy="nope"),
+                   dict(gpu_mem="12Q")):
+            with self.assertRaises(ValueError, msg=str(kw)):
+                ferry.bench(MODEL, **dict(BENCH_FAST, **kw))
+        for kw in (dict(ctx=64), dict(temperature=0.5), dict(prompt_len="8")):
+            with self.assertRaises(TypeError, msg=str(kw)):
+                ferry.bench(MODEL, **dict(BENCH_FAST, **kw))
+        missing = os.path.join(tempfile.gettempdir(), "no-such-model-ferry")
+        with self.assertRaises(ferry.FerryError) as cm:
+            ferry.bench(missing, **BENCH_FAST)
+        self.assertEqual(cm.exception.status, "FERRY_ERR_IO")
+        self.assertIn("config.json", cm.exception.message)
+        # lengths the library refuses
+        for kw in (dict(prompt_len=4000, gen_len=200), dict(repeat=5000)):
+            with self.assertRaises(ferry.FerryError, msg=str(kw)) as cm:
+                ferry.bench(MODEL, **dict(BENCH_FAST, **kw))
+            self.assertEqual(cm.exception.status, "FERRY_ERR_INVALID")
+
+
 def _kind(t):
-    """A type's kind as the C program below prints it."""
+    """A type's kind as the C program below prints it: a nested struct is its C name."""
     kinds = {ctypes.c_int32: "i32", ctypes.c_int64: "i64", ctypes.c_uint64: "u64",
              ctypes.c_float: "f32", ctypes.c_double: "f64", ctypes.c_char_p: "cstr",
              ctypes.c_char: "char", ctypes.POINTER(ctypes.c_float): "f32*"}
+    kinds.update((S, cname) for cname, S in _lib.STRUCTS.items())
     return kinds.get(t, "?" + t.__name__)
 
 
@@ -436,15 +660,18 @@ def _find_cc():
 class StructLayoutTest(unittest.TestCase):
     """Every mirrored struct: size, alignment, and each field's offset, size and type as the
     C compiler lays out include/ferry.h. The program is written from the mirrors' field
-    names, so a field the header lacks fails to compile."""
+    names, so a field the header lacks fails to compile. A nested struct field's kind is its C
+    type's name, and the nested struct is itself in STRUCTS, so its fields are checked too."""
 
     maxDiff = None
 
     def test_structs_match_c(self):
+        structs = "".join('%s: "%s", ' % (cname, cname) for cname in _lib.STRUCTS)
         lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "ferry.h"',
                  "#define KIND(x) _Generic((x), int32_t: \"i32\", int64_t: \"i64\", "
                  "uint64_t: \"u64\", float: \"f32\", double: \"f64\", char *: \"cstr\", "
-                 "const char *: \"cstr\", char: \"char\", float *: \"f32*\", default: \"other\")",
+                 "const char *: \"cstr\", char: \"char\", float *: \"f32*\", " + structs +
+                 "default: \"other\")",
                  "int main(void)", "{"]
         expected = []
         for cname, S in _lib.STRUCTS.items():
@@ -476,6 +703,15 @@ class StructLayoutTest(unittest.TestCase):
             got = subprocess.run([exe], capture_output=True, text=True, timeout=60,
                                  check=True).stdout.splitlines()
         self.assertEqual(got, expected)
+
+    def test_nested_structs_are_mirrored(self):
+        # the kinds the program above compares for nested fields, and that each is checked
+        self.assertEqual(_kind(_lib.ContextParams), "ferry_context_params")
+        self.assertEqual(_kind(_lib.Bandwidths), "ferry_bandwidths")
+        for S in _lib.STRUCTS.values():
+            for field, t in S._fields_:
+                if issubclass(t, ctypes.Structure):
+                    self.assertIn(t, _lib.STRUCTS.values(), "%s.%s" % (S.__name__, field))
 
 
 if __name__ == "__main__":

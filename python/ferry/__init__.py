@@ -7,6 +7,8 @@ A ctypes binding of include/ferry.h: no compiled extension, standard library onl
         print(m.generate("def fibonacci(n):\\n", max_tokens=32))
         for piece in m.stream("import os\\n", max_tokens=16):
             print(piece, end="", flush=True)
+        print(m.generate_batch(["import os\\n", "class Node:\\n"], max_tokens=16).texts)
+    print(ferry.bench("models/tiny-moe-code", backend="cpu")["decode_tokens_per_s"])
 
 libferry.so is found as ferry/_lib.py says: $FERRY_LIBRARY_PATH (a file or a folder), next
 to the package, the source tree's build folder, the system's search path. Importing the
@@ -21,10 +23,13 @@ Threads: a Model holds one ferry_context, so it runs one generation at a time an
 by one thread at a time. A second generation started while one runs (a stream not yet
 finished, say) raises RuntimeError instead of touching the context; tokenize, detokenize
 and info are safe next to a running stream. Use one Model per thread for parallel work.
+Model.generate_batch counts as a generation (its prompts run together on contexts of its
+own); bench() opens a model of its own.
 """
 import codecs
 import ctypes
 import dataclasses
+import inspect
 import math
 import os
 import queue
@@ -34,8 +39,8 @@ import threading
 from . import _lib
 from ._lib import LibraryNotFoundError
 
-__all__ = ["Model", "ModelInfo", "Stream", "FerryError", "LibraryNotFoundError",
-           "pack_model", "parse_size", "version", "library_path"]
+__all__ = ["Model", "ModelInfo", "BatchResult", "Stream", "FerryError", "LibraryNotFoundError",
+           "bench", "pack_model", "parse_size", "version", "library_path"]
 
 _L = _lib.lib
 library_path = _lib.path  # the libferry.so that was loaded
@@ -50,6 +55,7 @@ PREDICTORS = ("recency", "gate", "stats", "combined")     # ferry_predict_id
 READERS = ("auto", "uring", "pread")                      # ferry_reader_id
 HYBRID = ("auto", "off", "cpu-experts")                   # ferry_hybrid_id
 CPU_KERNELS = ("auto", "reference", "avx2", "avx512", "avx512bf16")  # ferry_cpu_kernels_id
+BENCH_MODES = ("decode", "prefill", "batch")              # ferry_bench_mode
 
 
 class FerryError(Exception):
@@ -134,8 +140,7 @@ def parse_size(value, what="size"):
     return int(n)
 
 
-def _sampling(max_tokens, temperature, top_k, top_p, seed):
-    _int("max_tokens", max_tokens, 0, _INT32_MAX)
+def _sampling(temperature, top_k, top_p, seed):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError("temperature must be a number, got %r" % (temperature,))
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -150,6 +155,41 @@ def _sampling(max_tokens, temperature, top_k, top_p, seed):
 
 
 _PACK_FORMATS = {None: 0, "q8": 1, "q4": 2}
+
+
+def _model_params(gpu_mem=None, offload="ram", pack=None, backend="auto", threads=0,
+                  policy="lru", prefetch=True, predictor="gate", predictor_stats=None,
+                  lookahead=1, slots=0, host_cache=None, reader="auto", hybrid="auto",
+                  cpu_kernels="auto", quant_dense=None):
+    """ferry_model_params from Model's keywords (all but ctx), each checked: ValueError or
+    TypeError. The struct keeps the path strings it points to alive (ctypes holds them in
+    it), so it is kept as long as the library may read them."""
+    mp = _L.ferry_model_params_default()
+    mp.n_threads = _int("threads", threads, 0, 1024)
+    mp.backend = _choice("backend", backend, BACKENDS)
+    no_budget = gpu_mem is None or (type(gpu_mem) is int and gpu_mem == 0)
+    mp.gpu_mem_bytes = 0 if no_budget else parse_size(gpu_mem, "gpu_mem")
+    mp.offload = _choice("offload", offload, OFFLOAD_TIERS)
+    mp.pack_path = _path("pack", pack)
+    mp.host_cache_bytes = 0 if host_cache is None else parse_size(host_cache, "host_cache")
+    mp.reader = _choice("reader", reader, READERS)
+    mp.policy = _choice("policy", policy, POLICIES)
+    if not isinstance(prefetch, (bool, int)):
+        raise TypeError("prefetch must be True or False, got %r" % (prefetch,))
+    mp.prefetch = 1 if prefetch else 0
+    mp.predictor = _choice("predictor", predictor, PREDICTORS)
+    mp.predictor_stats_path = _path("predictor_stats", predictor_stats)
+    mp.lookahead = _int("lookahead", lookahead, 1, 3)
+    mp.max_slots = _int("slots", slots, 0, _INT32_MAX)
+    mp.hybrid = _choice("hybrid", hybrid, HYBRID)
+    mp.cpu_kernels = _choice("cpu_kernels", cpu_kernels, CPU_KERNELS)
+    if quant_dense not in _PACK_FORMATS:
+        raise ValueError("quant_dense must be None, 'q8' or 'q4', not %r" % (quant_dense,))
+    mp.quant_dense = _PACK_FORMATS[quant_dense]
+    return mp
+
+
+_MODEL_OPTIONS = frozenset(inspect.signature(_model_params).parameters)  # bench()'s
 
 
 def pack_model(model_dir, out_path, quant=None):
@@ -187,11 +227,80 @@ class ModelInfo:
 
 
 def _struct_dict(s):
+    """A mirrored struct's fields by name: arrays as lists, char arrays as str, nested
+    structs as dicts."""
     out = {}
     for name, _ in s._fields_:
         v = getattr(s, name)
-        out[name] = list(v) if isinstance(v, ctypes.Array) else v
+        if isinstance(v, ctypes.Array):
+            v = list(v)
+        elif isinstance(v, ctypes.Structure):
+            v = _struct_dict(v)
+        elif isinstance(v, bytes):  # what ctypes gives for a char array
+            v = v.decode("utf-8", "replace")
+        out[name] = v
     return out
+
+
+def _name(names, v):
+    """The name of enum value v in names, or v itself when out of range."""
+    return names[v] if 0 <= v < len(names) else v
+
+
+def bench(path, *, mode="decode", prompt_len=None, gen_len=None, repeat=None, batch=None,
+          bandwidth_size=None, **model_options):
+    """Runs `ferry bench` on the checkpoint in path (ferry_bench_run): opens the model with
+    model_options (Model's keywords, all but ctx), measures the bandwidths with buffers of
+    bandwidth_size (bytes or "256M"; None: 256 MiB), then per repeat times a prefill of
+    prompt_len synthetic tokens and gen_len greedy decode steps (mode "decode"), the prefill
+    alone ("prefill"), or batch prompts generating gen_len tokens each together ("batch").
+    prompt_len, gen_len, repeat and batch left None take ferry_bench_params_default()'s.
+    Returns a dict of every ferry_bench_result field: "bw" a dict of the ferry_bandwidths
+    fields, backend and hybrid as names ("cpu", "off"), offload and bw["disk_direct"] as
+    bools, device and bw["disk_path"] as str. Speeds are the median run. Raises
+    ValueError/TypeError for bad arguments (an unknown model option is a TypeError),
+    FerryError when the library fails (a missing folder is FERRY_ERR_IO, lengths the model
+    cannot hold FERRY_ERR_INVALID). Takes seconds to minutes: it measures."""
+    unknown = sorted(set(model_options) - _MODEL_OPTIONS)
+    if unknown:
+        raise TypeError("bench() got unexpected keyword argument%s %s; its model options are "
+                        "Model's but ctx: %s" % ("s" if len(unknown) > 1 else "",
+                                                 ", ".join(map(repr, unknown)),
+                                                 ", ".join(sorted(_MODEL_OPTIONS))))
+    mp = _model_params(**model_options)
+    bp = _L.ferry_bench_params_default()
+    bp.mode = _choice("mode", mode, BENCH_MODES)
+    if prompt_len is not None:
+        bp.prompt_len = _int("prompt_len", prompt_len, 1, _INT32_MAX)
+    if gen_len is not None:  # the prefill mode generates nothing
+        bp.gen_len = _int("gen_len", gen_len, 0 if mode == "prefill" else 1, _INT32_MAX)
+    if repeat is not None:
+        bp.repeat = _int("repeat", repeat, 1, _INT32_MAX)
+    if batch is not None:
+        bp.batch = _int("batch", batch, 1, _INT32_MAX)
+    bp.bandwidth_bytes = (0 if bandwidth_size is None
+                          else parse_size(bandwidth_size, "bandwidth_size"))
+    model_dir = _path("path", path)
+    r = _lib.BenchResult()
+    _check(_L.ferry_bench_run(model_dir, ctypes.byref(mp), ctypes.byref(bp), ctypes.byref(r)))
+    out = _struct_dict(r)
+    out["backend"] = _name(BACKENDS, r.backend)
+    out["hybrid"] = _name(HYBRID, r.hybrid)
+    out["offload"] = bool(r.offload)
+    out["bw"]["disk_direct"] = bool(r.bw.disk_direct)
+    return out
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """What Model.generate_batch returns. texts[i] and ids[i]: the text and token ids
+    generated after prompts[i] (the text as generate() gives it; the ids include a final
+    EOS when it ended the sequence). stats: the ferry_batch_stats fields of the run (steps,
+    tokens, layer_batches, expert_loads, expert_bytes, bytes_to_device, hits, misses,
+    seconds, cpu_experts)."""
+    texts: list
+    ids: list
+    stats: dict
 
 
 # ---- generation --------------------------------------------------------------------------
@@ -369,30 +478,13 @@ class Model:
         self._lock = threading.Lock()
         self._active_stop = None
 
-        mp = _L.ferry_model_params_default()
-        mp.n_threads = _int("threads", threads, 0, 1024)
-        mp.backend = _choice("backend", backend, BACKENDS)
-        no_budget = gpu_mem is None or (type(gpu_mem) is int and gpu_mem == 0)
-        mp.gpu_mem_bytes = 0 if no_budget else parse_size(gpu_mem, "gpu_mem")
-        mp.offload = _choice("offload", offload, OFFLOAD_TIERS)
-        self._pack = _path("pack", pack)  # kept alive as long as the model, to be safe
-        mp.pack_path = self._pack
-        mp.host_cache_bytes = 0 if host_cache is None else parse_size(host_cache, "host_cache")
-        mp.reader = _choice("reader", reader, READERS)
-        mp.policy = _choice("policy", policy, POLICIES)
-        if not isinstance(prefetch, (bool, int)):
-            raise TypeError("prefetch must be True or False, got %r" % (prefetch,))
-        mp.prefetch = 1 if prefetch else 0
-        mp.predictor = _choice("predictor", predictor, PREDICTORS)
-        self._predictor_stats = _path("predictor_stats", predictor_stats)
-        mp.predictor_stats_path = self._predictor_stats
-        mp.lookahead = _int("lookahead", lookahead, 1, 3)
-        mp.max_slots = _int("slots", slots, 0, _INT32_MAX)
-        mp.hybrid = _choice("hybrid", hybrid, HYBRID)
-        mp.cpu_kernels = _choice("cpu_kernels", cpu_kernels, CPU_KERNELS)
-        if quant_dense not in _PACK_FORMATS:
-            raise ValueError("quant_dense must be None, 'q8' or 'q4', not %r" % (quant_dense,))
-        mp.quant_dense = _PACK_FORMATS[quant_dense]
+        # kept as long as the model, with the path strings it points to, to be safe
+        self._mp = mp = _model_params(
+            gpu_mem=gpu_mem, offload=offload, pack=pack, backend=backend, threads=threads,
+            policy=policy, prefetch=prefetch, predictor=predictor,
+            predictor_stats=predictor_stats, lookahead=lookahead, slots=slots,
+            host_cache=host_cache, reader=reader, hybrid=hybrid, cpu_kernels=cpu_kernels,
+            quant_dense=quant_dense)
         self._n_ctx = _int("ctx", ctx, 0, _INT32_MAX)
         model_dir = _path("path", path)
 
@@ -403,9 +495,8 @@ class Model:
         try:
             info = _lib.ModelInfo()
             _check(_L.ferry_model_get_info(self._handle, ctypes.byref(info)))
-            d = _struct_dict(info)
+            d = _struct_dict(info)  # device already a str
             d["backend"] = BACKENDS[info.backend] if 0 <= info.backend < 3 else str(info.backend)
-            d["device"] = info.device.decode("utf-8", "replace")
             self._info = ModelInfo(**d)
             # The context now: with a device budget, the first context's KV cache and
             # workspace are placed before the expert slots are planned.
@@ -537,6 +628,10 @@ class Model:
         """The text of token ids, as Hugging Face's decode(skip_special_tokens) gives it."""
         self._check_open()
         arr = self._ids_array("ids", ids, allow_empty=True)
+        return self._decode_bytes(arr, skip_special).decode("utf-8", "replace")
+
+    def _decode_bytes(self, arr, skip_special=True):
+        """ferry_detokenize of a c_int32 array: the UTF-8 bytes."""
         cap = 16 * len(arr) + 64
         n = ctypes.c_size_t(0)
         while True:
@@ -545,7 +640,7 @@ class Model:
             st = _L.ferry_detokenize(self._handle, arr, len(arr), 1 if skip_special else 0, buf,
                                      cap, ctypes.byref(n))
             if st == 0:
-                return buf.raw[:n.value].decode("utf-8", "replace")
+                return buf.raw[:n.value]
             if n.value >= cap:  # too small a buffer: the library said how long
                 cap = n.value + 1
                 continue
@@ -565,7 +660,8 @@ class Model:
     # -- generation --
 
     def _prepare(self, prompt, max_tokens, temperature, top_k, top_p, seed, stop_at_eos):
-        sampling = _sampling(max_tokens, temperature, top_k, top_p, seed)
+        _int("max_tokens", max_tokens, 0, _INT32_MAX)
+        sampling = _sampling(temperature, top_k, top_p, seed)
         self._check_open()
         if isinstance(prompt, str):
             prompt = self._ids_array("prompt", self.tokenize(prompt, add_special=True))
@@ -607,6 +703,94 @@ class Model:
         prompt, gp, sampling = self._prepare(prompt, max_tokens, temperature, top_k, top_p,
                                              seed, stop_at_eos)
         return Stream(self, prompt, gp, sampling)
+
+    def generate_batch(self, prompts, max_tokens=64, *, temperature=0.0, top_k=0, top_p=1.0,
+                       seed=0, stop_at_eos=True, max_batch=16, chunk=64, reorder=True):
+        """Generates after every prompt of prompts (a non-empty list of str, each tokenized
+        with BOS) at once, with ferry_batch_generate: each step, every unfinished sequence
+        feeds its next prompt chunk (at most chunk tokens) or its last token; the MoE blocks
+        run over all the step's tokens in layer-batches of at most max_batch tokens, each
+        loading every expert its tokens route to once; reorder groups the tokens so that each
+        layer-batch needs few experts. max_tokens: up to this many tokens per prompt (>= 1),
+        or a list of one count per prompt. Sampling as generate(); each sequence samples with
+        seed as if run alone, so the outputs equal generate()'s for each prompt alone, bit
+        for bit. Returns a BatchResult (texts, ids, stats).
+
+        The sequences' contexts are the call's own. With a device budget (gpu_mem) they come
+        out of what the expert slots left, so the Model's context is freed first (made anew
+        by the next generation, which resets stats()); too little room is FERRY_ERR_NOMEM.
+        Raises ValueError/TypeError for bad arguments (a prompt and its count beyond the
+        model's positions too), FerryError when the library fails, RuntimeError while
+        another generation of this Model runs."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise TypeError("prompts must be a list of str, got %r" % (type(prompts).__name__,))
+        if not prompts:
+            raise ValueError("prompts is empty: generate_batch needs at least one prompt")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError("prompts[%d] must be a str, got %r" % (i, type(p).__name__))
+        n = _int("the number of prompts", len(prompts), 1, _INT32_MAX)
+        if isinstance(max_tokens, (list, tuple)):
+            if len(max_tokens) != n:
+                raise ValueError("max_tokens has %d counts for %d prompts"
+                                 % (len(max_tokens), n))
+            counts = [_int("max_tokens[%d]" % i, k, 1, _INT32_MAX)
+                      for i, k in enumerate(max_tokens)]
+        else:
+            counts = [_int("max_tokens", max_tokens, 1, _INT32_MAX)] * n
+        bp = _L.ferry_batch_params_default()
+        sp = bp.sampling  # a view into bp
+        sp.temperature, sp.top_k, sp.top_p, sp.seed = _sampling(temperature, top_k, top_p, seed)
+        bp.max_batch = _int("max_batch", max_batch, 1, _INT32_MAX)
+        bp.chunk = _int("chunk", chunk, 1, _INT32_MAX)
+        bp.reorder = 1 if reorder else 0
+        bp.stop_at_eos = 1 if stop_at_eos else 0
+        self._check_open()
+        prompt_ids = [self.tokenize(p, add_special=True) for p in prompts]
+        n_pos = self._info.max_positions
+        for i, (ids, k) in enumerate(zip(prompt_ids, counts)):
+            # checked here too: the output buffers below are sized by the counts
+            if len(ids) + k - 1 > n_pos:
+                raise ValueError("prompts[%d]: %d tokens + %d to generate exceed the model's "
+                                 "%d positions" % (i, len(ids), k, n_pos))
+        IdPtr = ctypes.POINTER(ctypes.c_int32)
+        prompt_arrays = [(ctypes.c_int32 * len(ids))(*ids) for ids in prompt_ids]
+        out_arrays = [(ctypes.c_int32 * k)() for k in counts]
+        prompt_ptrs = (IdPtr * n)(*[ctypes.cast(a, IdPtr) for a in prompt_arrays])
+        out_ptrs = (IdPtr * n)(*[ctypes.cast(a, IdPtr) for a in out_arrays])
+        n_prompt = (ctypes.c_int32 * n)(*[len(ids) for ids in prompt_ids])
+        n_predict = (ctypes.c_int32 * n)(*counts)
+        n_out = (ctypes.c_int32 * n)()
+        stats = _lib.BatchStats()
+        self._acquire()
+        try:
+            if self._mp.gpu_mem_bytes and self._ctx is not None:
+                # The slots were planned around this context: its KV cache and workspace
+                # are the room the batch's contexts get (ferry_batch_generate's comment).
+                _L.ferry_context_free(self._ctx)
+                self._ctx = None
+            _check(_L.ferry_batch_generate(self._handle, prompt_ptrs, n_prompt, n_predict, n,
+                                           ctypes.byref(bp), out_ptrs, n_out,
+                                           ctypes.byref(stats), None))
+            ids = [out_arrays[i][:n_out[i]] for i in range(n)]
+            texts = [self._continuation(p, g) for p, g in zip(prompt_ids, ids)]
+        finally:
+            self._lock.release()
+        return BatchResult(texts=texts, ids=ids, stats=_struct_dict(stats))
+
+    def _continuation(self, prompt_ids, ids):
+        """The text ids add after prompt_ids, as ferry_generate's stream gives it:
+        decode(prompt + ids) after decode(prompt), so no leading space is stripped and a
+        character split across the two belongs to the continuation."""
+        head = self._decode_bytes(self._ids_array("prompt", prompt_ids))
+        whole = self._decode_bytes(self._ids_array("ids", prompt_ids + ids))
+        if whole.startswith(head):
+            cut = len(head)
+        else:  # the prompt ends inside a character: it decoded to U+FFFD there
+            cut = len(os.path.commonprefix([head, whole]))
+            while cut > 0 and cut < len(whole) and whole[cut] & 0xC0 == 0x80:
+                cut -= 1
+        return whole[cut:].decode("utf-8", "replace")
 
     def stats(self):
         """Statistics of the last generation: the ferry_stats fields (n_prompt_tokens,

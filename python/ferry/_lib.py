@@ -181,6 +181,90 @@ class PerplexityResult(ctypes.Structure):
     ]
 
 
+class BatchParams(ctypes.Structure):
+    """ferry_batch_params"""
+    _fields_ = [
+        ("max_batch", c_int32),
+        ("chunk", c_int32),
+        ("reorder", c_int32),
+        ("stop_at_eos", c_int32),
+        ("sampling", ContextParams),
+    ]
+
+
+class BatchStats(ctypes.Structure):
+    """ferry_batch_stats"""
+    _fields_ = [
+        ("steps", c_int64),
+        ("tokens", c_int64),
+        ("layer_batches", c_int64),
+        ("expert_loads", c_int64),
+        ("expert_bytes", c_uint64),
+        ("bytes_to_device", c_uint64),
+        ("hits", c_int64),
+        ("misses", c_int64),
+        ("seconds", c_double),
+        ("cpu_experts", c_int64),
+    ]
+
+
+class Bandwidths(ctypes.Structure):
+    """ferry_bandwidths"""
+    _fields_ = [
+        ("device_gbps", c_double),
+        ("pinned_h2d_gbps", c_double),
+        ("pageable_h2d_gbps", c_double),
+        ("host_read_gbps", c_double),
+        ("n_bytes", c_uint64),
+        ("disk_gbps", c_double),
+        ("disk_direct", c_int32),
+        ("disk_path", ctypes.c_char * 256),
+    ]
+
+
+class BenchParams(ctypes.Structure):
+    """ferry_bench_params"""
+    _fields_ = [
+        ("mode", c_int32),
+        ("prompt_len", c_int32),
+        ("gen_len", c_int32),
+        ("repeat", c_int32),
+        ("bandwidth_bytes", c_uint64),
+        ("batch", c_int32),
+    ]
+
+
+class BenchResult(ctypes.Structure):
+    """ferry_bench_result"""
+    _fields_ = [
+        ("bw", Bandwidths),
+        ("backend", c_int32),
+        ("device", ctypes.c_char * 128),
+        ("prefill_tokens_per_s", c_double),
+        ("decode_tokens_per_s", c_double),
+        ("latency_median_ms", c_double),
+        ("latency_p90_ms", c_double),
+        ("dense_bytes_per_token", c_uint64),
+        ("expert_bytes_per_token", c_uint64),
+        ("kv_bytes_per_token", c_uint64),
+        ("offload", c_int32),
+        ("hit_rate", c_double),
+        ("moved_bytes_per_token", c_double),
+        ("stall_ms_per_token", c_double),
+        ("fetch_gbps", c_double),
+        ("disk_bytes_per_token", c_double),
+        ("hybrid", c_int32),
+        ("cpu_experts_per_token", c_double),
+        ("cpu_bytes_per_token", c_double),
+        ("cpu_gbps", c_double),
+        ("bound_tokens_per_s", c_double),
+        ("fraction_of_bound", c_double),
+        ("batch_tokens_per_s", c_double),
+        ("batch_expert_loads_per_token", c_double),
+        ("batch_moved_bytes_per_token", c_double),
+    ]
+
+
 # C type name -> mirror, for the layout test.
 STRUCTS = {
     "ferry_model_params": ModelParams,
@@ -192,6 +276,11 @@ STRUCTS = {
     "ferry_offload_stats": OffloadStats,
     "ferry_perplexity_result": PerplexityResult,
     "ferry_pack_params": PackParams,
+    "ferry_batch_params": BatchParams,
+    "ferry_batch_stats": BatchStats,
+    "ferry_bandwidths": Bandwidths,
+    "ferry_bench_params": BenchParams,
+    "ferry_bench_result": BenchResult,
 }
 
 # int (*ferry_token_fn)(int32_t id, const char *text, size_t len, void *user). The text is
@@ -230,6 +319,13 @@ _FUNCTIONS = {
     "ferry_context_get_offload_stats": (c_int, [_p, _P(OffloadStats), _P(LayerStats), c_int32]),
     "ferry_perplexity": (c_int, [_p, ctypes.c_char_p, ctypes.c_size_t, c_int32,
                                  _P(PerplexityResult)]),
+    "ferry_batch_params_default": (BatchParams, []),
+    "ferry_batch_generate": (c_int, [_p, _P(_P(c_int32)), _P(c_int32), _P(c_int32), c_int32,
+                                     _P(BatchParams), _P(_P(c_int32)), _P(c_int32),
+                                     _P(BatchStats), _P(c_int64)]),
+    "ferry_bench_params_default": (BenchParams, []),
+    "ferry_bench_run": (c_int, [ctypes.c_char_p, _P(ModelParams), _P(BenchParams),
+                                _P(BenchResult)]),
 }
 
 
