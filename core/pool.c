@@ -1,7 +1,12 @@
 /*
- * core/pool.c: see pool.h. Workers sleep on a condition variable between jobs; a job is
- * published by bumping a generation number, tasks are claimed with an atomic counter,
- * and the last finisher wakes the caller.
+ * core/pool.c: see pool.h. A job is published by bumping a generation number (after its
+ * function, argument and task count are written), tasks are claimed with an atomic
+ * counter, and the last worker to finish tells the caller. Between jobs a worker first
+ * spins on the generation for a short while (POOL_SPIN_NS: decoding a token runs a few
+ * dozen jobs back to back, and waking a sleeping thread costs microseconds each time),
+ * then sleeps on a condition variable; the caller likewise spins a while for the workers
+ * before sleeping. Who sleeps is counted under the mutex, so a wake-up is never lost and
+ * never sent for nothing.
  */
 #include "core/pool.h"
 
@@ -9,9 +14,12 @@
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/error.h"
+
+#define POOL_SPIN_NS 50000 /* 50 us */
 
 struct ferry_pool {
     int32_t n_threads;
@@ -19,17 +27,19 @@ struct ferry_pool {
     int32_t n_started;
 
     pthread_mutex_t mu;
-    pthread_cond_t wake; /* workers wait for a new generation */
-    pthread_cond_t done; /* the caller waits for the job to finish */
-    uint64_t generation;
-    int stop;
+    pthread_cond_t wake;       /* sleeping workers wait for a new generation */
+    pthread_cond_t done;       /* a sleeping caller waits for the job to finish */
+    int32_t n_sleeping;        /* workers in cond_wait (under mu) */
+    int caller_sleeping;       /* the caller is in cond_wait (under mu) */
+    atomic_uint_fast64_t generation;
+    atomic_int stop;
 
-    /* the current job */
+    /* the current job: written before the generation is bumped */
     ferry_pool_fn fn;
     void *arg;
     int32_t n_tasks;
     atomic_int next_task;
-    int32_t n_busy; /* workers still inside the current job (under mu) */
+    atomic_int n_busy; /* workers still inside the current job */
 };
 
 int32_t ferry_pool_default_threads(void)
@@ -48,27 +58,76 @@ static void run_tasks(ferry_pool *p, ferry_pool_fn fn, void *arg, int32_t n_task
     }
 }
 
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Spins until done(p, user) or POOL_SPIN_NS pass; returns done's last answer. */
+static int spin_until(ferry_pool *p, int (*done)(ferry_pool *, uint64_t), uint64_t user)
+{
+    int64_t t0 = 0;
+    for (uint32_t i = 0;; i++) {
+        if (done(p, user))
+            return 1;
+        cpu_relax();
+        if ((i & 63) == 63) {
+            int64_t t = now_ns();
+            if (!t0)
+                t0 = t;
+            else if (t - t0 > POOL_SPIN_NS)
+                return done(p, user);
+        }
+    }
+}
+
+static int new_job_or_stop(ferry_pool *p, uint64_t seen)
+{
+    return atomic_load(&p->stop) || atomic_load(&p->generation) != seen;
+}
+
+static int job_finished(ferry_pool *p, uint64_t unused)
+{
+    (void)unused;
+    return atomic_load(&p->n_busy) == 0;
+}
+
 static void *worker_main(void *vp)
 {
     ferry_pool *p = vp;
     uint64_t seen = 0;
-    pthread_mutex_lock(&p->mu);
     for (;;) {
-        while (!p->stop && p->generation == seen)
-            pthread_cond_wait(&p->wake, &p->mu);
-        if (p->stop)
+        if (!spin_until(p, new_job_or_stop, seen)) {
+            pthread_mutex_lock(&p->mu);
+            while (!new_job_or_stop(p, seen)) {
+                p->n_sleeping++;
+                pthread_cond_wait(&p->wake, &p->mu);
+                p->n_sleeping--;
+            }
+            pthread_mutex_unlock(&p->mu);
+        }
+        if (atomic_load(&p->stop))
             break;
-        seen = p->generation;
-        ferry_pool_fn fn = p->fn;
-        void *arg = p->arg;
-        int32_t n_tasks = p->n_tasks;
-        pthread_mutex_unlock(&p->mu);
-        run_tasks(p, fn, arg, n_tasks);
-        pthread_mutex_lock(&p->mu);
-        if (--p->n_busy == 0)
-            pthread_cond_signal(&p->done);
+        seen = atomic_load(&p->generation);
+        run_tasks(p, p->fn, p->arg, p->n_tasks);
+        if (atomic_fetch_sub(&p->n_busy, 1) == 1) {
+            pthread_mutex_lock(&p->mu);
+            if (p->caller_sleeping)
+                pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
-    pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
@@ -86,6 +145,9 @@ ferry_status ferry_pool_create(int32_t n_threads, ferry_pool **out)
     pthread_cond_init(&p->wake, NULL);
     pthread_cond_init(&p->done, NULL);
     atomic_init(&p->next_task, 0);
+    atomic_init(&p->n_busy, 0);
+    atomic_init(&p->generation, 0);
+    atomic_init(&p->stop, 0);
     if (n_threads > 1) {
         p->workers = calloc((size_t)n_threads - 1, sizeof *p->workers);
         if (!p->workers)
@@ -111,7 +173,7 @@ void ferry_pool_destroy(ferry_pool *p)
     if (!p)
         return;
     pthread_mutex_lock(&p->mu);
-    p->stop = 1;
+    atomic_store(&p->stop, 1);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
     for (int32_t i = 0; i < p->n_started; i++)
@@ -151,20 +213,26 @@ void ferry_pool_run(ferry_pool *p, int32_t n_tasks, ferry_pool_fn fn, void *arg)
             fn(arg, i);
         return;
     }
-    pthread_mutex_lock(&p->mu);
     p->fn = fn;
     p->arg = arg;
     p->n_tasks = n_tasks;
     atomic_store(&p->next_task, 0);
-    p->n_busy = p->n_started;
-    p->generation++;
-    pthread_cond_broadcast(&p->wake);
+    atomic_store(&p->n_busy, p->n_started);
+    atomic_fetch_add(&p->generation, 1); /* publishes the job */
+    pthread_mutex_lock(&p->mu);
+    if (p->n_sleeping > 0)
+        pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
 
     run_tasks(p, fn, arg, n_tasks);
 
-    pthread_mutex_lock(&p->mu);
-    while (p->n_busy > 0)
-        pthread_cond_wait(&p->done, &p->mu);
-    pthread_mutex_unlock(&p->mu);
+    if (!spin_until(p, job_finished, 0)) {
+        pthread_mutex_lock(&p->mu);
+        while (!job_finished(p, 0)) {
+            p->caller_sleeping = 1;
+            pthread_cond_wait(&p->done, &p->mu);
+        }
+        p->caller_sleeping = 0;
+        pthread_mutex_unlock(&p->mu);
+    }
 }
