@@ -1,5 +1,5 @@
 /*
- * kernels/cpu/matmul_x86_tile.h: the column walk and the reduction of the exact x86 matmul
+ * kernels/cpu/matmul_x86_tile.h: the steps and the column walks of the exact x86 matmul
  * kernels (matmul_avx2.c, matmul_avx512.c), which do not depend on the register width,
  * written once and included by each after it has defined, for its own width:
  *   TILE_TARGET  the function attribute naming the instruction set
