@@ -188,6 +188,15 @@ class CliTest(unittest.TestCase):
             self.assertEqual(p.returncode, 2)
             self.assertIn("--quant-dense", p.stderr.decode())
             self.assertIn("as-stored, q8 or q4", p.stderr.decode())
+            # rows that are not whole groups of 32 cannot be quantized: the tensor is named
+            odd = os.path.join(tmp, "odd")
+            ferry("synth", odd, "--preset", "tiny", "--tokenizer", MODEL, "--hidden", "48",
+                  "--intermediate", "64", "--layers", "1")
+            p = ferry("run", odd, "-p", "x", "-n", "2", "--quant-dense", "q4", check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("tensor 'lm_head.weight' has 48 columns, not a multiple of 32",
+                          p.stderr.decode())
+            ferry("run", odd, "-p", "x", "-n", "2")  # as stored it runs
 
     def test_hybrid_modes_print_the_same_text(self):
         args = ["run", MODEL, "-p", "def fibonacci(n):", "-n", "40", "--ctx", "256"]
