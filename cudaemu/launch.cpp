@@ -128,7 +128,7 @@ struct warp_state {
 };
 
 struct block_state {
-    unsigned n_threads = 0, arrived = 0, exited = 0;
+    unsigned n_threads = 0, arrived = 0, exited = 0, done = 0;
     std::vector<warp_state> warps;
     bool failed = false;
 };
@@ -158,6 +158,7 @@ struct worker {
     void *sched_fake = nullptr;
     const void *sched_bottom = nullptr;
     size_t sched_size = 0;
+    bool from_sched = false; /* the last switch into a fiber came from the scheduler */
 
     ~worker()
     {
@@ -225,40 +226,88 @@ void asan_finish(void *fake, const void **bottom, size_t *size)
 #endif
 }
 
-/* From the scheduler into fiber f, until it yields or ends. */
-void resume(worker &w, fiber &f)
+/* Switches from the running context to fiber f. */
+void switch_to(worker &w, fiber &f, void **save_sp, void **asan_save, bool from_sched)
 {
     w.cur = &f;
+    w.from_sched = from_sched;
     cudaemu_self = &f.t;
-    asan_start(&w.sched_fake, f.stack, CUDAEMU_STACK_BYTES);
+    asan_start(asan_save, f.stack, CUDAEMU_STACK_BYTES);
 #if defined(__x86_64__)
-    cudaemu_swap(&w.sched_sp, f.sp);
+    cudaemu_swap(save_sp, f.sp);
 #else
-    swapcontext(&w.sched_ctx, &f.ctx);
+    swapcontext((ucontext_t *)save_sp, &f.ctx);
+#endif
+}
+
+/* A fiber has just been switched to: tell AddressSanitizer, and learn the scheduler's stack
+ * when it was the scheduler that switched. */
+void arrived_in(worker &w, void *asan_fake)
+{
+    asan_finish(asan_fake, w.from_sched ? &w.sched_bottom : nullptr,
+                w.from_sched ? &w.sched_size : nullptr);
+}
+
+/* From the scheduler into fiber f, until control comes back to the scheduler. */
+void resume(worker &w, fiber &f)
+{
+#if defined(__x86_64__)
+    switch_to(w, f, &w.sched_sp, &w.sched_fake, true);
+#else
+    switch_to(w, f, (void **)&w.sched_ctx, &w.sched_fake, true);
 #endif
     asan_finish(w.sched_fake, nullptr, nullptr);
     cudaemu_self = nullptr;
     w.cur = nullptr;
 }
 
-/* From the running fiber back to the scheduler; returns when the scheduler resumes it. With
+/* The next fiber of f's warp, in scheduling order, that is ready to run; nullptr when none
+ * is before the end of the warp's pass (the scheduler then starts the next pass). */
+fiber *next_ready(worker &w, const fiber &f)
+{
+    if (w.blk.failed)
+        return nullptr;
+    unsigned l0 = f.t.warp * 32, n = w.blk.n_threads, nl = n - l0 < 32 ? n - l0 : 32;
+    if (!cudaemu::cfg().reverse) {
+        for (unsigned l = f.t.lane + 1; l < nl; l++)
+            if (w.fibers[l0 + l].state == READY)
+                return &w.fibers[l0 + l];
+    } else {
+        for (unsigned l = f.t.lane; l-- > 0;)
+            if (w.fibers[l0 + l].state == READY)
+                return &w.fibers[l0 + l];
+    }
+    return nullptr;
+}
+
+/* From the running fiber to the next ready fiber of its warp (one switch instead of two
+ * through the scheduler), or back to the scheduler; returns when the fiber is resumed. With
  * final set the fiber never runs again (it has returned, or its block failed). */
 void yield(worker &w, bool final)
 {
     fiber &f = *w.cur;
-    asan_start(final ? nullptr : &f.asan_fake, w.sched_bottom, w.sched_size);
+    void **fake = final ? nullptr : &f.asan_fake;
+    if (fiber *next = next_ready(w, f)) {
 #if defined(__x86_64__)
-    cudaemu_swap(&f.sp, w.sched_sp);
+        switch_to(w, *next, &f.sp, fake, false);
 #else
-    swapcontext(&f.ctx, &w.sched_ctx);
+        switch_to(w, *next, (void **)&f.ctx, fake, false);
 #endif
-    asan_finish(f.asan_fake, &w.sched_bottom, &w.sched_size);
+    } else {
+        asan_start(fake, w.sched_bottom, w.sched_size);
+#if defined(__x86_64__)
+        cudaemu_swap(&f.sp, w.sched_sp);
+#else
+        swapcontext(&f.ctx, &w.sched_ctx);
+#endif
+    }
+    arrived_in(w, f.asan_fake);
 }
 
 [[noreturn]] void fiber_run()
 {
     worker &w = *tls_worker;
-    asan_finish(nullptr, &w.sched_bottom, &w.sched_size);
+    arrived_in(w, nullptr);
     w.job->body();
     /* the thread returned */
     fiber &f = *w.cur;
@@ -274,6 +323,7 @@ void yield(worker &w, bool final)
                              "with mask 0x%08x",
                              f.t.lane, f.t.warp, ws.arrived, ws.op, ws.expected);
     b.exited++;
+    b.done++;
     ws.exited |= bit;
     f.state = DONE;
     yield(w, true);
@@ -393,8 +443,8 @@ void run_block(worker &w, uint64_t index)
      * in use warm in the cache */
     const bool rev = cudaemu::cfg().reverse;
     const unsigned n_warps = (unsigned)b.warps.size();
-    unsigned done = 0;
-    while (done < n && !b.failed) {
+    b.done = 0;
+    while (b.done < n && !b.failed) {
         bool progress = false;
         for (unsigned wk = 0; wk < n_warps && !b.failed; wk++) {
             unsigned wi = rev ? n_warps - 1 - wk : wk;
@@ -407,7 +457,6 @@ void run_block(worker &w, uint64_t index)
                         continue;
                     resume(w, f);
                     again = progress = true;
-                    done += f.state == DONE;
                 }
             }
         }

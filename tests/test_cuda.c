@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "engine/context.h"
 #include "engine/sampler.h"
@@ -40,12 +41,21 @@
 #define TOL_MODEL 2e-2 /* relative L2 error of the GPU model's logits against Hugging Face */
 #define MIN_AGREE 0.98 /* share of positions whose argmax and routing match Hugging Face */
 
-/* Matmuls queued ahead of a copy to keep the compute stream busy for a few milliseconds. */
+/* Matmuls queued ahead of a copy keep the compute stream busy for about this long (at most
+ * HEAVY_MATMULS of them; the count is measured, as the emulated GPU is far slower). */
+#define HEAVY_MS 8.0
 #define HEAVY_MATMULS 40
 
 static ferry_backend *g_cpu, *g_gpu;
 
 /* ---- helpers ------------------------------------------------------------------- */
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
 
 static uint8_t *rand_bytes(uint64_t *rng, size_t n)
 {
@@ -972,7 +982,12 @@ START_TEST(test_cuda_copy_async_waits_for_queued_ops)
     float *d_x = dev_put(g_gpu, x, (size_t)n * (size_t)cols * sizeof(float));
     float *d_y = dev_put(g_gpu, NULL, (size_t)n * (size_t)rows * sizeof(float));
     expect_ok(g_gpu, g_gpu->ops->synchronize(g_gpu), "synchronize");
-    for (int i = 0; i < HEAVY_MATMULS; i++)
+    double t0 = now_ms();
+    expect_ok(g_gpu, g_gpu->ops->matmul(g_gpu, d_y, d_x, &w, n), "matmul");
+    expect_ok(g_gpu, g_gpu->ops->synchronize(g_gpu), "synchronize");
+    double one_ms = now_ms() - t0;
+    int heavy = one_ms * HEAVY_MATMULS <= HEAVY_MS ? HEAVY_MATMULS : (int)(HEAVY_MS / one_ms) + 1;
+    for (int i = 0; i < heavy; i++)
         expect_ok(g_gpu, g_gpu->ops->matmul(g_gpu, d_y, d_x, &w, n), "matmul");
     expect_ok(g_gpu, g_gpu->ops->copy_device(g_gpu, d_b, d_a, n_bytes), "copy_device");
     uint64_t ticket;
@@ -1510,9 +1525,143 @@ START_TEST(test_cuda_hybrid_matches_the_gpu)
 }
 END_TEST
 
+/* ---- --quant-dense on the GPU against the CPU, position by position ------------------ */
+
+/* The GPU's logits differ from the CPU's by its half-precision prefill matmuls and its order
+ * of summation, and so do its router logits (by up to 0.02 on the bundled model), so now and
+ * then the two choose different experts where the CPU's router has two of them nearly tied;
+ * that moves the position's logits by up to 0.11 and, through attention, those of the
+ * positions after it by up to 0.055 (the emulated GPU over 20 sequences of 96 tokens: 13
+ * such swaps). So a position is compared by where it stands:
+ *   - routed as on the CPU at every layer, and so was every position before it: its logits
+ *     within TOL_QD (measured 4.1e-3 at most);
+ *   - routed as on the CPU, after a position that was not: within TOL_QD_AFTER;
+ *   - routed differently: not compared, but the swap must be a near-tie: at the first layer
+ *     that differs, the CPU's router logit for each expert the GPU chose instead is within
+ *     ROUTER_TIE of the CPU's k-th choice (CPU gaps measured 0.0083 at most; the router's
+ *     logits span about +-15 and 12% of its decisions have a gap under 0.1).
+ * At least MIN_QD_COMPARED of the positions must be compared, and their argmax must agree,
+ * so a real error still fails: it moves the logits of every position, and the experts it
+ * swaps are not near-ties. */
+#define TOL_QD 1e-2
+#define TOL_QD_AFTER 1e-1
+#define ROUTER_TIE 1e-1
+#define MIN_QD_COMPARED 0.9
+
+typedef struct {
+    int32_t n;          /* prompt tokens; n + N_GEN positions in all */
+    int32_t n_pos, n_layers, n_experts, k;
+    float *logits;      /* (n_pos, V): prefill's every position, then each decode step's */
+    float *router;      /* (n_layers, n_pos, n_experts) router logits */
+    int32_t *experts;   /* (n_layers, n_pos, k) chosen experts, ascending */
+    int32_t gen[N_GEN]; /* the tokens decoded */
+} routed_run;
+
+static void on_route_record(void *user, int32_t layer, int32_t pos0, int32_t n,
+                            const float *logits, const int32_t *experts, const float *weights)
+{
+    routed_run *r = user;
+    (void)weights;
+    ck_assert(pos0 >= 0 && pos0 + n <= r->n_pos);
+    size_t row = (size_t)layer * (size_t)r->n_pos + (size_t)pos0;
+    memcpy(r->router + row * (size_t)r->n_experts, logits,
+           (size_t)n * (size_t)r->n_experts * sizeof(float));
+    memcpy(r->experts + row * (size_t)r->k, experts, (size_t)n * (size_t)r->k * sizeof(int32_t));
+}
+
+/* As run_case, with the routing of every layer and position recorded: prefill of case ci,
+ * then N_GEN tokens one at a time, forced[] when given (so two runs see the same tokens),
+ * else greedy. */
+static void run_routed(const ferry_model_params *mp, int ci, const int32_t *forced,
+                       routed_run *r)
+{
+    load_ref();
+    ferry_model_info info;
+    ferry_model *m = open_model(mp, &info);
+    ck_assert_int_eq(info.backend, mp->backend);
+    size_t v = (size_t)info.n_vocab;
+    int32_t *ids = tu_json_ints(cJSON_GetObjectItem(ref_case(ci), "ids"), &r->n);
+    r->n_pos = r->n + N_GEN;
+    r->n_layers = info.n_layers;
+    r->n_experts = info.n_experts;
+    r->k = info.n_experts_used;
+    size_t rows = (size_t)r->n_layers * (size_t)r->n_pos;
+    r->logits = malloc((size_t)r->n_pos * v * sizeof(float));
+    r->router = malloc(rows * (size_t)r->n_experts * sizeof(float));
+    r->experts = malloc(rows * (size_t)r->k * sizeof(int32_t));
+    ck_assert(r->logits && r->router && r->experts);
+    ferry_context_params cp = ferry_context_params_default();
+    cp.n_ctx = N_CTX;
+    ferry_context *c;
+    ck_assert_msg(ferry_context_create(m, &cp, &c) == FERRY_OK, "%s", ferry_last_error());
+    ferry_observer obs = {on_route_record, NULL, r};
+    ferry_context_set_observer(c, &obs);
+    ck_assert_msg(ferry_context_forward(c, ids, r->n, r->logits, NULL) == FERRY_OK, "%s",
+                  ferry_last_error());
+    const float *last = r->logits + ((size_t)r->n - 1) * v;
+    for (int32_t i = 0; i < N_GEN; i++) {
+        r->gen[i] = forced ? forced[i] : ferry_argmax(last, info.n_vocab);
+        float *step = r->logits + ((size_t)r->n + (size_t)i) * v;
+        ck_assert_msg(ferry_eval(c, &r->gen[i], 1, step) == FERRY_OK, "%s", ferry_last_error());
+        last = step;
+    }
+    ferry_context_free(c);
+    ferry_model_close(m);
+    free(ids);
+}
+
+static void free_routed(routed_run *r)
+{
+    free(r->logits);
+    free(r->router);
+    free(r->experts);
+}
+
+/* The first layer at which g routed position p differently from c, or -1. */
+static int32_t first_route_difference(const routed_run *g, const routed_run *c, int32_t p)
+{
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        size_t at = ((size_t)l * (size_t)c->n_pos + (size_t)p) * (size_t)c->k;
+        if (memcmp(g->experts + at, c->experts + at, (size_t)c->k * sizeof(int32_t)) != 0)
+            return l;
+    }
+    return -1;
+}
+
+/* How far below the CPU's k-th chosen router logit the CPU puts the experts that the GPU
+ * chose instead at layer l, position p (the largest such gap). */
+static double route_gap(const routed_run *g, const routed_run *c, int32_t l, int32_t p)
+{
+    size_t row = (size_t)l * (size_t)c->n_pos + (size_t)p;
+    const float *logit = c->router + row * (size_t)c->n_experts;
+    const int32_t *ce = c->experts + row * (size_t)c->k, *ge = g->experts + row * (size_t)c->k;
+    double kth = INFINITY, gap = 0;
+    for (int32_t j = 0; j < c->k; j++)
+        kth = fmin(kth, (double)logit[ce[j]]);
+    for (int32_t j = 0; j < c->k; j++) {
+        int chosen_by_cpu = 0;
+        for (int32_t i = 0; i < c->k; i++)
+            chosen_by_cpu |= ge[j] == ce[i];
+        if (!chosen_by_cpu)
+            gap = fmax(gap, kth - (double)logit[ge[j]]);
+    }
+    return gap;
+}
+
+/* The largest difference of g's and c's router logits at layer l, position p. */
+static double router_difference(const routed_run *g, const routed_run *c, int32_t l, int32_t p)
+{
+    size_t at = ((size_t)l * (size_t)c->n_pos + (size_t)p) * (size_t)c->n_experts;
+    double d = 0;
+    for (int32_t e = 0; e < c->n_experts; e++)
+        d = fmax(d, fabs((double)g->router[at + e] - (double)c->router[at + e]));
+    return d;
+}
+
 /* --quant-dense q8 and q4: the GPU's quantized dense matmuls (GEMV for decode, the tiled
  * kernel for prefill) against the CPU backend with the same quantized weights; with a
- * budget too (the experts offloaded, the dense weights quantized on the device). */
+ * budget too (the experts offloaded, the dense weights quantized on the device). Both
+ * decode the CPU's greedy tokens, so every position has the same input. */
 START_TEST(test_cuda_quant_dense_matches_cpu)
 {
     size_t v = (size_t)g_vocab;
@@ -1520,26 +1669,57 @@ START_TEST(test_cuda_quant_dense_matches_cpu)
         for (int ci = 0; ci < N_OFFLOAD_CASES; ci++) {
             ferry_model_params mp = gpu_params();
             mp.quant_dense = f;
+            mp.backend = FERRY_BACKEND_CPU;
+            routed_run g, c;
+            run_routed(&mp, ci, NULL, &c);
+            mp.backend = FERRY_BACKEND_CUDA;
             if (ci % 2)
                 mp.gpu_mem_bytes = g_min_budget + 2 * g_slot_bytes;
-            run_result g, c;
-            ck_assert_msg(run_case(&mp, ci, &g, NULL) == FERRY_OK, "%s", ferry_last_error());
-            mp.backend = FERRY_BACKEND_CPU;
-            mp.gpu_mem_bytes = 0;
-            ck_assert_msg(run_case(&mp, ci, &c, NULL) == FERRY_OK, "%s", ferry_last_error());
+            run_routed(&mp, ci, c.gen, &g);
             ck_assert_int_eq(g.n, c.n);
-            int32_t agree = 0;
-            for (int32_t p = 0; p < g.n; p++) {
+            int32_t compared = 0, agree = 0, first_diff = -1, n_diff = 0;
+            double max_err = 0, max_err_after = 0, max_gap = 0, max_router = 0;
+            for (int32_t p = 0; p < c.n_pos; p++) {
+                int32_t l = first_route_difference(&g, &c, p);
+                for (int32_t j = 0; j < (l < 0 ? c.n_layers : l); j++)
+                    max_router = fmax(max_router, router_difference(&g, &c, j, p));
+                if (l >= 0) {
+                    double gap = route_gap(&g, &c, l, p);
+                    ck_assert_msg(gap <= ROUTER_TIE, "format %d, case %d, position %d, layer "
+                                  "%d: the GPU routes to an expert the CPU's router puts %g "
+                                  "below its k-th choice: not a near-tie", (int)f, ci, (int)p,
+                                  (int)l, gap);
+                    max_gap = fmax(max_gap, gap);
+                    first_diff = first_diff < 0 ? p : first_diff;
+                    n_diff++;
+                    continue;
+                }
                 const float *a = g.logits + (size_t)p * v, *b = c.logits + (size_t)p * v;
-                double err = tu_rel_l2(a, b, v);
-                ck_assert_msg(err <= 2e-2, "format %d, case %d, position %d: relative error %g",
-                              (int)f, ci, (int)p, err);
+                double err = tu_rel_l2(a, b, v), tol = first_diff < 0 ? TOL_QD : TOL_QD_AFTER;
+                ck_assert_msg(err <= tol, "format %d, case %d, position %d (%s): relative "
+                              "error %g > %g", (int)f, ci, (int)p,
+                              first_diff < 0 ? "routing agrees so far" : "after a near-tie",
+                              err, tol);
+                if (first_diff < 0)
+                    max_err = fmax(max_err, err);
+                else
+                    max_err_after = fmax(max_err_after, err);
+                compared++;
                 agree += ferry_argmax(a, g_vocab) == ferry_argmax(b, g_vocab);
             }
-            ck_assert_msg(agree >= (int32_t)(0.98 * g.n), "format %d, case %d: argmax agrees at "
-                          "%d of %d", (int)f, ci, (int)agree, (int)g.n);
-            free(g.logits);
-            free(c.logits);
+            printf("test_cuda: quant-dense format %d, case %d: %d of %d positions compared, "
+                   "max rel L2 %.3g (%.3g after a near-tie), router logits within %.3g; %d "
+                   "routed differently, CPU router gap %.3g at most; argmax %d/%d\n", (int)f,
+                   ci, (int)compared, (int)c.n_pos, max_err, max_err_after, max_router,
+                   (int)n_diff, max_gap, (int)agree, (int)compared);
+            fflush(stdout);
+            ck_assert_msg(compared >= (int32_t)(MIN_QD_COMPARED * c.n_pos), "format %d, case "
+                          "%d: only %d of %d positions routed as on the CPU", (int)f, ci,
+                          (int)compared, (int)c.n_pos);
+            ck_assert_msg(agree >= (int32_t)(0.98 * compared), "format %d, case %d: argmax "
+                          "agrees at %d of %d", (int)f, ci, (int)agree, (int)compared);
+            free_routed(&g);
+            free_routed(&c);
         }
 }
 END_TEST
