@@ -8,7 +8,7 @@ JOBS ?= $(shell nproc)
 MODEL ?= models/tiny-moe-code
 PROMPT ?= def fibonacci(n):
 
-.PHONY: all deps build demo test test-sanitize test-tsan clean
+.PHONY: all deps build demo test test-sanitize test-tsan test-cuda-emu clean
 
 all: build
 
@@ -42,5 +42,21 @@ test-tsan: deps
 	cmake --build build-tsan -j $(JOBS)
 	ctest --test-dir build-tsan --output-on-failure -j $(JOBS) -R 'kernels|cache|pack|offload|sim|hybrid' -E packed_model
 
+# The CUDA backend without a GPU: kernels/cuda compiled with g++ against the emulated CUDA
+# platform (cudaemu/). Runs test_cuda (also with asynchronous streams and in reverse thread
+# order), the emulator's own tests and test_cuda_cli (--backend cuda against --backend cpu
+# through the CLI); then test_cuda and the emulator's tests again under AddressSanitizer +
+# UndefinedBehaviorSanitizer. A real GPU is still checked by scripts/gpu-check.sh.
+EMU_TARGETS = ferry_cli test_cuda test_cudaemu test_cudaemu_blas
+test-cuda-emu: deps
+	cmake -S . -B build-cuda-emu -DCMAKE_BUILD_TYPE=Release -DFERRY_CUDA=EMULATE
+	cmake --build build-cuda-emu -j $(JOBS) --target $(EMU_TARGETS)
+	ctest --test-dir build-cuda-emu --output-on-failure -j $(JOBS) -R 'cuda'
+	cmake -S . -B build-cuda-emu-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFERRY_CUDA=EMULATE \
+		-DFERRY_SANITIZE=address,undefined
+	cmake --build build-cuda-emu-asan -j $(JOBS) --target $(EMU_TARGETS)
+	ctest --test-dir build-cuda-emu-asan --output-on-failure -j $(JOBS) \
+		-R '^(test_cuda|test_cudaemu|test_cudaemu_blas)$$'
+
 clean:
-	rm -rf $(BUILD) build-asan build-tsan
+	rm -rf $(BUILD) build-asan build-tsan build-cuda-emu build-cuda-emu-asan
