@@ -45,8 +45,9 @@ test-tsan: deps
 # The CUDA backend without a GPU: kernels/cuda compiled with g++ against the emulated CUDA
 # platform (cudaemu/). Runs test_cuda (also with asynchronous streams and in reverse thread
 # order), the emulator's own tests and test_cuda_cli (--backend cuda against --backend cpu
-# through the CLI); then test_cuda and the emulator's tests again under AddressSanitizer +
-# UndefinedBehaviorSanitizer. A real GPU is still checked by scripts/gpu-check.sh.
+# through the CLI); then test_cuda, test_cuda_cli and the emulator's tests again under
+# AddressSanitizer + UndefinedBehaviorSanitizer. A real GPU is still checked by
+# scripts/gpu-check.sh.
 EMU_TARGETS = ferry_cli test_cuda test_cudaemu test_cudaemu_blas
 test-cuda-emu: deps
 	cmake -S . -B build-cuda-emu -DCMAKE_BUILD_TYPE=Release -DFERRY_CUDA=EMULATE
@@ -56,7 +57,7 @@ test-cuda-emu: deps
 		-DFERRY_SANITIZE=address,undefined
 	cmake --build build-cuda-emu-asan -j $(JOBS) --target $(EMU_TARGETS)
 	ctest --test-dir build-cuda-emu-asan --output-on-failure -j $(JOBS) \
-		-R '^(test_cuda|test_cudaemu|test_cudaemu_blas)$$'
+		-R '^(test_cuda|test_cuda_cli|test_cudaemu|test_cudaemu_blas)$$'
 
 clean:
 	rm -rf $(BUILD) build-asan build-tsan build-cuda-emu build-cuda-emu-asan

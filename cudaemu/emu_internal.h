@@ -33,6 +33,10 @@ bool device_range(const void *p, size_t n_bytes);
  * and makes e the sticky error. Thread-safe. */
 void fault(cudaError_t e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* cudaErrorNoDevice when the emulated machine has no GPU (CUDAEMU_DEVICES=0),
+ * cudaErrorInvalidDevice for a device it does not have, else cudaSuccess. */
+cudaError_t device_error(int device);
+
 /* The sticky error, or cudaSuccess. */
 cudaError_t sticky_error();
 

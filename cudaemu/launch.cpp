@@ -103,6 +103,28 @@ cudaemu_fiber_entry:
 
 enum fiber_state { READY, WAIT_BLOCK, WAIT_WARP, DONE };
 
+/* A warp operation (shuffle, vote, __syncwarp) of one mask: live from the first lane's
+ * arrival until every lane of the mask has arrived and read the contributions. Lanes with
+ * disjoint masks run separate operations at once, as CUDA allows. */
+struct warp_op {
+    unsigned mask = 0;
+    unsigned arrived = 0; /* complete when arrived == mask */
+    unsigned readers = 0; /* lanes that have not yet read the result */
+    const char *name = nullptr;
+    uint64_t slots[32];
+};
+
+/* At most one live operation per lane: a lane waits in one, or reads it at once when it
+ * resumes, before it can join another. */
+constexpr unsigned max_warp_ops = 32;
+
+struct warp_state {
+    unsigned present = 0; /* lanes that exist (the last warp of a block may be partial) */
+    unsigned exited = 0;  /* lanes that have returned */
+    unsigned n_ops = 0;   /* ops[0 .. n_ops - 1] are live */
+    warp_op ops[max_warp_ops];
+};
+
 struct fiber {
     char *stack = nullptr; /* lowest usable byte; a guard page lies below */
     char *top = nullptr;   /* where the stack starts (grows down from), below the colour */
@@ -113,23 +135,15 @@ struct fiber {
 #endif
     void *asan_fake = nullptr;
     bool dirty = false; /* abandoned mid-run: its stack may hold AddressSanitizer poison */
+    warp_op *op = nullptr; /* the warp operation it waits in or reads */
     fiber_state state = DONE;
     cudaemu_thread t;
 };
 
-struct warp_state {
-    unsigned present = 0;  /* lanes that exist (the last warp of a block may be partial) */
-    unsigned exited = 0;   /* lanes that have returned */
-    unsigned expected = 0; /* the mask of the operation in progress */
-    unsigned arrived = 0;
-    const char *op = nullptr;
-    unsigned parity = 0;
-    uint64_t slots[2][32];
-};
-
 struct block_state {
     unsigned n_threads = 0, arrived = 0, exited = 0, done = 0;
-    std::vector<warp_state> warps;
+    std::vector<warp_state> warps; /* warps[0 .. n_warps - 1] are this block's */
+    unsigned n_warps = 0;
     bool failed = false;
 };
 
@@ -318,10 +332,13 @@ void yield(worker &w, bool final)
         cudaemu_kernel_fault("thread (%u,%u,%u) returned while %u threads of its block wait at "
                              "__syncthreads",
                              f.t.thread_idx.x, f.t.thread_idx.y, f.t.thread_idx.z, b.arrived);
-    if (!b.failed && ws.arrived && (ws.expected & bit))
-        cudaemu_kernel_fault("lane %u of warp %u returned while lanes 0x%08x wait for it at %s "
-                             "with mask 0x%08x",
-                             f.t.lane, f.t.warp, ws.arrived, ws.op, ws.expected);
+    for (unsigned i = 0; i < ws.n_ops && !b.failed; i++) {
+        const warp_op &o = ws.ops[i];
+        if (o.arrived != o.mask && (o.mask & bit))
+            cudaemu_kernel_fault("lane %u of warp %u returned while lanes 0x%08x wait for it at "
+                                 "%s with mask 0x%08x",
+                                 f.t.lane, f.t.warp, o.arrived, o.name, o.mask);
+    }
     b.exited++;
     b.done++;
     ws.exited |= bit;
@@ -344,6 +361,7 @@ void start_fiber(worker &w, fiber &f)
 {
     f.state = READY;
     f.asan_fake = nullptr;
+    f.op = nullptr;
 #if CUDAEMU_ASAN
     /* fiber_run's own frame never returns, and an abandoned fiber's frames never unwind */
     size_t clean = f.dirty ? CUDAEMU_STACK_BYTES : 4096;
@@ -389,18 +407,20 @@ void report_deadlock(worker &w)
             blockwait = &w.fibers[i];
             break;
         }
-    for (unsigned wi = 0; wi < b.warps.size(); wi++) {
+    for (unsigned wi = 0; wi < b.n_warps; wi++) {
         const warp_state &ws = b.warps[wi];
-        if (!ws.arrived)
-            continue;
-        unsigned missing = ws.expected & ~ws.arrived;
-        cudaemu::fault(cudaErrorLaunchFailure,
-                       "%s: lanes 0x%08x of warp %u wait at %s with mask 0x%08x; lanes 0x%08x "
-                       "never arrive (%s)",
-                       block_name(w, w.fibers[wi * 32].t).c_str(), ws.arrived, wi, ws.op,
-                       ws.expected, missing,
-                       blockwait ? "they wait at __syncthreads" : "divergent warp operation");
-        return;
+        for (unsigned i = 0; i < ws.n_ops; i++) {
+            const warp_op &o = ws.ops[i];
+            if (o.arrived == o.mask)
+                continue;
+            cudaemu::fault(cudaErrorLaunchFailure,
+                           "%s: lanes 0x%08x of warp %u wait at %s with mask 0x%08x; lanes "
+                           "0x%08x never arrive (%s)",
+                           block_name(w, w.fibers[wi * 32].t).c_str(), o.arrived, wi, o.name,
+                           o.mask, o.mask & ~o.arrived,
+                           blockwait ? "they wait at __syncthreads" : "divergent warp operation");
+            return;
+        }
     }
     cudaemu::fault(cudaErrorLaunchFailure, "%s: %u threads wait at __syncthreads that can never "
                    "release", block_name(w, blockwait ? blockwait->t : w.fibers[0].t).c_str(),
@@ -417,7 +437,15 @@ void run_block(worker &w, uint64_t index)
     b.n_threads = n;
     b.arrived = b.exited = 0;
     b.failed = false;
-    b.warps.assign((n + 31) / 32, warp_state());
+    unsigned n_warps_needed = (n + 31) / 32;
+    if (b.warps.size() < n_warps_needed)
+        b.warps.resize(n_warps_needed);
+    b.n_warps = n_warps_needed;
+    for (unsigned wi = 0; wi < n_warps_needed; wi++) {
+        warp_state &ws = b.warps[wi];
+        ws.present = ws.exited = 0;
+        ws.n_ops = 0;
+    }
     for (unsigned i = 0; i < n; i++)
         b.warps[i / 32].present |= 1u << (i % 32);
     if (job.c.shared_bytes)
@@ -442,7 +470,7 @@ void run_block(worker &w, uint64_t index)
      * (a warp operation only waits for lanes of its own warp), which keeps the 32 stacks
      * in use warm in the cache */
     const bool rev = cudaemu::cfg().reverse;
-    const unsigned n_warps = (unsigned)b.warps.size();
+    const unsigned n_warps = b.n_warps;
     b.done = 0;
     while (b.done < n && !b.failed) {
         bool progress = false;
@@ -629,6 +657,8 @@ void __syncthreads(void)
         abandon(w);
 }
 
+static bool same_op(const char *a, const char *b) { return a == b || strcmp(a, b) == 0; }
+
 const uint64_t *cudaemu_warp_exchange(unsigned mask, uint64_t value, const char *op)
 {
     worker &w = running();
@@ -647,18 +677,38 @@ const uint64_t *cudaemu_warp_exchange(unsigned mask, uint64_t value, const char 
         cudaemu_kernel_fault("%s with mask 0x%08x in warp %u, lane %u: lanes 0x%08x named in "
                              "the mask have returned",
                              op, mask, f.t.warp, f.t.lane, mask & ws.exited);
-    if (ws.arrived && (ws.expected != mask || (ws.op != op && strcmp(ws.op, op) != 0)))
-        cudaemu_kernel_fault("warp %u: lane %u calls %s with mask 0x%08x while lanes 0x%08x wait "
-                             "at %s with mask 0x%08x",
-                             f.t.warp, f.t.lane, op, mask, ws.arrived, ws.op, ws.expected);
-    unsigned parity = ws.parity;
-    ws.slots[parity][f.t.lane] = value;
-    ws.expected = mask;
-    ws.op = op;
-    ws.arrived |= bit;
-    if (ws.arrived == mask) {
-        ws.arrived = 0;
-        ws.parity ^= 1u;
+    /* join the operation in progress of this mask, unless a lane it names waits in another
+     * (or this lane is awaited by another): then the lanes disagree about the mask */
+    warp_op *o = nullptr;
+    for (unsigned i = 0; i < ws.n_ops; i++) {
+        warp_op &c = ws.ops[i];
+        if (c.arrived == c.mask)
+            continue;
+        if (c.mask == mask && same_op(c.name, op)) {
+            o = &c;
+            break;
+        }
+        if ((c.mask & bit) || (c.arrived & mask))
+            cudaemu_kernel_fault("warp %u: lane %u calls %s with mask 0x%08x while lanes 0x%08x "
+                                 "wait at %s with mask 0x%08x",
+                                 f.t.warp, f.t.lane, op, mask, c.arrived, c.name, c.mask);
+    }
+    if (!o) {
+        if (ws.n_ops == max_warp_ops) { /* cannot happen: one live operation per lane */
+            fprintf(stderr, "cudaemu: warp %u has %u operations in progress\n", f.t.warp,
+                    ws.n_ops);
+            abort();
+        }
+        o = &ws.ops[ws.n_ops++];
+        o->mask = mask;
+        o->arrived = 0;
+        o->readers = mask;
+        o->name = op;
+    }
+    o->slots[f.t.lane] = value;
+    o->arrived |= bit;
+    f.op = o;
+    if (o->arrived == mask) {
         unsigned base = f.t.warp * 32;
         for (unsigned l = 0; l < 32; l++)
             if ((mask >> l & 1u) && w.fibers[base + l].state == WAIT_WARP)
@@ -669,12 +719,39 @@ const uint64_t *cudaemu_warp_exchange(unsigned mask, uint64_t value, const char 
         if (b.failed)
             abandon(w);
     }
-    /* the other parity's slots take the next operation, so these stay intact until every
-     * lane of this one has arrived at the next, by which time each has read them */
-    return ws.slots[parity];
+    /* valid until this lane's cudaemu_warp_release: the operation lives until every lane of
+     * its mask has read it */
+    return f.op->slots;
 }
 
-void __syncwarp(unsigned mask) { cudaemu_warp_exchange(mask, 0, "__syncwarp"); }
+void cudaemu_warp_release(void)
+{
+    worker &w = running();
+    fiber &f = *w.cur;
+    warp_state &ws = w.blk.warps[f.t.warp];
+    warp_op *o = f.op;
+    f.op = nullptr;
+    o->readers &= ~(1u << f.t.lane);
+    if (o->readers)
+        return;
+    /* the last reader: the operation's entry is reused (the last live one moves into it,
+     * with the lanes that point at it) */
+    warp_op *last = &ws.ops[ws.n_ops - 1];
+    if (o != last) {
+        *o = *last;
+        unsigned base = f.t.warp * 32, n = w.blk.n_threads;
+        for (unsigned l = 0; l < 32 && base + l < n; l++)
+            if (w.fibers[base + l].op == last)
+                w.fibers[base + l].op = o;
+    }
+    ws.n_ops--;
+}
+
+void __syncwarp(unsigned mask)
+{
+    cudaemu_warp_exchange(mask, 0, "__syncwarp");
+    cudaemu_warp_release();
+}
 
 void *cudaemu_dynamic_shared(void) { return running().dyn; }
 
@@ -690,6 +767,8 @@ void cudaemu_shared_touch(uint64_t *gen, void *p, size_t n_bytes)
 cudaError_t cudaemu_launch_body(const cudaemu_launch_config &c, const char *name,
                                 std::function<void()> body)
 {
+    if (cudaError_t e = cudaemu::device_error(0))
+        return cudaemu::set_last_error(e);
     if (cudaError_t e = cudaemu::sticky_error())
         return cudaemu::set_last_error(e);
     const dim3 g = c.grid, bd = c.block;

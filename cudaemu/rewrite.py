@@ -116,6 +116,22 @@ def launches(src, code, path):
     return edits
 
 
+def declarators(decl):
+    """A declaration's text split at the commas between its declarators (not those inside
+    brackets, parentheses, braces or template arguments)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(decl):
+        if c in "([{<":
+            depth += 1
+        elif c in ")]}>":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(decl[start:i])
+            start = i + 1
+    parts.append(decl[start:])
+    return parts
+
+
 def shared(src, code, path):
     edits = []
     depth_at, depth = [], 0
@@ -140,10 +156,14 @@ def shared(src, code, path):
             continue
         if depth_at[m.start()] == 0:
             continue  # namespace scope: the plain thread_local definition serves
-        decl = re.match(r"[^=\[;]*?\b(\w+)\s*(?:\[|=|;)", code[m.end() : semi + 1])
-        if not decl:
-            fail(src, m.start(), path, "cannot find the name this __shared__ declares")
-        edits.append((semi + 1, semi + 1, f" CUDAEMU_SHARED_POISON({decl.group(1)});"))
+        names = []
+        for part in declarators(code[m.end() : semi]):
+            decl = re.match(r"[^=\[]*?\b(\w+)\s*(?:\[|=|$)", part.strip())
+            if not decl:
+                fail(src, m.start(), path, "cannot find the names this __shared__ declares")
+            names.append(decl.group(1))
+        poison = "".join(f" CUDAEMU_SHARED_POISON({n});" for n in names)
+        edits.append((semi + 1, semi + 1, poison))
     return edits
 
 

@@ -372,6 +372,11 @@ cudaError_t cudaGetDeviceCount(int *count)
 
 static cudaError_t check_device(int device)
 {
+    return cudaemu::device_error(device);
+}
+
+cudaError_t cudaemu::device_error(int device)
+{
     if (cfg().n_devices == 0)
         return cudaErrorNoDevice;
     return device < 0 || device >= cfg().n_devices ? cudaErrorInvalidDevice : cudaSuccess;
@@ -442,6 +447,8 @@ cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device)
 
 cudaError_t cudaDeviceSynchronize(void)
 {
+    if (cudaError_t e = check_device(0))
+        return ret(e);
     drain_all();
     return ret(gate());
 }
@@ -512,6 +519,8 @@ cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes)
 
 cudaError_t cudaHostRegister(void *h, size_t n_bytes, unsigned int flags)
 {
+    if (cudaError_t e = check_device(0))
+        return ret(e);
     if (!h || !n_bytes || flags > 0xf)
         return ret(cudaErrorInvalidValue);
     std::lock_guard<std::mutex> lk(mem_mu);
@@ -610,6 +619,8 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n_bytes, cudaMemcpyKin
     if (cudaError_t e = check_copy(dst, src, n_bytes, kind))
         return ret(e);
     drain_all();
+    if (cudaError_t e = gate()) /* a fault of the work it waited for */
+        return e;
     memcpy(dst, src, n_bytes);
     return cudaSuccess;
 }
@@ -631,9 +642,10 @@ cudaError_t cudaMemsetAsync(void *d, int value, size_t n_bytes, cudaStream_t s)
 cudaError_t cudaMemset(void *d, int value, size_t n_bytes)
 {
     cudaError_t e = cudaMemsetAsync(d, value, n_bytes, 0);
-    if (e == cudaSuccess)
-        drain_all();
-    return e;
+    if (e != cudaSuccess)
+        return e;
+    drain_all();
+    return ret(gate());
 }
 
 /* ---- streams --------------------------------------------------------------------------------- */

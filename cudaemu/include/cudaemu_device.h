@@ -77,8 +77,10 @@ void __syncthreads(void);
 void __syncwarp(unsigned mask = 0xffffffffu);
 /* Every lane named in mask contributes value and waits for the others; returns the 32
  * contributions (lanes outside mask: undefined, and reading one is reported as a fault by
- * the callers below). op names the intrinsic for messages. */
+ * the callers below), valid until the caller's cudaemu_warp_release. op names the
+ * intrinsic for messages. */
 const uint64_t *cudaemu_warp_exchange(unsigned mask, uint64_t value, const char *op);
+void cudaemu_warp_release(void);
 /* Reports a fault of the running kernel (a shuffle reading a lane outside its mask) and
  * ends the running thread's block; does not return. */
 [[noreturn]] void cudaemu_kernel_fault(const char *fmt, ...)
@@ -116,12 +118,12 @@ template <class T>
 inline T cudaemu_shfl(unsigned mask, T var, int src, bool keep_own, const char *op)
 {
     const uint64_t *v = cudaemu_warp_exchange(mask, cudaemu_bits(var), op);
-    if (keep_own)
-        return var;
-    if (!(mask >> src & 1u))
+    if (!keep_own && !(mask >> src & 1u))
         cudaemu_kernel_fault("%s with mask 0x%08x: lane %u reads lane %d, which is not in the "
                              "mask", op, mask, cudaemu_self->lane, src);
-    return cudaemu_from_bits<T>(v[src]);
+    T r = keep_own ? var : cudaemu_from_bits<T>(v[src]);
+    cudaemu_warp_release();
+    return r;
 }
 
 template <class T> inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32)
@@ -156,6 +158,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred)
     for (int l = 0; l < 32; l++)
         if ((mask >> l & 1u) && v[l])
             r |= 1u << l;
+    cudaemu_warp_release();
     return r;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
