@@ -308,7 +308,8 @@ template <cudaDataType_t T> void run_gemm(const gemm_op &g)
     }
     std::vector<std::thread> threads;
     for (unsigned t = 0; t < n_threads; t++) {
-        int j0 = (int)((int64_t)g.n * t / n_threads), j1 = (int)((int64_t)g.n * (t + 1) / n_threads);
+        int j0 = (int)((int64_t)g.n * t / n_threads);
+        int j1 = (int)((int64_t)g.n * (t + 1) / n_threads);
         threads.emplace_back(gemm_columns, std::cref(g), a.data(), b.data(), j0, j1);
     }
     for (std::thread &t : threads)

@@ -15,7 +15,7 @@
  * cascade. The emulator reads its configuration (CUDAEMU_*) once per process, so the cases
  * that need other settings run this program again in a child: the thread, warp and fault
  * cases with CUDAEMU_ORDER=reverse (tag "order"); the stream, launch and fault cases with
- * CUDAEMU_ASYNC=1 and copies of 20 ms (tag "async"); the memory cases with CUDAEMU_MEM=64M; a
+ * CUDAEMU_ASYNC=1 and copies of 100 ms (tag "async"); the memory cases with CUDAEMU_MEM=64M; a
  * missing __syncthreads in both orders; and a machine without a device (CUDAEMU_DEVICES=0).
  * Tests that only mean something in one stream mode (the "sync" and "async" cases) are in the
  * suite only in that mode, read from the environment as the runtime reads it. Exits 77
@@ -47,7 +47,8 @@ extern char **environ;
 #define MAX_BUFFERS 32
 #define NO_DEVICE_ARG "--no-device"
 #define MISSING_BARRIER_ARG "--missing-barrier"
-/* the async cases rely on each copy taking this long; the child sets 20 ms */
+/* the async cases rely on each copy taking this long; the child sets 100 ms, far longer than
+ * a loaded machine keeps a thread waiting for a core */
 #define MIN_ASYNC_DELAY_US 10000ull
 
 /* ---- the emulator's configuration, read as runtime.cpp reads it ------------------------ */
@@ -1785,7 +1786,7 @@ START_TEST(test_sync_results_visible_when_the_call_returns)
 }
 END_TEST
 
-/* ---- streams: asynchronous mode (CUDAEMU_ASYNC=1, copies of 20 ms in the child) ---------- */
+/* ---- streams: asynchronous mode (CUDAEMU_ASYNC=1, copies of 100 ms in the child) ---------- */
 
 /* A copy from pinned memory runs when the stream gets to it: not landed when the call
  * returns, landed after cudaStreamSynchronize. */
@@ -1849,7 +1850,7 @@ END_TEST
 
 /* A kernel on stream b after cudaStreamWaitEvent on an event recorded after a copy on stream
  * a sees the copy; without the wait it runs at once and reads what was there before. Stream
- * a first runs a copy it does not need, so its real copy lands 40 ms after the call. */
+ * a first runs a copy it does not need, so its real copy lands 200 ms after the call. */
 START_TEST(test_async_stream_wait_event_orders_two_streams)
 {
     cudaStream_t a = new_stream(), b = new_stream();
@@ -2028,7 +2029,7 @@ END_TEST
 
 START_TEST(test_streams_in_async_mode)
 {
-    const char *const set[] = {"CUDAEMU_ASYNC=1", "CUDAEMU_COPY_DELAY_US=20000",
+    const char *const set[] = {"CUDAEMU_ASYNC=1", "CUDAEMU_COPY_DELAY_US=100000",
                                "CK_INCLUDE_TAGS=async", "CK_RUN_SUITE", "CK_RUN_CASE",
                                "CK_EXCLUDE_TAGS", nullptr};
     ck_assert_msg(run_self(nullptr, set) == 0,

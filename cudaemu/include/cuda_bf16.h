@@ -37,6 +37,9 @@ __host__ __device__ inline __nv_bfloat16 __float2bfloat16_rn(float f)
     return h;
 }
 
-__host__ __device__ inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+__host__ __device__ inline __nv_bfloat16 __float2bfloat16(float f)
+{
+    return __float2bfloat16_rn(f);
+}
 
 #endif
