@@ -1391,6 +1391,8 @@ static int cmd_batch(int argc, char **argv)
     }
     for (int32_t i = 0; i < n_items; i++)
         items[i].n_out = n_out[i];
+    fprintf(stderr, "backend: %s (%s)\n", info.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu",
+            info.device);
     print_batch_stats(bp.reorder ? "reordered" : "arrival order", &bs, loads, info.n_layers);
     if (compare) {
         /* the other order on a fresh model, so the expert cache starts cold both times */
@@ -1913,10 +1915,14 @@ static int cmd_perplexity(int argc, char **argv)
     }
     ferry_perplexity_result r;
     st = ferry_perplexity(m, text, len, (int32_t)window, &r);
+    ferry_model_info info;
+    ferry_model_get_info(m, &info);
     ferry_model_close(m);
     free(text);
     if (st)
         return fail_lib("perplexity", st);
+    fprintf(stderr, "backend: %s (%s)\n", info.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu",
+            info.device);
     printf("perplexity: %.4f (mean NLL %.5f nats) over %lld tokens in %d windows of %d, "
            "%.1f tokens/s\n",
            r.perplexity, r.nll, (long long)r.n_scored, (int)r.n_windows, (int)r.window,

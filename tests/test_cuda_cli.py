@@ -15,8 +15,8 @@ What is compared, and why:
     the resident GPU run's.
   - Perplexity within PPL_TOL of the CPU's, and the same figure offloaded on the GPU.
   - `--backend cuda` never falls back to the CPU (it fails instead; test_cli checks that on
-    machines without a GPU), and `ferry run --stats` must report "backend: cuda", so no
-    case can pass on the CPU by accident.
+    machines without a GPU), and `ferry run --stats`, `ferry batch` and `ferry perplexity`
+    must report "backend: cuda", so no case can pass on the CPU by accident.
 
 Run as: python3 tests/test_cuda_cli.py FERRY_BINARY
 Exits 77 (CTest: skipped) when the binary has no CUDA backend or sees no usable device.
@@ -103,9 +103,14 @@ class Generation:
         self.ids, self.text = out["ids"], out["text"]
         self.raw, self.logits = read_floats(path)
         self.err = p.stderr.decode()
-        if not re.search(r"(?m)^backend: %s \(" % backend, self.err):
-            raise AssertionError("%s: stderr does not say 'backend: %s':\n%s"
-                                 % (self.what, backend, self.err))
+        assert_backend(self.what, backend, self.err)
+
+
+def assert_backend(what, backend, stderr):
+    """ferry run --stats, ferry batch and ferry perplexity name the backend that computed."""
+    if not re.search(r"(?m)^backend: %s \(" % backend, stderr):
+        raise AssertionError("%s: stderr does not say 'backend: %s':\n%s"
+                             % (what, backend, stderr))
 
 
 class CudaCliTest(unittest.TestCase):
@@ -171,8 +176,11 @@ class CudaCliTest(unittest.TestCase):
 
     def perplexity(self, backend, *extra):
         """`ferry perplexity` of the held-out excerpt, window 128: (figure, line)."""
-        out = ferry("perplexity", MODEL, "--text", self.text, "--window", "128", "--backend",
-                    backend, *extra).stdout.decode()
+        p = ferry("perplexity", MODEL, "--text", self.text, "--window", "128", "--backend",
+                  backend, *extra)
+        assert_backend(show(("perplexity", "--backend", backend) + extra), backend,
+                       p.stderr.decode())
+        out = p.stdout.decode()
         m = re.search(PPL_RE, out)
         self.assertIsNotNone(m, out)
         return float(m.group(1)), m.group(0)
@@ -251,8 +259,10 @@ class CudaCliTest(unittest.TestCase):
 
         def batch(backend, *extra):
             out = os.path.join(self.tmp, "batch-%s.jsonl" % backend)
-            ferry("batch", MODEL, "--prompts", prompts, "--out", out, "-n", "8", "--ignore-eos",
-                  "--backend", backend, *extra)
+            p = ferry("batch", MODEL, "--prompts", prompts, "--out", out, "-n", "8",
+                      "--ignore-eos", "--backend", backend, *extra)
+            assert_backend(show(("batch", "--backend", backend) + extra), backend,
+                           p.stderr.decode())
             with open(out) as f:
                 return [json.loads(line) for line in f]
 
