@@ -14,9 +14,9 @@
 #include <pthread.h>
 
 #include "core/pool.h"
-#include "engine/config.h"
-#include "engine/safetensors.h"
-#include "engine/tokenizer.h"
+#include "format/config.h"
+#include "format/safetensors.h"
+#include "format/tokenizer.h"
 #include "ferry.h"
 #include "kernels/backend.h"
 #include "moe/hybrid.h"

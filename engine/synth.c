@@ -4,7 +4,7 @@
  * transformers) load.
  *
  * What out_dir receives:
- *   config.json                           every field engine/config.c reads, model_type
+ *   config.json                           every field format/config.c reads, model_type
  *                                         "mixtral", torch_dtype, and "ferry_synth" (seed)
  *   model.safetensors                     when the tensors fit in one shard, else
  *   model-0000i-of-0000N.safetensors      shards of at most shard_bytes of tensors, and
@@ -13,7 +13,7 @@
  *   tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model
  *                                         copied from tokenizer_dir (the last three when
  *                                         present)
- * A shard is what engine/safetensors.c validates: u64 header length N (little-endian),
+ * A shard is what format/safetensors.c validates: u64 header length N (little-endian),
  * N bytes of JSON padded with spaces to a multiple of 8 ({"__metadata__": {"format":
  * "pt"}, name: {"dtype", "shape", "data_offsets": [begin, end]}, ...}), then the tensors
  * back to back in header order, so every tensor starts aligned for its dtype. Tensors go
@@ -57,15 +57,15 @@
 #include "core/error.h"
 #include "core/fileio.h"
 #include "core/pool.h"
-#include "engine/config.h"
-#include "engine/tokenizer.h"
+#include "format/config.h"
+#include "format/tokenizer.h"
 #include "kernels/dtype.h"
 
 #define SYNTH_CHUNK_BYTES (4u << 20)
 #define SYNTH_DEFAULT_SHARD_BYTES (4ull << 30)
 #define SYNTH_MAX_SHARDS 99999          /* the 5 digits of model-00001-of-00002 */
 #define SYNTH_MAX_TENSORS (1 << 20)
-#define SYNTH_MAX_HEADER (100ull * 1000 * 1000) /* what engine/safetensors.c accepts */
+#define SYNTH_MAX_HEADER (100ull * 1000 * 1000) /* what format/safetensors.c accepts */
 #define SYNTH_MAX_THREADS 1024
 #define SYNTH_NAME_CAP 96
 #define SYNTH_GOLDEN 0x9e3779b97f4a7c15ull

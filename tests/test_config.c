@@ -10,7 +10,7 @@
 #include <string.h>
 
 #include "core/error.h"
-#include "engine/config.h"
+#include "format/config.h"
 #include "tests/check_util.h"
 
 #define TINY_DIR FERRY_SOURCE_DIR "/models/tiny-moe-code"

@@ -27,7 +27,7 @@
 #include <xxhash.h>
 
 #include "core/error.h"
-#include "engine/safetensors.h"
+#include "format/safetensors.h"
 #include "offload/pack.h"
 #include "offload/reader.h"
 #include "tests/check_util.h"

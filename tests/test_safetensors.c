@@ -11,7 +11,7 @@
 #include <sys/stat.h>
 
 #include "core/error.h"
-#include "engine/safetensors.h"
+#include "format/safetensors.h"
 #include "tests/check_util.h"
 
 #define TINY_DIR FERRY_SOURCE_DIR "/models/tiny-moe-code"

@@ -21,7 +21,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#include "engine/safetensors.h"
+#include "format/safetensors.h"
 #include "ferry.h"
 #include "kernels/dtype.h"
 #include "tests/check_util.h"

@@ -13,7 +13,7 @@
 #include <sys/stat.h>
 
 #include "core/error.h"
-#include "engine/tokenizer.h"
+#include "format/tokenizer.h"
 #include "tests/check_util.h"
 
 #define MODEL_DIR FERRY_SOURCE_DIR "/models/tiny-moe-code"

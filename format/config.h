@@ -1,5 +1,5 @@
 /*
- * engine/config.h: the model hyperparameters of a Hugging Face Mixtral config.json.
+ * format/config.h: the model hyperparameters of a Hugging Face Mixtral config.json.
  *
  * ferry_config is a plain value: parsing fills it completely and checks every field
  * against the others (head counts, expert counts, head_dim) and against limits that keep

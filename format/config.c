@@ -1,5 +1,5 @@
 /*
- * engine/config.c: parses and checks a Hugging Face Mixtral config.json.
+ * format/config.c: parses and checks a Hugging Face Mixtral config.json.
  *
  * The fields read (a JSON object; others are ignored):
  *   model_type "mixtral" (or absent, with architectures containing "MixtralForCausalLM")
@@ -17,7 +17,7 @@
  *   rope_scaling                                       must be null or absent
  * A field given the JSON value null is treated as absent.
  */
-#include "engine/config.h"
+#include "format/config.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

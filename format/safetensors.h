@@ -1,5 +1,5 @@
 /*
- * engine/safetensors.h: memory-mapped, validated safetensors checkpoints.
+ * format/safetensors.h: memory-mapped, validated safetensors checkpoints.
  *
  * A ferry_st_set holds every tensor of one checkpoint, whether it is one .safetensors
  * file or several shards listed in model.safetensors.index.json. The set owns the

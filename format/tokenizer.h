@@ -1,5 +1,5 @@
 /*
- * engine/tokenizer.h: the BPE tokenizer of a Hugging Face checkpoint (tokenizer.json, plus
+ * format/tokenizer.h: the BPE tokenizer of a Hugging Face checkpoint (tokenizer.json, plus
  * tokenizer_config.json when present), encoding and decoding exactly as the Rust
  * `tokenizers` library does for the Llama/Mistral/Mixtral family: added tokens split
  * first, then normalizer (Sequence, Prepend, Replace), pre-tokenizer (Metaspace or none),

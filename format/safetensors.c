@@ -1,5 +1,5 @@
 /*
- * engine/safetensors.c: opens, maps and validates safetensors checkpoints.
+ * format/safetensors.c: opens, maps and validates safetensors checkpoints.
  *
  * A .safetensors file (integers little-endian):
  *   [0, 8)         u64 N, the length of the header
@@ -28,7 +28,7 @@
  * is closed once mapped), the tensor records with their names (one allocation each), and
  * an open-addressing hash table (linear probing, load <= 1/2) of tensor indices by name.
  */
-#include "engine/safetensors.h"
+#include "format/safetensors.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -1,5 +1,5 @@
 /*
- * engine/tokenizer.c: a Hugging Face tokenizer.json BPE tokenizer that encodes and decodes
+ * format/tokenizer.c: a Hugging Face tokenizer.json BPE tokenizer that encodes and decodes
  * exactly as the Rust `tokenizers` library (TokenizerImpl) does. Encoding, in its order:
  *
  *   1. split the raw text on added tokens with normalized:false (leftmost-longest,
@@ -22,7 +22,7 @@
  * Invariants: every string in the blob is valid UTF-8 (it came from cJSON, which emits
  * UTF-8); ids of the vocab and added tokens are in [0, n_vocab).
  */
-#include "engine/tokenizer.h"
+#include "format/tokenizer.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
