@@ -35,6 +35,8 @@
 #include <unordered_set>
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "emu_internal.h"
 
@@ -73,73 +75,17 @@ bool is_live(cublasHandle_t h)
 
 /* ---- half-precision conversions ----------------------------------------------------- */
 
-uint32_t bits_of(float f)
+/* The emulated platform's own conversions (cuda_fp16.h, cuda_bf16.h: exact widening, round to
+ * nearest even with NaN kept NaN), which test_cudaemu checks over every half and bfloat16. */
+float f16_to_f32(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+uint16_t f32_to_f16(float f) { return __half_as_ushort(__float2half_rn(f)); }
+float bf16_to_f32(uint16_t b)
 {
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    return u;
+    __nv_bfloat16 h;
+    h.x = b;
+    return __bfloat162float(h);
 }
-
-float float_of(uint32_t u)
-{
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* IEEE half: 1 sign, 5 exponent (bias 15), 10 fraction bits. Every half is a float. */
-float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, frac = h & 0x3ffu;
-    if (exp == 0x1f) /* inf, or NaN with its payload */
-        return float_of(sign | 0x7f800000u | frac << 13);
-    if (exp != 0) /* normal: rebias 15 -> 127 */
-        return float_of(sign | (exp + 112) << 23 | frac << 13);
-    /* zero or subnormal: frac * 2^-24, exact in float32 */
-    return float_of(sign | bits_of((float)frac * 0x1p-24f));
-}
-
-/* Round to nearest even; overflow goes to inf; NaN stays NaN (quiet, sign and the top of the
- * payload kept). */
-uint16_t f32_to_f16(float f)
-{
-    uint32_t x = bits_of(f);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u)
-        return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
-    if (ax >= 0x477ff000u) /* 65520 and up: past halfway from 65504, the largest half */
-        return (uint16_t)(sign | 0x7c00u);
-    if (ax >= 0x38800000u) { /* 2^-14 and up: a normal half */
-        /* round at bit 13 (the carry may ripple into the exponent, which is right), then
-         * rebias 127 -> 15 */
-        uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u);
-        return (uint16_t)(sign | (r - 0x38000000u) >> 13);
-    }
-    uint32_t e = ax >> 23;
-    if (e < 102) /* below 2^-25, half the smallest subnormal: zero */
-        return sign;
-    /* a subnormal half, in units of 2^-24: the 24-bit significand shifted down */
-    uint32_t sig = (ax & 0x7fffffu) | 0x800000u;
-    uint32_t shift = 126 - e; /* 14..24 */
-    uint32_t q = sig >> shift, rest = sig & ((1u << shift) - 1), half = 1u << (shift - 1);
-    if (rest > half || (rest == half && (q & 1u)))
-        q++; /* q == 1024 is the smallest normal half, also right */
-    return (uint16_t)(sign | q);
-}
-
-/* bfloat16: the top 16 bits of a float32. */
-float bf16_to_f32(uint16_t b) { return float_of((uint32_t)b << 16); }
-
-uint16_t f32_to_bf16(float f)
-{
-    uint32_t x = bits_of(f);
-    if ((x & 0x7fffffffu) > 0x7f800000u) /* NaN: truncating could make it inf */
-        return (uint16_t)((x >> 16) | 0x40u);
-    x += 0x7fffu + ((x >> 16) & 1u);
-    return (uint16_t)(x >> 16);
-}
+uint16_t f32_to_bf16(float f) { return __float2bfloat16_rn(f).x; }
 
 /* ---- matrices ------------------------------------------------------------------------ */
 

@@ -141,7 +141,7 @@ struct fiber {
 };
 
 struct block_state {
-    unsigned n_threads = 0, arrived = 0, exited = 0, done = 0;
+    unsigned n_threads = 0, arrived = 0, exited = 0;
     std::vector<warp_state> warps; /* warps[0 .. n_warps - 1] are this block's */
     unsigned n_warps = 0;
     bool failed = false;
@@ -340,7 +340,6 @@ void yield(worker &w, bool final)
                                  f.t.lane, f.t.warp, o.arrived, o.name, o.mask);
     }
     b.exited++;
-    b.done++;
     ws.exited |= bit;
     f.state = DONE;
     yield(w, true);
@@ -357,7 +356,7 @@ static void fiber_trampoline(void) { fiber_run(); }
 
 namespace {
 
-void start_fiber(worker &w, fiber &f)
+void start_fiber(fiber &f)
 {
     f.state = READY;
     f.asan_fake = nullptr;
@@ -386,7 +385,6 @@ void start_fiber(worker &w, fiber &f)
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_trampoline, 0);
 #endif
-    (void)w;
 }
 
 std::string block_name(const worker &w, const cudaemu_thread &t)
@@ -464,15 +462,14 @@ void run_block(worker &w, uint64_t index)
         f.t.warp = i / 32;
         f.t.block_serial = serial;
         f.t.block = &b;
-        start_fiber(w, f);
+        start_fiber(f);
     }
     /* warp by warp: a warp's lanes run until each has returned or waits at __syncthreads
      * (a warp operation only waits for lanes of its own warp), which keeps the 32 stacks
      * in use warm in the cache */
     const bool rev = cudaemu::cfg().reverse;
     const unsigned n_warps = b.n_warps;
-    b.done = 0;
-    while (b.done < n && !b.failed) {
+    while (b.exited < n && !b.failed) {
         bool progress = false;
         for (unsigned wk = 0; wk < n_warps && !b.failed; wk++) {
             unsigned wi = rev ? n_warps - 1 - wk : wk;

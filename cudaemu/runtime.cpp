@@ -370,11 +370,6 @@ cudaError_t cudaGetDeviceCount(int *count)
     return cfg().n_devices ? cudaSuccess : ret(cudaErrorNoDevice);
 }
 
-static cudaError_t check_device(int device)
-{
-    return cudaemu::device_error(device);
-}
-
 cudaError_t cudaemu::device_error(int device)
 {
     if (cfg().n_devices == 0)
@@ -384,7 +379,7 @@ cudaError_t cudaemu::device_error(int device)
 
 cudaError_t cudaSetDevice(int device)
 {
-    if (cudaError_t e = check_device(device))
+    if (cudaError_t e = device_error(device))
         return ret(e);
     current_device = device;
     return cudaSuccess;
@@ -394,7 +389,7 @@ cudaError_t cudaGetDevice(int *device)
 {
     if (!device)
         return ret(cudaErrorInvalidValue);
-    if (cudaError_t e = check_device(0))
+    if (cudaError_t e = device_error(0))
         return ret(e);
     *device = current_device;
     return cudaSuccess;
@@ -404,7 +399,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp *prop, int device)
 {
     if (!prop)
         return ret(cudaErrorInvalidValue);
-    if (cudaError_t e = check_device(device))
+    if (cudaError_t e = device_error(device))
         return ret(e);
     memset(prop, 0, sizeof *prop);
     snprintf(prop->name, sizeof prop->name, "cudaemu (emulated on the CPU)");
@@ -447,7 +442,7 @@ cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attr, int device)
 
 cudaError_t cudaDeviceSynchronize(void)
 {
-    if (cudaError_t e = check_device(0))
+    if (cudaError_t e = device_error(0))
         return ret(e);
     drain_all();
     return ret(gate());
@@ -473,7 +468,7 @@ cudaError_t cudaMalloc(void **d, size_t n_bytes)
 {
     if (!d)
         return ret(cudaErrorInvalidValue);
-    if (cudaError_t e = check_device(0))
+    if (cudaError_t e = device_error(0))
         return ret(e);
     if (cudaError_t e = gate())
         return e;
@@ -509,7 +504,7 @@ cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes)
 {
     if (!free_bytes || !total_bytes)
         return ret(cudaErrorInvalidValue);
-    if (cudaError_t e = check_device(0))
+    if (cudaError_t e = device_error(0))
         return ret(e);
     std::lock_guard<std::mutex> lk(mem_mu);
     *total_bytes = cfg().mem_total;
@@ -519,7 +514,7 @@ cudaError_t cudaMemGetInfo(size_t *free_bytes, size_t *total_bytes)
 
 cudaError_t cudaHostRegister(void *h, size_t n_bytes, unsigned int flags)
 {
-    if (cudaError_t e = check_device(0))
+    if (cudaError_t e = device_error(0))
         return ret(e);
     if (!h || !n_bytes || flags > 0xf)
         return ret(cudaErrorInvalidValue);
@@ -654,7 +649,7 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned int flags)
 {
     if (!s || flags > cudaStreamNonBlocking)
         return ret(cudaErrorInvalidValue);
-    if (cudaError_t e = check_device(0))
+    if (cudaError_t e = device_error(0))
         return ret(e);
     CUstream_st *st = new_stream();
     std::lock_guard<std::mutex> lk(streams_mu);
@@ -710,7 +705,7 @@ cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned int flags)
 {
     if (!e || flags > (cudaEventBlockingSync | cudaEventDisableTiming | 0x4u))
         return ret(cudaErrorInvalidValue);
-    if (cudaError_t err = check_device(0))
+    if (cudaError_t err = device_error(0))
         return ret(err);
     *e = new CUevent_st();
     return cudaSuccess;
