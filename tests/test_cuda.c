@@ -1315,19 +1315,22 @@ END_TEST
 typedef struct {
     int32_t n;
     float *logits;      /* (n + N_GEN, V): prefill's every position, then each decode step's */
-    int32_t gen[N_GEN]; /* greedy tokens */
+    int32_t gen[N_GEN]; /* the tokens decoded */
 } run_result;
 
 static int32_t g_vocab;
+static ferry_model_info g_info; /* of the last model run_case opened */
 static run_result g_resident[N_OFFLOAD_CASES];
 static uint64_t g_min_budget, g_slot_bytes;
 static const ferry_hybrid_cost *g_force_cost; /* replaces the measured one when set */
 
 /* Opens the model with mp on the GPU, prefills case ci (logits of every position) and
- * decodes N_GEN greedy tokens one at a time (each step's logits). Returns the status of
- * opening the model and creating the context; FERRY_OK when everything ran. */
+ * decodes N_GEN tokens one at a time (each step's logits): forced[] when given (so two runs
+ * see the same tokens), else greedy. obs, when given, watches the forward passes. Returns
+ * the status of opening the model and creating the context; FERRY_OK when everything ran. */
 static ferry_status run_case(const ferry_model_params *mp, int ci, run_result *r,
-                             ferry_offload_stats *os)
+                             ferry_offload_stats *os, const ferry_observer *obs,
+                             const int32_t *forced)
 {
     load_ref();
     ferry_model *m;
@@ -1338,6 +1341,7 @@ static ferry_status run_case(const ferry_model_params *mp, int ci, run_result *r
     ferry_model_get_info(m, &info);
     ck_assert_int_eq(info.backend, mp->backend == FERRY_BACKEND_CPU ? FERRY_BACKEND_CPU
                                                                     : FERRY_BACKEND_CUDA);
+    g_info = info;
     g_vocab = info.n_vocab;
     size_t v = (size_t)g_vocab;
     ferry_context_params cp = ferry_context_params_default();
@@ -1350,6 +1354,8 @@ static ferry_status run_case(const ferry_model_params *mp, int ci, run_result *r
     }
     if (g_force_cost)
         m->hybrid_cost = *g_force_cost;
+    if (obs)
+        ferry_context_set_observer(c, obs);
     int32_t *ids = tu_json_ints(cJSON_GetObjectItem(ref_case(ci), "ids"), &r->n);
     r->logits = malloc(((size_t)r->n + N_GEN) * v * sizeof(float));
     ck_assert(r->logits != NULL);
@@ -1357,7 +1363,7 @@ static ferry_status run_case(const ferry_model_params *mp, int ci, run_result *r
                   ferry_last_error());
     const float *last = r->logits + ((size_t)r->n - 1) * v;
     for (int32_t i = 0; i < N_GEN; i++) {
-        r->gen[i] = ferry_argmax(last, g_vocab);
+        r->gen[i] = forced ? forced[i] : ferry_argmax(last, g_vocab);
         float *step = r->logits + ((size_t)r->n + (size_t)i) * v;
         ck_assert_msg(ferry_eval(c, &r->gen[i], 1, step) == FERRY_OK, "%s", ferry_last_error());
         last = step;
@@ -1397,7 +1403,7 @@ static void offload_setup(void)
     ferry_model_params mp = gpu_params();
     ferry_offload_stats os;
     for (int ci = 0; ci < N_OFFLOAD_CASES; ci++) {
-        ck_assert_msg(run_case(&mp, ci, &g_resident[ci], &os) == FERRY_OK, "%s",
+        ck_assert_msg(run_case(&mp, ci, &g_resident[ci], &os, NULL, NULL) == FERRY_OK, "%s",
                       ferry_last_error());
         ck_assert_int_eq(os.enabled, 0);
     }
@@ -1405,7 +1411,7 @@ static void offload_setup(void)
      * context + top-k slots */
     mp.gpu_mem_bytes = 256ull << 20;
     run_result r;
-    ck_assert_msg(run_case(&mp, 0, &r, &os) == FERRY_OK, "%s", ferry_last_error());
+    ck_assert_msg(run_case(&mp, 0, &r, &os, NULL, NULL) == FERRY_OK, "%s", ferry_last_error());
     free(r.logits);
     ck_assert_int_eq(os.enabled, 1);
     ck_assert_int_eq(os.n_slots, 48); /* every expert fits: capped at 6 layers x 8 */
@@ -1427,13 +1433,13 @@ START_TEST(test_cuda_offload_lossless_across_budgets)
     ferry_model_params mp = gpu_params();
     run_result r;
     mp.gpu_mem_bytes = g_min_budget - 256;
-    ck_assert_int_eq(run_case(&mp, 0, &r, NULL), FERRY_ERR_NOMEM);
+    ck_assert_int_eq(run_case(&mp, 0, &r, NULL, NULL, NULL), FERRY_ERR_NOMEM);
     const int32_t extra_slots[] = {0, 1, 5, 12, 46};
     for (size_t b = 0; b < sizeof extra_slots / sizeof extra_slots[0]; b++)
         for (int ci = 0; ci < N_OFFLOAD_CASES; ci++) {
             mp.gpu_mem_bytes = g_min_budget + (uint64_t)extra_slots[b] * g_slot_bytes;
             ferry_offload_stats os;
-            ck_assert_msg(run_case(&mp, ci, &r, &os) == FERRY_OK, "%s", ferry_last_error());
+            ck_assert_msg(run_case(&mp, ci, &r, &os, NULL, NULL) == FERRY_OK, "%s", ferry_last_error());
             ck_assert_int_eq(os.enabled, 1);
             ck_assert_int_eq(os.n_slots, 2 + extra_slots[b]);
             char what[64];
@@ -1459,7 +1465,7 @@ START_TEST(test_cuda_offload_lossless_across_policies_and_prefetch)
             mp.gpu_mem_bytes = g_min_budget + 10 * g_slot_bytes; /* layer-lru: a slot a layer */
             run_result r;
             ferry_offload_stats os;
-            ck_assert_msg(run_case(&mp, 2, &r, &os) == FERRY_OK, "policy %d: %s",
+            ck_assert_msg(run_case(&mp, 2, &r, &os, NULL, NULL) == FERRY_OK, "policy %d: %s",
                           (int)policies[pi], ferry_last_error());
             char what[64];
             snprintf(what, sizeof what, "policy %d prefetch %d", (int)policies[pi], pre);
@@ -1497,7 +1503,7 @@ START_TEST(test_cuda_hybrid_matches_the_gpu)
             run_result r;
             ferry_offload_stats os;
             g_force_cost = modes[i].cost;
-            ferry_status st = run_case(&mp, ci, &r, &os);
+            ferry_status st = run_case(&mp, ci, &r, &os, NULL, NULL);
             g_force_cost = NULL;
             ck_assert_msg(st == FERRY_OK, "%s: %s", modes[i].what, ferry_last_error());
             const run_result *ref = &g_resident[ci];
@@ -1549,12 +1555,10 @@ END_TEST
 #define MIN_QD_COMPARED 0.9
 
 typedef struct {
-    int32_t n;          /* prompt tokens; n + N_GEN positions in all */
-    int32_t n_pos, n_layers, n_experts, k;
-    float *logits;      /* (n_pos, V): prefill's every position, then each decode step's */
-    float *router;      /* (n_layers, n_pos, n_experts) router logits */
-    int32_t *experts;   /* (n_layers, n_pos, k) chosen experts, ascending */
-    int32_t gen[N_GEN]; /* the tokens decoded */
+    run_result run;
+    int32_t n_layers, n_experts, k;
+    float *router;    /* (N_CTX, n_layers, n_experts) router logits by position, layer */
+    int32_t *experts; /* (N_CTX, n_layers, k) chosen experts, ascending */
 } routed_run;
 
 static void on_route_record(void *user, int32_t layer, int32_t pos0, int32_t n,
@@ -1562,66 +1566,52 @@ static void on_route_record(void *user, int32_t layer, int32_t pos0, int32_t n,
 {
     routed_run *r = user;
     (void)weights;
-    ck_assert(pos0 >= 0 && pos0 + n <= r->n_pos);
-    size_t row = (size_t)layer * (size_t)r->n_pos + (size_t)pos0;
-    memcpy(r->router + row * (size_t)r->n_experts, logits,
-           (size_t)n * (size_t)r->n_experts * sizeof(float));
-    memcpy(r->experts + row * (size_t)r->k, experts, (size_t)n * (size_t)r->k * sizeof(int32_t));
+    ck_assert(pos0 >= 0 && pos0 + n <= N_CTX);
+    for (int32_t t = 0; t < n; t++) {
+        size_t row = (size_t)(pos0 + t) * (size_t)r->n_layers + (size_t)layer;
+        memcpy(r->router + row * (size_t)r->n_experts, logits + (size_t)t * (size_t)r->n_experts,
+               (size_t)r->n_experts * sizeof(float));
+        memcpy(r->experts + row * (size_t)r->k, experts + (size_t)t * (size_t)r->k,
+               (size_t)r->k * sizeof(int32_t));
+    }
 }
 
-/* As run_case, with the routing of every layer and position recorded: prefill of case ci,
- * then N_GEN tokens one at a time, forced[] when given (so two runs see the same tokens),
- * else greedy. */
+/* run_case with the routing of every layer and position recorded. The model's shape is
+ * g_info's (offload_setup ran the model). */
 static void run_routed(const ferry_model_params *mp, int ci, const int32_t *forced,
                        routed_run *r)
 {
-    load_ref();
-    ferry_model_info info;
-    ferry_model *m = open_model(mp, &info);
-    ck_assert_int_eq(info.backend, mp->backend);
-    size_t v = (size_t)info.n_vocab;
-    int32_t *ids = tu_json_ints(cJSON_GetObjectItem(ref_case(ci), "ids"), &r->n);
-    r->n_pos = r->n + N_GEN;
-    r->n_layers = info.n_layers;
-    r->n_experts = info.n_experts;
-    r->k = info.n_experts_used;
-    size_t rows = (size_t)r->n_layers * (size_t)r->n_pos;
-    r->logits = malloc((size_t)r->n_pos * v * sizeof(float));
+    r->n_layers = g_info.n_layers;
+    r->n_experts = g_info.n_experts;
+    r->k = g_info.n_experts_used;
+    size_t rows = (size_t)N_CTX * (size_t)r->n_layers;
     r->router = malloc(rows * (size_t)r->n_experts * sizeof(float));
     r->experts = malloc(rows * (size_t)r->k * sizeof(int32_t));
-    ck_assert(r->logits && r->router && r->experts);
-    ferry_context_params cp = ferry_context_params_default();
-    cp.n_ctx = N_CTX;
-    ferry_context *c;
-    ck_assert_msg(ferry_context_create(m, &cp, &c) == FERRY_OK, "%s", ferry_last_error());
+    ck_assert(r->router && r->experts);
     ferry_observer obs = {on_route_record, NULL, r};
-    ferry_context_set_observer(c, &obs);
-    ck_assert_msg(ferry_context_forward(c, ids, r->n, r->logits, NULL) == FERRY_OK, "%s",
+    ck_assert_msg(run_case(mp, ci, &r->run, NULL, &obs, forced) == FERRY_OK, "%s",
                   ferry_last_error());
-    const float *last = r->logits + ((size_t)r->n - 1) * v;
-    for (int32_t i = 0; i < N_GEN; i++) {
-        r->gen[i] = forced ? forced[i] : ferry_argmax(last, info.n_vocab);
-        float *step = r->logits + ((size_t)r->n + (size_t)i) * v;
-        ck_assert_msg(ferry_eval(c, &r->gen[i], 1, step) == FERRY_OK, "%s", ferry_last_error());
-        last = step;
-    }
-    ferry_context_free(c);
-    ferry_model_close(m);
-    free(ids);
+    ck_assert_int_eq(g_info.n_layers, r->n_layers);
 }
 
 static void free_routed(routed_run *r)
 {
-    free(r->logits);
+    free(r->run.logits);
     free(r->router);
     free(r->experts);
+}
+
+/* Row (position p, layer l) of the routing tables. */
+static size_t route_row(const routed_run *r, int32_t p, int32_t l)
+{
+    return (size_t)p * (size_t)r->n_layers + (size_t)l;
 }
 
 /* The first layer at which g routed position p differently from c, or -1. */
 static int32_t first_route_difference(const routed_run *g, const routed_run *c, int32_t p)
 {
     for (int32_t l = 0; l < c->n_layers; l++) {
-        size_t at = ((size_t)l * (size_t)c->n_pos + (size_t)p) * (size_t)c->k;
+        size_t at = route_row(c, p, l) * (size_t)c->k;
         if (memcmp(g->experts + at, c->experts + at, (size_t)c->k * sizeof(int32_t)) != 0)
             return l;
     }
@@ -1632,7 +1622,7 @@ static int32_t first_route_difference(const routed_run *g, const routed_run *c, 
  * chose instead at layer l, position p (the largest such gap). */
 static double route_gap(const routed_run *g, const routed_run *c, int32_t l, int32_t p)
 {
-    size_t row = (size_t)l * (size_t)c->n_pos + (size_t)p;
+    size_t row = route_row(c, p, l);
     const float *logit = c->router + row * (size_t)c->n_experts;
     const int32_t *ce = c->experts + row * (size_t)c->k, *ge = g->experts + row * (size_t)c->k;
     double kth = INFINITY, gap = 0;
@@ -1651,7 +1641,7 @@ static double route_gap(const routed_run *g, const routed_run *c, int32_t l, int
 /* The largest difference of g's and c's router logits at layer l, position p. */
 static double router_difference(const routed_run *g, const routed_run *c, int32_t l, int32_t p)
 {
-    size_t at = ((size_t)l * (size_t)c->n_pos + (size_t)p) * (size_t)c->n_experts;
+    size_t at = route_row(c, p, l) * (size_t)c->n_experts;
     double d = 0;
     for (int32_t e = 0; e < c->n_experts; e++)
         d = fmax(d, fabs((double)g->router[at + e] - (double)c->router[at + e]));
@@ -1675,11 +1665,12 @@ START_TEST(test_cuda_quant_dense_matches_cpu)
             mp.backend = FERRY_BACKEND_CUDA;
             if (ci % 2)
                 mp.gpu_mem_bytes = g_min_budget + 2 * g_slot_bytes;
-            run_routed(&mp, ci, c.gen, &g);
-            ck_assert_int_eq(g.n, c.n);
+            run_routed(&mp, ci, c.run.gen, &g);
+            ck_assert_int_eq(g.run.n, c.run.n);
+            int32_t n_pos = c.run.n + N_GEN;
             int32_t compared = 0, agree = 0, first_diff = -1, n_diff = 0;
             double max_err = 0, max_err_after = 0, max_gap = 0, max_router = 0;
-            for (int32_t p = 0; p < c.n_pos; p++) {
+            for (int32_t p = 0; p < n_pos; p++) {
                 int32_t l = first_route_difference(&g, &c, p);
                 for (int32_t j = 0; j < (l < 0 ? c.n_layers : l); j++)
                     max_router = fmax(max_router, router_difference(&g, &c, j, p));
@@ -1694,7 +1685,7 @@ START_TEST(test_cuda_quant_dense_matches_cpu)
                     n_diff++;
                     continue;
                 }
-                const float *a = g.logits + (size_t)p * v, *b = c.logits + (size_t)p * v;
+                const float *a = g.run.logits + (size_t)p * v, *b = c.run.logits + (size_t)p * v;
                 double err = tu_rel_l2(a, b, v), tol = first_diff < 0 ? TOL_QD : TOL_QD_AFTER;
                 ck_assert_msg(err <= tol, "format %d, case %d, position %d (%s): relative "
                               "error %g > %g", (int)f, ci, (int)p,
@@ -1710,12 +1701,12 @@ START_TEST(test_cuda_quant_dense_matches_cpu)
             printf("test_cuda: quant-dense format %d, case %d: %d of %d positions compared, "
                    "max rel L2 %.3g (%.3g after a near-tie), router logits within %.3g; %d "
                    "routed differently, CPU router gap %.3g at most; argmax %d/%d\n", (int)f,
-                   ci, (int)compared, (int)c.n_pos, max_err, max_err_after, max_router,
+                   ci, (int)compared, (int)n_pos, max_err, max_err_after, max_router,
                    (int)n_diff, max_gap, (int)agree, (int)compared);
             fflush(stdout);
-            ck_assert_msg(compared >= (int32_t)(MIN_QD_COMPARED * c.n_pos), "format %d, case "
+            ck_assert_msg(compared >= (int32_t)(MIN_QD_COMPARED * n_pos), "format %d, case "
                           "%d: only %d of %d positions routed as on the CPU", (int)f, ci,
-                          (int)compared, (int)c.n_pos);
+                          (int)compared, (int)n_pos);
             ck_assert_msg(agree >= (int32_t)(0.98 * compared), "format %d, case %d: argmax "
                           "agrees at %d of %d", (int)f, ci, (int)agree, (int)compared);
             free_routed(&g);
