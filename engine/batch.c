@@ -121,8 +121,8 @@ static ferry_status create_contexts(batch_run *b)
     return FERRY_OK;
 }
 
-/* Reads back the routing of a sequence's step tokens at layer l (and the next layer's
- * router on the same state) into b->route / b->next. */
+/* Reads back the routing of a sequence's step tokens at MoE layer l (and the next MoE
+ * layer's router on the same state) into b->route / b->next. */
 static ferry_status read_routing(batch_run *b, seq_state *s, int32_t l)
 {
     ferry_model *m = b->m;
@@ -131,12 +131,13 @@ static ferry_status read_routing(batch_run *b, seq_state *s, int32_t l)
     int32_t E = m->cfg.n_experts, k = m->cfg.n_experts_per_tok, n = s->n_step;
     ferry_context *c = s->c;
     size_t bytes = (size_t)n * (size_t)k * sizeof(int32_t);
-    TRY(o->matmul(be, c->d_router, c->d_h, &m->layers[l].gate, n));
-    TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k));
+    int norm = m->cfg.norm_topk;
+    TRY(o->matmul(be, c->d_router, c->d_h, &m->moe[l].gate, n));
+    TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k, norm));
     TRY(o->download(be, b->route + (size_t)s->row0 * (size_t)k, c->d_experts, bytes));
-    if (l + 1 < m->cfg.n_layers) {
-        TRY(o->matmul(be, c->d_router, c->d_h, &m->layers[l + 1].gate, n));
-        TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k));
+    if (l + 1 < m->cfg.n_moe_layers) {
+        TRY(o->matmul(be, c->d_router, c->d_h, &m->moe[l + 1].gate, n));
+        TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k, norm));
         TRY(o->download(be, b->next + (size_t)s->row0 * (size_t)k, c->d_experts, bytes));
     }
     return FERRY_OK;
@@ -151,7 +152,8 @@ static ferry_status moe_layer(batch_run *b, int32_t l, int32_t n_rows)
     int32_t d = m->cfg.hidden_size;
     ferry_context *mc = b->moe;
     ferry_schedule_result r;
-    TRY(ferry_schedule_groups(b->sched, b->route, l + 1 < m->cfg.n_layers ? b->next : NULL,
+    int32_t ml = m->cfg.moe_index[l];
+    TRY(ferry_schedule_groups(b->sched, b->route, ml + 1 < m->cfg.n_moe_layers ? b->next : NULL,
                               n_rows, b->p->max_batch, b->p->reorder, b->order, b->starts, &r));
     b->stats.layer_batches += r.n_groups;
     b->stats.expert_loads += r.loads;
@@ -202,9 +204,13 @@ static ferry_status step(batch_run *b)
             if (s->done)
                 continue;
             TRY(ferry_context_attention(s->c, l, s->n_step));
-            TRY(read_routing(b, s, l));
+            if (m->cfg.moe_index[l] < 0) /* a dense MLP: each sequence's rows on their own */
+                TRY(ferry_context_moe(s->c, l, s->n_step));
+            else
+                TRY(read_routing(b, s, m->cfg.moe_index[l]));
         }
-        TRY(moe_layer(b, l, n_rows));
+        if (m->cfg.moe_index[l] >= 0)
+            TRY(moe_layer(b, l, n_rows));
     }
     for (int32_t i = 0; i < b->n_seqs; i++) {
         seq_state *s = &b->seq[i];

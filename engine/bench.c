@@ -251,8 +251,17 @@ static uint64_t weight_bytes(const ferry_weight *w)
     return (uint64_t)w->rows * ferry_dtype_row_bytes(w->dtype, w->cols);
 }
 
-/* Dense weight bytes one decode token reads: every layer's attention, norms and router,
- * the final norm, the LM head and one embedding row. */
+/* Bytes of a weight the family may lack (NULL data: 0). */
+static uint64_t opt_bytes(const ferry_weight *w) { return w->d_data ? weight_bytes(w) : 0; }
+
+static uint64_t ffn_bytes(const ferry_expert_weights *X)
+{
+    return opt_bytes(&X->w1) + opt_bytes(&X->w3) + opt_bytes(&X->w2);
+}
+
+/* Dense weight bytes one decode token reads: every layer's attention (with biases and q/k
+ * norms), norms, router, dense MLP or shared expert, the final norm, the LM head and one
+ * embedding row. */
 static uint64_t dense_bytes_per_token(const ferry_model *m)
 {
     uint64_t b = weight_bytes(&m->final_norm) + weight_bytes(&m->lm_head) +
@@ -260,8 +269,12 @@ static uint64_t dense_bytes_per_token(const ferry_model *m)
     for (int32_t l = 0; l < m->cfg.n_layers; l++) {
         const ferry_layer_weights *L = &m->layers[l];
         b += weight_bytes(&L->wq) + weight_bytes(&L->wk) + weight_bytes(&L->wv) +
-             weight_bytes(&L->wo) + weight_bytes(&L->gate) + weight_bytes(&L->attn_norm) +
-             weight_bytes(&L->ffn_norm);
+             weight_bytes(&L->wo) + weight_bytes(&L->attn_norm) + weight_bytes(&L->ffn_norm) +
+             opt_bytes(&L->bq) + opt_bytes(&L->bk) + opt_bytes(&L->bv) + opt_bytes(&L->bo) +
+             opt_bytes(&L->q_norm) + opt_bytes(&L->k_norm) + ffn_bytes(&L->mlp) +
+             ffn_bytes(&L->shared) + opt_bytes(&L->shared_gate);
+        if (L->moe >= 0)
+            b += weight_bytes(&m->moe[L->moe].gate);
     }
     return b;
 }
@@ -529,7 +542,7 @@ ferry_status ferry_bench_run(const char *model_dir, const ferry_model_params *mp
         res.latency_median_ms = 1e3 * s.lat[n_lat / 2];
         res.latency_p90_ms = 1e3 * s.lat[n_lat * 9 / 10];
         res.dense_bytes_per_token = dense_bytes_per_token(s.m);
-        res.expert_bytes_per_token = (uint64_t)cfg->n_layers * (uint64_t)cfg->n_experts_per_tok *
+        res.expert_bytes_per_token = (uint64_t)cfg->n_moe_layers * (uint64_t)cfg->n_experts_per_tok *
                                      ferry_model_expert_bytes(s.m);
         /* keys and values of every layer, float32, at the mean decode position */
         double mean_pos = bp->prompt_len + (G - 1) / 2.0 + 1;

@@ -98,7 +98,7 @@ static void snapshot_offload_counters(ferry_context *c)
     c->bytes_from_disk0 = ss.disk_bytes;
     ferry_prefetch_layer_bytes(c->m->prefetch, c->layer_device0);
     ferry_store_layer_disk_bytes(c->m->store, c->layer_disk0);
-    memset(c->layer_stall, 0, (size_t)c->m->cfg.n_layers * sizeof *c->layer_stall);
+    memset(c->layer_stall, 0, (size_t)c->m->cfg.n_moe_layers * sizeof *c->layer_stall);
 }
 
 /* A device buffer of a context and the parts that use it (0: every context). */
@@ -151,6 +151,7 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
         c->n_batch = n_ctx;
 
     size_t B = (size_t)c->n_batch, d = (size_t)cfg->hidden_size, ff = (size_t)cfg->intermediate_size;
+    size_t dense_ff = (size_t)(cfg->dense_ff > cfg->shared_ff ? cfg->dense_ff : cfg->shared_ff);
     size_t k = (size_t)cfg->n_experts_per_tok, E = (size_t)cfg->n_experts;
     size_t q_dim = (size_t)cfg->n_heads * (size_t)cfg->head_dim;
     size_t kv_dim = (size_t)cfg->n_kv_heads * (size_t)cfg->head_dim;
@@ -181,6 +182,10 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
         {(void **)&c->d_ye, B * d, sizeof(float), "expert output", M},
         {(void **)&c->d_eo, B * k * d, sizeof(float), "expert outputs", M},
         {(void **)&c->d_moe, B * d, sizeof(float), "MoE output", M},
+        {(void **)&c->d_fa, B * dense_ff, sizeof(float), "dense MLP gate", 0},
+        {(void **)&c->d_fb, B * dense_ff, sizeof(float), "dense MLP up", 0},
+        {(void **)&c->d_fo, dense_ff ? B * d : 0, sizeof(float), "dense MLP output", 0},
+        {(void **)&c->d_sg, cfg->shared_ff ? B : 0, sizeof(float), "shared expert gate", M},
         {(void **)&c->d_cpu_out, m->hybrid != FERRY_HYBRID_OFF ? B * k * d : 0, sizeof(float),
          "CPU expert outputs", M},
         {(void **)&c->d_logits, (B < FERRY_LOGIT_ROWS ? B : FERRY_LOGIT_ROWS) *
@@ -229,28 +234,28 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
             (st = halloc((void **)&c->h_cpu_list, E, sizeof(int32_t), "hybrid plan")) ||
             (st = halloc((void **)&c->h_miss, E, sizeof(int32_t), "hybrid plan")) ||
             (st = halloc((void **)&c->h_items, E, sizeof(ferry_hybrid_item), "hybrid plan")) ||
-            (st = halloc((void **)&c->layer_cpu_experts, (size_t)cfg->n_layers, sizeof(int64_t),
+            (st = halloc((void **)&c->layer_cpu_experts, (size_t)cfg->n_moe_layers, sizeof(int64_t),
                          "statistics")) ||
-            (st = halloc((void **)&c->layer_cpu_tokens, (size_t)cfg->n_layers, sizeof(int64_t),
+            (st = halloc((void **)&c->layer_cpu_tokens, (size_t)cfg->n_moe_layers, sizeof(int64_t),
                          "statistics")))
             goto fail;
     }
     if (m->store) {
-        if ((st = halloc((void **)&c->prev_used, (size_t)cfg->n_layers * E, 1, "routing history")) ||
+        if ((st = halloc((void **)&c->prev_used, (size_t)cfg->n_moe_layers * E, 1, "routing history")) ||
             (st = halloc((void **)&c->held_slot, E, sizeof(int32_t), "expert slots")) ||
             (st = halloc((void **)&c->held_expert, E, sizeof(int32_t), "expert slots")) ||
             (st = halloc((void **)&c->held_ready, E, 1, "expert slots")) ||
-            (st = halloc((void **)&c->layer_stats0, (size_t)cfg->n_layers,
+            (st = halloc((void **)&c->layer_stats0, (size_t)cfg->n_moe_layers,
                          sizeof(ferry_cache_layer_stats), "cache statistics")) ||
-            (st = halloc((void **)&c->layer_device0, (size_t)cfg->n_layers, sizeof(uint64_t),
+            (st = halloc((void **)&c->layer_device0, (size_t)cfg->n_moe_layers, sizeof(uint64_t),
                          "statistics")) ||
-            (st = halloc((void **)&c->layer_disk0, (size_t)cfg->n_layers, sizeof(uint64_t),
+            (st = halloc((void **)&c->layer_disk0, (size_t)cfg->n_moe_layers, sizeof(uint64_t),
                          "statistics")) ||
-            (st = halloc((void **)&c->layer_stall, (size_t)cfg->n_layers, sizeof(double),
+            (st = halloc((void **)&c->layer_stall, (size_t)cfg->n_moe_layers, sizeof(double),
                          "statistics")))
             goto fail;
         if (m->params.predictor != FERRY_PREDICT_RECENCY) {
-            ferry_predictor_params pp = {.n_layers = cfg->n_layers,
+            ferry_predictor_params pp = {.n_layers = cfg->n_moe_layers,
                                          .n_experts = cfg->n_experts,
                                          .top_k = cfg->n_experts_per_tok,
                                          .d_model = cfg->hidden_size,
@@ -262,9 +267,9 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
                                               &c->predictor)) ||
                 (st = halloc((void **)&c->h_scores, E, sizeof(float), "predictor scores")) ||
                 (st = halloc((void **)&c->h_top, E, sizeof(int32_t), "predictor scores")) ||
-                (st = halloc((void **)&c->pred_top, (size_t)cfg->n_layers * 4 * k, sizeof(int32_t),
+                (st = halloc((void **)&c->pred_top, (size_t)cfg->n_moe_layers * 4 * k, sizeof(int32_t),
                              "predictions")) ||
-                (st = halloc((void **)&c->pred_valid, (size_t)cfg->n_layers * 4, 1, "predictions")))
+                (st = halloc((void **)&c->pred_valid, (size_t)cfg->n_moe_layers * 4, 1, "predictions")))
                 goto fail;
         }
         pthread_mutex_lock(&m->lock);
@@ -291,7 +296,7 @@ void ferry_context_free(ferry_context *c)
     void *dev[] = {c->d_k,  c->d_v,      c->d_cos,     c->d_sin,     c->d_x,  c->d_h,
                    c->d_q,  c->d_att,    c->d_router,  c->d_experts, c->d_weights,
                    c->d_xe, c->d_a,      c->d_b,       c->d_ye,      c->d_eo, c->d_moe,
-                   c->d_logits, c->d_cpu_out};
+                   c->d_logits, c->d_cpu_out, c->d_fa, c->d_fb, c->d_fo, c->d_sg};
     for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
         if (dev[i])
             be->ops->free(be, dev[i]);
@@ -335,14 +340,14 @@ void ferry_context_reset(ferry_context *c)
     if (c->m->cache)
         snapshot_offload_counters(c);
     if (c->hybrid) {
-        memset(c->layer_cpu_experts, 0, (size_t)c->m->cfg.n_layers * sizeof(int64_t));
-        memset(c->layer_cpu_tokens, 0, (size_t)c->m->cfg.n_layers * sizeof(int64_t));
+        memset(c->layer_cpu_experts, 0, (size_t)c->m->cfg.n_moe_layers * sizeof(int64_t));
+        memset(c->layer_cpu_tokens, 0, (size_t)c->m->cfg.n_moe_layers * sizeof(int64_t));
         c->cpu_bytes = 0;
         c->cpu_seconds = c->cpu_wait_seconds = 0;
     }
     if (c->predictor) {
         ferry_predictor_reset(c->predictor);
-        memset(c->pred_valid, 0, (size_t)c->m->cfg.n_layers * 4);
+        memset(c->pred_valid, 0, (size_t)c->m->cfg.n_moe_layers * 4);
         memset(c->pred_n, 0, sizeof c->pred_n);
         memset(c->pred_correct, 0, sizeof c->pred_correct);
     }
@@ -502,14 +507,14 @@ static ferry_status moe_device_share(ferry_context *c, int32_t l)
     /* The recency guess for the next layer: the experts it used in the previous step. It
      * drives prefetching and the predicted eviction policy when no predictor is chosen. */
     int recency = m->params.predictor == FERRY_PREDICT_RECENCY;
-    if (recency && m->params.policy == FERRY_CACHE_PREDICTED && l + 1 < cfg->n_layers) {
+    if (recency && m->params.policy == FERRY_CACHE_PREDICTED && l + 1 < cfg->n_moe_layers) {
         const uint8_t *next = c->prev_used + (size_t)(l + 1) * (size_t)E;
         float scores[1024];
         for (int32_t e = 0; e < E && e < 1024; e++)
             scores[e] = next[e] ? 1.0f : 0.0f;
         ferry_cache_set_scores(m->cache, l + 1, scores);
     }
-    if (recency && m->params.prefetch && l + 1 < cfg->n_layers) {
+    if (recency && m->params.prefetch && l + 1 < cfg->n_moe_layers) {
         const uint8_t *next = c->prev_used + (size_t)(l + 1) * (size_t)E;
         int32_t hint[1024], n_hint = 0;
         for (int32_t e = 0; e < E && n_hint < 1024; e++)
@@ -600,7 +605,7 @@ static ferry_status predict_after_layer(ferry_context *c, int32_t l)
     }
     TRY(be->ops->download(be, c->h_hidden, c->d_x, (size_t)cfg->hidden_size * sizeof(float)));
     ferry_predictor_observe(c->predictor, l, c->h_hidden, c->h_experts);
-    for (int32_t d = 1; d <= m->params.lookahead && l + d < cfg->n_layers; d++) {
+    for (int32_t d = 1; d <= m->params.lookahead && l + d < cfg->n_moe_layers; d++) {
         TRY(ferry_predictor_predict(c->predictor, l, d, c->h_scores));
         int32_t *pred = c->pred_top + ((size_t)(l + d) * 4 + (size_t)d) * (size_t)k;
         ferry_predictor_top(c->h_scores, E, k, pred);
@@ -616,7 +621,7 @@ static ferry_status predict_after_layer(ferry_context *c, int32_t l)
     }
     /* after the last layer, the next token's layer 0: the statistics' guess where the
      * predictor has one, else the experts this token used there */
-    if (l == cfg->n_layers - 1 && m->params.prefetch) {
+    if (l == cfg->n_moe_layers - 1 && m->params.prefetch) {
         int32_t n = 0;
         if (ferry_predictor_predict_next_token(c->predictor, 0, c->h_scores) == FERRY_OK) {
             ferry_predictor_top(c->h_scores, E, k, c->h_top);
@@ -631,8 +636,16 @@ static ferry_status predict_after_layer(ferry_context *c, int32_t l)
     return FERRY_OK;
 }
 
-/* The MoE block for n tokens: router, grouping by expert, each chosen expert once over its
- * tokens, weighted combine. Reads c->d_h, adds into c->d_x. */
+/* A dense SwiGLU MLP (a dense layer's, or a shared expert) over the n rows of c->d_h, into
+ * c->d_fo. */
+static ferry_status dense_ffn(ferry_context *c, const ferry_expert_weights *X, int32_t n)
+{
+    return ferry_expert_ffn(c->m->be, X, c->d_h, n, c->d_fa, c->d_fb, c->d_fo);
+}
+
+/* The MoE block of decoder layer l (MoE index ml) for n tokens: router, grouping by expert,
+ * each chosen expert once over its tokens, weighted combine, plus the shared expert scaled
+ * by its sigmoid gate where the family has one. Reads c->d_h, adds into c->d_x. */
 static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t n)
 {
     ferry_model *m = c->m;
@@ -640,30 +653,38 @@ static ferry_status moe_block(ferry_context *c, int32_t l, int32_t pos0, int32_t
     const ferry_backend_ops *o = be->ops;
     const ferry_config *cfg = &m->cfg;
     const ferry_layer_weights *L = &m->layers[l];
+    int32_t ml = L->moe;
+    const ferry_moe_weights *M = &m->moe[ml];
     int32_t d = cfg->hidden_size, k = cfg->n_experts_per_tok;
     int32_t E = cfg->n_experts;
     if (!(c->parts & FERRY_CONTEXT_MOE))
         return ferry_fail(FERRY_ERR_INVALID, "an MoE block on a context made without one");
 
-    TRY(o->matmul(be, c->d_router, c->d_h, &L->gate, n));
-    TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k));
+    TRY(o->matmul(be, c->d_router, c->d_h, &M->gate, n));
+    TRY(o->router_topk(be, c->d_experts, c->d_weights, c->d_router, n, E, k, cfg->norm_topk));
     TRY(o->download(be, c->h_experts, c->d_experts, (size_t)n * (size_t)k * sizeof(int32_t)));
     if (c->obs.on_route) {
         TRY(o->download(be, c->h_weights, c->d_weights, (size_t)n * (size_t)k * sizeof(float)));
         TRY(o->download(be, c->h_router, c->d_router, (size_t)n * (size_t)E * sizeof(float)));
-        c->obs.on_route(c->obs.user, l, pos0, n, c->h_router, c->h_experts, c->h_weights);
+        c->obs.on_route(c->obs.user, ml, pos0, n, c->h_router, c->h_experts, c->h_weights);
     }
     TRY(ferry_dispatch_build(&c->dispatch, c->h_experts, n, k));
     if (m->hybrid == FERRY_HYBRID_CPU_EXPERTS) {
-        TRY(moe_cpu_experts(c, l, n));
+        TRY(moe_cpu_experts(c, ml, n));
     } else if (m->store) {
-        TRY(moe_offloaded(c, l, n));
+        TRY(moe_offloaded(c, ml, n));
     } else {
         for (int32_t e = 0; e < E; e++)
             if (ferry_dispatch_count(&c->dispatch, e) > 0)
-                TRY(run_expert(c, e, &L->experts[e]));
+                TRY(run_expert(c, e, &M->experts[e]));
     }
     TRY(o->combine(be, c->d_moe, c->d_eo, c->d_weights, n, k, d));
+    if (cfg->shared_ff > 0) { /* routed sum + sigmoid(x . g) * shared(x), as Qwen2-MoE adds */
+        TRY(dense_ffn(c, &L->shared, n));
+        TRY(o->matmul(be, c->d_sg, c->d_h, &L->shared_gate, n));
+        TRY(o->gate_rows(be, c->d_fo, c->d_sg, n, d));
+        TRY(o->add(be, c->d_moe, c->d_fo, (size_t)n * (size_t)d));
+    }
     TRY(o->add(be, c->d_x, c->d_moe, (size_t)n * (size_t)d));
     return FERRY_OK;
 }
@@ -677,6 +698,38 @@ static ferry_status observe_hidden(ferry_context *c, int32_t layer, int32_t pos0
     size_t bytes = (size_t)n * (size_t)c->m->cfg.hidden_size * sizeof(float);
     TRY(be->ops->download(be, c->h_hidden, d_rows, bytes));
     c->obs.on_hidden(c->obs.user, layer, pos0, n, c->h_hidden);
+    return FERRY_OK;
+}
+
+/* The family's steps between the q/k/v projections and RoPE, in the Hugging Face order:
+ * biases, then the q/k RMSNorms (over each head, or over the whole projection), then the
+ * clamp of q, k and v. */
+static ferry_status qkv_options(ferry_context *c, const ferry_layer_weights *L, float *k_new,
+                                float *v_new, int32_t n)
+{
+    ferry_backend *be = c->m->be;
+    const ferry_backend_ops *o = be->ops;
+    const ferry_config *cfg = &c->m->cfg;
+    int32_t q_dim = cfg->n_heads * cfg->head_dim, kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    if (cfg->qkv_bias) {
+        TRY(o->add_bias(be, c->d_q, &L->bq, n, q_dim));
+        TRY(o->add_bias(be, k_new, &L->bk, n, kv_dim));
+        TRY(o->add_bias(be, v_new, &L->bv, n, kv_dim));
+    }
+    if (cfg->qk_norm == FERRY_QK_NORM_HEAD) {
+        TRY(o->rmsnorm(be, c->d_q, c->d_q, &L->q_norm, n * cfg->n_heads, cfg->head_dim,
+                       cfg->rms_eps));
+        TRY(o->rmsnorm(be, k_new, k_new, &L->k_norm, n * cfg->n_kv_heads, cfg->head_dim,
+                       cfg->rms_eps));
+    } else if (cfg->qk_norm == FERRY_QK_NORM_FULL) {
+        TRY(o->rmsnorm(be, c->d_q, c->d_q, &L->q_norm, n, q_dim, cfg->rms_eps));
+        TRY(o->rmsnorm(be, k_new, k_new, &L->k_norm, n, kv_dim, cfg->rms_eps));
+    }
+    if (cfg->clip_qkv > 0) {
+        TRY(o->clamp(be, c->d_q, (size_t)n * (size_t)q_dim, cfg->clip_qkv));
+        TRY(o->clamp(be, k_new, (size_t)n * (size_t)kv_dim, cfg->clip_qkv));
+        TRY(o->clamp(be, v_new, (size_t)n * (size_t)kv_dim, cfg->clip_qkv));
+    }
     return FERRY_OK;
 }
 
@@ -697,7 +750,7 @@ ferry_status ferry_context_attention(ferry_context *c, int32_t l, int32_t n)
         .n_heads = cfg->n_heads,
         .n_kv_heads = cfg->n_kv_heads,
         .head_dim = cfg->head_dim,
-        .sliding_window = cfg->sliding_window,
+        .sliding_window = l >= cfg->sliding_from ? cfg->sliding_window : 0,
         .scale = 1.0f / sqrtf((float)cfg->head_dim),
     };
     if (!(c->parts & FERRY_CONTEXT_ATTENTION))
@@ -709,10 +762,13 @@ ferry_status ferry_context_attention(ferry_context *c, int32_t l, int32_t n)
     TRY(o->matmul(be, c->d_q, c->d_h, &L->wq, n));
     TRY(o->matmul(be, k_new, c->d_h, &L->wk, n));
     TRY(o->matmul(be, v_new, c->d_h, &L->wv, n));
+    TRY(qkv_options(c, L, k_new, v_new, n));
     TRY(o->rope(be, c->d_q, n, cfg->n_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
     TRY(o->rope(be, k_new, n, cfg->n_kv_heads, cfg->head_dim, pos0, c->d_cos, c->d_sin));
     TRY(o->attention(be, c->d_att, c->d_q, k_cache, v_cache, n, pos0, &shape));
     TRY(o->matmul(be, c->d_h, c->d_att, &L->wo, n));
+    if (cfg->o_bias)
+        TRY(o->add_bias(be, c->d_h, &L->bo, n, d));
     TRY(o->add(be, c->d_x, c->d_h, (size_t)n * (size_t)d));
     TRY(o->rmsnorm(be, c->d_h, c->d_x, &L->ffn_norm, n, d, cfg->rms_eps));
     return FERRY_OK;
@@ -720,7 +776,12 @@ ferry_status ferry_context_attention(ferry_context *c, int32_t l, int32_t n)
 
 ferry_status ferry_context_moe(ferry_context *c, int32_t l, int32_t n)
 {
-    return moe_block(c, l, c->n_past, n);
+    if (c->m->layers[l].moe >= 0)
+        return moe_block(c, l, c->n_past, n);
+    /* a dense MLP layer */
+    ferry_backend *be = c->m->be;
+    TRY(dense_ffn(c, &c->m->layers[l].mlp, n));
+    return be->ops->add(be, c->d_x, c->d_fo, (size_t)n * (size_t)c->m->cfg.hidden_size);
 }
 
 ferry_status ferry_context_embed(ferry_context *c, const int32_t *ids, int32_t n)
@@ -773,9 +834,9 @@ static ferry_status forward_chunk(ferry_context *c, const int32_t *ids, int32_t 
     TRY(ferry_context_embed(c, ids, n));
     for (int32_t l = 0; l < cfg->n_layers; l++) {
         TRY(ferry_context_attention(c, l, n));
-        TRY(moe_block(c, l, c->n_past, n));
-        if (c->predictor && n == 1)
-            TRY(predict_after_layer(c, l));
+        TRY(ferry_context_moe(c, l, n));
+        if (c->predictor && n == 1 && cfg->moe_index[l] >= 0)
+            TRY(predict_after_layer(c, cfg->moe_index[l]));
         TRY(observe_hidden(c, l, c->n_past, n, c->d_x));
     }
     return ferry_context_finish(c, n, logits_all, logits_last);
@@ -853,12 +914,13 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
     for (int32_t l = 0; l < n_layers; l++)
         memset(&layers[l], 0, sizeof layers[l]);
     if (c->hybrid) {
-        for (int32_t l = 0; l < m->cfg.n_layers; l++) {
+        for (int32_t l = 0; l < m->cfg.n_moe_layers; l++) {
+            int32_t dl = m->cfg.moe_layer[l]; /* the decoder layer the caller's table counts */
             o.cpu_experts += c->layer_cpu_experts[l];
             o.cpu_tokens += c->layer_cpu_tokens[l];
-            if (l < n_layers) {
-                layers[l].cpu_experts = c->layer_cpu_experts[l];
-                layers[l].cpu_tokens = c->layer_cpu_tokens[l];
+            if (dl < n_layers) {
+                layers[dl].cpu_experts = c->layer_cpu_experts[l];
+                layers[dl].cpu_tokens = c->layer_cpu_tokens[l];
             }
         }
         o.cpu_bytes = c->cpu_bytes;
@@ -879,7 +941,7 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
         *out = o;
         return FERRY_OK;
     }
-    int32_t L = m->cfg.n_layers;
+    int32_t L = m->cfg.n_moe_layers;
     ferry_cache_layer_stats *now = calloc((size_t)L, sizeof *now);
     uint64_t *dev = calloc((size_t)L, sizeof *dev), *disk = calloc((size_t)L, sizeof *disk);
     if (!now || !dev || !disk) {
@@ -904,8 +966,8 @@ ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offlo
                                c->layer_stall[l],
                                c->hybrid ? c->layer_cpu_experts[l] : 0,
                                c->hybrid ? c->layer_cpu_tokens[l] : 0};
-        if (l < n_layers)
-            layers[l] = d;
+        if (m->cfg.moe_layer[l] < n_layers)
+            layers[m->cfg.moe_layer[l]] = d;
         o.hits += d.hits;
         o.misses += d.misses;
         o.prefetch_issued += d.prefetch_issued;

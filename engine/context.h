@@ -17,8 +17,9 @@
 /* Watches the forward pass (tests, routing traces, predictors). Called on the thread
  * running the forward, with host arrays valid only during the call. */
 typedef struct {
-    /* After layer l's router: n tokens at positions pos0.., router logits (n, n_experts),
-     * chosen experts (n, k) ascending and their weights (n, k). */
+    /* After a sparse layer's router: its MoE index (format/config.h; the decoder layer
+     * when every layer is sparse), n tokens at positions pos0.., router logits
+     * (n, n_experts), chosen experts (n, k) ascending and their weights (n, k). */
     void (*on_route)(void *user, int32_t layer, int32_t pos0, int32_t n, const float *logits,
                      const int32_t *experts, const float *weights);
     /* Hidden states (n, d_model): layer -1 after the embedding, 0 <= l < n_layers after
@@ -54,6 +55,9 @@ struct ferry_context {
     float *d_ye;          /* (n_batch, d) */
     float *d_eo;          /* (n_batch * k, d) per-token expert outputs */
     float *d_moe;         /* (n_batch, d) */
+    float *d_fa, *d_fb;   /* (n_batch, max(dense_ff, shared_ff)) dense MLP / shared expert */
+    float *d_fo;          /* (n_batch, d) their output */
+    float *d_sg;          /* (n_batch) the shared expert's gate logits */
     float *d_logits;      /* (min(n_batch, 16), n_vocab) */
 
     /* host memory */
@@ -64,23 +68,23 @@ struct ferry_context {
     ferry_dispatch dispatch;
 
     /* offloading: the experts each layer used in the previous step (prefetch hints) */
-    uint8_t *prev_used;   /* (n_layers, n_experts) */
+    uint8_t *prev_used;   /* (n_moe_layers, n_experts) */
     int32_t *held_slot;   /* (n_experts) per wave: slot of each acquired expert */
     int32_t *held_expert; /* (n_experts) */
     uint8_t *held_ready;  /* (n_experts) */
     double stall_seconds;
-    ferry_cache_layer_stats *layer_stats0; /* (n_layers) cache counters at reset */
+    ferry_cache_layer_stats *layer_stats0; /* (n_moe_layers) cache counters at reset */
     uint64_t bytes_to_device0, bytes_from_disk0;  /* pipeline and store counters at reset */
     double copy_seconds0;
-    uint64_t *layer_device0, *layer_disk0;        /* (n_layers) the same per layer */
-    double *layer_stall;                          /* (n_layers) since reset */
+    uint64_t *layer_device0, *layer_disk0;        /* (n_moe_layers) the same per layer */
+    double *layer_stall;                          /* (n_moe_layers) since reset */
 
     /* prediction during decode (offloading with a predictor other than recency) */
     ferry_predictor *predictor;
     float *h_scores;        /* (n_experts) */
     int32_t *h_top;         /* (n_experts) */
-    int32_t *pred_top;      /* (n_layers, 4, k): the set predicted for layer j at distance d */
-    uint8_t *pred_valid;    /* (n_layers, 4) */
+    int32_t *pred_top;      /* (n_moe_layers, 4, k): the set predicted for layer j at distance d */
+    uint8_t *pred_valid;    /* (n_moe_layers, 4) */
     int64_t pred_n[4], pred_correct[4];
 
     /* hybrid execution (the model's hybrid mode is not OFF and the context has the MoE part) */
@@ -90,8 +94,8 @@ struct ferry_context {
     int32_t *h_cpu_list;           /* (n_experts) those experts */
     int32_t *h_miss;               /* (n_experts) the misses the plan chose from */
     ferry_hybrid_item *h_items;    /* (n_experts) */
-    int64_t *layer_cpu_experts;    /* (n_layers) since reset */
-    int64_t *layer_cpu_tokens;     /* (n_layers) */
+    int64_t *layer_cpu_experts;    /* (n_moe_layers) since reset */
+    int64_t *layer_cpu_tokens;     /* (n_moe_layers) */
     uint64_t cpu_bytes;
     double cpu_seconds, cpu_wait_seconds;
 };
@@ -118,8 +122,9 @@ ferry_status ferry_context_create_parts(ferry_model *m, const ferry_context_para
  * moe, then finish. The caller holds the model's lock. */
 ferry_status ferry_context_embed(ferry_context *c, const int32_t *ids, int32_t n);
 ferry_status ferry_context_attention(ferry_context *c, int32_t l, int32_t n);
-/* Layer l's MoE block over the n rows of c->d_h, added into c->d_x (rows are independent:
- * a row's result does not depend on the other rows). */
+/* Decoder layer l's MLP over the n rows of c->d_h, added into c->d_x (rows are independent:
+ * a row's result does not depend on the other rows): its MoE block (a context with the MoE
+ * part), or its dense MLP (any context). */
 ferry_status ferry_context_moe(ferry_context *c, int32_t l, int32_t n);
 ferry_status ferry_context_finish(ferry_context *c, int32_t n, float *logits_all,
                                   float *logits_last);

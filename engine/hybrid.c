@@ -165,7 +165,7 @@ ferry_status ferry_hybrid_start(ferry_hybrid *h, int32_t layer, const ferry_disp
                                 const int32_t *experts, int32_t n)
 {
     if (!h || !dispatch || (n > 0 && !experts) || n < 0 || n > FERRY_CONFIG_MAX_EXPERTS ||
-        layer < 0 || layer >= h->m->cfg.n_layers)
+        layer < 0 || layer >= h->m->cfg.n_moe_layers)
         return ferry_fail(FERRY_ERR_INVALID, "hybrid: bad job (layer %d, %d experts)", (int)layer,
                           (int)n);
     pthread_mutex_lock(&h->mu);

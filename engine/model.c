@@ -117,7 +117,7 @@ static ferry_status expert_source(void *user, int32_t layer, int32_t expert, con
                                   ferry_expert_layout *layout)
 {
     const ferry_model *m = user;
-    const ferry_expert_weights *X = &m->layers[layer].experts[expert];
+    const ferry_expert_weights *X = &m->moe[layer].experts[expert];
     const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
     for (int k = 0; k < 3; k++) {
         parts[k] = w[k]->d_data;
@@ -130,7 +130,7 @@ static ferry_status expert_source(void *user, int32_t layer, int32_t expert, con
 ferry_status ferry_model_pack_shape(const ferry_model *m, ferry_pack_shape *out)
 {
     const ferry_config *c = &m->cfg;
-    ferry_pack_shape s = {c->n_layers, c->n_experts, c->hidden_size, c->intermediate_size, 0};
+    ferry_pack_shape s = {c->n_moe_layers, c->n_experts, c->hidden_size, c->intermediate_size, 0};
     uint8_t head[16];
     ferry_put_u32(head, (uint32_t)s.n_layers);
     ferry_put_u32(head + 4, (uint32_t)s.n_experts);
@@ -147,8 +147,8 @@ ferry_status ferry_model_pack_shape(const ferry_model *m, ferry_pack_shape *out)
     XXH3_64bits_reset(h);
     XXH3_64bits_update(h, head, sizeof head);
     for (int32_t l = 0; l < s.n_layers && !st; l++) {
-        char name[96];
-        snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", (int)l);
+        char name[256];
+        snprintf(name, sizeof name, c->arch->router, (int)c->moe_layer[l]);
         const int64_t shape[2] = {s.n_experts, s.d_model};
         const ferry_st_tensor *t;
         ferry_dtype dt;
@@ -176,7 +176,7 @@ ferry_status ferry_model_pack_source(void *user, int32_t layer, int32_t expert, 
                                      const void **data, ferry_dtype *dtype)
 {
     const ferry_model *m = user;
-    const ferry_expert_weights *X = &m->layers[layer].experts[expert];
+    const ferry_expert_weights *X = &m->moe[layer].experts[expert];
     const ferry_weight *w = which == FERRY_PACK_W1 ? &X->w1 : which == FERRY_PACK_W3 ? &X->w3 : &X->w2;
     *data = w->d_data;
     *dtype = w->dtype;
@@ -254,18 +254,19 @@ static ferry_status bind_tensor(ferry_model *m, const char *name, int32_t n_dims
 static ferry_status open_predictor_inputs(ferry_model *m)
 {
     const ferry_config *c = &m->cfg;
-    m->gates = calloc((size_t)c->n_layers, sizeof *m->gates);
-    m->ffn_norms = calloc((size_t)c->n_layers, sizeof *m->ffn_norms);
+    m->gates = calloc((size_t)c->n_moe_layers, sizeof *m->gates);
+    m->ffn_norms = calloc((size_t)c->n_moe_layers, sizeof *m->ffn_norms);
     if (!m->gates || !m->ffn_norms)
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
     int64_t n_params = m->n_params; /* views, not more parameters */
-    for (int32_t l = 0; l < c->n_layers; l++) {
-        char name[128];
+    for (int32_t l = 0; l < c->n_moe_layers; l++) {
+        char name[256];
         ferry_status st;
-        snprintf(name, sizeof name, "model.layers.%d.block_sparse_moe.gate.weight", (int)l);
+        snprintf(name, sizeof name, c->arch->router, (int)c->moe_layer[l]);
         if ((st = bind_tensor(m, name, 2, c->n_experts, c->hidden_size, 1, &m->gates[l])))
             return st;
-        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", (int)l);
+        snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight",
+                 (int)c->moe_layer[l]);
         if ((st = bind_tensor(m, name, 1, c->hidden_size, 0, 1, &m->ffn_norms[l])))
             return st;
     }
@@ -277,12 +278,12 @@ static ferry_status open_predictor_inputs(ferry_model *m)
             return st;
         int32_t L, E, K;
         ferry_routing_stats_shape(m->route_stats, &L, &E, &K);
-        if (L != c->n_layers || E != c->n_experts || K != c->n_experts_per_tok)
+        if (L != c->n_moe_layers || E != c->n_experts || K != c->n_experts_per_tok)
             return ferry_fail(FERRY_ERR_INVALID,
                               "%s: statistics of %d layers x %d experts (top-%d), the model has "
                               "%d x %d (top-%d)",
                               m->params.predictor_stats_path, (int)L, (int)E, (int)K,
-                              (int)c->n_layers, (int)c->n_experts, (int)c->n_experts_per_tok);
+                              (int)c->n_moe_layers, (int)c->n_experts, (int)c->n_experts_per_tok);
     }
     m->params.predictor_stats_path = NULL; /* borrowed from the caller; loaded now */
     return FERRY_OK;
@@ -292,8 +293,8 @@ static ferry_status open_store(ferry_model *m, const char *dir)
 {
     const ferry_config *c = &m->cfg;
     if (m->params.offload == FERRY_OFFLOAD_RAM) {
-        TRY(ferry_store_create_ram(c->n_layers, c->n_experts, expert_source, m, &m->store));
-        for (int32_t l = 0; m->pack && l < c->n_layers; l++) /* the copies of a --pack */
+        TRY(ferry_store_create_ram(c->n_moe_layers, c->n_experts, expert_source, m, &m->store));
+        for (int32_t l = 0; m->pack && l < c->n_moe_layers; l++) /* the copies of a --pack */
             for (int32_t e = 0; e < c->n_experts; e++) {
                 const void *bytes;
                 TRY(ferry_store_get(m->store, l, e, &bytes));
@@ -311,7 +312,7 @@ static ferry_status open_store(ferry_model *m, const char *dir)
         return st;
     ferry_store_nvme_params np = {
         .pack_path = m->pack_path,
-        .n_layers = c->n_layers,
+        .n_layers = c->n_moe_layers,
         .n_experts = c->n_experts,
         .d_model = c->hidden_size,
         .d_ff = c->intermediate_size,
@@ -327,7 +328,7 @@ static ferry_status open_store(ferry_model *m, const char *dir)
 
 uint64_t ferry_model_expert_bytes(const ferry_model *m)
 {
-    const ferry_expert_weights *X = &m->layers[0].experts[0];
+    const ferry_expert_weights *X = &m->moe[0].experts[0];
     const ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
     uint64_t bytes = 0;
     for (int i = 0; i < 3; i++)
@@ -340,7 +341,7 @@ ferry_expert_weights ferry_model_expert_at(const ferry_model *m, int32_t layer, 
 {
     const ferry_expert_layout *lay = ferry_store_layout(m->store, layer, e);
     const char *p = base;
-    ferry_expert_weights X = m->layers[layer].experts[e]; /* shapes */
+    ferry_expert_weights X = m->moe[layer].experts[e]; /* shapes */
     X.w1.d_data = p;
     X.w1.dtype = lay->dtype[0];
     X.w3.d_data = p + lay->part_bytes[0];
@@ -365,7 +366,7 @@ ferry_status ferry_model_expert_host(ferry_model *m, int32_t layer, int32_t e,
                                      ferry_expert_weights *out)
 {
     if (!m->store) {
-        *out = m->layers[layer].experts[e];
+        *out = m->moe[layer].experts[e];
         return FERRY_OK;
     }
     const void *bytes;
@@ -399,7 +400,7 @@ ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
         return FERRY_OK;
     size_t budget = be->ops->mem_capacity(be), used = be->ops->mem_used(be);
     size_t slot = (ferry_store_max_expert_bytes(m->store) + 255) / 256 * 256;
-    int32_t k = m->cfg.n_experts_per_tok, total = m->cfg.n_layers * m->cfg.n_experts;
+    int32_t k = m->cfg.n_experts_per_tok, total = m->cfg.n_moe_layers * m->cfg.n_experts;
     size_t left = budget > used ? budget - used : 0;
     size_t n = left / slot;
     if (n > (size_t)total)
@@ -422,7 +423,7 @@ ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
     m->n_slots = (int32_t)n;
     m->context_bytes = context_bytes;
     ferry_cache_params cp = {.n_slots = (int32_t)n,
-                             .n_layers = m->cfg.n_layers,
+                             .n_layers = m->cfg.n_moe_layers,
                              .n_experts = m->cfg.n_experts,
                              .policy = (ferry_cache_policy)m->params.policy};
     if ((st = ferry_cache_create(&cp, &m->cache)))
@@ -430,7 +431,7 @@ ferry_status ferry_model_plan_slots(ferry_model *m, size_t context_bytes)
     ferry_prefetch_params pp = {.d_slots = m->d_slots,
                                 .slot_bytes = slot,
                                 .n_slots = (int32_t)n,
-                                .n_layers = m->cfg.n_layers,
+                                .n_layers = m->cfg.n_moe_layers,
                                 .max_prefetch_bytes = (n / 2 > 0 ? n / 2 : 1) * slot};
     if ((st = ferry_prefetch_create(&pp, be, m->store, m->cache, &m->prefetch)))
         return st;
@@ -592,52 +593,78 @@ static ferry_status bind_pack_expert(ferry_model *m, int32_t l, int32_t e, ferry
     return FERRY_OK;
 }
 
+/* Binds the triple of SwiGLU projections named by fmt[0..2] (gate, up, down: "%d" the
+ * decoder layer l, then the expert e when e >= 0) of width ff: a routed expert's as
+ * bind_tensor binds experts (on_host), a dense MLP's as dense matmul weights. */
+static ferry_status bind_ffn(ferry_model *m, const char *const fmt[3], int32_t l, int32_t e,
+                             int64_t ff, int on_host, ferry_expert_weights *X)
+{
+    int64_t d = m->cfg.hidden_size;
+    ferry_weight *w[3] = {&X->w1, &X->w3, &X->w2};
+    for (int k = 0; k < 3; k++) {
+        char name[256];
+        snprintf(name, sizeof name, fmt[k], (int)l, (int)e);
+        if (e >= 0)
+            TRY(bind_tensor(m, name, 2, k == 2 ? d : ff, k == 2 ? ff : d, on_host, w[k]));
+        else
+            TRY(bind_matmul(m, name, k == 2 ? d : ff, k == 2 ? ff : d, w[k]));
+    }
+    return FERRY_OK;
+}
+
+/* Binds decoder layer l: norms and attention (with the family's biases and q/k norms), then
+ * its MLP: dense, or router, shared expert and routed experts (MoE index L->moe). */
 static ferry_status bind_layer(ferry_model *m, int32_t l)
 {
     const ferry_config *c = &m->cfg;
+    const ferry_arch *a = c->arch;
     ferry_layer_weights *L = &m->layers[l];
-    int64_t d = c->hidden_size, ff = c->intermediate_size;
+    int64_t d = c->hidden_size;
     int64_t q_dim = (int64_t)c->n_heads * c->head_dim, kv_dim = (int64_t)c->n_kv_heads * c->head_dim;
     char name[256];
-    ferry_status st;
-#define BIND_AT(suffix, nd, a, b, on_host, dst)                                                 \
-    do {                                                                                        \
-        snprintf(name, sizeof name, "model.layers.%d.%s", (int)l, suffix);                      \
-        if ((st = bind_tensor(m, name, nd, a, b, on_host, dst)))                                \
-            return st;                                                                          \
-    } while (0)
-#define BIND(suffix, nd, a, b, dst) BIND_AT(suffix, nd, a, b, 0, dst)
-    BIND("input_layernorm.weight", 1, d, 0, &L->attn_norm);
-    BIND("post_attention_layernorm.weight", 1, d, 0, &L->ffn_norm);
-#define BIND_MATMUL(suffix, a, b, dst)                                                          \
-    do {                                                                                        \
-        snprintf(name, sizeof name, "model.layers.%d.%s", (int)l, suffix);                      \
-        if ((st = bind_matmul(m, name, a, b, dst)))                                             \
-            return st;                                                                          \
-    } while (0)
-    BIND_MATMUL("self_attn.q_proj.weight", q_dim, d, &L->wq);
-    BIND_MATMUL("self_attn.k_proj.weight", kv_dim, d, &L->wk);
-    BIND_MATMUL("self_attn.v_proj.weight", kv_dim, d, &L->wv);
-    BIND_MATMUL("self_attn.o_proj.weight", d, q_dim, &L->wo);
-    BIND("block_sparse_moe.gate.weight", 2, c->n_experts, d, &L->gate);
-    L->experts = calloc((size_t)c->n_experts, sizeof *L->experts);
-    if (!L->experts)
+#define NAME(...) snprintf(name, sizeof name, __VA_ARGS__)
+    NAME("model.layers.%d.input_layernorm.weight", (int)l);
+    TRY(bind(m, name, 1, d, 0, &L->attn_norm));
+    NAME("model.layers.%d.post_attention_layernorm.weight", (int)l);
+    TRY(bind(m, name, 1, d, 0, &L->ffn_norm));
+    const char *proj[4] = {"q", "k", "v", "o"};
+    ferry_weight *w[4] = {&L->wq, &L->wk, &L->wv, &L->wo}, *b[4] = {&L->bq, &L->bk, &L->bv, &L->bo};
+    const int64_t rows[4] = {q_dim, kv_dim, kv_dim, d}, cols[4] = {d, d, d, q_dim};
+    for (int i = 0; i < 4; i++) {
+        NAME("model.layers.%d.self_attn.%s_proj.weight", (int)l, proj[i]);
+        TRY(bind_matmul(m, name, rows[i], cols[i], w[i]));
+        if (i < 3 ? c->qkv_bias : c->o_bias) {
+            NAME("model.layers.%d.self_attn.%s_proj.bias", (int)l, proj[i]);
+            TRY(bind(m, name, 1, rows[i], 0, b[i]));
+        }
+    }
+    if (c->qk_norm != FERRY_QK_NORM_NONE) {
+        int head = c->qk_norm == FERRY_QK_NORM_HEAD;
+        NAME(a->q_norm, (int)l);
+        TRY(bind(m, name, 1, head ? c->head_dim : q_dim, 0, &L->q_norm));
+        NAME(a->k_norm, (int)l);
+        TRY(bind(m, name, 1, head ? c->head_dim : kv_dim, 0, &L->k_norm));
+    }
+    L->moe = c->moe_index[l];
+    if (L->moe < 0)
+        return bind_ffn(m, a->dense_mlp, l, -1, c->dense_ff, 0, &L->mlp);
+    if (c->shared_ff > 0) {
+        TRY(bind_ffn(m, a->shared, l, -1, c->shared_ff, 0, &L->shared));
+        NAME(a->shared_gate, (int)l);
+        TRY(bind(m, name, 2, 1, d, &L->shared_gate));
+    }
+    ferry_moe_weights *M = &m->moe[L->moe];
+    NAME(a->router, (int)l);
+    TRY(bind(m, name, 2, c->n_experts, d, &M->gate));
+#undef NAME
+    M->experts = calloc((size_t)c->n_experts, sizeof *M->experts);
+    if (!M->experts)
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory for layer %d's experts", (int)l);
     for (int32_t e = 0; e < c->n_experts && m->pack; e++)
-        if ((st = bind_pack_expert(m, l, e, &L->experts[e])))
-            return st;
-    for (int32_t e = 0; e < c->n_experts && !m->pack; e++) {
-        char sfx[96];
-        snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w1.weight", (int)e);
-        BIND_AT(sfx, 2, ff, d, m->experts_on_host, &L->experts[e].w1);
-        snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w3.weight", (int)e);
-        BIND_AT(sfx, 2, ff, d, m->experts_on_host, &L->experts[e].w3);
-        snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w2.weight", (int)e);
-        BIND_AT(sfx, 2, d, ff, m->experts_on_host, &L->experts[e].w2);
-    }
-#undef BIND
-#undef BIND_AT
-#undef BIND_MATMUL
+        TRY(bind_pack_expert(m, L->moe, e, &M->experts[e]));
+    for (int32_t e = 0; e < c->n_experts && !m->pack; e++)
+        TRY(bind_ffn(m, a->expert, l, e, c->intermediate_size, m->experts_on_host,
+                     &M->experts[e]));
     return FERRY_OK;
 }
 
@@ -678,7 +705,7 @@ static ferry_status open_user_pack(ferry_model *m)
         builds_ram_store(m))
         return FERRY_OK;
     madvise(map, n_bytes, MADV_SEQUENTIAL);
-    for (int32_t l = 0; l < c->n_layers; l++)
+    for (int32_t l = 0; l < c->n_moe_layers; l++)
         for (int32_t e = 0; e < c->n_experts; e++)
             TRY(ferry_pack_verify(m->pack, l, e,
                                   (const char *)map + ferry_pack_get(m->pack, l, e)->offset));
@@ -798,7 +825,7 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         for (int32_t i = 0; i < ferry_st_count(m->st); i++) {
             const ferry_st_tensor *t = ferry_st_at(m->st, i);
             all += t->n_bytes;
-            if (strstr(t->name, ".block_sparse_moe.experts."))
+            if (strstr(t->name, ".experts.")) /* Mixtral's and Qwen's routed experts */
                 experts += t->n_bytes;
         }
         if (all - experts > p->gpu_mem_bytes) {
@@ -823,6 +850,11 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     if (!m->layers) {
         st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for %d layers", (int)c->n_layers);
+        goto fail;
+    }
+    m->moe = calloc((size_t)c->n_moe_layers, sizeof *m->moe);
+    if (!m->moe) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for %d layers", (int)c->n_moe_layers);
         goto fail;
     }
     for (int32_t l = 0; l < c->n_layers; l++)
@@ -876,11 +908,11 @@ void ferry_model_close(ferry_model *m)
     free(m->gates);
     free(m->ffn_norms);
     free(m->pack_path);
-    if (m->layers) {
-        for (int32_t l = 0; l < m->cfg.n_layers; l++)
-            free(m->layers[l].experts);
-        free(m->layers);
-    }
+    if (m->moe)
+        for (int32_t l = 0; l < m->cfg.n_moe_layers; l++)
+            free(m->moe[l].experts);
+    free(m->moe);
+    free(m->layers);
     for (int32_t i = 0; i < m->n_owned; i++) {
         if (m->owned[i].on_device)
             m->be->ops->free(m->be, m->owned[i].ptr);

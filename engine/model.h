@@ -1,7 +1,11 @@
 /*
  * engine/model.h: the opened model (internal). A ferry_model binds a checkpoint's tensors
- * to the backend: config, tokenizer, the dense weights (embeddings, attention, norms,
- * routers, LM head) and every expert's w1, w3, w2.
+ * to the backend by the names its family's row of format/arch.h gives: config, tokenizer,
+ * the dense weights (embeddings, attention, norms, routers, dense MLPs, shared experts, LM
+ * head) and every expert's w1, w3, w2.
+ *
+ * Layer indices: functions keyed by expert (ferry_model_expert_*, the store, cache and
+ * pack) take the MoE index of a sparse layer (format/config.h), not the decoder layer.
  *
  * Weights of a host-memory backend point straight into the safetensors mappings (a
  * tensor whose address is not aligned for its dtype is copied once); other backends get
@@ -32,6 +36,7 @@ typedef struct {
     ferry_weight w2; /* (d_model, d_ff) down projection */
 } ferry_expert_weights;
 
+/* One decoder layer's dense weights. A weight the family does not have has d_data NULL. */
 typedef struct {
     ferry_weight attn_norm; /* (1, d_model) input_layernorm */
     ferry_weight ffn_norm;  /* (1, d_model) post_attention_layernorm */
@@ -39,10 +44,22 @@ typedef struct {
     ferry_weight wk;        /* (n_kv_heads * head_dim, d_model) */
     ferry_weight wv;        /* (n_kv_heads * head_dim, d_model) */
     ferry_weight wo;        /* (d_model, n_heads * head_dim) */
+    ferry_weight bq, bk, bv; /* (1, q_dim), (1, kv_dim), (1, kv_dim) biases (cfg.qkv_bias) */
+    ferry_weight bo;        /* (1, d_model) (cfg.o_bias) */
+    ferry_weight q_norm;    /* (1, head_dim) or (1, q_dim) (cfg.qk_norm) */
+    ferry_weight k_norm;    /* (1, head_dim) or (1, kv_dim) */
+    int32_t moe;            /* this layer's MoE index, or -1: a dense MLP layer */
+    ferry_expert_weights mlp;    /* a dense layer's MLP, (dense_ff, d_model) ... */
+    ferry_expert_weights shared; /* the shared expert of a sparse layer (cfg.shared_ff) */
+    ferry_weight shared_gate;    /* (1, d_model) */
+} ferry_layer_weights;
+
+/* One sparse layer's router and experts, by MoE index. */
+typedef struct {
     ferry_weight gate;      /* (n_experts, d_model) router */
     ferry_expert_weights *experts; /* (n_experts) in host memory: the expert store's source,
                                       and used in place when the backend maps host weights */
-} ferry_layer_weights;
+} ferry_moe_weights;
 
 typedef struct {
     void *ptr;
@@ -62,6 +79,7 @@ struct ferry_model {
     ferry_weight final_norm; /* (1, d_model) */
     ferry_weight lm_head;    /* (n_vocab, d_model); the embedding when tied */
     ferry_layer_weights *layers; /* (n_layers) */
+    ferry_moe_weights *moe;      /* (n_moe_layers) */
 
     ferry_owned *owned;      /* device copies, or aligned host copies of experts */
     ferry_pool *bind_pool;   /* quantizes dense weights while binding (--quant-dense) */
@@ -97,7 +115,7 @@ struct ferry_model {
     ferry_backend *cpu_be;
     ferry_hybrid_cost hybrid_cost;
     int slots_planned;        /* ferry_model_plan_slots has run (CPU_EXPERTS plans none) */
-    ferry_weight *gates, *ffn_norms;   /* (n_layers) host views, for the gate predictor */
+    ferry_weight *gates, *ffn_norms;   /* (n_moe_layers) host views, for the gate predictor */
     ferry_routing_stats *route_stats;  /* for the stats and combined predictors */
 };
 

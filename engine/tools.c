@@ -27,11 +27,12 @@
 
 /* What the observer collects for one sequence. */
 typedef struct {
-    int32_t n_layers, n_experts, k, d;
+    int32_t n_layers, n_experts, k, d; /* n_layers: the sparse layers, by MoE index */
     int32_t cap;      /* positions */
     uint8_t *experts; /* (cap, n_layers, k) trace order */
     float *probs;     /* (cap, n_layers, n_experts) or NULL */
-    float *hidden;    /* (cap, n_layers, d) after each layer, or NULL */
+    float *hidden;    /* (cap, n_layers, d) after each sparse layer, or NULL */
+    const ferry_config *cfg; /* maps the observer's decoder layers to MoE indices */
 } seq_record;
 
 static void record_route(void *user, int32_t layer, int32_t pos0, int32_t n, const float *logits,
@@ -60,8 +61,9 @@ static void record_route(void *user, int32_t layer, int32_t pos0, int32_t n, con
 static void record_hidden(void *user, int32_t layer, int32_t pos0, int32_t n, const float *h)
 {
     seq_record *r = user;
-    if (!r->hidden || layer < 0 || layer >= r->n_layers)
+    if (!r->hidden || layer < 0 || layer >= r->cfg->n_layers || r->cfg->moe_index[layer] < 0)
         return;
+    layer = r->cfg->moe_index[layer]; /* the state after a sparse layer, by its MoE index */
     for (int32_t t = 0; t < n; t++)
         memcpy(r->hidden + ((size_t)(pos0 + t) * (size_t)r->n_layers + (size_t)layer) * (size_t)r->d,
                h + (size_t)t * (size_t)r->d, (size_t)r->d * sizeof(float));
@@ -102,8 +104,8 @@ static ferry_status run_sequences(ferry_model *m, const char *text, size_t len, 
     const ferry_config *cfg = &m->cfg;
     int32_t *ids = NULL, n_ids = 0, *seq = NULL;
     ferry_context *c = NULL;
-    seq_record r = {cfg->n_layers, cfg->n_experts, cfg->n_experts_per_tok, cfg->hidden_size,
-                    seq_len, NULL, NULL, NULL};
+    seq_record r = {cfg->n_moe_layers, cfg->n_experts, cfg->n_experts_per_tok, cfg->hidden_size,
+                    seq_len, NULL, NULL, NULL, cfg};
     ferry_status st = tokenize_all(m, text, len, &ids, &n_ids);
     if (st)
         return st;
@@ -161,7 +163,7 @@ ferry_status ferry_trace_text(ferry_model *m, const char *text, size_t len, int3
         return ferry_fail(FERRY_ERR_UNSUPPORTED, "a trace stores expert ids as bytes: %d experts",
                           (int)m->cfg.n_experts);
     ferry_trace *tr;
-    ferry_status st = ferry_trace_create(m->cfg.n_layers, m->cfg.n_experts,
+    ferry_status st = ferry_trace_create(m->cfg.n_moe_layers, m->cfg.n_experts,
                                          m->cfg.n_experts_per_tok, with_probs, m->name, &tr);
     if (st)
         return st;
@@ -393,8 +395,8 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
     if (cfg->n_experts_per_tok > 64)
         return ferry_fail(FERRY_ERR_UNSUPPORTED, "top-%d routing", (int)cfg->n_experts_per_tok);
     ferry_routing_stats *rs = NULL;
-    ferry_weight *gates = calloc((size_t)cfg->n_layers, sizeof *gates);
-    ferry_weight *norms = calloc((size_t)cfg->n_layers, sizeof *norms);
+    ferry_weight *gates = calloc((size_t)cfg->n_moe_layers, sizeof *gates);
+    ferry_weight *norms = calloc((size_t)cfg->n_moe_layers, sizeof *norms);
     live_eval le;
     memset(&le, 0, sizeof le);
     le.scores = malloc((size_t)cfg->n_experts * sizeof *le.scores);
@@ -404,7 +406,7 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
         st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
         goto done;
     }
-    for (int32_t l = 0; l < cfg->n_layers; l++) { /* host views: the predictor runs here */
+    for (int32_t l = 0; l < cfg->n_moe_layers; l++) { /* host views: the predictor runs here */
         gates[l] = m->gates[l];
         norms[l] = m->ffn_norms[l];
     }
@@ -417,7 +419,7 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
         if ((st = ferry_routing_stats_load(stats_path, &rs)))
             goto done;
     }
-    ferry_predictor_params pp = {.n_layers = cfg->n_layers,
+    ferry_predictor_params pp = {.n_layers = cfg->n_moe_layers,
                                  .n_experts = cfg->n_experts,
                                  .top_k = cfg->n_experts_per_tok,
                                  .d_model = cfg->hidden_size,
@@ -433,7 +435,7 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
                         (int)cfg->n_experts);
         goto done;
     }
-    if ((st = ferry_trace_create(cfg->n_layers, cfg->n_experts, cfg->n_experts_per_tok, 0,
+    if ((st = ferry_trace_create(cfg->n_moe_layers, cfg->n_experts, cfg->n_experts_per_tok, 0,
                                  m->name, &le.tr)))
         goto done;
     if ((st = run_sequences(m, text, len, seq_len, 0, 1, eval_sequence, &le)))
@@ -582,7 +584,7 @@ static ferry_status quant_model_source(void *user, int32_t layer, int32_t expert
                                        const void **data, ferry_dtype *dtype)
 {
     quant_source *q = user;
-    const ferry_expert_weights *X = &q->m->layers[layer].experts[expert];
+    const ferry_expert_weights *X = &q->m->moe[layer].experts[expert];
     const ferry_weight *w = which == FERRY_PACK_W1 ? &X->w1 : which == FERRY_PACK_W3 ? &X->w3 : &X->w2;
     size_t n_bytes = (size_t)w->rows * ferry_dtype_row_bytes(q->quant, w->cols);
     if (n_bytes > q->cap) {

@@ -1,20 +1,32 @@
 /*
- * format/config.c: parses and checks a Hugging Face Mixtral config.json.
+ * format/config.c: parses and checks a Hugging Face config.json of a family in
+ * format/arch.h.
  *
  * The fields read (a JSON object; others are ignored):
- *   model_type "mixtral" (or absent, with architectures containing "MixtralForCausalLM")
- *   vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
- *   num_local_experts, num_experts_per_tok, max_position_embeddings     required integers
+ *   model_type (or absent, with architectures containing the family's class)
+ *   vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
+ *   num_experts_per_tok, max_position_embeddings      required integers
+ *   the family's expert count and expert width        required integers (Mixtral
+ *                                                     num_local_experts / intermediate_size;
+ *                                                     Qwen num_experts / moe_intermediate_size;
+ *                                                     OLMoE num_experts / intermediate_size)
  *   rms_norm_eps                                       required number > 0
  *   num_key_value_heads                                integer, default num_attention_heads
  *   head_dim                                           integer or null, default
  *                                                      hidden_size / num_attention_heads
- *   rope_theta                                         number > 0, default 1e6
- *   sliding_window                                     integer >= 0 or null (= none)
+ *   rope_theta                                         number > 0, default the family's
+ *   sliding_window                                     integer >= 0 or null (= none); Qwen:
+ *                                                      only with use_sliding_window true, from
+ *                                                      layer max_window_layers on
  *   tie_word_embeddings                                bool, default false
  *   bos_token_id                                       integer or null
  *   eos_token_id                                       integer, list of integers, or null
  *   rope_scaling                                       must be null or absent
+ *   Qwen: mlp_only_layers (list of layers with a dense MLP), decoder_sparse_step (every
+ *   step-th layer is sparse, default 1), intermediate_size (the dense MLP's width, when a
+ *   layer is dense), norm_topk_prob (bool, default false); Qwen3/OLMoE attention_bias
+ *   (bool, default false); Qwen2-MoE shared_expert_intermediate_size (required, > 0);
+ *   OLMoE clip_qkv (number > 0 or null).
  * A field given the JSON value null is treated as absent.
  */
 #include "format/config.h"
@@ -30,6 +42,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+
 
 #define FERRY_CONFIG_MAX_FILE (16u * 1024 * 1024)
 
@@ -86,15 +99,16 @@ static ferry_status get_positive(const cJSON *root, const char *origin, const ch
     return FERRY_OK;
 }
 
-static ferry_status check_model_type(const cJSON *root, const char *origin)
+/* The family config.json names, by model_type or, without one, by architectures. */
+static ferry_status find_arch(const cJSON *root, const char *origin, const ferry_arch **out)
 {
     const cJSON *type = field(root, "model_type");
     if (type) {
         if (!cJSON_IsString(type))
             return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'model_type' is not a string", origin);
-        if (strcmp(type->valuestring, "mixtral") != 0)
+        if (!(*out = ferry_arch_find(type->valuestring)))
             return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: model_type '%s' is not supported "
-                              "(ferry runs 'mixtral')", origin, type->valuestring);
+                              "(ferry runs %s)", origin, type->valuestring, ferry_arch_names());
         return FERRY_OK;
     }
     const cJSON *arch = field(root, "architectures");
@@ -104,13 +118,113 @@ static ferry_status check_model_type(const cJSON *root, const char *origin)
     if (!cJSON_IsArray(arch))
         return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'architectures' is not a list", origin);
     for (const cJSON *a = arch->child; a; a = a->next)
-        if (cJSON_IsString(a) && strcmp(a->valuestring, "MixtralForCausalLM") == 0)
+        if (cJSON_IsString(a) && (*out = ferry_arch_find_class(a->valuestring)))
             return FERRY_OK;
     const cJSON *first = arch->child;
-    return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: architectures ['%s'%s] do not include "
-                      "MixtralForCausalLM", origin,
+    return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: architectures ['%s'%s] include no class ferry "
+                      "runs (the families %s)", origin,
                       cJSON_IsString(first) ? first->valuestring : "?",
-                      first && first->next ? ", ..." : "");
+                      first && first->next ? ", ..." : "", ferry_arch_names());
+}
+
+/* A bool field; absent: def. */
+static ferry_status get_bool(const cJSON *root, const char *origin, const char *key, int def,
+                             int *out)
+{
+    const cJSON *v = field(root, key);
+    if (v && !cJSON_IsBool(v))
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field '%s' is not a bool", origin, key);
+    *out = v ? cJSON_IsTrue(v) : def;
+    return FERRY_OK;
+}
+
+/* Which decoder layers are sparse: Qwen's mlp_only_layers and decoder_sparse_step (a layer
+ * is sparse unless listed, when (layer + 1) is a multiple of the step); every layer for the
+ * other families. Fills moe_index, moe_layer and n_moe_layers. */
+static ferry_status sparse_layers(const cJSON *root, const char *origin, ferry_config *c)
+{
+    ferry_status st;
+    int32_t step = 1;
+    uint8_t dense[FERRY_CONFIG_MAX_COUNT] = {0};
+    if (c->arch->sparse_rule) {
+        if ((st = get_int(root, origin, "decoder_sparse_step", 0, 1, 1, c->n_layers, &step)))
+            return st;
+        const cJSON *only = field(root, "mlp_only_layers");
+        if (only && !cJSON_IsArray(only))
+            return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'mlp_only_layers' is not a list",
+                              origin);
+        int i = 0;
+        for (const cJSON *e = only ? only->child : NULL; e; e = e->next, i++) {
+            double d = cJSON_IsNumber(e) ? e->valuedouble : -1;
+            if (!(d >= 0 && d < c->n_layers) || d != floor(d))
+                return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'mlp_only_layers'[%d] is not a "
+                                  "layer in [0, %d)", origin, i, (int)c->n_layers);
+            dense[(int)d] = 1;
+        }
+    }
+    c->n_moe_layers = 0;
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        if (dense[l] || (l + 1) % step != 0) {
+            c->moe_index[l] = -1;
+            continue;
+        }
+        c->moe_index[l] = (int16_t)c->n_moe_layers;
+        c->moe_layer[c->n_moe_layers++] = (int16_t)l;
+    }
+    if (c->n_moe_layers == 0)
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: no layer is sparse (mlp_only_layers and "
+                          "decoder_sparse_step leave every layer dense); ferry runs MoE models",
+                          origin);
+    return FERRY_OK;
+}
+
+/* The family's options beyond Mixtral's: widths of the dense MLP and shared expert, router
+ * renormalisation, biases, q/k norms, clip_qkv, the sliding window rule. */
+static ferry_status family_options(const cJSON *root, const char *origin, ferry_config *c)
+{
+    ferry_status st;
+    const ferry_arch *a = c->arch;
+    const int64_t dim = FERRY_CONFIG_MAX_DIM;
+    TRY(sparse_layers(root, origin, c));
+    c->dense_ff = 0;
+    if (c->n_moe_layers < c->n_layers) {
+        if (!a->key_dense_ff)
+            return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: %s has no dense MLP layers", origin,
+                              a->model_type);
+        if ((st = get_int(root, origin, a->key_dense_ff, 1, 0, 1, dim, &c->dense_ff)))
+            return st;
+    }
+    c->shared_ff = 0;
+    if (a->key_shared_ff &&
+        (st = get_int(root, origin, a->key_shared_ff, 1, 0, 1, dim, &c->shared_ff)))
+        return st;
+    c->norm_topk = 1;
+    if (a->topk == FERRY_TOPK_CONFIG && (st = get_bool(root, origin, "norm_topk_prob", 0,
+                                                       &c->norm_topk)))
+        return st;
+    int bias = 0;
+    if (a->bias == FERRY_BIAS_CONFIG_ALL &&
+        (st = get_bool(root, origin, "attention_bias", 0, &bias)))
+        return st;
+    c->qkv_bias = a->bias == FERRY_BIAS_QKV || bias;
+    c->o_bias = bias;
+    c->qk_norm = a->qk_norm;
+    c->clip_qkv = 0;
+    if (a->clip_qkv && field(root, "clip_qkv") &&
+        (st = get_positive(root, origin, "clip_qkv", 1, 0, &c->clip_qkv)))
+        return st;
+    c->sliding_from = 0;
+    if (a->window_rule) {
+        int use = 0;
+        if ((st = get_bool(root, origin, "use_sliding_window", 0, &use)))
+            return st;
+        if (!use)
+            c->sliding_window = 0;
+        else if ((st = get_int(root, origin, "max_window_layers", 0, 0, 0, c->n_layers,
+                               &c->sliding_from)))
+            return st;
+    }
+    return FERRY_OK;
 }
 
 static ferry_status get_token_ids(const cJSON *root, const char *origin, int32_t vocab,
@@ -165,7 +279,7 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
         st = ferry_fail(FERRY_ERR_FORMAT, "%s: not a JSON object", origin);
         goto fail;
     }
-    if ((st = check_model_type(root, origin)) != FERRY_OK)
+    if ((st = find_arch(root, origin, &c.arch)) != FERRY_OK)
         goto fail;
     if (field(root, "rope_scaling")) {
         st = ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: field 'rope_scaling' is set; ferry supports "
@@ -177,7 +291,7 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
     if ((st = get_int(root, origin, "vocab_size", 1, 0, 1, FERRY_CONFIG_MAX_VOCAB,
                       &c.vocab_size)) != FERRY_OK ||
         (st = get_int(root, origin, "hidden_size", 1, 0, 1, dim, &c.hidden_size)) != FERRY_OK ||
-        (st = get_int(root, origin, "intermediate_size", 1, 0, 1, dim,
+        (st = get_int(root, origin, c.arch->key_expert_ff, 1, 0, 1, dim,
                       &c.intermediate_size)) != FERRY_OK ||
         (st = get_int(root, origin, "num_hidden_layers", 1, 0, 1, count, &c.n_layers)) !=
             FERRY_OK ||
@@ -185,7 +299,7 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
             FERRY_OK ||
         (st = get_int(root, origin, "num_key_value_heads", 0, c.n_heads, 1, count,
                       &c.n_kv_heads)) != FERRY_OK ||
-        (st = get_int(root, origin, "num_local_experts", 1, 0, 1, count, &c.n_experts)) !=
+        (st = get_int(root, origin, c.arch->key_n_experts, 1, 0, 1, count, &c.n_experts)) !=
             FERRY_OK ||
         (st = get_int(root, origin, "num_experts_per_tok", 1, 0, 1, count,
                       &c.n_experts_per_tok)) != FERRY_OK ||
@@ -194,7 +308,8 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
         (st = get_int(root, origin, "sliding_window", 0, 0, 0, INT32_MAX, &c.sliding_window)) !=
             FERRY_OK ||
         (st = get_positive(root, origin, "rms_norm_eps", 1, 0, &c.rms_eps)) != FERRY_OK ||
-        (st = get_positive(root, origin, "rope_theta", 0, 1e6f, &c.rope_theta)) != FERRY_OK ||
+        (st = get_positive(root, origin, "rope_theta", 0, c.arch->default_rope_theta,
+                          &c.rope_theta)) != FERRY_OK ||
         (st = get_token_ids(root, origin, c.vocab_size, &c)) != FERRY_OK)
         goto fail;
 
@@ -225,13 +340,14 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
         goto fail;
     }
     if (c.n_experts > FERRY_CONFIG_MAX_EXPERTS) {
-        st = ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: num_local_experts %d is more than the %d "
-                        "this build routes", origin, (int)c.n_experts, FERRY_CONFIG_MAX_EXPERTS);
+        st = ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: %s %d is more than the %d this build "
+                        "routes", origin, c.arch->key_n_experts, (int)c.n_experts,
+                        FERRY_CONFIG_MAX_EXPERTS);
         goto fail;
     }
     if (c.n_experts_per_tok > c.n_experts) {
-        st = ferry_fail(FERRY_ERR_FORMAT, "%s: num_experts_per_tok %d exceeds num_local_experts "
-                        "%d", origin, (int)c.n_experts_per_tok, (int)c.n_experts);
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: num_experts_per_tok %d exceeds %s %d", origin,
+                        (int)c.n_experts_per_tok, c.arch->key_n_experts, (int)c.n_experts);
         goto fail;
     }
 
@@ -241,6 +357,8 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
         goto fail;
     }
     c.tie_word_embeddings = cJSON_IsTrue(tie) ? 1 : 0;
+    if ((st = family_options(root, origin, &c)) != FERRY_OK)
+        goto fail;
 
     cJSON_Delete(root);
     *out = c;

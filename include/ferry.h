@@ -440,7 +440,8 @@ typedef struct {
 
 /* Offload statistics of the model's expert cache (shared by its contexts) since the
  * context was created or reset; per-layer counters go to layers[0..n_layers) when layers
- * is not NULL (n_layers may be smaller than the model's). */
+ * is not NULL (n_layers may be smaller than the model's), indexed by decoder layer: a layer
+ * with a dense MLP (Qwen's mlp_only_layers) has no experts and counts zeros. */
 ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offload_stats *out,
                                              ferry_layer_stats *layers, int32_t n_layers);
 

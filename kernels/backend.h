@@ -110,10 +110,20 @@ typedef struct {
     /* d_x[i] += d_y[i] */
     ferry_status (*add)(ferry_backend *b, float *d_x, const float *d_y, size_t n);
     /* Router: softmax over each row of d_logits (n, n_experts), the k largest
-     * probabilities (ties to the lower index), renormalised to sum to 1. Writes the chosen
-     * experts in ascending id order to d_experts (n, k) and their weights to d_weights. */
+     * probabilities (ties to the lower index), renormalised to sum to 1 when normalize is
+     * nonzero, else the plain probabilities. Writes the chosen experts in ascending id
+     * order to d_experts (n, k) and their weights to d_weights. */
     ferry_status (*router_topk)(ferry_backend *b, int32_t *d_experts, float *d_weights,
-                                const float *d_logits, int32_t n, int32_t n_experts, int32_t k);
+                                const float *d_logits, int32_t n, int32_t n_experts, int32_t k,
+                                int normalize);
+    /* d_x[t, i] += bias[i] for t < n, i < d; bias is a (1, d) f32, f16 or bf16 weight. */
+    ferry_status (*add_bias)(ferry_backend *b, float *d_x, const ferry_weight *bias, int32_t n,
+                             int32_t d);
+    /* d_x[i] = min(max(d_x[i], -limit), limit) for i < n; limit > 0. */
+    ferry_status (*clamp)(ferry_backend *b, float *d_x, size_t n, float limit);
+    /* d_y[t, :] *= sigmoid(d_s[t]) for t < n (rows of d): a shared expert's gate. */
+    ferry_status (*gate_rows)(ferry_backend *b, float *d_y, const float *d_s, int32_t n,
+                              int32_t d);
     /* d_out (m, d) = rows idx[0..m) of d_x; idx is a host array. */
     ferry_status (*gather_rows)(ferry_backend *b, float *d_out, const float *d_x,
                                 const int32_t *idx, int32_t m, int32_t d);

@@ -266,7 +266,7 @@ static void run_router(ferry_backend *b, int32_t *experts, float *weights, const
     float *d_l = dev_put(b, logits, (size_t)n * (size_t)n_experts * sizeof(float));
     int32_t *d_e = dev_put(b, NULL, nk * sizeof(int32_t));
     float *d_w = dev_put(b, NULL, nk * sizeof(float));
-    expect_ok(b, b->ops->router_topk(b, d_e, d_w, d_l, n, n_experts, k), "router_topk");
+    expect_ok(b, b->ops->router_topk(b, d_e, d_w, d_l, n, n_experts, k, 1), "router_topk");
     dev_get(b, experts, d_e, nk * sizeof(int32_t));
     dev_get(b, weights, d_w, nk * sizeof(float));
     dev_free(b, d_l);
@@ -849,8 +849,8 @@ static void check_invalid_args(ferry_backend *b)
     ck_assert_int_eq(b->ops->attention(b, d_b, d_a, d_a, d_a, 1, 0, &no_kv), FERRY_ERR_INVALID);
     ck_assert_int_eq(b->ops->attention(b, d_b, d_a, d_a, d_a, 1, 0, NULL), FERRY_ERR_INVALID);
 
-    ck_assert_int_eq(b->ops->router_topk(b, d_i, d_b, d_a, 2, 8, 9), FERRY_ERR_INVALID);
-    ck_assert_int_eq(b->ops->router_topk(b, d_i, d_b, d_a, 2, 8, 0), FERRY_ERR_INVALID);
+    ck_assert_int_eq(b->ops->router_topk(b, d_i, d_b, d_a, 2, 8, 9, 1), FERRY_ERR_INVALID);
+    ck_assert_int_eq(b->ops->router_topk(b, d_i, d_b, d_a, 2, 8, 0, 1), FERRY_ERR_INVALID);
 
     ck_assert_int_eq(b->ops->copy_wait(b, (uint64_t)1 << 40), FERRY_ERR_INVALID);
 

@@ -334,7 +334,7 @@ START_TEST(test_kernels_router_topk)
     float logits[2][8] = {{0, 1, 3, 0, 0, 4, 0, -1}, {0, 2, 1, 2, 0, 0, 0, 5}};
     int32_t ex[4];
     float w[4];
-    ck_assert_int_eq(b->ops->router_topk(b, ex, w, &logits[0][0], 2, 8, 2), FERRY_OK);
+    ck_assert_int_eq(b->ops->router_topk(b, ex, w, &logits[0][0], 2, 8, 2, 1), FERRY_OK);
     ck_assert_int_eq(ex[0], 2);
     ck_assert_int_eq(ex[1], 5);
     ck_assert_float_eq_tol(w[0], exp(3) / (exp(3) + exp(4)), 1e-6);
@@ -342,7 +342,7 @@ START_TEST(test_kernels_router_topk)
     ck_assert_int_eq(ex[2], 1);
     ck_assert_int_eq(ex[3], 7);
     ck_assert_float_eq_tol(w[2] + w[3], 1.0, 1e-6);
-    ck_assert_int_eq(b->ops->router_topk(b, ex, w, &logits[0][0], 1, 8, 9), FERRY_ERR_INVALID);
+    ck_assert_int_eq(b->ops->router_topk(b, ex, w, &logits[0][0], 1, 8, 9, 1), FERRY_ERR_INVALID);
     ferry_backend_destroy(b);
 }
 END_TEST

@@ -305,9 +305,9 @@ START_TEST(test_packed_quant_dense)
         ck_assert_int_eq(m->layers[l].wk.dtype, FERRY_DTYPE_Q8);
         ck_assert_int_eq(m->layers[l].wv.dtype, FERRY_DTYPE_Q8);
         ck_assert_int_eq(m->layers[l].wo.dtype, FERRY_DTYPE_Q8);
-        ck_assert_int_eq(m->layers[l].gate.dtype, FERRY_DTYPE_BF16);
+        ck_assert_int_eq(m->moe[l].gate.dtype, FERRY_DTYPE_BF16);
         ck_assert_int_eq(m->layers[l].attn_norm.dtype, FERRY_DTYPE_BF16);
-        ck_assert_int_eq(m->layers[l].experts[0].w1.dtype, FERRY_DTYPE_BF16);
+        ck_assert_int_eq(m->moe[l].experts[0].w1.dtype, FERRY_DTYPE_BF16);
     }
     ck_assert_int_eq(m->lm_head.dtype, FERRY_DTYPE_Q8);
     ck_assert_int_eq(m->embed.dtype, FERRY_DTYPE_BF16);

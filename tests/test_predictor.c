@@ -886,7 +886,7 @@ static ferry_predictor_eval live_eval(ferry_predictor_kind kind, double *us_per_
     ferry_weight gates[64], norms[64];
     ck_assert(L <= 64);
     for (int32_t l = 0; l < L; l++) {
-        gates[l] = g_live.m->layers[l].gate;
+        gates[l] = g_live.m->moe[l].gate;
         norms[l] = g_live.m->layers[l].ffn_norm;
     }
     ferry_predictor_params pp = {.n_layers = L, .n_experts = g_live.E, .top_k = K, .d_model = D,

@@ -300,6 +300,54 @@ static ferry_status cpu_add(ferry_backend *b, float *d_x, const float *d_y, size
     return FERRY_OK;
 }
 
+static ferry_status cpu_add_bias(ferry_backend *b, float *d_x, const ferry_weight *bias, int32_t n,
+                                 int32_t d)
+{
+    (void)b;
+    ferry_status st = check_weight(bias, "add_bias", 0);
+    if (st)
+        return st;
+    if (n < 0 || bias->rows * bias->cols != d)
+        return ferry_fail(FERRY_ERR_INVALID, "add_bias: bias has %lld elements, rows have %d",
+                          (long long)(bias->rows * bias->cols), (int)d);
+    float bf[1024];
+    for (int32_t i0 = 0; i0 < d; i0 += 1024) {
+        int32_t m = d - i0 < 1024 ? d - i0 : 1024;
+        ferry_cpu_widen(bf, bias, 0, i0, m);
+        for (int32_t t = 0; t < n; t++) {
+            float *x = d_x + (size_t)t * (size_t)d + (size_t)i0;
+            for (int32_t i = 0; i < m; i++)
+                x[i] += bf[i];
+        }
+    }
+    return FERRY_OK;
+}
+
+static ferry_status cpu_clamp(ferry_backend *b, float *d_x, size_t n, float limit)
+{
+    (void)b;
+    if (!(limit > 0))
+        return ferry_fail(FERRY_ERR_INVALID, "clamp: limit %g is not positive", (double)limit);
+    for (size_t i = 0; i < n; i++)
+        d_x[i] = d_x[i] < -limit ? -limit : d_x[i] > limit ? limit : d_x[i];
+    return FERRY_OK;
+}
+
+static ferry_status cpu_gate_rows(ferry_backend *b, float *d_y, const float *d_s, int32_t n,
+                                  int32_t d)
+{
+    (void)b;
+    if (n < 0 || d <= 0)
+        return ferry_fail(FERRY_ERR_INVALID, "gate_rows: %d rows of %d", (int)n, (int)d);
+    for (int32_t t = 0; t < n; t++) {
+        float g = 1.0f / (1.0f + expf(-d_s[t]));
+        float *y = d_y + (size_t)t * (size_t)d;
+        for (int32_t i = 0; i < d; i++)
+            y[i] *= g;
+    }
+    return FERRY_OK;
+}
+
 /* ---- matmul --------------------------------------------------------------------- */
 
 /* Rows are handed out in tasks of FERRY_MM_ROWS_PER_TASK; each task runs the backend's
@@ -433,7 +481,7 @@ static ferry_status cpu_attention(ferry_backend *b, float *d_out, const float *d
 
 static ferry_status cpu_router_topk(ferry_backend *b, int32_t *d_experts, float *d_weights,
                                     const float *d_logits, int32_t n, int32_t n_experts,
-                                    int32_t k)
+                                    int32_t k, int normalize)
 {
     (void)b;
     if (n_experts <= 0 || n_experts > 1024 || k <= 0 || k > n_experts)
@@ -468,6 +516,8 @@ static ferry_status cpu_router_topk(ferry_backend *b, int32_t *d_experts, float 
         float wsum = 0;
         for (int32_t j = 0; j < k; j++)
             wsum += prob[pick[j]];
+        if (!normalize)
+            wsum = 1.0f;
         /* ascending expert order */
         for (int32_t j = 1; j < k; j++)
             for (int32_t i = j; i > 0 && pick[i - 1] > pick[i]; i--) {
@@ -574,6 +624,9 @@ static const ferry_backend_ops cpu_ops = {
     .silu_mul = cpu_silu_mul,
     .add = cpu_add,
     .router_topk = cpu_router_topk,
+    .add_bias = cpu_add_bias,
+    .clamp = cpu_clamp,
+    .gate_rows = cpu_gate_rows,
     .gather_rows = cpu_gather_rows,
     .scatter_rows = cpu_scatter_rows,
     .combine = cpu_combine,

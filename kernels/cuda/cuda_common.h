@@ -125,7 +125,12 @@ ferry_status ferry_cuda_silu_mul(ferry_backend *b, float *d_out, const float *d_
 ferry_status ferry_cuda_add(ferry_backend *b, float *d_x, const float *d_y, size_t n);
 ferry_status ferry_cuda_router_topk(ferry_backend *b, int32_t *d_experts, float *d_weights,
                                     const float *d_logits, int32_t n, int32_t n_experts,
-                                    int32_t k);
+                                    int32_t k, int normalize);
+ferry_status ferry_cuda_add_bias(ferry_backend *b, float *d_x, const ferry_weight *bias,
+                                 int32_t n, int32_t d);
+ferry_status ferry_cuda_clamp(ferry_backend *b, float *d_x, size_t n, float limit);
+ferry_status ferry_cuda_gate_rows(ferry_backend *b, float *d_y, const float *d_s, int32_t n,
+                                  int32_t d);
 ferry_status ferry_cuda_gather_rows(ferry_backend *b, float *d_out, const float *d_x,
                                     const int32_t *idx, int32_t m, int32_t d);
 ferry_status ferry_cuda_scatter_rows(ferry_backend *b, float *d_out, const float *d_y,

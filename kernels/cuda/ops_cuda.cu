@@ -190,6 +190,75 @@ ferry_status ferry_cuda_add(ferry_backend *b, float *d_x, const float *d_y, size
     return FERRY_OK;
 }
 
+__global__ void add_bias_kernel(float *x, const void *bias, int dtype, int n, int d)
+{
+    size_t total = (size_t)n * (size_t)d;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] += cuda_weight_at(bias, dtype, i % (size_t)d);
+}
+
+ferry_status ferry_cuda_add_bias(ferry_backend *b, float *d_x, const ferry_weight *bias,
+                                 int32_t n, int32_t d)
+{
+    TRY(check_weight(bias, "add_bias"));
+    if (n < 0 || bias->rows * bias->cols != d)
+        return ferry_fail(FERRY_ERR_INVALID, "add_bias: bias has %lld elements, rows have %d",
+                          (long long)(bias->rows * bias->cols), (int)d);
+    if (n == 0)
+        return FERRY_OK;
+    if (!d_x)
+        return ferry_fail(FERRY_ERR_INVALID, "add_bias: NULL buffer");
+    size_t total = (size_t)n * (size_t)d;
+    add_bias_kernel<<<elementwise_grid(total), FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(
+        d_x, bias->d_data, (int)bias->dtype, n, d);
+    CUDA_LAUNCHED();
+    return FERRY_OK;
+}
+
+__global__ void clamp_kernel(float *x, size_t n, float limit)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        x[i] = x[i] < -limit ? -limit : x[i] > limit ? limit : x[i];
+}
+
+ferry_status ferry_cuda_clamp(ferry_backend *b, float *d_x, size_t n, float limit)
+{
+    if (!(limit > 0))
+        return ferry_fail(FERRY_ERR_INVALID, "clamp: limit %g is not positive", (double)limit);
+    if (n == 0)
+        return FERRY_OK;
+    if (!d_x)
+        return ferry_fail(FERRY_ERR_INVALID, "clamp: NULL buffer");
+    clamp_kernel<<<elementwise_grid(n), FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(d_x, n, limit);
+    CUDA_LAUNCHED();
+    return FERRY_OK;
+}
+
+/* One block per row: the row's sigmoid gate, as the CPU computes it, scales its d values. */
+__global__ void gate_rows_kernel(float *y, const float *s, int d)
+{
+    float g = 1.0f / (1.0f + expf(-s[blockIdx.x]));
+    float *yr = y + (size_t)blockIdx.x * (size_t)d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x)
+        yr[i] *= g;
+}
+
+ferry_status ferry_cuda_gate_rows(ferry_backend *b, float *d_y, const float *d_s, int32_t n,
+                                  int32_t d)
+{
+    if (n < 0 || d <= 0)
+        return ferry_fail(FERRY_ERR_INVALID, "gate_rows: %d rows of %d", (int)n, (int)d);
+    if (n == 0)
+        return FERRY_OK;
+    if (!d_y || !d_s)
+        return ferry_fail(FERRY_ERR_INVALID, "gate_rows: NULL buffers");
+    gate_rows_kernel<<<n, FERRY_CUDA_THREADS, 0, compute_stream(b)>>>(d_y, d_s, d);
+    CUDA_LAUNCHED();
+    return FERRY_OK;
+}
+
 /* ---- rope --------------------------------------------------------------------------- */
 
 __global__ void rope_kernel(float *x, int n, int n_heads, int head_dim, int pos0,
@@ -328,10 +397,10 @@ ferry_status ferry_cuda_attention(ferry_backend *b, float *d_out, const float *d
 
 /* ---- MoE pieces ----------------------------------------------------------------------- */
 
-/* One thread per token: softmax, the k largest (ties to the lower index), renormalised,
- * written in ascending expert order: the CPU reference's steps in its order. */
+/* One thread per token: softmax, the k largest (ties to the lower index), renormalised
+ * when normalize, written in ascending expert order: the CPU reference's steps in its order. */
 __global__ void router_kernel(int32_t *experts, float *weights, const float *logits, int n,
-                              int n_experts, int k)
+                              int n_experts, int k, int normalize)
 {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= n)
@@ -366,6 +435,8 @@ __global__ void router_kernel(int32_t *experts, float *weights, const float *log
     float wsum = 0.0f;
     for (int j = 0; j < k; j++)
         wsum += prob[j];
+    if (!normalize)
+        wsum = 1.0f;
     for (int j = 1; j < k; j++)
         for (int i = j; i > 0 && pick[i - 1] > pick[i]; i--) {
             int32_t te = pick[i];
@@ -383,7 +454,7 @@ __global__ void router_kernel(int32_t *experts, float *weights, const float *log
 
 ferry_status ferry_cuda_router_topk(ferry_backend *b, int32_t *d_experts, float *d_weights,
                                     const float *d_logits, int32_t n, int32_t n_experts,
-                                    int32_t k)
+                                    int32_t k, int normalize)
 {
     if (n_experts <= 0 || n_experts > 1024 || k <= 0 || k > n_experts)
         return ferry_fail(FERRY_ERR_INVALID, "router: top-%d of %d experts", (int)k,
@@ -396,7 +467,7 @@ ferry_status ferry_cuda_router_topk(ferry_backend *b, int32_t *d_experts, float 
     if (n == 0)
         return FERRY_OK;
     router_kernel<<<grid_for((size_t)n, 64), 64, 0, compute_stream(b)>>>(
-        d_experts, d_weights, d_logits, n, n_experts, k);
+        d_experts, d_weights, d_logits, n, n_experts, k, normalize);
     CUDA_LAUNCHED();
     return FERRY_OK;
 }
