@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "engine/context.h"
+#include "engine/model.h"
 #include "engine/sampler.h"
 #include "ferry.h"
 #include "kernels/backend.h"
@@ -260,13 +261,14 @@ static void run_add(ferry_backend *b, float *x, const float *y, size_t n)
 }
 
 static void run_router(ferry_backend *b, int32_t *experts, float *weights, const float *logits,
-                       int32_t n, int32_t n_experts, int32_t k)
+                       int32_t n, int32_t n_experts, int32_t k, int normalize)
 {
     size_t nk = (size_t)n * (size_t)k;
     float *d_l = dev_put(b, logits, (size_t)n * (size_t)n_experts * sizeof(float));
     int32_t *d_e = dev_put(b, NULL, nk * sizeof(int32_t));
     float *d_w = dev_put(b, NULL, nk * sizeof(float));
-    expect_ok(b, b->ops->router_topk(b, d_e, d_w, d_l, n, n_experts, k, 1), "router_topk");
+    expect_ok(b, b->ops->router_topk(b, d_e, d_w, d_l, n, n_experts, k, normalize),
+              "router_topk");
     dev_get(b, experts, d_e, nk * sizeof(int32_t));
     dev_get(b, weights, d_w, nk * sizeof(float));
     dev_free(b, d_l);
@@ -689,11 +691,87 @@ START_TEST(test_cuda_silu_mul_and_add_match_cpu)
 }
 END_TEST
 
+/* The families' extra ops: biases of every dtype (one rounding per element: exact), the
+ * clamp of clip_qkv (exact) and the shared expert's sigmoid gate (within float32 of expf). */
+START_TEST(test_cuda_bias_clamp_gate_match_cpu)
+{
+    uint64_t rng = 112;
+    const int32_t shapes[][2] = {{1, 48}, {7, 72}, {300, 1030}}; /* n, d */
+    for (size_t si = 0; si < 3; si++) {
+        int32_t n = shapes[si][0], d = shapes[si][1];
+        size_t nd = (size_t)n * (size_t)d;
+        float *x = tu_rand_floats(&rng, nd, -4, 4), *bv = tu_rand_floats(&rng, (size_t)d, -2, 2);
+        float *s = tu_rand_floats(&rng, (size_t)n, -20, 20);
+        float *ref = malloc(nd * sizeof(float)), *got = malloc(nd * sizeof(float));
+        ck_assert(ref && got);
+        const ferry_dtype types[] = {FERRY_DTYPE_F32, FERRY_DTYPE_F16, FERRY_DTYPE_BF16};
+        for (int ti = 0; ti < 3; ti++) {
+            ferry_weight hb;
+            void *raw = tu_make_weight(&hb, bv, 1, d, types[ti]);
+            ferry_backend *bes[2] = {g_cpu, g_gpu};
+            float *outs[2] = {ref, got};
+            for (int bi = 0; bi < 2; bi++) {
+                ferry_backend *b = bes[bi];
+                ferry_weight w = dev_weight(b, &hb);
+                float *d_x = dev_put(b, x, nd * sizeof(float));
+                expect_ok(b, b->ops->add_bias(b, d_x, &w, n, d), "add_bias");
+                dev_get(b, outs[bi], d_x, nd * sizeof(float));
+                dev_free(b, d_x);
+                dev_free(b, w.d_data);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "add_bias %s n=%d d=%d", dtype_name(types[ti]), (int)n,
+                     (int)d);
+            expect_close(what, got, ref, nd, EXACT);
+            free(raw);
+        }
+        ferry_backend *bes[2] = {g_cpu, g_gpu};
+        float *outs[2] = {ref, got};
+        for (int bi = 0; bi < 2; bi++) {
+            ferry_backend *b = bes[bi];
+            float *d_x = dev_put(b, x, nd * sizeof(float));
+            expect_ok(b, b->ops->clamp(b, d_x, nd, 3.0f), "clamp");
+            dev_get(b, outs[bi], d_x, nd * sizeof(float));
+            dev_free(b, d_x);
+        }
+        expect_close("clamp", got, ref, nd, EXACT);
+        for (size_t i = 0; i < nd; i++)
+            ck_assert(ref[i] >= -3.0f && ref[i] <= 3.0f && (fabsf(x[i]) > 3.0f || ref[i] == x[i]));
+        for (int bi = 0; bi < 2; bi++) {
+            ferry_backend *b = bes[bi];
+            float *d_y = dev_put(b, x, nd * sizeof(float)), *d_s = dev_put(b, s, n * sizeof(float));
+            expect_ok(b, b->ops->gate_rows(b, d_y, d_s, n, d), "gate_rows");
+            dev_get(b, outs[bi], d_y, nd * sizeof(float));
+            dev_free(b, d_y);
+            dev_free(b, d_s);
+        }
+        expect_close("gate_rows", got, ref, nd, F32_CLOSE(1e-7));
+        free(x);
+        free(bv);
+        free(s);
+        free(ref);
+        free(got);
+    }
+    /* nonsense is refused alike */
+    ferry_backend *bes[2] = {g_cpu, g_gpu};
+    for (int bi = 0; bi < 2; bi++) {
+        ferry_backend *b = bes[bi];
+        float *d_x = dev_put(b, NULL, 64 * sizeof(float));
+        ck_assert_int_eq(b->ops->clamp(b, d_x, 64, 0.0f), FERRY_ERR_INVALID);
+        ck_assert_int_eq(b->ops->gate_rows(b, d_x, d_x, 2, 0), FERRY_ERR_INVALID);
+        ferry_weight wrong = {.d_data = d_x, .dtype = FERRY_DTYPE_F32, .rows = 1, .cols = 31};
+        ck_assert_int_eq(b->ops->add_bias(b, d_x, &wrong, 2, 32), FERRY_ERR_INVALID);
+        dev_free(b, d_x);
+    }
+}
+END_TEST
+
 START_TEST(test_cuda_router_topk_matches_cpu)
 {
     uint64_t rng = 107;
-    const int32_t cfgs[][3] = {{8, 2, 300}, {8, 6, 37}, {64, 2, 300}, {64, 6, 37}}; /* E, k, n */
-    for (size_t ci = 0; ci < 4; ci++) {
+    const int32_t cfgs[][3] = {{8, 2, 300}, {8, 6, 37}, {64, 2, 300}, {64, 6, 37},
+                               {128, 8, 40}}; /* E, k, n */
+    for (size_t ci = 0; ci < 5; ci++) {
         int32_t ne = cfgs[ci][0], k = cfgs[ci][1], n = cfgs[ci][2];
         size_t nl = (size_t)n * (size_t)ne, nk = (size_t)n * (size_t)k;
         float *logits = malloc(nl * sizeof(float));
@@ -709,15 +787,19 @@ START_TEST(test_cuda_router_topk_matches_cpu)
         int32_t *ref_e = malloc(nk * sizeof(int32_t)), *got_e = malloc(nk * sizeof(int32_t));
         float *ref_w = malloc(nk * sizeof(float)), *got_w = malloc(nk * sizeof(float));
         ck_assert(ref_e && got_e && ref_w && got_w);
-        run_router(g_cpu, ref_e, ref_w, logits, n, ne, k);
-        run_router(g_gpu, got_e, got_w, logits, n, ne, k);
-        for (size_t i = 0; i < nk; i++)
-            ck_assert_msg(got_e[i] == ref_e[i],
-                          "router E=%d k=%d: token %zu slot %zu chose expert %d, CPU %d", (int)ne,
-                          (int)k, i / (size_t)k, i % (size_t)k, (int)got_e[i], (int)ref_e[i]);
-        char what[96];
-        snprintf(what, sizeof what, "router weights E=%d k=%d n=%d", (int)ne, (int)k, (int)n);
-        expect_close(what, got_w, ref_w, nk, F32_CLOSE(1e-7));
+        for (int norm = 0; norm <= 1; norm++) { /* renormalised top-k, and plain (Qwen, OLMoE) */
+            run_router(g_cpu, ref_e, ref_w, logits, n, ne, k, norm);
+            run_router(g_gpu, got_e, got_w, logits, n, ne, k, norm);
+            for (size_t i = 0; i < nk; i++)
+                ck_assert_msg(got_e[i] == ref_e[i],
+                              "router E=%d k=%d: token %zu slot %zu chose expert %d, CPU %d",
+                              (int)ne, (int)k, i / (size_t)k, i % (size_t)k, (int)got_e[i],
+                              (int)ref_e[i]);
+            char what[96];
+            snprintf(what, sizeof what, "router weights E=%d k=%d n=%d normalize %d", (int)ne,
+                     (int)k, (int)n, norm);
+            expect_close(what, got_w, ref_w, nk, F32_CLOSE(1e-7));
+        }
         free(logits);
         free(ref_e);
         free(got_e);
@@ -1715,6 +1797,155 @@ START_TEST(test_cuda_quant_dense_matches_cpu)
 }
 END_TEST
 
+/* ---- the other MoE families ----------------------------------------------------------- */
+
+#define FAMILIES_DIR FERRY_SOURCE_DIR "/../shared/fixtures/moe-families"
+
+static const char *const g_families[] = {"tiny-qwen3_moe", "tiny-qwen2_moe", "tiny-olmoe"};
+
+typedef struct {
+    int32_t n_pos, k, n_moe;
+    int32_t *experts; /* (n_moe, n_pos, k) */
+} family_routes;
+
+static void on_family_route(void *user, int32_t layer, int32_t pos0, int32_t n,
+                            const float *logits, const int32_t *experts, const float *weights)
+{
+    (void)logits;
+    (void)weights;
+    family_routes *r = user;
+    for (int32_t t = 0; t < n; t++)
+        if (layer < r->n_moe && pos0 + t < r->n_pos)
+            memcpy(r->experts + ((size_t)layer * r->n_pos + (size_t)(pos0 + t)) * r->k,
+                   experts + (size_t)t * r->k, (size_t)r->k * sizeof(int32_t));
+}
+
+/* Prefill of ids with every position's logits (all, n x V) and the routes; then N_GEN greedy
+ * tokens into gen. */
+static void family_run(ferry_model *m, const int32_t *ids, int32_t n, float *all,
+                       family_routes *routes, int32_t *gen)
+{
+    ferry_model_info info;
+    ck_assert_int_eq(ferry_model_get_info(m, &info), FERRY_OK);
+    int32_t V = info.n_vocab;
+    ferry_context_params cp = ferry_context_params_default();
+    cp.n_ctx = n + N_GEN + 1;
+    ferry_context *c;
+    ck_assert_msg(ferry_context_create(m, &cp, &c) == FERRY_OK, "%s", ferry_last_error());
+    ferry_observer obs = {.on_route = on_family_route, .user = routes};
+    ferry_context_set_observer(c, routes ? &obs : NULL);
+    ck_assert_msg(ferry_context_forward(c, ids, n, all, NULL) == FERRY_OK, "%s",
+                  ferry_last_error());
+    ferry_context_set_observer(c, NULL);
+    float *logits = malloc((size_t)V * sizeof *logits);
+    memcpy(logits, all + (size_t)(n - 1) * V, (size_t)V * sizeof *logits);
+    for (int32_t i = 0; i < N_GEN; i++) {
+        gen[i] = ferry_argmax(logits, V);
+        if (i + 1 < N_GEN)
+            ck_assert_msg(ferry_eval(c, &gen[i], 1, logits) == FERRY_OK, "%s", ferry_last_error());
+    }
+    free(logits);
+    ferry_context_free(c);
+}
+
+/* Each family on the GPU: logits within TOL_MODEL of the float64 reference, argmax and
+ * routing at MIN_AGREE of the positions, greedy tokens equal where the reference's margin
+ * is wide; and offloaded through top-k slots, the resident GPU run's bits. */
+START_TEST(test_cuda_families_match_reference)
+{
+    const char *base = getenv("FERRY_FAMILIES_DIR");
+    base = base && base[0] ? base : FAMILIES_DIR;
+    for (int f = 0; f < 3; f++) {
+        char dir[1024], refp[1100];
+        snprintf(dir, sizeof dir, "%s/%s", base, g_families[f]);
+        snprintf(refp, sizeof refp, "%s.ref.json", dir);
+        char *text = tu_read_file(refp, NULL);
+        cJSON *ref = cJSON_Parse(text);
+        free(text);
+        ck_assert_msg(ref != NULL, "cannot parse %s", refp);
+        ferry_model_params mp = ferry_model_params_default();
+        mp.n_threads = 2;
+        mp.backend = FERRY_BACKEND_CUDA;
+        ferry_model *m, *mo;
+        ck_assert_msg(ferry_model_open(dir, &mp, &m) == FERRY_OK, "%s", ferry_last_error());
+        ferry_model_info info;
+        ck_assert_int_eq(ferry_model_get_info(m, &info), FERRY_OK);
+        mp.gpu_mem_bytes = 256ull << 20;
+        mp.max_slots = info.n_experts_used;
+        mp.hybrid = FERRY_HYBRID_OFF; /* every expert on the GPU, as in the resident run */
+        ck_assert_msg(ferry_model_open(dir, &mp, &mo) == FERRY_OK, "%s", ferry_last_error());
+        int32_t V = info.n_vocab, k = info.n_experts_used;
+        cJSON *cases = cJSON_GetObjectItem(ref, "cases");
+        for (int ci = 0; ci < cJSON_GetArraySize(cases); ci++) {
+            cJSON *rc = cJSON_GetArrayItem(cases, ci);
+            int32_t n, nl, na, ng;
+            int32_t *ids = tu_json_ints(cJSON_GetObjectItem(rc, "ids"), &n);
+            float *ref_last = tu_json_floats(cJSON_GetObjectItem(rc, "last_logits"), &nl);
+            int32_t *ref_argmax = tu_json_ints(cJSON_GetObjectItem(rc, "argmax_each_pos"), &na);
+            int32_t *ref_gen = tu_json_ints(cJSON_GetObjectItem(rc, "greedy_ids"), &ng);
+            float *gaps = tu_json_floats(cJSON_GetObjectItem(rc, "greedy_gap"), &ng);
+            ck_assert(nl == V && na == n && ng == N_GEN);
+            family_routes r = {.n_pos = n, .k = k, .n_moe = m->cfg.n_moe_layers};
+            r.experts = calloc((size_t)r.n_moe * (size_t)n * (size_t)k, sizeof(int32_t));
+            float *all = malloc((size_t)n * (size_t)V * sizeof(float));
+            float *all_o = malloc((size_t)n * (size_t)V * sizeof(float));
+            int32_t gen[N_GEN], gen_o[N_GEN];
+            family_run(m, ids, n, all, &r, gen);
+            family_run(mo, ids, n, all_o, NULL, gen_o);
+
+            double err = tu_rel_l2(all + (size_t)(n - 1) * V, ref_last, (size_t)V);
+            int32_t same = 0, rsame = 0, n_routes = 0;
+            for (int32_t t = 0; t < n; t++)
+                same += ferry_argmax(all + (size_t)t * V, V) == ref_argmax[t];
+            cJSON *topk = cJSON_GetObjectItem(rc, "topk_experts");
+            for (int32_t l = 0; l < info.n_layers; l++) {
+                cJSON *layer = cJSON_GetArrayItem(topk, l);
+                if (cJSON_IsNull(layer))
+                    continue;
+                int32_t ml = m->cfg.moe_index[l];
+                for (int32_t t = 0; t < n; t++, n_routes++) {
+                    int32_t nk;
+                    int32_t *want = tu_json_ints(cJSON_GetArrayItem(layer, t), &nk);
+                    rsame += memcmp(r.experts + ((size_t)ml * n + (size_t)t) * k, want,
+                                    (size_t)k * sizeof(int32_t)) == 0;
+                    free(want);
+                }
+            }
+            printf("test_cuda: %s case %d: last logits rel L2 %.3g, argmax %d/%d, routing "
+                   "%d/%d\n", g_families[f], ci, err, (int)same, (int)n, (int)rsame,
+                   (int)n_routes);
+            fflush(stdout);
+            ck_assert_msg(err <= TOL_MODEL, "%s case %d: last logits relative L2 %.3g",
+                          g_families[f], ci, err);
+            ck_assert_msg(same >= MIN_AGREE * n - 1, "%s case %d: argmax agrees at %d of %d",
+                          g_families[f], ci, (int)same, (int)n);
+            ck_assert_msg(rsame >= MIN_AGREE * n_routes - 1, "%s case %d: routing agrees at %d "
+                          "of %d", g_families[f], ci, (int)rsame, (int)n_routes);
+            /* greedy tokens: equal until the first step whose reference margin is within
+             * the GPU's tolerance (after it the sequences may part) */
+            for (int32_t i = 0; i < N_GEN && gaps[i] > 2e-2f; i++)
+                ck_assert_msg(gen[i] == ref_gen[i], "%s case %d greedy token %d: %d, "
+                              "reference %d", g_families[f], ci, (int)i, gen[i], ref_gen[i]);
+            ck_assert_msg(memcmp(all, all_o, (size_t)n * (size_t)V * sizeof(float)) == 0 &&
+                              memcmp(gen, gen_o, sizeof gen) == 0,
+                          "%s case %d: offloaded through %d slots differs from resident",
+                          g_families[f], ci, (int)k);
+            free(ids);
+            free(ref_last);
+            free(ref_argmax);
+            free(ref_gen);
+            free(gaps);
+            free(r.experts);
+            free(all);
+            free(all_o);
+        }
+        ferry_model_close(mo);
+        ferry_model_close(m);
+        cJSON_Delete(ref);
+    }
+}
+END_TEST
+
 static Suite *cuda_suite(void)
 {
     Suite *s = suite_create("cuda");
@@ -1731,6 +1962,7 @@ static Suite *cuda_suite(void)
     tcase_add_test(ops, test_cuda_attention_matches_cpu);
     tcase_add_test(ops, test_cuda_silu_mul_and_add_match_cpu);
     tcase_add_test(ops, test_cuda_router_topk_matches_cpu);
+    tcase_add_test(ops, test_cuda_bias_clamp_gate_match_cpu);
     tcase_add_test(ops, test_cuda_gather_scatter_rows_exact);
     tcase_add_test(ops, test_cuda_combine_matches_cpu);
     tcase_add_test(ops, test_cuda_invalid_arguments_are_refused);
@@ -1745,6 +1977,7 @@ static Suite *cuda_suite(void)
     tcase_set_timeout(model, 600);
     tcase_add_test(model, test_cuda_model_selects_backend);
     tcase_add_test(model, test_cuda_model_matches_reference);
+    tcase_add_test(model, test_cuda_families_match_reference);
     suite_add_tcase(s, model);
 
     TCase *offload = tcase_create("offload");
