@@ -27,6 +27,7 @@
  *   layer is dense), norm_topk_prob (bool, default false); Qwen3/OLMoE attention_bias
  *   (bool, default false); Qwen2-MoE shared_expert_intermediate_size (required, > 0);
  *   OLMoE clip_qkv (number > 0 or null).
+ *   hidden_act                                         "silu" or absent
  * A field given the JSON value null is treated as absent.
  */
 #include "format/config.h"
@@ -185,6 +186,12 @@ static ferry_status family_options(const cJSON *root, const char *origin, ferry_
     ferry_status st;
     const ferry_arch *a = c->arch;
     const int64_t dim = FERRY_CONFIG_MAX_DIM;
+    const cJSON *act = field(root, "hidden_act");
+    if (act && !cJSON_IsString(act))
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: field 'hidden_act' is not a string", origin);
+    if (act && strcmp(act->valuestring, "silu") != 0)
+        return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: hidden_act '%s' is not supported (ferry's "
+                          "MLPs are SwiGLU: 'silu')", origin, act->valuestring);
     TRY(sparse_layers(root, origin, c));
     c->dense_ff = 0;
     if (c->n_moe_layers < c->n_layers) {

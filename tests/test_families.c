@@ -74,7 +74,10 @@ static cJSON *ref_case(const cJSON *ref, int i)
     return cJSON_GetArrayItem(cJSON_GetObjectItem(ref, "cases"), i);
 }
 
-static int n_cases(const cJSON *ref) { return cJSON_GetArraySize(cJSON_GetObjectItem(ref, "cases")); }
+static int n_cases(const cJSON *ref)
+{
+    return cJSON_GetArraySize(cJSON_GetObjectItem(ref, "cases"));
+}
 
 /* What the observer saw in one prefill: the chosen experts by MoE index and position, and
  * the residual stream at the last position after each decoder layer. */
@@ -476,6 +479,8 @@ START_TEST(test_families_config_errors)
         {"\"norm_topk_prob\":1}", "'norm_topk_prob' is not a bool", FERRY_ERR_FORMAT},
         {"\"use_sliding_window\":\"yes\"}", "'use_sliding_window' is not a bool",
          FERRY_ERR_FORMAT},
+        {"\"hidden_act\":\"gelu\"}", "hidden_act 'gelu' is not supported",
+         FERRY_ERR_UNSUPPORTED},
         {"\"mlp_only_layers\":[1]}", NULL, FERRY_OK},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
