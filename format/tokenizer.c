@@ -1,26 +1,35 @@
 /*
  * format/tokenizer.c: a Hugging Face tokenizer.json BPE tokenizer that encodes and decodes
- * exactly as the Rust `tokenizers` library (TokenizerImpl) does. Encoding, in its order:
+ * exactly as the Rust `tokenizers` library (TokenizerImpl, 0.22) does, for both the
+ * SentencePiece-style (Llama, Mistral) and the byte-level (Qwen, DeepSeek-V3, OLMoE, gpt-oss)
+ * tokenizers. Encoding, in its order:
  *
  *   1. split the raw text on added tokens with normalized:false (leftmost-longest,
  *      honouring single_word, lstrip, rstrip);
- *   2. normalize every remaining non-empty segment (Sequence, Prepend, Replace), then split
- *      it on added tokens with normalized:true, whose patterns are themselves normalized;
- *   3. pre-tokenize every remaining non-empty piece (none, or Metaspace);
- *   4. BPE every word: one symbol per character (byte fallback <0xNN>, unk fusing), then
- *      Word::merge_all's heap of (rank, position) with lazy invalidation: O(n log n);
- *   5. post-process: the TemplateProcessing ids around $A (or tokenizer_config.json's
- *      add_bos_token/add_eos_token when there is no post-processor).
+ *   2. normalize every remaining non-empty segment (Sequence, Prepend, Replace, NFC), then
+ *      split it on added tokens with normalized:true, whose patterns are themselves
+ *      normalized; a chain of steps may not grow the text past 16 x + 4096 bytes;
+ *   3. pre-tokenize every remaining non-empty piece: none, Metaspace, or Split/ByteLevel
+ *      steps (format/pretokenize.c; a final ByteLevel hands over raw bytes);
+ *   4. BPE every word: one symbol per character (byte fallback <0xNN>, unk fusing) or, for
+ *      byte-level words, per byte; then Word::merge_all's heap of (rank, position) with lazy
+ *      invalidation: O(n log n); ignore_merges first; the words of one call are cached;
+ *   5. post-process: the TemplateProcessing ids around $A (or, without a template,
+ *      tokenizer_config.json's add_bos_token/add_eos_token).
  *
  * Decoding maps each id to its token (added tokens first), drops special tokens when asked,
  * and runs the decoder chain over the list of strings. The steps before the first
- * ByteFallback/Fuse act on one token at a time (knowing only whether it is the first), so
- * each id's result is computed once at load ("pieces"); the rest run on the list per call.
+ * ByteFallback/Fuse, up to and including a ByteLevel, act on one token at a time (knowing
+ * only whether it is the first), so each id's result is computed once at load ("pieces");
+ * after ByteLevel the pieces' bytes are joined and made UTF-8 as String::from_utf8_lossy
+ * does; the rest run on the list per call.
  *
  * Owns: every string of the vocab, merges, added tokens and decoder in one blob addressed by
- * (offset, length); the hash tables over it; the per-id pieces. Immutable after load.
- * Invariants: every string in the blob is valid UTF-8 (it came from cJSON, which emits
- * UTF-8); ids of the vocab and added tokens are in [0, n_vocab).
+ * (offset, length); the hash tables over it; the per-id pieces; the pre-tokenizer steps.
+ * Immutable after load. Invariants: every string in the blob is valid UTF-8 (it came from
+ * cJSON, which emits UTF-8) except the pieces of a ByteLevel decoder, which are bytes; ids
+ * of the vocab and added tokens are in [0, n_vocab); the blob is allocated from the start,
+ * so no offset is ever added to a NULL base.
  */
 #include "format/tokenizer.h"
 
@@ -31,6 +40,8 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "format/pretokenize.h"
+#include "format/unicode.h"
 
 #define TK_MAX_ID ((1 << 24) - 1) /* larger ids are refused: n_vocab-sized arrays */
 #define TK_SHOW 64                /* bytes of a token quoted in an error message */
@@ -45,9 +56,11 @@ typedef struct {
     size_t n, cap;
 } tk_buf;
 
+/* Always leaves b->p allocated, even for extra == 0: an empty buffer is never a NULL base
+ * that offsets are added to. */
 static int buf_reserve(tk_buf *b, size_t extra)
 {
-    if (b->cap - b->n >= extra)
+    if (b->p && b->cap - b->n >= extra)
         return 0;
     size_t cap = b->cap ? b->cap : 64;
     while (cap - b->n < extra) {
@@ -540,6 +553,8 @@ enum {
     STEP_FUSE,         /* decoder: join every string */
     STEP_STRIP,        /* decoder: drop up to start leading / stop trailing a */
     STEP_METASPACE,    /* decoder: a to ' ', dropped in the first token unless never */
+    STEP_NFC,          /* normalizer: Unicode NFC */
+    STEP_BYTELEVEL,    /* decoder: the byte alphabet back to bytes, then lossy UTF-8 */
 };
 
 enum { SCHEME_ALWAYS, SCHEME_FIRST, SCHEME_NEVER };
@@ -593,9 +608,12 @@ struct ferry_tokenizer {
     tk_step *norm;
     int32_t n_norm;
 
-    int metaspace; /* pre-tokenizer */
+    int metaspace; /* pre-tokenizer: Metaspace, or pretok (Split/ByteLevel steps), or none */
     uint32_t ms_off, ms_len;
     int ms_scheme, ms_split;
+    ferry_pretok *pretok;
+    int bytes_direct;      /* pretok gives raw bytes and BPE starts from byte_sym */
+    int32_t byte_sym[256]; /* id of the byte-alphabet character of each byte, or -1 */
 
     tk_ivec prefix, suffix; /* ids added around the text when add_special */
     int32_t bos_id, eos_id;
@@ -603,6 +621,8 @@ struct ferry_tokenizer {
     int has_decoder;
     tk_step *dec;
     int32_t n_dec, n_dec_pre; /* dec[0 .. n_dec_pre) act per token */
+    int dec_bytelevel;        /* dec[n_dec_pre - 1] is ByteLevel: pieces are bytes, joined
+                                 and made UTF-8 (lossy) before the rest */
     int stream_bytes;         /* the stream groups byte tokens */
     int32_t strip_start;      /* the stream drops up to this many leading strip chars */
     uint32_t strip_off, strip_len;
@@ -760,9 +780,19 @@ static int find_matches(const ferry_tokenizer *t, const tk_trie *tr, const char 
 
 /* ---- normalizer ------------------------------------------------------------------- */
 
-/* Replaces every occurrence of a in s[0..n) by b, appending to out. */
+/* The most bytes a chain of normalizer steps, or of decoder steps, may make of n bytes:
+ * far above what real tokenizers do (Llama's Replace ' ' -> U+2581 triples the text), low
+ * enough that chained Replace steps ("a" -> "aa", 40 times) cannot amplify without bound. */
+#define TK_GROWTH_TEXT "16 x its input + 4096 bytes"
+static size_t growth_limit(size_t n)
+{
+    return n > (SIZE_MAX - 4096) / 16 ? SIZE_MAX : 16 * n + 4096;
+}
+
+/* Replaces every occurrence of a in s[0..n) by b, appending to out. Returns 0, -1 when out
+ * of memory, 1 (out unfinished) when out would grow past limit bytes. */
 static int replace_all(const char *s, size_t n, const char *a, size_t na, const char *b,
-                       size_t nb, tk_buf *out)
+                       size_t nb, tk_buf *out, size_t limit)
 {
     size_t i = 0, done = 0;
     while (i + na <= n) {
@@ -771,6 +801,8 @@ static int replace_all(const char *s, size_t n, const char *a, size_t na, const 
             break;
         i = (size_t)(p - s);
         if (memcmp(p, a, na) == 0) {
+            if (out->n + (i - done) + nb > limit)
+                return 1;
             if (buf_put(out, s + done, i - done) || buf_put(out, b, nb))
                 return -1;
             i += na;
@@ -778,32 +810,69 @@ static int replace_all(const char *s, size_t n, const char *a, size_t na, const 
         } else
             i++;
     }
+    if (out->n + (n - done) > limit)
+        return 1;
     return buf_put(out, s + done, n - done);
 }
 
-/* Normalizes s[0..n) into *cur (using *tmp as scratch; the two may be swapped). */
-static int normalize(const ferry_tokenizer *t, const char *s, size_t n, tk_buf *cur, tk_buf *tmp)
+/* The failure of a normalizer (chain "normalizer") or decoder step k that grew the text of
+ * n bytes past the limit. */
+static ferry_status too_long(const ferry_tokenizer *t, const char *chain, int32_t k,
+                             const tk_step *st, size_t n)
 {
+    const char *a = blob_at(t, st->a_off), *b = blob_at(t, st->b_off);
+    int na = (int)(st->a_len < TK_SHOW ? st->a_len : TK_SHOW);
+    int nb = (int)(st->b_len < TK_SHOW ? st->b_len : TK_SHOW);
+    if (st->kind == STEP_REPLACE)
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: %s step %d (Replace '%.*s' -> '%.*s') makes "
+                          "%zu bytes of text longer than " TK_GROWTH_TEXT, t->origin, chain,
+                          (int)k, na, a, nb, b, n);
+    return ferry_fail(FERRY_ERR_FORMAT, "%s: %s step %d (%s) makes %zu bytes of text longer "
+                      "than " TK_GROWTH_TEXT, t->origin, chain, (int)k,
+                      st->kind == STEP_PREPEND ? "Prepend" : "NFC", n);
+}
+
+/* Normalizes s[0..n) into *cur (using *tmp as scratch; the two may be swapped). Returns
+ * FERRY_ERR_FORMAT when a step grows the text past growth_limit(n), FERRY_ERR_NOMEM. */
+static ferry_status normalize(const ferry_tokenizer *t, const char *s, size_t n, tk_buf *cur,
+                              tk_buf *tmp)
+{
+    size_t limit = growth_limit(n);
     cur->n = 0;
     if (buf_put(cur, s, n))
-        return -1;
+        return nomem(t);
     for (int32_t k = 0; k < t->n_norm; k++) {
         const tk_step *st = &t->norm[k];
+        int rc = 0;
         tmp->n = 0;
         if (st->kind == STEP_PREPEND) {
             if (cur->n == 0)
                 continue;
-            if (buf_put(tmp, blob_at(t, st->a_off), st->a_len) || buf_put(tmp, cur->p, cur->n))
-                return -1;
-        } else if (replace_all(cur->p, cur->n, blob_at(t, st->a_off), st->a_len,
-                               blob_at(t, st->b_off), st->b_len, tmp)) {
-            return -1;
+            rc = cur->n + st->a_len > limit ? 1
+                 : buf_put(tmp, blob_at(t, st->a_off), st->a_len) || buf_put(tmp, cur->p, cur->n)
+                     ? -1 : 0;
+        } else if (st->kind == STEP_NFC) {
+            char *o;
+            size_t on;
+            if (ferry_unicode_nfc(cur->p, cur->n, &o, &on))
+                return nomem(t);
+            if (!o)
+                continue;
+            rc = on > limit ? 1 : buf_put(tmp, o, on) ? -1 : 0;
+            free(o);
+        } else {
+            rc = replace_all(cur->p, cur->n, blob_at(t, st->a_off), st->a_len,
+                             blob_at(t, st->b_off), st->b_len, tmp, limit);
         }
+        if (rc < 0)
+            return nomem(t);
+        if (rc > 0)
+            return too_long(t, "normalizer", k, st, n);
         tk_buf swap = *cur;
         *cur = *tmp;
         *tmp = swap;
     }
-    return 0;
+    return FERRY_OK;
 }
 
 /* ---- BPE (tokenizers' BPE::merge_word and Word::merge_all) ------------------------------ */
@@ -817,12 +886,26 @@ typedef struct {
 } tk_merge;
 
 typedef struct {
-    tk_buf norm, tmp, word;
+    uint32_t key_off, key_len; /* in cache_keys; key_len UINT32_MAX: empty slot */
+    uint32_t ids_off, n_ids;   /* in cache_ids */
+} tk_cslot;
+
+#define TK_CACHE_WORD 64      /* longer words are not cached */
+#define TK_CACHE_MAX (1 << 14) /* entries; the cache starts over when full */
+
+typedef struct {
+    tk_buf norm, tmp, word, mapped;
     tk_segvec segs, nsegs;
     tk_sym *syms;
     tk_merge *heap;
     size_t syms_cap, heap_cap;
     tk_ivec ids;
+    ferry_pretok_scratch *pts;
+    /* word -> ids of the words BPE'd in this call (BPE is a pure function of the word) */
+    tk_cslot *cache;
+    size_t cache_mask, cache_n;
+    tk_buf cache_keys;
+    tk_ivec cache_ids;
 } tk_enc;
 
 static void enc_free(tk_enc *e)
@@ -830,11 +913,16 @@ static void enc_free(tk_enc *e)
     free(e->norm.p);
     free(e->tmp.p);
     free(e->word.p);
+    free(e->mapped.p);
     free(e->segs.p);
     free(e->nsegs.p);
     free(e->syms);
     free(e->heap);
     free(e->ids.p);
+    ferry_pretok_scratch_free(e->pts);
+    free(e->cache);
+    free(e->cache_keys.p);
+    free(e->cache_ids.p);
 }
 
 static int merge_less(const tk_merge *a, const tk_merge *b)
@@ -884,71 +972,30 @@ static void sym_add(tk_sym *syms, size_t *n, int32_t id, int32_t len)
     (*n)++;
 }
 
-/* Appends the ids of one word to e->ids. */
-static ferry_status bpe_word(const ferry_tokenizer *t, tk_enc *e, const char *w, size_t n)
+/* Room for n symbols and their merges. */
+static ferry_status syms_reserve(const ferry_tokenizer *t, tk_enc *e, size_t n)
 {
-    if (n == 0)
+    if (n <= e->syms_cap)
         return FERRY_OK;
-    if (t->ignore_merges) {
-        int32_t id = smap_get(&t->vocab, t->blob.p, w, n);
-        if (id >= 0)
-            return ivec_push(&e->ids, id) ? nomem(t) : FERRY_OK;
-    }
-    if (n > e->syms_cap) {
-        if (n > (size_t)INT32_MAX / 3)
-            return ferry_fail(FERRY_ERR_INVALID, "text: a word of %zu bytes is too long", n);
-        tk_sym *s = realloc(e->syms, n * sizeof *s);
-        if (!s)
-            return nomem(t);
-        e->syms = s;
-        e->syms_cap = n;
-        tk_merge *h = realloc(e->heap, 3 * n * sizeof *h);
-        if (!h)
-            return nomem(t);
-        e->heap = h;
-        e->heap_cap = 3 * n; /* n - 1 initial pairs + at most 2 per merge */
-    }
-    tk_sym *syms = e->syms;
-    size_t n_syms = 0;
-    int unk_on = 0;
-    int32_t unk_len = 0;
-    for (size_t i = 0; i < n;) {
-        size_t clen = utf8_len((uint8_t)w[i]);
-        int32_t id = smap_get(&t->vocab, t->blob.p, w + i, clen);
-        if (id >= 0) {
-            if (unk_on)
-                sym_add(syms, &n_syms, t->unk_id, unk_len);
-            unk_on = 0;
-            sym_add(syms, &n_syms, id, (int32_t)clen);
-        } else {
-            int bytes_ok = t->byte_fallback;
-            for (size_t k = 0; bytes_ok && k < clen; k++)
-                bytes_ok = t->byte_id[(uint8_t)w[i + k]] >= 0;
-            if (bytes_ok) {
-                /* as in tokenizers, a pending unk is not flushed first: it lands after */
-                for (size_t k = 0; k < clen; k++)
-                    sym_add(syms, &n_syms, t->byte_id[(uint8_t)w[i + k]], 1);
-            } else if (t->has_unk) {
-                if (t->unk_id < 0)
-                    return ferry_fail(FERRY_ERR_FORMAT,
-                                      "%s: model.unk_token '%.*s' is not in the vocab", t->origin,
-                                      (int)(t->unk_len < TK_SHOW ? t->unk_len : TK_SHOW),
-                                      blob_at(t, t->unk_off));
-                if (unk_on && t->fuse_unk)
-                    unk_len += (int32_t)clen;
-                else {
-                    if (unk_on)
-                        sym_add(syms, &n_syms, t->unk_id, unk_len);
-                    unk_on = 1;
-                    unk_len = (int32_t)clen;
-                }
-            }
-        }
-        i += clen;
-    }
-    if (unk_on)
-        sym_add(syms, &n_syms, t->unk_id, unk_len);
+    if (n > (size_t)INT32_MAX / 3)
+        return ferry_fail(FERRY_ERR_INVALID, "text: a word of %zu bytes is too long", n);
+    tk_sym *s = realloc(e->syms, n * sizeof *s);
+    if (!s)
+        return nomem(t);
+    e->syms = s;
+    e->syms_cap = n;
+    tk_merge *h = realloc(e->heap, 3 * n * sizeof *h);
+    if (!h)
+        return nomem(t);
+    e->heap = h;
+    e->heap_cap = 3 * n; /* n - 1 initial pairs + at most 2 per merge */
+    return FERRY_OK;
+}
 
+/* Word::merge_all over e->syms[0 .. n_syms); appends the ids left to e->ids. */
+static ferry_status bpe_merge(const ferry_tokenizer *t, tk_enc *e, size_t n_syms)
+{
+    tk_sym *syms = e->syms;
     tk_merge *heap = e->heap;
     size_t n_heap = 0;
     for (size_t i = 0; i + 1 < n_syms; i++) {
@@ -989,13 +1036,212 @@ static ferry_status bpe_word(const ferry_tokenizer *t, tk_enc *e, const char *w,
     return FERRY_OK;
 }
 
+/* Appends the ids of one word to e->ids: one symbol per character (byte fallback, unk). */
+static ferry_status bpe_word(const ferry_tokenizer *t, tk_enc *e, const char *w, size_t n)
+{
+    if (n == 0)
+        return FERRY_OK;
+    if (t->ignore_merges) {
+        int32_t id = smap_get(&t->vocab, t->blob.p, w, n);
+        if (id >= 0)
+            return ivec_push(&e->ids, id) ? nomem(t) : FERRY_OK;
+    }
+    ferry_status st = syms_reserve(t, e, n);
+    if (st)
+        return st;
+    tk_sym *syms = e->syms;
+    size_t n_syms = 0;
+    int unk_on = 0;
+    int32_t unk_len = 0;
+    for (size_t i = 0; i < n;) {
+        size_t clen = utf8_len((uint8_t)w[i]);
+        int32_t id = smap_get(&t->vocab, t->blob.p, w + i, clen);
+        if (id >= 0) {
+            if (unk_on)
+                sym_add(syms, &n_syms, t->unk_id, unk_len);
+            unk_on = 0;
+            sym_add(syms, &n_syms, id, (int32_t)clen);
+        } else {
+            int bytes_ok = t->byte_fallback;
+            for (size_t k = 0; bytes_ok && k < clen; k++)
+                bytes_ok = t->byte_id[(uint8_t)w[i + k]] >= 0;
+            if (bytes_ok) {
+                /* as in tokenizers, a pending unk is not flushed first: it lands after */
+                for (size_t k = 0; k < clen; k++)
+                    sym_add(syms, &n_syms, t->byte_id[(uint8_t)w[i + k]], 1);
+            } else if (t->has_unk) {
+                if (t->unk_id < 0)
+                    return ferry_fail(FERRY_ERR_FORMAT,
+                                      "%s: model.unk_token '%.*s' is not in the vocab", t->origin,
+                                      (int)(t->unk_len < TK_SHOW ? t->unk_len : TK_SHOW),
+                                      blob_at(t, t->unk_off));
+                if (unk_on && t->fuse_unk)
+                    unk_len += (int32_t)clen;
+                else {
+                    if (unk_on)
+                        sym_add(syms, &n_syms, t->unk_id, unk_len);
+                    unk_on = 1;
+                    unk_len = (int32_t)clen;
+                }
+            }
+        }
+        i += clen;
+    }
+    if (unk_on)
+        sym_add(syms, &n_syms, t->unk_id, unk_len);
+    return bpe_merge(t, e, n_syms);
+}
+
+/* Maps raw bytes to the byte-level alphabet into e->mapped. */
+static int map_bytes(tk_enc *e, const char *w, size_t n)
+{
+    e->mapped.n = 0;
+    if (n > SIZE_MAX / 2 || buf_reserve(&e->mapped, 2 * n))
+        return -1;
+    for (size_t i = 0; i < n; i++)
+        e->mapped.n += ferry_bytelevel_char((uint8_t)w[i], e->mapped.p + e->mapped.n);
+    return 0;
+}
+
+/* bpe_word for a word of raw bytes whose alphabet characters are all in the vocab: one
+ * symbol per byte (the same symbols bpe_word makes of the mapped word). */
+static ferry_status bpe_bytes(const ferry_tokenizer *t, tk_enc *e, const char *w, size_t n)
+{
+    if (t->ignore_merges) {
+        if (map_bytes(e, w, n))
+            return nomem(t);
+        int32_t id = smap_get(&t->vocab, t->blob.p, e->mapped.p, e->mapped.n);
+        if (id >= 0)
+            return ivec_push(&e->ids, id) ? nomem(t) : FERRY_OK;
+    }
+    ferry_status st = syms_reserve(t, e, n);
+    if (st)
+        return st;
+    size_t n_syms = 0;
+    for (size_t i = 0; i < n; i++)
+        sym_add(e->syms, &n_syms, t->byte_sym[(uint8_t)w[i]], 1);
+    return bpe_merge(t, e, n_syms);
+}
+
+/* ---- the word cache ---------------------------------------------------------------- */
+
+static int cache_grow(tk_enc *e, size_t cap)
+{
+    tk_cslot *slots = malloc(cap * sizeof *slots);
+    if (!slots)
+        return -1;
+    for (size_t i = 0; i < cap; i++)
+        slots[i].key_len = UINT32_MAX;
+    for (size_t i = 0; e->cache && i <= e->cache_mask; i++) {
+        tk_cslot c = e->cache[i];
+        if (c.key_len == UINT32_MAX)
+            continue;
+        size_t j = hash_bytes(e->cache_keys.p + c.key_off, c.key_len) & (cap - 1);
+        while (slots[j].key_len != UINT32_MAX)
+            j = (j + 1) & (cap - 1);
+        slots[j] = c;
+    }
+    free(e->cache);
+    e->cache = slots;
+    e->cache_mask = cap - 1;
+    return 0;
+}
+
+/* The cached ids of a word, or NULL. */
+static const tk_cslot *cache_get(const tk_enc *e, const char *w, size_t n, uint64_t h)
+{
+    if (!e->cache)
+        return NULL;
+    for (size_t i = h & e->cache_mask;; i = (i + 1) & e->cache_mask) {
+        const tk_cslot *c = &e->cache[i];
+        if (c->key_len == UINT32_MAX)
+            return NULL;
+        if (c->key_len == n && memcmp(e->cache_keys.p + c->key_off, w, n) == 0)
+            return c;
+    }
+}
+
+static int cache_put(tk_enc *e, const char *w, size_t n, uint64_t h, const int32_t *ids,
+                     size_t n_ids)
+{
+    if (e->cache_n >= TK_CACHE_MAX) { /* start over rather than grow without bound */
+        for (size_t i = 0; i <= e->cache_mask; i++)
+            e->cache[i].key_len = UINT32_MAX;
+        e->cache_n = 0;
+        e->cache_keys.n = 0;
+        e->cache_ids.n = 0;
+    }
+    if ((!e->cache || 2 * (e->cache_n + 1) > e->cache_mask + 1) &&
+        cache_grow(e, e->cache ? 2 * (e->cache_mask + 1) : 256))
+        return -1;
+    tk_cslot c = {(uint32_t)e->cache_keys.n, (uint32_t)n, (uint32_t)e->cache_ids.n,
+                  (uint32_t)n_ids};
+    if (buf_put(&e->cache_keys, w, n))
+        return -1;
+    for (size_t k = 0; k < n_ids; k++)
+        if (ivec_push(&e->cache_ids, ids[k]))
+            return -1;
+    size_t i = h & e->cache_mask;
+    while (e->cache[i].key_len != UINT32_MAX)
+        i = (i + 1) & e->cache_mask;
+    e->cache[i] = c;
+    e->cache_n++;
+    return 0;
+}
+
+/* BPE of one word through the cache; bytes: w is raw bytes for bpe_bytes. */
+static ferry_status bpe_cached(const ferry_tokenizer *t, tk_enc *e, const char *w, size_t n,
+                               int bytes)
+{
+    if (n == 0 || n > TK_CACHE_WORD)
+        return bytes ? bpe_bytes(t, e, w, n) : bpe_word(t, e, w, n);
+    uint64_t h = hash_bytes(w, n);
+    const tk_cslot *c = cache_get(e, w, n, h);
+    if (c) {
+        for (uint32_t k = 0; k < c->n_ids; k++)
+            if (ivec_push(&e->ids, e->cache_ids.p[c->ids_off + k]))
+                return nomem(t);
+        return FERRY_OK;
+    }
+    size_t before = e->ids.n;
+    ferry_status st = bytes ? bpe_bytes(t, e, w, n) : bpe_word(t, e, w, n);
+    if (st)
+        return st;
+    return cache_put(e, w, n, h, e->ids.p + before, e->ids.n - before) ? nomem(t) : FERRY_OK;
+}
+
+typedef struct {
+    const ferry_tokenizer *t;
+    tk_enc *e;
+} tk_word_ctx;
+
+/* One word of the Split/ByteLevel pre-tokenizer. */
+static ferry_status on_word(const char *w, size_t n, void *user)
+{
+    tk_word_ctx *c = user;
+    if (c->t->bytes_direct)
+        return bpe_cached(c->t, c->e, w, n, 1);
+    if (!ferry_pretok_bytes_out(c->t->pretok))
+        return bpe_cached(c->t, c->e, w, n, 0);
+    if (map_bytes(c->e, w, n))
+        return nomem(c->t);
+    return bpe_cached(c->t, c->e, c->e->mapped.p, c->e->mapped.n, 0);
+}
+
 /* Pre-tokenizes one normalized piece and BPEs its words. at_origin: the piece starts at
  * offset 0 of the original text (Metaspace's prepend_scheme "first"). */
 static ferry_status encode_piece(const ferry_tokenizer *t, tk_enc *e, const char *s, size_t n,
                                  int at_origin)
 {
+    if (t->pretok) {
+        ferry_status st;
+        if (!e->pts && (st = ferry_pretok_scratch_create(&e->pts)))
+            return st;
+        tk_word_ctx c = {t, e};
+        return ferry_pretok_run(t->pretok, e->pts, s, n, on_word, &c);
+    }
     if (!t->metaspace || n == 0)
-        return bpe_word(t, e, s, n);
+        return bpe_cached(t, e, s, n, 0);
     const char *r = blob_at(t, t->ms_off);
     size_t nr = t->ms_len;
     e->word.n = 0;
@@ -1003,24 +1249,24 @@ static ferry_status encode_piece(const ferry_tokenizer *t, tk_enc *e, const char
     int prepend = t->ms_scheme == SCHEME_ALWAYS || (t->ms_scheme == SCHEME_FIRST && at_origin);
     if (prepend && !starts && buf_put(&e->word, r, nr))
         return nomem(t);
-    if (replace_all(s, n, " ", 1, r, nr, &e->word))
+    if (replace_all(s, n, " ", 1, r, nr, &e->word, SIZE_MAX))
         return nomem(t);
     const char *w = e->word.p;
     size_t nw = e->word.n;
     if (!t->ms_split)
-        return bpe_word(t, e, w, nw);
+        return bpe_cached(t, e, w, nw, 0);
     /* SplitDelimiterBehavior::MergedWithNext: every replacement char starts a word */
     size_t start = 0;
     for (size_t i = nr; i + nr <= nw; i++) {
         if (memcmp(w + i, r, nr) != 0)
             continue;
-        ferry_status st = bpe_word(t, e, w + start, i - start);
+        ferry_status st = bpe_cached(t, e, w + start, i - start, 0);
         if (st)
             return st;
         start = i;
         i += nr - 1;
     }
-    return bpe_word(t, e, w + start, nw - start);
+    return bpe_cached(t, e, w + start, nw - start, 0);
 }
 
 static ferry_status encode_text(const ferry_tokenizer *t, tk_enc *e, const char *text, size_t len)
@@ -1035,8 +1281,8 @@ static ferry_status encode_text(const ferry_tokenizer *t, tk_enc *e, const char 
                 return nomem(t);
             continue;
         }
-        if (normalize(t, text + seg->start, seg->end - seg->start, &e->norm, &e->tmp))
-            return nomem(t);
+        if ((st = normalize(t, text + seg->start, seg->end - seg->start, &e->norm, &e->tmp)))
+            return st;
         if (find_matches(t, &t->norm_trie, e->norm.p, e->norm.n, &e->nsegs))
             return nomem(t);
         for (size_t j = 0; j < e->nsegs.n; j++) {
@@ -1124,18 +1370,35 @@ static int byte_token(const char *s, size_t n)
     return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
 }
 
-/* One decoder step on one token (Replace, Metaspace, Strip), appending to out. */
+/* One decoder step on one token (Replace, Metaspace, Strip, ByteLevel), appending to out.
+ * Returns 0, -1 when out of memory, 1 when out would grow past limit bytes. */
 static int step_token(const ferry_tokenizer *t, const tk_step *st, const char *s, size_t n,
-                      int first, tk_buf *out)
+                      int first, tk_buf *out, size_t limit)
 {
     const char *a = blob_at(t, st->a_off);
     size_t na = st->a_len;
     if (st->kind == STEP_REPLACE)
-        return replace_all(s, n, a, na, blob_at(t, st->b_off), st->b_len, out);
+        return replace_all(s, n, a, na, blob_at(t, st->b_off), st->b_len, out, limit);
     if (st->kind == STEP_METASPACE) {
         if (first && !st->never) /* tokenizers drops every one of them in the first token */
-            return replace_all(s, n, a, na, "", 0, out);
-        return replace_all(s, n, a, na, " ", 1, out);
+            return replace_all(s, n, a, na, "", 0, out, limit);
+        return replace_all(s, n, a, na, " ", 1, out, limit);
+    }
+    if (st->kind == STEP_BYTELEVEL) {
+        /* every character to its byte; a token with a character outside the alphabet (an
+         * added token such as <｜User｜>) stays as its UTF-8 */
+        size_t start = out->n;
+        if (buf_reserve(out, n))
+            return -1;
+        for (size_t i = 0; i < n; i += utf8_len((uint8_t)s[i])) {
+            int b = ferry_bytelevel_byte(utf8_decode(s + i));
+            if (b < 0) {
+                out->n = start;
+                return buf_put(out, s, n);
+            }
+            out->p[out->n++] = (char)b;
+        }
+        return 0;
     }
     size_t p = 0, q = n; /* STEP_STRIP */
     for (int32_t k = 0; k < st->start && p + na <= n && memcmp(s + p, a, na) == 0; k++)
@@ -1145,14 +1408,74 @@ static int step_token(const ferry_tokenizer *t, const tk_step *st, const char *s
     return p < q ? buf_put(out, s + p, q - p) : 0;
 }
 
-/* Runs the decoder steps from dec[n_dec_pre] on over the list *l (replaced). */
-static int decode_steps(const ferry_tokenizer *t, tk_list *l)
+/* Feeds byte b to a lossy UTF-8 decoder (Rust's String::from_utf8_lossy: complete valid
+ * characters as they are, U+FFFD for each maximal invalid subpart) whose incomplete
+ * character waits in pending[0 .. *n_pending). Writes what is now decided to out (at most
+ * U+FFFD and a 4-byte character) and returns its length. */
+static size_t lossy_byte(uint8_t *pending, int32_t *n_pending, uint8_t b, char out[8])
+{
+    size_t k = 0;
+    for (;;) {
+        if (*n_pending == 0) {
+            if (b < 0x80) {
+                out[k] = (char)b;
+                return k + 1;
+            }
+            if (b >= 0xC2 && b <= 0xF4) {
+                pending[0] = b;
+                *n_pending = 1;
+                return k;
+            }
+            memcpy(out + k, tk_fffd, 3);
+            return k + 3;
+        }
+        pending[*n_pending] = b;
+        int r = utf8_status(pending, (size_t)*n_pending + 1);
+        if (r == 1) {
+            memcpy(out + k, pending, (size_t)*n_pending + 1);
+            k += (size_t)*n_pending + 1;
+            *n_pending = 0;
+            return k;
+        }
+        if (r == 0) {
+            (*n_pending)++;
+            return k;
+        }
+        /* the pending prefix is a maximal invalid subpart; b starts afresh */
+        memcpy(out + k, tk_fffd, 3);
+        k += 3;
+        *n_pending = 0;
+    }
+}
+
+/* s[0..n) made valid UTF-8 as String::from_utf8_lossy does, appended to out. */
+static int lossy_append(tk_buf *out, const char *s, size_t n)
+{
+    uint8_t pending[4];
+    int32_t n_pending = 0;
+    char piece[8];
+    if (buf_reserve(out, n))
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        size_t k = lossy_byte(pending, &n_pending, (uint8_t)s[i], piece);
+        if (buf_put(out, piece, k))
+            return -1;
+    }
+    return n_pending > 0 ? buf_put(out, tk_fffd, 3) : 0;
+}
+
+/* Runs the decoder steps from dec[n_dec_pre] on over the list *l (replaced). Returns
+ * FERRY_ERR_FORMAT when a Replace chain grows the text past its limit, FERRY_ERR_NOMEM. */
+static ferry_status decode_steps(const ferry_tokenizer *t, tk_list *l)
 {
     tk_list nl;
     tk_buf run, tmp;
     memset(&nl, 0, sizeof nl);
     memset(&run, 0, sizeof run);
     memset(&tmp, 0, sizeof tmp);
+    ferry_status rc = FERRY_OK;
+    int finished = 0;
+    size_t limit = growth_limit(l->b.n);
     for (int32_t k = t->n_dec_pre; k < t->n_dec && l->n > 0; k++) {
         const tk_step *st = &t->dec[k];
         nl.n = 0;
@@ -1189,9 +1512,13 @@ static int decode_steps(const ferry_tokenizer *t, tk_list *l)
         } else {
             for (size_t i = 0; i < l->n; i++) {
                 tmp.n = 0;
-                if (step_token(t, st, l->b.p + l->off[i], l->off[i + 1] - l->off[i], i == 0,
-                               &tmp) ||
-                    list_push(&nl, tmp.p, tmp.n))
+                int r = step_token(t, st, l->b.p + l->off[i], l->off[i + 1] - l->off[i], i == 0,
+                                   &tmp, limit > nl.b.n ? limit - nl.b.n : 0);
+                if (r > 0) {
+                    rc = too_long(t, "decoder", k, st, l->b.n);
+                    goto fail;
+                }
+                if (r < 0 || list_push(&nl, tmp.p, tmp.n))
                     goto fail;
             }
         }
@@ -1199,15 +1526,14 @@ static int decode_steps(const ferry_tokenizer *t, tk_list *l)
         *l = nl;
         nl = swap;
     }
-    list_free(&nl);
-    free(run.p);
-    free(tmp.p);
-    return 0;
+    finished = 1;
 fail:
+    if (!finished && rc == FERRY_OK) /* every other way here is out of memory */
+        rc = nomem(t);
     list_free(&nl);
     free(run.p);
     free(tmp.p);
-    return -1;
+    return rc;
 }
 
 static int is_piece(const ferry_tokenizer *t, int32_t id, int skip_special)
@@ -1238,8 +1564,24 @@ ferry_status ferry_tokenizer_decode(const ferry_tokenizer *t, const int32_t *ids
         if (list_push(&l, blob_at(t, t->piece_off[k][id]), t->piece_len[k][id]))
             goto oom;
     }
-    if (decode_steps(t, &l))
-        goto oom;
+    if (t->dec_bytelevel && l.n > 0) { /* ByteLevel joins the bytes into one string */
+        tk_buf joined;
+        memset(&joined, 0, sizeof joined);
+        if (lossy_append(&joined, l.b.p, l.b.n)) {
+            free(joined.p);
+            goto oom;
+        }
+        l.n = 0;
+        l.b.n = 0;
+        int bad = list_push(&l, joined.p, joined.n);
+        free(joined.p);
+        if (bad)
+            goto oom;
+    }
+    if ((st = decode_steps(t, &l))) {
+        list_free(&l);
+        return st;
+    }
     *len_out = l.b.n;
     if (l.b.n + 1 > cap) {
         if (cap > 0)
@@ -1337,6 +1679,14 @@ ferry_status ferry_detok_stream_push(const ferry_tokenizer *t, ferry_detok_strea
             emit(t, &local, &em, " ", 1);
         if (local.n_emitted_tokens < INT32_MAX)
             local.n_emitted_tokens++;
+        if (t->dec_bytelevel) { /* the piece is bytes: lossy UTF-8 across tokens */
+            char out8[8];
+            for (size_t i = 0; i < n; i++) {
+                size_t m = lossy_byte(local.pending, &local.n_pending, (uint8_t)p[i], out8);
+                emit(t, &local, &em, out8, m);
+            }
+            return stream_finish(&local, s, &em, len_out);
+        }
         int b = t->stream_bytes ? byte_token(p, n) : -1;
         if (b >= 0 && local.run_bad) {
             emit(t, &local, &em, tk_fffd, 3);
@@ -1369,6 +1719,10 @@ ferry_status ferry_detok_stream_flush(const ferry_tokenizer *t, ferry_detok_stre
     tk_emit em = {out, cap, 0};
     if (local.n_pending < 0 || local.n_pending > 3)
         local.n_pending = 0;
+    if (t->dec_bytelevel && local.n_pending > 0) { /* one U+FFFD for an incomplete character */
+        emit(t, &local, &em, tk_fffd, 3);
+        local.n_pending = 0;
+    }
     emit_pending_fffd(t, &local, &em);
     local.run_bad = 0;
     return stream_finish(&local, s, &em, len_out);
@@ -1384,6 +1738,31 @@ size_t ferry_tokenizer_max_piece_bytes(const ferry_tokenizer *t) { return t ? t-
 int ferry_tokenizer_is_special(const ferry_tokenizer *t, int32_t id)
 {
     return t && id >= 0 && id < t->n_vocab && t->special[id];
+}
+
+int ferry_tokenizer_adds_bos(const ferry_tokenizer *t)
+{
+    return t && t->bos_id >= 0 && t->prefix.n > 0 && t->prefix.p[0] == t->bos_id;
+}
+
+ferry_status ferry_tokenizer_piece(const ferry_tokenizer *t, int32_t id, const char **s,
+                                   size_t *len)
+{
+    if (!t || !s || !len)
+        return ferry_fail(FERRY_ERR_INVALID, "ferry_tokenizer_piece: invalid arguments");
+    if (id < 0 || id >= t->n_vocab || t->tok_len[id] == TK_NONE)
+        return ferry_fail(FERRY_ERR_INVALID, "id %d names no token (the vocab is [0, %d))",
+                          (int)id, (int)t->n_vocab);
+    for (int32_t i = t->n_added - 1; i >= 0; i--) { /* the last entry of an id wins */
+        if (t->added[i].id == id) {
+            *s = blob_at(t, t->added[i].off);
+            *len = t->added[i].len;
+            return FERRY_OK;
+        }
+    }
+    *s = blob_at(t, t->tok_off[id]);
+    *len = t->tok_len[id];
+    return FERRY_OK;
 }
 
 void ferry_tokenizer_free(ferry_tokenizer *t)
@@ -1410,6 +1789,7 @@ void ferry_tokenizer_free(ferry_tokenizer *t)
     free(t->prefix.p);
     free(t->suffix.p);
     free(t->dec);
+    ferry_pretok_free(t->pretok);
     free(t);
 }
 
@@ -1555,6 +1935,8 @@ static ferry_status parse_normalizer(tk_load *L, const cJSON *obj, int depth)
         ferry_status s = parse_replace(L, obj, "normalizer Replace", &st);
         if (s)
             return s;
+    } else if (strcmp(ty, "NFC") == 0) {
+        st.kind = STEP_NFC;
     } else {
         return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: normalizer '%s' is not supported", L->o,
                           ty);
@@ -1599,14 +1981,12 @@ static ferry_status parse_pre_tokenizer(tk_load *L, const cJSON *obj)
                               "pretokenizers list", L->o);
         if (n == 0)
             return FERRY_OK;
-        if (n == 1)
+        const char *only = n == 1 ? type_of(cJSON_GetArrayItem(list, 0)) : NULL;
+        if (only && strcmp(only, "Metaspace") == 0)
             return parse_pre_tokenizer(L, cJSON_GetArrayItem(list, 0));
-        return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: a pre_tokenizer Sequence of %d is not "
-                          "supported", L->o, n);
     }
-    if (strcmp(ty, "Metaspace") != 0)
-        return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: pre_tokenizer '%s' is not supported", L->o,
-                          ty);
+    if (strcmp(ty, "Metaspace") != 0) /* Split and ByteLevel steps */
+        return ferry_pretok_parse(obj, L->o, &L->t->pretok);
     L->t->metaspace = 1;
     return parse_metaspace(L, obj, "pre_tokenizer Metaspace", &L->t->ms_off, &L->t->ms_len,
                            &L->t->ms_scheme, &L->t->ms_split);
@@ -1637,6 +2017,8 @@ static ferry_status parse_decoder(tk_load *L, const cJSON *obj, int depth)
             return s;
     } else if (strcmp(ty, "ByteFallback") == 0) {
         st.kind = STEP_BYTEFALLBACK;
+    } else if (strcmp(ty, "ByteLevel") == 0) { /* its flags only matter to offsets */
+        st.kind = STEP_BYTELEVEL;
     } else if (strcmp(ty, "Fuse") == 0) {
         st.kind = STEP_FUSE;
     } else if (strcmp(ty, "Strip") == 0) {
@@ -2109,7 +2491,15 @@ static ferry_status build_pieces(ferry_tokenizer *t)
     while (t->n_dec_pre < t->n_dec && t->dec[t->n_dec_pre].kind != STEP_BYTEFALLBACK &&
            t->dec[t->n_dec_pre].kind != STEP_FUSE) {
         metaspace |= t->dec[t->n_dec_pre].kind == STEP_METASPACE;
-        t->n_dec_pre++;
+        if (t->dec[t->n_dec_pre++].kind == STEP_BYTELEVEL) {
+            t->dec_bytelevel = 1;
+            break;
+        }
+    }
+    for (int32_t j = t->n_dec_pre; j < t->n_dec; j++) {
+        if (t->dec[j].kind == STEP_BYTELEVEL)
+            return ferry_fail(FERRY_ERR_UNSUPPORTED, "%s: decoder ByteLevel after ByteFallback, "
+                              "Fuse or another ByteLevel is not supported", t->origin);
     }
     int32_t k = t->n_dec_pre;
     if (k < t->n_dec && t->dec[k].kind == STEP_BYTEFALLBACK) {
@@ -2146,10 +2536,12 @@ static ferry_status build_pieces(ferry_tokenizer *t)
                 st = nomem(t);
                 goto fail;
             }
+            size_t limit = growth_limit(t->tok_len[id]);
             for (int32_t s = 0; s < t->n_dec_pre; s++) {
                 b.n = 0;
-                if (step_token(t, &t->dec[s], a.p, a.n, f == 0, &b)) {
-                    st = nomem(t);
+                int r = step_token(t, &t->dec[s], a.p, a.n, f == 0, &b, limit);
+                if (r) {
+                    st = r < 0 ? nomem(t) : too_long(t, "decoder", s, &t->dec[s], t->tok_len[id]);
                     goto fail;
                 }
                 tk_buf swap = a;
@@ -2164,8 +2556,9 @@ static ferry_status build_pieces(ferry_tokenizer *t)
             max_piece = a.n > max_piece ? a.n : max_piece;
         }
     }
-    /* a separator, U+FFFD for 3 pending bytes + 1, then the piece */
-    t->max_piece = max_piece + 1 + 4 * 3;
+    /* a separator, U+FFFD for 3 pending bytes + 1, then the piece; ByteLevel: U+FFFD for
+     * the pending bytes, then at most U+FFFD (3 bytes) per byte of the piece */
+    t->max_piece = t->dec_bytelevel ? 3 * (max_piece + 3) + 1 : max_piece + 1 + 4 * 3;
 fail:
     free(a.p);
     free(b.p);
@@ -2207,7 +2600,7 @@ static ferry_status load_impl(const char *tok_json, size_t tok_len, const char *
         return ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", origin);
     tk_load L = {t, origin};
     t->origin = strdup(origin);
-    if (!t->origin) {
+    if (!t->origin || buf_reserve(&t->blob, 1)) {
         st = ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", origin);
         goto fail;
     }
@@ -2230,11 +2623,23 @@ static ferry_status load_impl(const char *tok_json, size_t tok_len, const char *
         goto fail;
     if (pre && (st = parse_pre_tokenizer(&L, pre)))
         goto fail;
+    if (t->pretok && ferry_pretok_bytes_out(t->pretok)) {
+        /* BPE can start from the bytes when each byte's character is a token */
+        t->bytes_direct = 1;
+        for (int b = 0; b < 256; b++) {
+            char ch[2];
+            size_t k = ferry_bytelevel_char((uint8_t)b, ch);
+            t->byte_sym[b] = smap_get(&t->vocab, t->blob.p, ch, k);
+            t->bytes_direct &= t->byte_sym[b] >= 0;
+        }
+    }
     int have_template = 0;
     if (post && (st = parse_post_processor(&L, post, &have_template)))
         goto fail;
-    /* only a missing/null post-processor defers to tokenizer_config.json */
-    if ((st = apply_config(&L, cfg, cfg_origin, post != NULL)))
+    /* a post-processor without a template (none, or ByteLevel, which adds nothing) defers to
+     * tokenizer_config.json, as transformers' Llama/GPT-NeoX tokenizers rebuild theirs from
+     * add_bos_token (DeepSeek-V3: ByteLevel post-processor, add_bos_token true) */
+    if ((st = apply_config(&L, cfg, cfg_origin, have_template)))
         goto fail;
     t->has_decoder = dec != NULL;
     if (dec && (st = parse_decoder(&L, dec, 0)))

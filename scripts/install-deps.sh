@@ -3,11 +3,17 @@
 # Needs root or sudo only when something is missing.
 set -euo pipefail
 
-packages=(build-essential cmake pkg-config libcjson-dev check liburing-dev libhwloc-dev libxxhash-dev python3)
+packages=(build-essential cmake pkg-config libcjson-dev check liburing-dev libhwloc-dev libxxhash-dev
+          libpcre2-dev libutf8proc-dev python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# node and npm: test_tokenizer_ref installs the Hugging Face tokenizers library (its Node
+# binding) from npm as the reference for the byte-level tokenizers. Checked as commands, as a
+# machine may have them from elsewhere than Debian's packages (NodeSource's nodejs bundles npm).
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing: ${missing[*]}" >&2

@@ -3,7 +3,10 @@
  * come from HF for the tiny-moe-code checkpoint; the other expected ids and strings in this
  * file were produced by tokenizers 0.23.2 (the Rust library) on the same tokenizer.json
  * edited as each test describes. Also: round trips on seeded random UTF-8, streaming versus
- * whole decoding, buffer-size contracts, long input, and every malformed-input error.
+ * whole decoding, buffer-size contracts, long input, and every malformed-input error. The
+ * byte-level family (Qwen, DeepSeek-V3, OLMoE, gpt-oss) is tested here on a small tokenizer
+ * built in the test (ids from tokenizers 0.22.2) and against the Rust library itself on the
+ * real tokenizers in tests/test_tokenizer_ref.py.
  */
 #include <cjson/cJSON.h>
 #include <pthread.h>
@@ -13,6 +16,7 @@
 #include <sys/stat.h>
 
 #include "core/error.h"
+#include "format/pretokenize.h"
 #include "format/tokenizer.h"
 #include "tests/check_util.h"
 
@@ -939,19 +943,22 @@ START_TEST(test_tokenizer_unsupported_parts)
                 FERRY_ERR_FORMAT, "normalizer Replace.pattern");
     expect_fail(MINI("", ", \"normalizer\": {\"prepend\": \"x\"}"), FERRY_ERR_FORMAT,
                 "normalizer has no type");
-    expect_fail(MINI("", ", \"pre_tokenizer\": {\"type\": \"ByteLevel\"}"), FERRY_ERR_UNSUPPORTED,
-                "pre_tokenizer 'ByteLevel'");
+    expect_fail(MINI("", ", \"pre_tokenizer\": {\"type\": \"Whitespace\"}"),
+                FERRY_ERR_UNSUPPORTED, "pre_tokenizer 'Whitespace'");
     expect_fail(MINI("", ", \"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": "
                          "[{\"type\": \"Digits\"}, {\"type\": \"Metaspace\"}]}"),
-                FERRY_ERR_UNSUPPORTED, "Sequence of 2");
+                FERRY_ERR_UNSUPPORTED, "pretokenizers[0]: pre_tokenizer 'Digits'");
+    expect_fail(MINI("", ", \"pre_tokenizer\": {\"type\": \"Sequence\", \"pretokenizers\": "
+                         "[{\"type\": \"ByteLevel\"}, {\"type\": \"Metaspace\"}]}"),
+                FERRY_ERR_UNSUPPORTED, "'Metaspace' is not supported inside a Sequence");
     expect_fail(MINI("", ", \"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": "
                          "\"ab\"}"),
                 FERRY_ERR_FORMAT, "replacement 'ab' is not one character");
     expect_fail(MINI("", ", \"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": "
                          "\"_\", \"prepend_scheme\": \"sometimes\"}"),
                 FERRY_ERR_FORMAT, "prepend_scheme 'sometimes'");
-    expect_fail(MINI("", ", \"decoder\": {\"type\": \"ByteLevel\"}"), FERRY_ERR_UNSUPPORTED,
-                "decoder 'ByteLevel'");
+    expect_fail(MINI("", ", \"decoder\": {\"type\": \"CTC\"}"), FERRY_ERR_UNSUPPORTED,
+                "decoder 'CTC'");
     expect_fail(MINI("", ", \"decoder\": {\"type\": \"Strip\", \"start\": -1}"), FERRY_ERR_FORMAT,
                 "decoder Strip");
     expect_fail(MINI(", \"dropout\": 0.1", ""), FERRY_ERR_UNSUPPORTED, "model.dropout");
@@ -1114,6 +1121,525 @@ START_TEST(test_tokenizer_truncated_and_corrupted)
 }
 END_TEST
 
+/* ---- byte-level tokenizers (Qwen, DeepSeek-V3, OLMoE, gpt-oss) -------------------------
+ *
+ * A small byte-level tokenizer built here: the 256 characters of the byte alphabet (id =
+ * the byte), then "he" 256, "ll", "hell", "hello", "Ġw", "or", "Ġwor", "ld", "Ġworld" 264,
+ * "ĠĠ", "Ã©" (é) 266, "a-", "-b", "a-b", "--" 270, "abc" 271 (no merge makes it), "ab" 272;
+ * added tokens <|end|> 273 (special) and <think> 274. The expected ids come from
+ * tokenizers 0.22.2 (the @anush008/tokenizers Node binding) on the same tokenizer.json. */
+
+/* Qwen2/Qwen3's Split pattern, escaped for JSON */
+#define QWEN_PATTERN                                                                               \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}|"               \
+    " ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+"
+#define BL_FINAL "{\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"use_regex\": false}"
+#define PRE_QWEN                                                                                   \
+    "{\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\", \"pattern\": "             \
+    "{\"Regex\": \"" QWEN_PATTERN "\"}, \"behavior\": \"Isolated\", \"invert\": false}, " BL_FINAL \
+    "]}"
+
+/* The small byte-level tokenizer.json with this pre_tokenizer (JSON text); malloc'd. */
+static char *bl_json(const char *pre, int ignore_merges, const char *normalizer)
+{
+    static const char *const extra[] = {"he", "ll", "hell", "hello", "\xc4\xa0w", "or",
+                                        "\xc4\xa0wor", "ld", "\xc4\xa0world", "\xc4\xa0\xc4\xa0",
+                                        "\xc3\x83\xc2\xa9", "a-", "-b", "a-b", "--", "abc", "ab"};
+    static const char *const merges[] = {"h e", "l l", "he ll", "hell o", "\xc4\xa0 w", "o r",
+                                         "\xc4\xa0w or", "l d", "\xc4\xa0wor ld",
+                                         "\xc4\xa0 \xc4\xa0", "\xc3\x83 \xc2\xa9", "a -", "- b",
+                                         "a- b", "- -", "a b"};
+    cJSON *root = cJSON_CreateObject(), *model = cJSON_AddObjectToObject(root, "model");
+    cJSON_AddStringToObject(model, "type", "BPE");
+    cJSON_AddBoolToObject(model, "ignore_merges", ignore_merges);
+    cJSON *vocab = cJSON_AddObjectToObject(model, "vocab");
+    for (int b = 0; b < 256; b++) {
+        char ch[3] = {0};
+        ferry_bytelevel_char((uint8_t)b, ch);
+        cJSON_AddNumberToObject(vocab, ch, b);
+    }
+    for (int i = 0; i < N_OF(extra); i++)
+        cJSON_AddNumberToObject(vocab, extra[i], 256 + i);
+    cJSON *m = cJSON_AddArrayToObject(model, "merges");
+    for (int i = 0; i < N_OF(merges); i++)
+        cJSON_AddItemToArray(m, cJSON_CreateString(merges[i]));
+    set_field(root, "added_tokens",
+              "[{\"id\": 273, \"content\": \"<|end|>\", \"special\": true, \"normalized\": false},"
+              " {\"id\": 274, \"content\": \"<think>\", \"special\": false, "
+              "\"normalized\": false}]");
+    set_field(root, "normalizer", normalizer);
+    set_field(root, "pre_tokenizer", pre);
+    set_field(root, "post_processor", "{\"type\": \"ByteLevel\", \"trim_offsets\": false}");
+    set_field(root, "decoder", "{\"type\": \"ByteLevel\"}");
+    char *text = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    return text;
+}
+
+static ferry_tokenizer *bl_load(const char *pre, int ignore_merges, const char *normalizer,
+                                const char *config)
+{
+    char *json = bl_json(pre, ignore_merges, normalizer);
+    ferry_tokenizer *t = NULL;
+    ferry_status st = ferry_tokenizer_load_json(json, strlen(json), config,
+                                                config ? strlen(config) : 0, "bl.json", &t);
+    ck_assert_msg(st == FERRY_OK, "load: %s", ferry_last_error());
+    free(json);
+    return t;
+}
+
+#define IDS(...) (const int32_t[]){__VA_ARGS__}, N_OF(((const int32_t[]){__VA_ARGS__}))
+
+START_TEST(test_tokenizer_bytelevel_ids)
+{
+    ferry_tokenizer *t = bl_load(PRE_QWEN, 0, "{\"type\": \"NFC\"}", NULL);
+    check_encode(t, "hello world", 1, IDS(259, 264));
+    check_encode(t, "hello  world", 1, IDS(259, 32, 264));
+    check_encode(t, "abc", 1, IDS(272, 99));
+    check_encode(t, "\xc3\xa9<|end|>hello<think>", 1, IDS(266, 273, 259, 274));
+    check_encode(t, "e\xcc\x81<|end|>", 1, IDS(266, 273)); /* NFC: e + U+0301 is é */
+    check_encode(t, "'LL hello\n\n world", 1, IDS(39, 76, 76, 32, 259, 10, 10, 264));
+    check_encode(t, "ab-c", 1, IDS(272, 45, 99));
+    check_decode(t, IDS(259, 264, 273, 266), 0, "hello world<|end|>\xc3\xa9");
+    check_decode(t, IDS(259, 264, 273, 266), 1, "hello world\xc3\xa9");
+    ck_assert(!ferry_tokenizer_adds_bos(t));
+    ferry_tokenizer_free(t);
+
+    /* GPT-2 / OLMoE: a plain ByteLevel with prefix space and the GPT-2 pattern */
+    t = bl_load("{\"type\": \"ByteLevel\", \"add_prefix_space\": true, \"use_regex\": true}", 0,
+                NULL, NULL);
+    check_encode(t, "hello world", 1, IDS(32, 259, 264));
+    check_encode(t, "hello", 1, IDS(32, 259));
+    check_encode(t, " hello", 1, IDS(32, 259));
+    check_encode(t, "a-b", 1, IDS(32, 97, 45, 98));
+    check_encode(t, "hello  world", 1, IDS(32, 259, 32, 264));
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* Every SplitDelimiterBehavior, with a String and a Regex pattern. */
+START_TEST(test_tokenizer_split_behaviors)
+{
+    static const char *const names[] = {"Removed", "Isolated", "MergedWithPrevious",
+                                        "MergedWithNext", "Contiguous"};
+    static const char *const texts[] = {"a-b", "a--b", "-a-b-", "--"};
+    /* [behavior][String, Regex "-+"][text]: ids, -1 ends */
+    static const int32_t want[5][2][4][6] = {
+        {{{97, 98, -1}, {97, 98, -1}, {97, 98, -1}, {-1}},
+         {{97, 98, -1}, {97, 98, -1}, {97, 98, -1}, {-1}}},
+        {{{97, 45, 98, -1}, {97, 45, 45, 98, -1}, {45, 97, 45, 98, 45, -1}, {45, 45, -1}},
+         {{97, 45, 98, -1}, {97, 270, 98, -1}, {45, 97, 45, 98, 45, -1}, {270, -1}}},
+        {{{267, 98, -1}, {267, 45, 98, -1}, {45, 267, 98, 45, -1}, {45, 45, -1}},
+         {{267, 98, -1}, {267, 45, 98, -1}, {45, 267, 98, 45, -1}, {270, -1}}},
+        {{{97, 268, -1}, {97, 45, 268, -1}, {45, 97, 268, 45, -1}, {45, 45, -1}},
+         {{97, 268, -1}, {97, 45, 268, -1}, {45, 97, 268, 45, -1}, {270, -1}}},
+        {{{97, 45, 98, -1}, {97, 270, 98, -1}, {45, 97, 45, 98, 45, -1}, {270, -1}},
+         {{97, 45, 98, -1}, {97, 270, 98, -1}, {45, 97, 45, 98, 45, -1}, {270, -1}}},
+    };
+    for (int b = 0; b < 5; b++) {
+        for (int re = 0; re < 2; re++) {
+            char pre[512];
+            snprintf(pre, sizeof pre, "{\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": "
+                     "\"Split\", \"pattern\": {\"%s\": \"%s\"}, \"behavior\": \"%s\"}, "
+                     BL_FINAL "]}", re ? "Regex" : "String", re ? "-+" : "-", names[b]);
+            ferry_tokenizer *t = bl_load(pre, 0, NULL, NULL);
+            for (int k = 0; k < N_OF(texts); k++) {
+                int32_t n_want = 0;
+                while (want[b][re][k][n_want] >= 0)
+                    n_want++;
+                int32_t *ids;
+                int32_t n = encode(t, texts[k], strlen(texts[k]), 1, &ids);
+                char what[128];
+                snprintf(what, sizeof what, "%s %s on \"%s\"", names[b],
+                         re ? "Regex" : "String", texts[k]);
+                assert_ids(what, ids, n, want[b][re][k], n_want);
+                free(ids);
+            }
+            ferry_tokenizer_free(t);
+        }
+    }
+}
+END_TEST
+
+/* ignore_merges: a pre-token that is itself in the vocab is one id, merges or not. */
+START_TEST(test_tokenizer_bytelevel_ignore_merges)
+{
+    ferry_tokenizer *t = bl_load(PRE_QWEN, 1, NULL, NULL);
+    check_encode(t, "abc", 1, IDS(271));
+    check_encode(t, "abcd", 1, IDS(272, 99, 100));
+    check_encode(t, "hello", 1, IDS(259));
+    ferry_tokenizer_free(t);
+    t = bl_load(PRE_QWEN, 0, NULL, NULL);
+    check_encode(t, "abc", 1, IDS(272, 99));
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* ByteLevel decoding: bytes back, then String::from_utf8_lossy (one U+FFFD per maximal
+ * invalid subpart). */
+START_TEST(test_tokenizer_bytelevel_decode)
+{
+    ferry_tokenizer *t = bl_load(PRE_QWEN, 0, NULL, NULL);
+    check_decode(t, IDS(0xC3, 0xA9), 0, "\xc3\xa9");
+    check_decode(t, IDS(0xC3, 97), 0, "\xef\xbf\xbd" "a");
+    check_decode(t, IDS(0xE2, 0x82), 0, "\xef\xbf\xbd");
+    check_decode(t, IDS(0xF0, 0x90, 0x80, 65), 0, "\xef\xbf\xbd" "A");
+    check_decode(t, IDS(0xE0, 0x80, 0xAF), 0, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+    check_decode(t, IDS(273, 104, 273), 0, "<|end|>h<|end|>");
+    check_decode(t, IDS(273, 104, 273), 1, "h");
+    check_decode(t, IDS(0xFF, 0xC0, 0xED, 0xA0, 0x80), 0,
+                 "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd");
+    const char *s;
+    size_t len;
+    ck_assert_int_eq(ferry_tokenizer_piece(t, 264, &s, &len), FERRY_OK);
+    ck_assert(len == 7 && memcmp(s, "\xc4\xa0world", 7) == 0);
+    ck_assert_int_eq(ferry_tokenizer_piece(t, 273, &s, &len), FERRY_OK);
+    ck_assert(len == 7 && memcmp(s, "<|end|>", 7) == 0);
+    ck_assert_int_eq(ferry_tokenizer_piece(t, 275, &s, &len), FERRY_ERR_INVALID);
+    ck_assert_int_eq(ferry_tokenizer_piece(t, -1, &s, &len), FERRY_ERR_INVALID);
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* The stream over byte-level ids that split characters: nothing until a character is whole,
+ * U+FFFD where decode has one, and the pieces always concatenate to decode. */
+START_TEST(test_tokenizer_bytelevel_stream)
+{
+    ferry_tokenizer *t = bl_load(PRE_QWEN, 0, NULL, NULL);
+    size_t cap = ferry_tokenizer_max_piece_bytes(t) + 1, len;
+    char *piece = malloc(cap);
+    ferry_detok_stream s;
+    ferry_detok_stream_init(&s);
+    static const int32_t euro[] = {0xE2, 0x82, 0xAC}; /* U+20AC in three tokens */
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(ferry_detok_stream_push(t, &s, euro[i], 0, piece, cap, &len), FERRY_OK);
+        ck_assert_uint_eq(len, i < 2 ? 0 : 3);
+    }
+    ck_assert(memcmp(piece, "\xe2\x82\xac", 3) == 0);
+    ck_assert_int_eq(ferry_detok_stream_push(t, &s, 0xC3, 0, piece, cap, &len), FERRY_OK);
+    ck_assert_uint_eq(len, 0);
+    ck_assert_int_eq(ferry_detok_stream_flush(t, &s, piece, cap, &len), FERRY_OK);
+    ck_assert(len == 3 && memcmp(piece, "\xef\xbf\xbd", 3) == 0); /* one U+FFFD */
+    uint64_t rng = 99;
+    for (int k = 0; k < 2000; k++) {
+        int32_t ids[24], n = 1 + (int32_t)(tu_rand_u64(&rng) % 24);
+        for (int32_t i = 0; i < n; i++) {
+            uint64_t r = tu_rand_u64(&rng);
+            ids[i] = (int32_t)(r % 10 == 0 ? 256 + (r >> 8) % 19 : (r >> 8) % 256);
+        }
+        check_stream(t, ids, n, (int)(k & 1));
+    }
+    free(piece);
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* Without a normalizer byte-level BPE is lossless: decode(encode(s)) == s for any text. */
+START_TEST(test_tokenizer_bytelevel_round_trip)
+{
+    ferry_tokenizer *t = bl_load(PRE_QWEN, 0, NULL, NULL);
+    uint64_t rng = 7;
+    char text[4 * 80 + 1];
+    for (int k = 0; k < 500; k++) {
+        size_t n = rand_text(&rng, text, 80);
+        if (memmem(text, n, "<|end|>", 7) || memmem(text, n, "<think>", 7))
+            continue;
+        int32_t *ids;
+        int32_t n_ids = encode(t, text, n, 1, &ids);
+        size_t len;
+        char *back = decode(t, ids, n_ids, 0, &len);
+        ck_assert_msg(len == n && memcmp(back, text, n) == 0, "round trip of \"%s\" gave \"%s\"",
+                      text, back);
+        check_stream(t, ids, n_ids, 0);
+        free(back);
+        free(ids);
+    }
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* tokenizer_config.json's add_bos_token applies when the post-processor has no template
+ * (DeepSeek-V3: ByteLevel post-processor, add_bos_token true). */
+START_TEST(test_tokenizer_bytelevel_config_bos)
+{
+    ferry_tokenizer *t = bl_load(PRE_QWEN, 0, NULL,
+                                 "{\"add_bos_token\": true, \"bos_token\": {\"content\": "
+                                 "\"<|end|>\"}}");
+    ck_assert(ferry_tokenizer_adds_bos(t));
+    ck_assert_int_eq(ferry_tokenizer_bos_id(t), 273);
+    check_encode(t, "hello", 1, IDS(273, 259));
+    check_encode(t, "hello", 0, IDS(259));
+    ferry_tokenizer_free(t);
+    t = bl_load(PRE_QWEN, 0, NULL, "{\"add_bos_token\": false, \"bos_token\": \"<|end|>\"}");
+    ck_assert(!ferry_tokenizer_adds_bos(t));
+    ck_assert_int_eq(ferry_tokenizer_bos_id(t), 273);
+    check_encode(t, "hello", 1, IDS(259));
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+typedef struct {
+    char text[512]; /* the words joined by '|' */
+    size_t n;
+} words_buf;
+
+static ferry_status collect_word(const char *w, size_t n, void *user)
+{
+    words_buf *b = user;
+    if (b->n > 0 && b->n < sizeof b->text - 1)
+        b->text[b->n++] = '|';
+    size_t k = n < sizeof b->text - 1 - b->n ? n : sizeof b->text - 1 - b->n;
+    memcpy(b->text + b->n, w, k);
+    b->n += k;
+    b->text[b->n] = 0;
+    return FERRY_OK;
+}
+
+/* Split regexes read as Oniguruma reads them (tokenizers' engine), from PCRE2: \s is
+ * White_Space (not U+180E), \d \w \h are Oniguruma's, categories know Unicode 16, (?m) is
+ * dot-all, {,n}, \uHHHH, empty matches. Expected pieces from tokenizers 0.22.2's
+ * pre_tokenize_str. */
+START_TEST(test_tokenizer_regex_like_oniguruma)
+{
+    static const struct {
+        const char *pattern, *text, *pieces; /* pieces joined by '|' */
+    } cases[] = {
+        {"\\s+", "a \xe1\xa0\x8e b\xc2\x85" "c", "a| |\xe1\xa0\x8e| |b|\xc2\x85|c"},
+        {"\\S+", "a \xe1\xa0\x8e b", "a| |\xe1\xa0\x8e| |b"},
+        {"\\p{L}+", "ab\xe1\xb2\x89\xf0\x90\x97\x80" "9c\xf0\x93\x91\xa0",
+         "ab\xe1\xb2\x89\xf0\x90\x97\x80|9|c\xf0\x93\x91\xa0"},
+        {"[^\\s\\p{L}\\p{N}]+", "a!?\xe2\xbf\xbf\xf0\x9f\xab\x9f" "b \xf0\x9f\xaf\x8b",
+         "a|!?\xe2\xbf\xbf\xf0\x9f\xab\x9f|b |\xf0\x9f\xaf\x8b"},
+        {"\\d+", "12\xd9\xa3\xf0\x90\xb5\x80x\xc2\xb2", "12\xd9\xa3\xf0\x90\xb5\x80|x\xc2\xb2"},
+        {"\\w+", "ab_\xc2\xb2\xc2\xbd\xe2\x85\xa0 \xe2\x80\x8c\xe2\x80\x8dx",
+         "ab_\xc2\xb2\xc2\xbd\xe2\x85\xa0| \xe2\x80\x8c\xe2\x80\x8d|x"},
+        {"\\h+", "0aFgG9z", "0aF|gG|9|z"},
+        {"(?i:'s|'ll)", "'S'LL'\xc5\xbf'\xe2\x84\xaa", "'S|'LL|'\xc5\xbf|'\xe2\x84\xaa"},
+        {"a{,2}", "aaaaab", "aa|aa|a|b"},
+        {"\\u0041+", "AAAb", "AAA|b"},
+        {"(?m:a.b)", "a\nb axb", "a\nb| |axb"},
+        {"^a|b$", "a\nab\nb", "a|\n|a|b|\n|b"},
+        {"\\p{Letter}+", "ab1cd", "ab|1|cd"},
+        {"\\p{^L}+", "ab12cd!", "ab|12|cd|!"},
+        {"\\P{N}+", "ab12cd!", "ab|12|cd!"},
+        {"[\\d\\s]+", "1 2\xe1\xa0\x8e" "3", "1 2|\xe1\xa0\x8e|3"},
+        {"x*", "axxb", "a|xx|b"},
+        {"", "abc", "a|b|c"},
+        {"(?=b)", "abcb", "a|bc|b"},
+    };
+    ferry_pretok_scratch *sc;
+    ck_assert_int_eq(ferry_pretok_scratch_create(&sc), FERRY_OK);
+    for (int k = 0; k < N_OF(cases); k++) {
+        cJSON *obj = cJSON_CreateObject();
+        cJSON_AddStringToObject(obj, "type", "Split");
+        cJSON_AddStringToObject(cJSON_AddObjectToObject(obj, "pattern"), "Regex",
+                                cases[k].pattern);
+        cJSON_AddStringToObject(obj, "behavior", "Isolated");
+        ferry_pretok *p = NULL;
+        ferry_status st = ferry_pretok_parse(obj, "rx", &p);
+        ck_assert_msg(st == FERRY_OK, "%s: %s", cases[k].pattern, ferry_last_error());
+        words_buf got = {{0}, 0};
+        st = ferry_pretok_run(p, sc, cases[k].text, strlen(cases[k].text), collect_word, &got);
+        ck_assert_int_eq(st, FERRY_OK);
+        ck_assert_msg(strcmp(got.text, cases[k].pieces) == 0, "/%s/ on \"%s\": \"%s\", "
+                      "expected \"%s\"", cases[k].pattern, cases[k].text, got.text,
+                      cases[k].pieces);
+        ferry_pretok_free(p);
+        cJSON_Delete(obj);
+    }
+    ferry_pretok_scratch_free(sc);
+}
+END_TEST
+
+/* Every malformed byte-level part is refused, naming the field. */
+START_TEST(test_tokenizer_bytelevel_malformed)
+{
+#define PRE(p) MINI("", ", \"pre_tokenizer\": " p)
+#define SPLIT(fields) PRE("{\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\", " \
+                          fields "}]}")
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"(a\"}, \"behavior\": \"Isolated\""),
+                FERRY_ERR_FORMAT, "pre_tokenizer.pretokenizers[0].pattern.Regex: invalid regex");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"\\\\p{Nope}\"}, \"behavior\": \"Isolated\""),
+                FERRY_ERR_FORMAT, "pattern.Regex: invalid regex '\\p{Nope}'");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"[a[b]]\"}, \"behavior\": \"Isolated\""),
+                FERRY_ERR_UNSUPPORTED, "nested character class");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"[a&&b]\"}, \"behavior\": \"Isolated\""),
+                FERRY_ERR_UNSUPPORTED, "intersection");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"a\"}, \"behavior\": \"Sideways\""),
+                FERRY_ERR_FORMAT, "pretokenizers[0].behavior 'Sideways'");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"a\"}"), FERRY_ERR_FORMAT,
+                "pretokenizers[0].behavior is missing");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"a\"}, \"behavior\": 3"), FERRY_ERR_FORMAT,
+                "behavior is not a string");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"a\"}, \"behavior\": \"Isolated\", "
+                      "\"invert\": true"),
+                FERRY_ERR_UNSUPPORTED, "pretokenizers[0].invert true");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": \"a\"}, \"behavior\": \"Isolated\", "
+                      "\"invert\": 1"),
+                FERRY_ERR_FORMAT, "invert is not true or false");
+    expect_fail(SPLIT("\"behavior\": \"Isolated\""), FERRY_ERR_FORMAT,
+                "pretokenizers[0].pattern is not");
+    expect_fail(SPLIT("\"pattern\": \"a\", \"behavior\": \"Isolated\""), FERRY_ERR_FORMAT,
+                "pattern is not");
+    expect_fail(SPLIT("\"pattern\": {\"Regex\": 5}, \"behavior\": \"Isolated\""),
+                FERRY_ERR_FORMAT, "pattern is not");
+    expect_fail(SPLIT("\"pattern\": {\"String\": \"\"}, \"behavior\": \"Isolated\""),
+                FERRY_ERR_FORMAT, "pattern.String is empty");
+    expect_fail(PRE("{\"type\": \"ByteLevel\", \"add_prefix_space\": \"no\"}"), FERRY_ERR_FORMAT,
+                "pre_tokenizer.add_prefix_space is not true or false");
+    expect_fail(PRE("{\"type\": \"Sequence\", \"pretokenizers\": {}}"), FERRY_ERR_FORMAT,
+                "Sequence has no pretokenizers list");
+    expect_fail(PRE("{\"type\": \"Sequence\", \"pretokenizers\": [{\"type\": \"Split\"}, "
+                    "{\"split\": 1}]}"),
+                FERRY_ERR_FORMAT, "pretokenizers[0].pattern");
+    expect_fail(PRE("{\"type\": \"Sequence\", \"pretokenizers\": [" BL_FINAL ", {}]}"),
+                FERRY_ERR_FORMAT, "pretokenizers[1] has no type");
+    expect_fail(MINI("", ", \"decoder\": {\"type\": \"Sequence\", \"decoders\": [{\"type\": "
+                         "\"Fuse\"}, {\"type\": \"ByteLevel\"}]}"),
+                FERRY_ERR_UNSUPPORTED, "decoder ByteLevel after");
+    expect_fail(MINI("", ", \"normalizer\": {\"type\": \"NFD\"}"), FERRY_ERR_UNSUPPORTED,
+                "normalizer 'NFD'");
+#undef SPLIT
+#undef PRE
+}
+END_TEST
+
+/* A vocab key "" (blob empty so far) used to add offsets to a NULL base. */
+START_TEST(test_tokenizer_empty_token)
+{
+    const char *json = "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\":2}}}";
+    ferry_tokenizer *t = NULL;
+    ck_assert_int_eq(ferry_tokenizer_load_json(json, strlen(json), NULL, 0, "e.json", &t),
+                     FERRY_OK);
+    ck_assert_int_eq(ferry_tokenizer_n_vocab(t), 3);
+    check_encode(t, "abc", 1, NULL, 0);
+    check_decode(t, IDS(2), 0, "");
+    check_decode(t, IDS(2, 2), 0, " "); /* no decoder: tokens joined by ' ' */
+    check_decode(t, IDS(0, 1), 0, "");
+    check_stream(t, IDS(2, 2, 0), 0);
+    const char *s;
+    size_t len;
+    ck_assert_int_eq(ferry_tokenizer_piece(t, 2, &s, &len), FERRY_OK);
+    ck_assert_uint_eq(len, 0);
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* Chained Replace steps cannot amplify without bound: the step that passes 16 x the input +
+ * 4096 bytes fails, named. */
+START_TEST(test_tokenizer_replace_growth)
+{
+    char json[8192];
+    size_t n = (size_t)snprintf(json, sizeof json, "{\"model\": {\"type\": \"BPE\", \"vocab\": "
+                                "{\"a\": 0}, \"merges\": []}, \"normalizer\": {\"type\": "
+                                "\"Sequence\", \"normalizers\": [");
+    for (int i = 0; i < 40; i++)
+        n += (size_t)snprintf(json + n, sizeof json - n, "%s{\"type\": \"Replace\", \"pattern\": "
+                              "{\"String\": \"a\"}, \"content\": \"aa\"}", i ? ", " : "");
+    snprintf(json + n, sizeof json - n, "]}}");
+    ferry_tokenizer *t = NULL;
+    ck_assert_int_eq(ferry_tokenizer_load_json(json, strlen(json), NULL, 0, "g.json", &t),
+                     FERRY_OK);
+    int32_t ids[8], n_ids;
+    ck_assert_int_eq(ferry_tokenizer_encode(t, "a", 1, 0, ids, 8, &n_ids), FERRY_ERR_FORMAT);
+    /* 1 byte: limit 4112, reached at step 12 (2^13 bytes) */
+    ck_assert_msg(strstr(ferry_last_error(), "normalizer step 12 (Replace 'a' -> 'aa')") &&
+                  strstr(ferry_last_error(), "g.json"), "%s", ferry_last_error());
+    ferry_tokenizer_free(t);
+
+    /* the same chain as decoder steps fails at load, computing the token's piece */
+    n = (size_t)snprintf(json, sizeof json, "{\"model\": {\"type\": \"BPE\", \"vocab\": "
+                         "{\"a\": 0}, \"merges\": []}, \"decoder\": {\"type\": "
+                         "\"Sequence\", \"decoders\": [");
+    for (int i = 0; i < 40; i++)
+        n += (size_t)snprintf(json + n, sizeof json - n, "%s{\"type\": \"Replace\", \"pattern\": "
+                              "{\"String\": \"a\"}, \"content\": \"aa\"}", i ? ", " : "");
+    snprintf(json + n, sizeof json - n, "]}}");
+    expect_fail(json, FERRY_ERR_FORMAT, "decoder step 12 (Replace 'a' -> 'aa')");
+    ck_assert_ptr_nonnull(strstr(ferry_last_error(), "16 x its input + 4096"));
+
+    /* real growth (Llama's ' ' -> U+2581 on a long text) stays within the bound */
+    t = load_model();
+    char *text = malloc(100001);
+    memset(text, ' ', 100000);
+    int32_t *out;
+    n_ids = encode(t, text, 100000, 0, &out);
+    ck_assert_int_gt(n_ids, 0);
+    free(out);
+    free(text);
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+typedef struct {
+    const ferry_tokenizer *t;
+    int seed, ok;
+} bl_thread_arg;
+
+static void *bl_worker(void *p)
+{
+    bl_thread_arg *a = p;
+    uint64_t rng = (uint64_t)a->seed;
+    char text[4 * 60 + 1];
+    a->ok = 1;
+    for (int i = 0; i < 150; i++) {
+        size_t n = rand_text(&rng, text, 60);
+        int32_t ids[512], n_ids;
+        char back[4 * 60 + 8];
+        size_t len;
+        if (memmem(text, n, "<|end|>", 7) || memmem(text, n, "<think>", 7))
+            continue;
+        if (ferry_tokenizer_encode(a->t, text, n, 1, ids, 512, &n_ids) != FERRY_OK ||
+            ferry_tokenizer_decode(a->t, ids, n_ids, 0, back, sizeof back, &len) != FERRY_OK ||
+            len != n || memcmp(back, text, n) != 0)
+            a->ok = 0;
+    }
+    return NULL;
+}
+
+/* One byte-level tokenizer (PCRE2 code shared, scratch per call) from four threads. */
+START_TEST(test_tokenizer_bytelevel_threads)
+{
+    ferry_tokenizer *t = bl_load(PRE_QWEN, 0, NULL, NULL);
+    pthread_t th[4];
+    bl_thread_arg args[4];
+    for (int i = 0; i < 4; i++) {
+        args[i] = (bl_thread_arg){t, 100 + i, 0};
+        ck_assert_int_eq(pthread_create(&th[i], NULL, bl_worker, &args[i]), 0);
+    }
+    for (int i = 0; i < 4; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(args[i].ok, "thread %d: a round trip failed", i);
+    }
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* The Qwen3-MoE fixture's tokenizer (the real Qwen3 one), when the shared fixtures are
+ * there; ids from tokenizers 0.22.2. */
+START_TEST(test_tokenizer_qwen3_fixture)
+{
+    const char *dir = FERRY_SOURCE_DIR "/../shared/fixtures/moe-families/tiny-qwen3_moe";
+    struct stat sb;
+    if (stat(dir, &sb) != 0)
+        return;
+    ferry_tokenizer *t = NULL;
+    ck_assert_msg(ferry_tokenizer_load(dir, &t) == FERRY_OK, "%s", ferry_last_error());
+    check_encode(t, "Hello world <|im_start|>user\n'S 'LL 1234567 h\xc3\xa9llo\xc2\x85x", 1,
+                 IDS(9707, 1879, 220, 151644, 872, 198, 13272, 364, 4086, 220, 16, 17, 18, 19,
+                     20, 21, 22, 305, 18503, 385, 126, 227, 87));
+    check_decode(t, IDS(151644, 9707, 194, 99, 151645), 0,
+                 "<|im_start|>Hello\x06\xef\xbf\xbd<|im_end|>");
+    check_decode(t, IDS(151644, 9707, 194, 99, 151645), 1, "Hello\x06\xef\xbf\xbd");
+    ck_assert(!ferry_tokenizer_adds_bos(t));
+    const char *s;
+    size_t len;
+    ck_assert_int_eq(ferry_tokenizer_piece(t, 1879, &s, &len), FERRY_OK);
+    ck_assert(len == 7 && memcmp(s, "\xc4\xa0world", 7) == 0);
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
 static Suite *tokenizer_suite(void)
 {
     Suite *s = suite_create("tokenizer");
@@ -1147,6 +1673,19 @@ static Suite *tokenizer_suite(void)
     tcase_add_test(tc, test_tokenizer_unk_not_in_vocab);
     tcase_add_test(tc, test_tokenizer_files);
     tcase_add_test(tc, test_tokenizer_truncated_and_corrupted);
+    tcase_add_test(tc, test_tokenizer_bytelevel_ids);
+    tcase_add_test(tc, test_tokenizer_split_behaviors);
+    tcase_add_test(tc, test_tokenizer_bytelevel_ignore_merges);
+    tcase_add_test(tc, test_tokenizer_bytelevel_decode);
+    tcase_add_test(tc, test_tokenizer_bytelevel_stream);
+    tcase_add_test(tc, test_tokenizer_bytelevel_round_trip);
+    tcase_add_test(tc, test_tokenizer_bytelevel_config_bos);
+    tcase_add_test(tc, test_tokenizer_regex_like_oniguruma);
+    tcase_add_test(tc, test_tokenizer_bytelevel_malformed);
+    tcase_add_test(tc, test_tokenizer_empty_token);
+    tcase_add_test(tc, test_tokenizer_replace_growth);
+    tcase_add_test(tc, test_tokenizer_bytelevel_threads);
+    tcase_add_test(tc, test_tokenizer_qwen3_fixture);
     suite_add_tcase(s, tc);
     return s;
 }
