@@ -12,16 +12,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "ferry.h"
+#include "format/tokenizer.h"
 
 static void usage_run(FILE *f)
 {
     fprintf(f,
             "usage: ferry run MODEL_DIR (-p PROMPT | -f FILE) [options]\n"
             "\n"
-            "Generates text from a Hugging Face Mixtral-style checkpoint directory.\n"
+            "Generates text from a Hugging Face checkpoint directory (Mixtral, Qwen3-MoE,\n"
+            "Qwen2-MoE, OLMoE).\n"
             "\n"
             "  -p, --prompt TEXT   the prompt\n"
             "  -f, --file FILE     read the prompt from FILE\n"
@@ -121,6 +124,8 @@ static void usage(FILE *f)
                "  bench     measure bandwidths and speed against their bound (ferry bench --help)\n"
                "  perplexity  perplexity on a text file (ferry perplexity --help)\n"
                "  predictor fit routing statistics, evaluate predictors (ferry predictor --help)\n"
+               "  tokenize  encode text or decode ids with a model's tokenizer alone\n"
+               "            (ferry tokenize --help)\n"
                "  version   print the version and the GPU this build can use\n");
 }
 
@@ -578,10 +583,16 @@ static void usage_synth(FILE *f)
             "gives the same bytes) into OUT_DIR, which must not exist or be empty: config.json,\n"
             "safetensors shards and the tokenizer files, for benchmarks at full scale.\n"
             "\n"
-            "      --preset P      the shape: mixtral-8x7b (default) or tiny (the bundled\n"
-            "                      models/tiny-moe-code)\n"
-            "      --layers N, --hidden N, --intermediate N, --experts N, --top-k N,\n"
-            "      --heads N, --kv-heads N, --vocab N\n"
+            "      --preset P      the shape, from the real model's config.json:\n"
+            "                        mixtral-8x7b (default), tiny (the bundled\n"
+            "                        models/tiny-moe-code): Mixtral\n"
+            "                        qwen3-30b-a3b, qwen3-235b-a22b: Qwen3-MoE\n"
+            "                        qwen1.5-moe-a2.7b: Qwen2-MoE (shared expert)\n"
+            "                        olmoe-1b-7b: OLMoE\n"
+            "      --layers N, --hidden N, --intermediate N (one expert), --experts N,\n"
+            "      --top-k N, --heads N, --kv-heads N, --vocab N, --head-dim N (0: hidden /\n"
+            "      heads), --dense-intermediate N (Qwen's intermediate_size),\n"
+            "      --shared-intermediate N (Qwen2-MoE's shared expert)\n"
             "                      override the preset's shape\n"
             "      --dtype D       bf16 (default), f16 or f32\n"
             "      --seed S        random seed (default 0)\n"
@@ -590,7 +601,9 @@ static void usage_synth(FILE *f)
             "                      one shard is written as model.safetensors\n"
             "      --tokenizer DIR copy tokenizer.json (and tokenizer_config.json,\n"
             "                      special_tokens_map.json, tokenizer.model) from DIR\n"
-            "                      (default: models/tiny-moe-code)\n");
+            "                      (default: Mixtral presets models/tiny-moe-code; the others\n"
+            "                      get a byte-level BPE tokenizer written to fill the\n"
+            "                      vocabulary, with the model's special tokens)\n");
 }
 
 /* "3.43 GB" or "10.6 MB" (decimal units, as disks are sold). */
@@ -616,13 +629,17 @@ static void synth_progress(uint64_t done, uint64_t total, void *user)
 
 static int cmd_synth(int argc, char **argv)
 {
-    static const char *const shape_opts[8] = {"--layers", "--hidden", "--intermediate",
-                                              "--experts", "--top-k", "--heads", "--kv-heads",
-                                              "--vocab"};
+    enum { N_SHAPE = 11 };
+    static const char *const shape_opts[N_SHAPE] = {
+        "--layers", "--hidden", "--intermediate", "--experts", "--top-k", "--heads",
+        "--kv-heads", "--vocab", "--head-dim", "--dense-intermediate", "--shared-intermediate"};
+    static const long long shape_min[N_SHAPE] = {1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1};
     static const char *const other_opts[6] = {"--preset", "--dtype", "--seed", "--threads",
                                               "--shard-size", "--tokenizer"};
     static const char *const dtype_names[3] = {"bf16", "f16", "f32"};
-    long long shape[8] = {-1, -1, -1, -1, -1, -1, -1, -1}, n;
+    long long shape[N_SHAPE], n;
+    for (int k = 0; k < N_SHAPE; k++)
+        shape[k] = -1;
     const char *out_dir = NULL, *preset = "mixtral-8x7b", *tok_dir = NULL;
     ferry_synth_params p = ferry_synth_params_default();
     int rc;
@@ -641,7 +658,7 @@ static int cmd_synth(int argc, char **argv)
             continue;
         }
         int shape_k = -1, known = 0;
-        for (int k = 0; k < 8; k++)
+        for (int k = 0; k < N_SHAPE; k++)
             if (!strcmp(a, shape_opts[k]))
                 shape_k = k;
         for (int k = 0; k < 6; k++)
@@ -657,7 +674,7 @@ static int cmd_synth(int argc, char **argv)
         }
         const char *v = argv[++i];
         if (shape_k >= 0) {
-            if ((rc = parse_i64(a, v, 1, INT32_MAX, &shape[shape_k])))
+            if ((rc = parse_i64(a, v, shape_min[shape_k], INT32_MAX, &shape[shape_k])))
                 return rc;
         } else if (!strcmp(a, "--preset")) {
             preset = v;
@@ -682,7 +699,8 @@ static int cmd_synth(int argc, char **argv)
         }
     }
     if (!out_dir) {
-        fprintf(stderr, "usage: ferry synth OUT_DIR [--preset mixtral-8x7b|tiny] [options]\n");
+        fprintf(stderr, "usage: ferry synth OUT_DIR [--preset NAME] [options] (ferry synth "
+                        "--help)\n");
         return 2;
     }
     /* the preset first, whatever the order of the options: explicit sizes override it */
@@ -690,12 +708,18 @@ static int cmd_synth(int argc, char **argv)
         fprintf(stderr, "ferry synth: --preset: %s\n", ferry_last_error());
         return 2;
     }
-    int32_t *fields[8] = {&p.n_layers, &p.d_model, &p.d_ff, &p.n_experts, &p.n_experts_used,
-                          &p.n_heads, &p.n_kv_heads, &p.n_vocab};
-    for (int k = 0; k < 8; k++)
+    int32_t *fields[N_SHAPE] = {&p.n_layers,   &p.d_model,        &p.d_ff,
+                                &p.n_experts,  &p.n_experts_used, &p.n_heads,
+                                &p.n_kv_heads, &p.n_vocab,        &p.head_dim,
+                                &p.d_ff_dense, &p.d_ff_shared};
+    for (int k = 0; k < N_SHAPE; k++)
         if (shape[k] >= 0)
             *fields[k] = (int32_t)shape[k];
-    if (!tok_dir) {
+    if (shape[7] >= 0) /* --vocab: a generated tokenizer fills it */
+        p.n_bpe_tokens = 0;
+    /* Mixtral checkpoints copy a tokenizer; the other families write their own */
+    int copies = !p.model_type || !strcmp(p.model_type, "mixtral");
+    if (!tok_dir && copies) {
         FILE *t = fopen("models/tiny-moe-code/tokenizer.json", "rb");
         if (t) {
             fclose(t);
@@ -1930,6 +1954,235 @@ static int cmd_perplexity(int argc, char **argv)
     return 0;
 }
 
+/* ---- ferry tokenize ------------------------------------------------------------------- */
+
+static void usage_tokenize(FILE *f)
+{
+    fprintf(f,
+            "usage: ferry tokenize PATH (-p TEXT | -f FILE | --decode IDS) [--json] "
+            "[--no-special]\n"
+            "\n"
+            "Runs a model's tokenizer alone (the weights are not read). PATH is a model folder\n"
+            "(its tokenizer.json and tokenizer_config.json) or a tokenizer.json file (with\n"
+            "the tokenizer_config.json beside it, when there is one).\n"
+            "\n"
+            "  -p, --prompt TEXT   encode TEXT: prints the ids on one line, space-separated\n"
+            "  -f, --file FILE     encode the contents of FILE\n"
+            "      --decode IDS    decode ids (\"1,2,3\" or \"1 2 3\") and print the text\n"
+            "      --json          print {\"ids\": [...], \"pieces\": [...]} (encoding; the\n"
+            "                      pieces are the tokens as the vocab spells them) or\n"
+            "                      {\"ids\": [...], \"text\": \"...\"} (decoding)\n"
+            "      --no-special    encode without the special tokens the tokenizer adds (BOS,\n"
+            "                      where it asks for one); decode without special tokens\n");
+}
+
+/* Loads the tokenizer of a model folder or of a tokenizer.json file; 0, or 1 with the
+ * error printed. */
+static int tokenize_load(const char *path, ferry_tokenizer **out)
+{
+    struct stat sb;
+    if (stat(path, &sb) != 0) {
+        fprintf(stderr, "ferry tokenize: %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    ferry_status st;
+    if (S_ISDIR(sb.st_mode)) {
+        st = ferry_tokenizer_load(path, out);
+        return st ? fail_lib("tokenize", st) : 0;
+    }
+    size_t tok_len = 0, cfg_len = 0;
+    char *tok = read_text_file(path, &tok_len), *cfg = NULL;
+    if (!tok)
+        return 1;
+    char cfg_path[4096];
+    const char *slash = strrchr(path, '/');
+    snprintf(cfg_path, sizeof cfg_path, "%.*s/tokenizer_config.json",
+             slash ? (int)(slash - path) : 1, slash ? path : ".");
+    if (stat(cfg_path, &sb) == 0 && !(cfg = read_text_file(cfg_path, &cfg_len))) {
+        free(tok);
+        return 1;
+    }
+    st = ferry_tokenizer_load_json(tok, tok_len, cfg, cfg_len, path, out);
+    free(tok);
+    free(cfg);
+    return st ? fail_lib("tokenize", st) : 0;
+}
+
+/* Parses "1,2,3" / "1 2 3" into *ids (malloc'd); a usage error's status if malformed. */
+static int parse_ids(const char *s, int32_t **ids, int32_t *n)
+{
+    size_t cap = strlen(s) / 2 + 2;
+    *ids = malloc(cap * sizeof **ids);
+    *n = 0;
+    if (!*ids)
+        return 1;
+    const char *p = s;
+    for (;;) {
+        while (*p == ' ' || *p == ',' || *p == '\t' || *p == '\n')
+            p++;
+        if (!*p)
+            break;
+        char *end;
+        errno = 0;
+        long long v = strtoll(p, &end, 10);
+        if (end == p || errno || v < INT32_MIN || v > INT32_MAX ||
+            (*end && *end != ',' && *end != ' ' && *end != '\t' && *end != '\n')) {
+            fprintf(stderr, "ferry tokenize: --decode expects ids such as 1,2,3, got '%s'\n", s);
+            free(*ids);
+            *ids = NULL;
+            return 2;
+        }
+        (*ids)[(*n)++] = (int32_t)v;
+        p = end;
+    }
+    return 0;
+}
+
+static int print_json(cJSON *o)
+{
+    char *text = o ? cJSON_PrintUnformatted(o) : NULL;
+    cJSON_Delete(o);
+    if (!text)
+        return 1;
+    printf("%s\n", text);
+    free(text);
+    return 0;
+}
+
+static int tokenize_encode(const ferry_tokenizer *t, const char *text, size_t len, int special,
+                           int json)
+{
+    int32_t n = 0;
+    ferry_status st = ferry_tokenizer_encode(t, text, len, special, NULL, 0, &n);
+    if (st && !(st == FERRY_ERR_INVALID && n > 0)) /* a failure, not the empty buffer */
+        return fail_lib("tokenize", st);
+    int32_t *ids = malloc(((size_t)n + 1) * sizeof *ids);
+    if (!ids)
+        return 1;
+    st = ferry_tokenizer_encode(t, text, len, special, ids, n, &n);
+    if (st) {
+        free(ids);
+        return fail_lib("tokenize", st);
+    }
+    if (!json) {
+        for (int32_t i = 0; i < n; i++)
+            printf(i ? " %d" : "%d", (int)ids[i]);
+        printf("\n");
+        free(ids);
+        return 0;
+    }
+    cJSON *o = cJSON_CreateObject(), *pieces = cJSON_CreateArray();
+    cJSON_AddItemToObject(o, "ids", ids_json(ids, n));
+    cJSON_AddItemToObject(o, "pieces", pieces);
+    for (int32_t i = 0; i < n; i++) {
+        const char *s;
+        size_t k;
+        char *copy = ferry_tokenizer_piece(t, ids[i], &s, &k) == FERRY_OK ? malloc(k + 1) : NULL;
+        if (copy) {
+            memcpy(copy, s, k);
+            copy[k] = 0;
+        }
+        cJSON_AddItemToArray(pieces, copy ? cJSON_CreateString(copy) : cJSON_CreateNull());
+        free(copy);
+    }
+    free(ids);
+    return print_json(o);
+}
+
+static int tokenize_decode(const ferry_tokenizer *t, const char *spec, int skip, int json)
+{
+    int32_t *ids, n;
+    int rc = parse_ids(spec, &ids, &n);
+    if (rc)
+        return rc;
+    size_t len = 0;
+    ferry_tokenizer_decode(t, ids, n, skip, NULL, 0, &len); /* the length (or a bad id) */
+    char *text = malloc(len + 1);
+    ferry_status st = FERRY_ERR_NOMEM;
+    if (text)
+        st = ferry_tokenizer_decode(t, ids, n, skip, text, len + 1, &len);
+    if (!text || st) {
+        free(ids);
+        free(text);
+        return text ? fail_lib("tokenize", st) : 1;
+    }
+    if (json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddItemToObject(o, "ids", ids_json(ids, n));
+        cJSON_AddStringToObject(o, "text", text); /* a C string: ends at a decoded NUL */
+        rc = print_json(o);
+    } else {
+        fwrite(text, 1, len, stdout);
+        printf("\n");
+    }
+    free(ids);
+    free(text);
+    return rc;
+}
+
+static int cmd_tokenize(int argc, char **argv)
+{
+    const char *path = NULL, *prompt = NULL, *file = NULL, *decode = NULL;
+    int json = 0, special = 1;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage_tokenize(stdout);
+            return 0;
+        }
+        if (!strcmp(a, "--json")) {
+            json = 1;
+        } else if (!strcmp(a, "--no-special")) {
+            special = 0;
+        } else if (!strcmp(a, "-p") || !strcmp(a, "--prompt") || !strcmp(a, "-f") ||
+                   !strcmp(a, "--file") || !strcmp(a, "--decode")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "ferry tokenize: %s needs a value\n", a);
+                return 2;
+            }
+            const char **slot = &file;
+            if (!strcmp(a, "-p") || !strcmp(a, "--prompt"))
+                slot = &prompt;
+            else if (!strcmp(a, "--decode"))
+                slot = &decode;
+            if (*slot) {
+                fprintf(stderr, "ferry tokenize: %s given twice\n", a);
+                return 2;
+            }
+            *slot = argv[++i];
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "ferry tokenize: unknown option '%s' (ferry tokenize --help)\n", a);
+            return 2;
+        } else if (path) {
+            fprintf(stderr, "ferry tokenize: one tokenizer path, got '%s' and '%s'\n", path, a);
+            return 2;
+        } else {
+            path = a;
+        }
+    }
+    if (!path || !!prompt + !!file + !!decode != 1) {
+        if (path && !!prompt + !!file + !!decode > 1)
+            fprintf(stderr, "ferry tokenize: give one of -p, -f and --decode\n");
+        usage_tokenize(stderr);
+        return 2;
+    }
+    size_t len = 0;
+    char *text = NULL;
+    if (file && !(text = read_text_file(file, &len)))
+        return 1;
+    ferry_tokenizer *t = NULL;
+    if (tokenize_load(path, &t)) {
+        free(text);
+        return 1;
+    }
+    int rc = decode ? tokenize_decode(t, decode, !special, json)
+                    : tokenize_encode(t, file ? text : prompt, file ? len : strlen(prompt),
+                                      special, json);
+    ferry_tokenizer_free(t);
+    free(text);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -1954,6 +2207,8 @@ int main(int argc, char **argv)
         return cmd_perplexity(argc - 2, argv + 2);
     if (!strcmp(argv[1], "predictor"))
         return cmd_predictor(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "tokenize"))
+        return cmd_tokenize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version") || !strcmp(argv[1], "--version")) {
         printf("ferry %s\n", ferry_version());
         char desc[128];

@@ -1,24 +1,30 @@
 /*
  * engine/synth.c: synthetic checkpoints (ferry synth): a real model's shape, random
- * weights, written as a Hugging Face Mixtral checkpoint that ferry_model_open (and
- * transformers) load.
+ * weights, written as a Hugging Face checkpoint of one of the families of format/arch.h
+ * (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE) that ferry_model_open (and transformers) load.
  *
  * What out_dir receives:
- *   config.json                           every field format/config.c reads, model_type
- *                                         "mixtral", torch_dtype, and "ferry_synth" (seed)
+ *   config.json                           the keys the family's real config.json has, in
+ *                                         its order (Mixtral's as before, the others sorted
+ *                                         as transformers writes them), torch_dtype, and
+ *                                         "ferry_synth" (seed)
  *   model.safetensors                     when the tensors fit in one shard, else
  *   model-0000i-of-0000N.safetensors      shards of at most shard_bytes of tensors, and
  *   model.safetensors.index.json          { "metadata": { "total_size": tensor bytes },
  *                                           "weight_map": { name: shard, ... } }
  *   tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model
  *                                         copied from tokenizer_dir (the last three when
- *                                         present)
+ *                                         present), or, without one (not for Mixtral),
+ *   tokenizer.json, tokenizer_config.json a byte-level BPE written here (below)
  * A shard is what format/safetensors.c validates: u64 header length N (little-endian),
  * N bytes of JSON padded with spaces to a multiple of 8 ({"__metadata__": {"format":
  * "pt"}, name: {"dtype", "shape", "data_offsets": [begin, end]}, ...}), then the tensors
  * back to back in header order, so every tensor starts aligned for its dtype. Tensors go
- * in model order (embedding, each layer's norms, attention, router and experts, final
- * norm, LM head); a shard is closed when the next tensor would take it past shard_bytes.
+ * in model order (embedding; each layer's input norm, attention projections each with its
+ * bias, q/k norms, post-attention norm, then its MLP: the router, each expert's gate, down
+ * and up projections, the shared expert and its gate; or the dense MLP; final norm, LM
+ * head unless tied); a shard is closed when the next tensor would take it past shard_bytes.
+ * The names and which tensors a layer has come from the family's row of format/arch.h.
  *
  * Values: element i of the tensor called T takes 16 bits, lane i % 4, of splitmix64's
  * output r = mix(key + (i / 4 + 1) * golden), key = XXH3(T, seed), and is
@@ -26,8 +32,22 @@
  * chunk of any tensor is computed without the others, and a tensor's values depend on the
  * seed and its name only (a 2-layer and a 32-layer model share layer 0). 16 bits are more
  * than bf16 and f16 hold, and let a thread look the 65536 values up in a table instead of
- * converting each. a = sqrt(3 / columns) gives standard deviation 1/sqrt(fan_in), so
- * activations keep unit scale through the layers; norm weights are 1.
+ * converting each. a = sqrt(3 / fan_in) gives standard deviation 1/sqrt(fan_in), so
+ * activations keep unit scale through the layers: fan_in is a matrix's columns, and a
+ * bias's is its projection's columns; norm weights (q/k norms too) are 1.
+ *
+ * The generated tokenizer (tokenizer_dir NULL): tokenizer.json laid out as a real Qwen3
+ * (or, for OLMoE, GPT-NeoX) tokenizer.json is, with a synthetic vocabulary: ids 0..255 the
+ * 256 GPT-2 byte symbols in GPT-2's order, then n_bpe - 256 merges, each "a b" of two
+ * tokens already there (rank = order) making token a+b; then the family's special tokens
+ * (Qwen: <|endoftext|>, <|im_start|>, <|im_end|>; OLMoE: <|extra_id_0|>, <|extra_id_1|>,
+ * <|endoftext|>) as added tokens, whose ids are config.json's BOS/EOS. The merges build
+ * words as the pre-tokenizer cuts text: a piece is lowercase ASCII letters, a start is 'Ġ'
+ * (a space) followed by a piece; half the merges join a start and a piece into a longer
+ * start, half two pieces into a longer piece, at most SYNTH_BPE_MAX_LEN bytes, the parts
+ * drawn by a fixed splitmix64 stream with early tokens likelier, and a draw is skipped
+ * when its result exists. So the tokenizer depends only on n_bpe and the family, and one
+ * of n tokens is the first n of a larger one.
  *
  * Writing: the tensors are cut into chunks of at most SYNTH_CHUNK_BYTES; every thread of
  * a pool claims chunks in order from one atomic counter, converts them into its own
@@ -57,6 +77,7 @@
 #include "core/error.h"
 #include "core/fileio.h"
 #include "core/pool.h"
+#include "format/arch.h"
 #include "format/config.h"
 #include "format/tokenizer.h"
 #include "kernels/dtype.h"
@@ -69,6 +90,10 @@
 #define SYNTH_MAX_THREADS 1024
 #define SYNTH_NAME_CAP 96
 #define SYNTH_GOLDEN 0x9e3779b97f4a7c15ull
+#define SYNTH_N_SPECIAL 3               /* special tokens of a generated tokenizer */
+#define SYNTH_BPE_MIN 256               /* its byte symbols */
+#define SYNTH_BPE_MAX_LEN 12            /* bytes of its longest merged token */
+#define SYNTH_BPE_SEED 0x6665727279ull  /* its merges' stream ("ferry") */
 
 static const char *const g_dtype_names[3] = {"BF16", "F16", "F32"};
 static const char *const g_torch_dtypes[3] = {"bfloat16", "float16", "float32"};
@@ -76,9 +101,73 @@ static const char *const g_torch_dtypes[3] = {"bfloat16", "float16", "float32"};
 static const char *const g_tokenizer_files[4] = {"tokenizer.json", "tokenizer_config.json",
                                                  "special_tokens_map.json", "tokenizer.model"};
 
+/* What ferry synth writes for a family beyond its row of format/arch.h: the keys of its
+ * real config.json that ferry does not read, and its generated tokenizer. */
+typedef struct {
+    const char *model_type;
+    int writes_head_dim;       /* config.json has head_dim: 1 always, 2 when it is not
+                                  hidden / heads, 0 never (the family has no such key) */
+    int writes_bos;            /* config.json has bos_token_id */
+    int writes_rope_scaling;   /* config.json has "rope_scaling": null */
+    int writes_empty_mlp_only; /* config.json has mlp_only_layers even when it is [] */
+    int32_t pad_token_id;      /* config.json's pad_token_id; -1 = none */
+    double aux_loss;           /* router_aux_loss_coef */
+    int32_t sliding_window;    /* Qwen: sliding_window (0 = null), unused without
+                                  use_sliding_window */
+    int32_t max_window_layers; /* Qwen: max_window_layers; 0 = num_hidden_layers */
+    /* the generated tokenizer; special[bos] / special[eos], -1 = none */
+    const char *special[SYNTH_N_SPECIAL];
+    int bos, eos;
+    int qwen_pretok;           /* Qwen's Split regex then ByteLevel; else GPT-2's ByteLevel */
+    const char *tokenizer_class;
+} synth_family;
+
+static const synth_family g_families[] = {
+    {.model_type = "mixtral",
+     .writes_head_dim = 2,
+     .writes_bos = 1,
+     .pad_token_id = -1,
+     .aux_loss = 0.02},
+    /* Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B */
+    {.model_type = "qwen3_moe",
+     .writes_head_dim = 1,
+     .writes_bos = 1,
+     .writes_rope_scaling = 1,
+     .writes_empty_mlp_only = 1,
+     .pad_token_id = -1,
+     .aux_loss = 0.001,
+     .special = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"},
+     .bos = 0,
+     .eos = 2,
+     .qwen_pretok = 1,
+     .tokenizer_class = "Qwen2Tokenizer"},
+    /* Qwen/Qwen1.5-MoE-A2.7B */
+    {.model_type = "qwen2_moe",
+     .writes_bos = 1,
+     .pad_token_id = -1,
+     .aux_loss = 0.001,
+     .sliding_window = 32768,
+     .max_window_layers = 21,
+     .special = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"},
+     .bos = 0,
+     .eos = 0,
+     .qwen_pretok = 1,
+     .tokenizer_class = "Qwen2Tokenizer"},
+    /* allenai/OLMoE-1B-7B-0924 */
+    {.model_type = "olmoe",
+     .writes_rope_scaling = 1,
+     .pad_token_id = 1,
+     .aux_loss = 0.01,
+     .special = {"<|extra_id_0|>", "<|extra_id_1|>", "<|endoftext|>"},
+     .bos = -1,
+     .eos = 2,
+     .tokenizer_class = "GPTNeoXTokenizer"},
+};
+#define N_FAMILIES ((int)(sizeof g_families / sizeof g_families[0]))
+
 typedef struct {
     char name[SYNTH_NAME_CAP];
-    int32_t n_dims;   /* 1 (a norm) or 2 */
+    int32_t n_dims;   /* 1 (a norm or bias) or 2 */
     int64_t shape[2];
     float half_width; /* values uniform in [-half_width, half_width); 0: all ones */
     uint64_t key;     /* XXH3 of the name, seeded */
@@ -101,6 +190,11 @@ typedef struct {
 
 typedef struct {
     ferry_synth_params p;
+    const ferry_arch *arch;
+    const synth_family *fam;
+    int32_t head_dim;       /* resolved */
+    uint8_t *dense;         /* (n_layers) 1: the layer's MLP is dense */
+    int32_t n_bpe;          /* generated tokenizer: byte + merged tokens; 0: copied */
     size_t elem_bytes;
     int32_t bos_id, eos_id; /* from the tokenizer; -1 when it has none */
     synth_tensor *tensors;
@@ -129,38 +223,68 @@ ferry_synth_params ferry_synth_params_default(void)
     return p;
 }
 
+/* One preset: the shape fields, model_type .. n_bpe_tokens of ferry_synth_params. */
+typedef struct {
+    const char *name;
+    const char *model_type;
+    int32_t n_vocab, d_model, d_ff, n_layers, n_heads, n_kv_heads, head_dim, n_experts,
+        n_experts_used, max_positions;
+    double rope_theta, rms_eps;
+    int32_t d_ff_dense, d_ff_shared, norm_topk_prob, n_bpe_tokens;
+} synth_preset;
+
+/* From each model's config.json on the Hugging Face Hub (and, for tiny, the bundled
+ * models/tiny-moe-code/config.json). n_bpe_tokens is the real tokenizer's regular tokens
+ * (Qwen2's 151643; OLMoE's GPT-NeoX 50277), so the special tokens take the real ids. */
+static const synth_preset g_presets[] = {
+    {"mixtral-8x7b", "mixtral", 32000, 4096, 14336, 32, 32, 8, 0, 8, 2, 32768, 1e6, 1e-5, 0,
+     0, 1, 0},
+    {"tiny", "mixtral", 4096, 192, 384, 6, 6, 2, 0, 8, 2, 4096, 1e6, 1e-5, 0, 0, 1, 0},
+    {"qwen3-30b-a3b", "qwen3_moe", 151936, 2048, 768, 48, 32, 4, 128, 128, 8, 40960, 1e6,
+     1e-6, 6144, 0, 1, 151643},
+    {"qwen3-235b-a22b", "qwen3_moe", 151936, 4096, 1536, 94, 64, 4, 128, 128, 8, 40960, 1e6,
+     1e-6, 12288, 0, 1, 151643},
+    {"qwen1.5-moe-a2.7b", "qwen2_moe", 151936, 2048, 1408, 24, 16, 16, 0, 60, 4, 8192, 1e6,
+     1e-6, 5632, 5632, 0, 151643},
+    {"olmoe-1b-7b", "olmoe", 50304, 2048, 1024, 16, 16, 16, 0, 64, 8, 4096, 1e4, 1e-5, 0, 0,
+     0, 50277},
+};
+#define N_PRESETS ((int)(sizeof g_presets / sizeof g_presets[0]))
+
 ferry_status ferry_synth_preset(const char *name, ferry_synth_params *p)
 {
     if (!name || !p)
         return ferry_fail(FERRY_ERR_INVALID, "ferry_synth_preset: NULL argument");
-    if (!strcmp(name, "mixtral-8x7b")) {
-        p->n_vocab = 32000;
-        p->d_model = 4096;
-        p->d_ff = 14336;
-        p->n_layers = 32;
-        p->n_heads = 32;
-        p->n_kv_heads = 8;
-        p->n_experts = 8;
-        p->n_experts_used = 2;
-        p->max_positions = 32768;
-        p->rope_theta = 1e6;
-        p->rms_eps = 1e-5;
-    } else if (!strcmp(name, "tiny")) { /* models/tiny-moe-code/config.json */
-        p->n_vocab = 4096;
-        p->d_model = 192;
-        p->d_ff = 384;
-        p->n_layers = 6;
-        p->n_heads = 6;
-        p->n_kv_heads = 2;
-        p->n_experts = 8;
-        p->n_experts_used = 2;
-        p->max_positions = 4096;
-        p->rope_theta = 1e6;
-        p->rms_eps = 1e-5;
-    } else {
-        return ferry_fail(FERRY_ERR_INVALID, "unknown preset '%s' (known: mixtral-8x7b, tiny)",
+    const synth_preset *s = NULL;
+    for (int i = 0; i < N_PRESETS && !s; i++)
+        if (!strcmp(name, g_presets[i].name))
+            s = &g_presets[i];
+    if (!s)
+        return ferry_fail(FERRY_ERR_INVALID, "unknown preset '%s' (known: mixtral-8x7b, tiny, "
+                          "qwen3-30b-a3b, qwen3-235b-a22b, qwen1.5-moe-a2.7b, olmoe-1b-7b)",
                           name);
-    }
+    p->model_type = s->model_type;
+    p->n_vocab = s->n_vocab;
+    p->d_model = s->d_model;
+    p->d_ff = s->d_ff;
+    p->n_layers = s->n_layers;
+    p->n_heads = s->n_heads;
+    p->n_kv_heads = s->n_kv_heads;
+    p->head_dim = s->head_dim;
+    p->n_experts = s->n_experts;
+    p->n_experts_used = s->n_experts_used;
+    p->max_positions = s->max_positions;
+    p->rope_theta = s->rope_theta;
+    p->rms_eps = s->rms_eps;
+    p->d_ff_dense = s->d_ff_dense;
+    p->dense_layers = NULL;
+    p->n_dense_layers = 0;
+    p->d_ff_shared = s->d_ff_shared;
+    p->norm_topk_prob = s->norm_topk_prob;
+    p->attention_bias = 0;
+    p->clip_qkv = 0;
+    p->tie_embeddings = 0;
+    p->n_bpe_tokens = s->n_bpe_tokens;
     return FERRY_OK;
 }
 
@@ -173,39 +297,156 @@ static ferry_status check_count(const char *what, int64_t v, int64_t hi)
     return FERRY_OK;
 }
 
-/* Everything about p but the tokenizer and the output folder. */
-static ferry_status check_params(const ferry_synth_params *p)
+/* A 0/1 flag. */
+static ferry_status check_flag(const char *what, int32_t v)
 {
-    const int64_t dim = FERRY_CONFIG_MAX_DIM, count = FERRY_CONFIG_MAX_COUNT;
-    TRY(check_count("vocab (vocab_size)", p->n_vocab, FERRY_CONFIG_MAX_VOCAB));
-    TRY(check_count("hidden (hidden_size)", p->d_model, dim));
-    TRY(check_count("intermediate (intermediate_size)", p->d_ff, dim));
-    TRY(check_count("layers (num_hidden_layers)", p->n_layers, count));
-    TRY(check_count("heads (num_attention_heads)", p->n_heads, count));
-    TRY(check_count("kv heads (num_key_value_heads)", p->n_kv_heads, count));
-    TRY(check_count("experts (num_local_experts)", p->n_experts, FERRY_CONFIG_MAX_EXPERTS));
-    TRY(check_count("top-k (num_experts_per_tok)", p->n_experts_used, count));
-    TRY(check_count("max positions (max_position_embeddings)", p->max_positions,
-                    FERRY_CONFIG_MAX_VOCAB));
-    if (p->d_model % p->n_heads != 0)
-        return ferry_fail(FERRY_ERR_INVALID, "hidden (hidden_size) %d is not a multiple of heads "
-                          "(num_attention_heads) %d", (int)p->d_model, (int)p->n_heads);
-    if ((p->d_model / p->n_heads) % 2 != 0)
-        return ferry_fail(FERRY_ERR_INVALID, "head dimension hidden / heads = %d / %d = %d is "
-                          "odd; RoPE rotates pairs", (int)p->d_model, (int)p->n_heads,
-                          (int)(p->d_model / p->n_heads));
+    if (v != 0 && v != 1)
+        return ferry_fail(FERRY_ERR_INVALID, "%s is %d, must be 0 or 1", what, (int)v);
+    return FERRY_OK;
+}
+
+/* The family p->model_type names: its row of format/arch.h and what synth writes for it. */
+static ferry_status find_family(const ferry_synth_params *p, const ferry_arch **arch,
+                                const synth_family **fam)
+{
+    const char *type = p->model_type ? p->model_type : "mixtral";
+    for (int i = 0; i < N_FAMILIES; i++)
+        if (!strcmp(type, g_families[i].model_type) && (*arch = ferry_arch_find(type))) {
+            *fam = &g_families[i];
+            return FERRY_OK;
+        }
+    return ferry_fail(FERRY_ERR_INVALID, "model type '%s' is not a family ferry synth writes "
+                      "(mixtral, qwen3_moe, qwen2_moe, olmoe)", type);
+}
+
+/* The head dimension and its consistency with hidden and heads; *head_dim the resolved one.
+ * Needs the counts checked. */
+static ferry_status check_heads(const ferry_synth_params *p, const synth_family *fam,
+                                int32_t *head_dim)
+{
+    if (p->head_dim == 0) {
+        if (p->d_model % p->n_heads != 0)
+            return ferry_fail(FERRY_ERR_INVALID, "hidden (hidden_size) %d is not a multiple of "
+                              "heads (num_attention_heads) %d", (int)p->d_model,
+                              (int)p->n_heads);
+        if ((p->d_model / p->n_heads) % 2 != 0)
+            return ferry_fail(FERRY_ERR_INVALID, "head dimension hidden / heads = %d / %d = %d "
+                              "is odd; RoPE rotates pairs", (int)p->d_model, (int)p->n_heads,
+                              (int)(p->d_model / p->n_heads));
+        *head_dim = p->d_model / p->n_heads;
+    } else {
+        TRY(check_count("head dim (head_dim)", p->head_dim, FERRY_CONFIG_MAX_DIM));
+        if (p->head_dim % 2 != 0)
+            return ferry_fail(FERRY_ERR_INVALID, "head dim (head_dim) %d is odd; RoPE rotates "
+                              "pairs", (int)p->head_dim);
+        if ((int64_t)p->n_heads * p->head_dim > FERRY_CONFIG_MAX_DIM)
+            return ferry_fail(FERRY_ERR_INVALID, "heads (num_attention_heads) %d x head dim "
+                              "(head_dim) %d exceeds %d", (int)p->n_heads, (int)p->head_dim,
+                              FERRY_CONFIG_MAX_DIM);
+        if (!fam->writes_head_dim && (int64_t)p->head_dim * p->n_heads != p->d_model)
+            return ferry_fail(FERRY_ERR_INVALID, "head dim (head_dim) %d is not hidden / heads "
+                              "= %d / %d, and %s's config.json has no head_dim; leave it 0",
+                              (int)p->head_dim, (int)p->d_model, (int)p->n_heads,
+                              fam->model_type);
+        *head_dim = p->head_dim;
+    }
     if (p->n_heads % p->n_kv_heads != 0)
         return ferry_fail(FERRY_ERR_INVALID, "heads (num_attention_heads) %d is not a multiple of "
                           "kv heads (num_key_value_heads) %d", (int)p->n_heads,
                           (int)p->n_kv_heads);
+    return FERRY_OK;
+}
+
+/* The options beyond Mixtral's: dense layers (into dense, n_layers entries, when not
+ * NULL), the shared expert, routing, biases, clip_qkv, tied embeddings. */
+static ferry_status check_family_options(const ferry_synth_params *p, const ferry_arch *a,
+                                         uint8_t *dense)
+{
+    const char *type = a->model_type;
+    const int64_t dim = FERRY_CONFIG_MAX_DIM;
+    if (a->key_dense_ff)
+        TRY(check_count("dense intermediate (intermediate_size)", p->d_ff_dense, dim));
+    else if (p->d_ff_dense != 0)
+        return ferry_fail(FERRY_ERR_INVALID, "dense intermediate is %d, must be 0: %s has no "
+                          "dense MLP layers", (int)p->d_ff_dense, type);
+    if (p->n_dense_layers < 0 || p->n_dense_layers >= p->n_layers)
+        return ferry_fail(FERRY_ERR_INVALID, "dense layers (mlp_only_layers) lists %d of the %d "
+                          "layers; at least one layer must be sparse", (int)p->n_dense_layers,
+                          (int)p->n_layers);
+    if (p->n_dense_layers > 0 && !p->dense_layers)
+        return ferry_fail(FERRY_ERR_INVALID, "dense layers (mlp_only_layers) is NULL with %d "
+                          "entries", (int)p->n_dense_layers);
+    if (p->n_dense_layers > 0 && !a->key_dense_ff)
+        return ferry_fail(FERRY_ERR_INVALID, "dense layers (mlp_only_layers) given, but %s has "
+                          "no dense MLP layers", type);
+    for (int32_t i = 0; i < p->n_dense_layers; i++) {
+        int32_t l = p->dense_layers[i];
+        if (l < 0 || l >= p->n_layers)
+            return ferry_fail(FERRY_ERR_INVALID, "dense layer (mlp_only_layers[%d]) %d is not a "
+                              "layer in [0, %d)", (int)i, (int)l, (int)p->n_layers);
+        for (int32_t j = 0; j < i; j++)
+            if (p->dense_layers[j] == l)
+                return ferry_fail(FERRY_ERR_INVALID, "dense layer %d is listed twice "
+                                  "(mlp_only_layers[%d] and [%d])", (int)l, (int)j, (int)i);
+        if (dense)
+            dense[l] = 1;
+    }
+    if (a->key_shared_ff)
+        TRY(check_count("shared intermediate (shared_expert_intermediate_size)", p->d_ff_shared,
+                        dim));
+    else if (p->d_ff_shared != 0)
+        return ferry_fail(FERRY_ERR_INVALID, "shared intermediate is %d, must be 0: %s has no "
+                          "shared expert", (int)p->d_ff_shared, type);
+    TRY(check_flag("norm topk prob (norm_topk_prob)", p->norm_topk_prob));
+    if (a->topk == FERRY_TOPK_ALWAYS && !p->norm_topk_prob)
+        return ferry_fail(FERRY_ERR_INVALID, "norm topk prob is 0, but %s always renormalises "
+                          "the top-k routing weights; it must be 1", type);
+    TRY(check_flag("attention bias (attention_bias)", p->attention_bias));
+    if (p->attention_bias && a->bias != FERRY_BIAS_CONFIG_ALL)
+        return ferry_fail(FERRY_ERR_INVALID, "attention bias is 1, but %s's config.json has no "
+                          "attention_bias (%s)", type, a->bias == FERRY_BIAS_QKV ?
+                          "its q, k and v projections always have biases" : "it has none");
+    if (!(p->clip_qkv >= 0) || !isfinite((float)p->clip_qkv))
+        return ferry_fail(FERRY_ERR_INVALID, "clip qkv (clip_qkv) %g must be a float >= 0 "
+                          "(0: none)", p->clip_qkv);
+    if (p->clip_qkv > 0 && (!a->clip_qkv || !((float)p->clip_qkv > 0)))
+        return ferry_fail(FERRY_ERR_INVALID, "clip qkv (clip_qkv) is %g, but %s", p->clip_qkv,
+                          a->clip_qkv ? "it is 0 as a float" : "only olmoe clamps q, k and v");
+    TRY(check_flag("tie embeddings (tie_word_embeddings)", p->tie_embeddings));
+    return FERRY_OK;
+}
+
+/* Everything about p but the tokenizer and the output folder; *arch, *fam, *head_dim the
+ * family and resolved head dimension. */
+static ferry_status check_params(const ferry_synth_params *p, const ferry_arch **arch,
+                                 const synth_family **fam, int32_t *head_dim)
+{
+    const int64_t dim = FERRY_CONFIG_MAX_DIM, count = FERRY_CONFIG_MAX_COUNT;
+    TRY(find_family(p, arch, fam));
+    const ferry_arch *a = *arch;
+    char experts[64], ff[64];
+    snprintf(experts, sizeof experts, "experts (%s)", a->key_n_experts);
+    snprintf(ff, sizeof ff, "intermediate (%s)", a->key_expert_ff);
+    TRY(check_count("vocab (vocab_size)", p->n_vocab, FERRY_CONFIG_MAX_VOCAB));
+    TRY(check_count("hidden (hidden_size)", p->d_model, dim));
+    TRY(check_count(ff, p->d_ff, dim));
+    TRY(check_count("layers (num_hidden_layers)", p->n_layers, count));
+    TRY(check_count("heads (num_attention_heads)", p->n_heads, count));
+    TRY(check_count("kv heads (num_key_value_heads)", p->n_kv_heads, count));
+    TRY(check_count(experts, p->n_experts, FERRY_CONFIG_MAX_EXPERTS));
+    TRY(check_count("top-k (num_experts_per_tok)", p->n_experts_used, count));
+    TRY(check_count("max positions (max_position_embeddings)", p->max_positions,
+                    FERRY_CONFIG_MAX_VOCAB));
+    TRY(check_heads(p, *fam, head_dim));
     if (p->n_experts_used > p->n_experts)
-        return ferry_fail(FERRY_ERR_INVALID, "top-k (num_experts_per_tok) %d exceeds experts "
-                          "(num_local_experts) %d", (int)p->n_experts_used, (int)p->n_experts);
+        return ferry_fail(FERRY_ERR_INVALID, "top-k (num_experts_per_tok) %d exceeds %s %d",
+                          (int)p->n_experts_used, experts, (int)p->n_experts);
     if (!(p->rope_theta > 0) || !isfinite((float)p->rope_theta))
         return ferry_fail(FERRY_ERR_INVALID, "rope theta %g must be a positive float",
                           p->rope_theta);
     if (!((float)p->rms_eps > 0) || !isfinite((float)p->rms_eps))
         return ferry_fail(FERRY_ERR_INVALID, "rms eps %g must be a positive float", p->rms_eps);
+    TRY(check_family_options(p, a, NULL));
     if (p->dtype < FERRY_SYNTH_BF16 || p->dtype > FERRY_SYNTH_F32)
         return ferry_fail(FERRY_ERR_INVALID, "dtype %d is not bf16 (%d), f16 (%d) or f32 (%d)",
                           (int)p->dtype, FERRY_SYNTH_BF16, FERRY_SYNTH_F16, FERRY_SYNTH_F32);
@@ -217,10 +458,27 @@ static ferry_status check_params(const ferry_synth_params *p)
     return FERRY_OK;
 }
 
-/* Checks the tokenizer folder against the vocab size and reads its BOS/EOS ids. */
-static ferry_status check_tokenizer(const ferry_synth_params *p, int32_t *bos, int32_t *eos)
+/* The tokenizer: the folder to copy, checked against the vocab size, with its BOS/EOS ids;
+ * or, without one (not for Mixtral), the one this file generates: *n_bpe its byte and
+ * merged tokens, the special tokens after them. */
+static ferry_status check_tokenizer(const ferry_synth_params *p, const synth_family *fam,
+                                    int32_t *n_bpe, int32_t *bos, int32_t *eos)
 {
     struct stat sb;
+    *n_bpe = 0;
+    if ((!p->tokenizer_dir || !p->tokenizer_dir[0]) && fam->special[0]) {
+        int32_t room = p->n_vocab - SYNTH_N_SPECIAL, n = p->n_bpe_tokens ? p->n_bpe_tokens : room;
+        if (p->n_bpe_tokens < 0 || n > room || n < SYNTH_BPE_MIN)
+            return ferry_fail(FERRY_ERR_INVALID, "the generated tokenizer's %d BPE tokens "
+                              "(n_bpe_tokens %d) and %d special tokens do not fit vocab "
+                              "(vocab_size) %d; it needs %d byte tokens at least",
+                              (int)n, (int)p->n_bpe_tokens, SYNTH_N_SPECIAL, (int)p->n_vocab,
+                              SYNTH_BPE_MIN);
+        *n_bpe = n;
+        *bos = fam->bos >= 0 ? n + fam->bos : -1;
+        *eos = fam->eos >= 0 ? n + fam->eos : -1;
+        return FERRY_OK;
+    }
     if (!p->tokenizer_dir || !p->tokenizer_dir[0])
         return ferry_fail(FERRY_ERR_INVALID, "no tokenizer folder given (tokenizer_dir): a "
                           "checkpoint needs a tokenizer.json to copy");
@@ -281,6 +539,26 @@ static void sb_printf(sbuf *b, const char *fmt, ...)
     }
 }
 
+/* Appends n bytes of s (no formatting: the hot path of the tokenizer's 151k entries). */
+static void sb_put(sbuf *b, const char *s, size_t n)
+{
+    if (b->failed)
+        return;
+    if (b->len + n + 1 > b->cap) {
+        size_t cap = (b->cap ? b->cap * 2 : 4096) + n;
+        char *grown = realloc(b->s, cap);
+        if (!grown) {
+            b->failed = 1;
+            return;
+        }
+        b->s = grown;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->len, s, n);
+    b->len += n;
+    b->s[b->len] = 0;
+}
+
 static void plan_free(synth_plan *pl)
 {
     if (pl->shards)
@@ -289,11 +567,17 @@ static void plan_free(synth_plan *pl)
     free(pl->shards);
     free(pl->tensors);
     free(pl->chunks);
+    free(pl->dense);
     memset(pl, 0, sizeof *pl);
 }
 
-/* Appends a tensor: a norm of d0 ones (n_dims 1) or a (d0, d1) matrix. */
-static void add_tensor(synth_plan *pl, const char *name, int32_t n_dims, int64_t d0, int64_t d1)
+/* The half-width of values with standard deviation 1/sqrt(fan_in). */
+static float half_width(int64_t fan_in) { return (float)sqrt(3.0 / (double)fan_in); }
+
+/* Appends a tensor: a vector of d0 (n_dims 1) or a (d0, d1) matrix, values uniform in
+ * [-a, a), or ones when a is 0. */
+static void add_tensor(synth_plan *pl, const char *name, int32_t n_dims, int64_t d0, int64_t d1,
+                       float a)
 {
     synth_tensor *t = &pl->tensors[pl->n_tensors++];
     snprintf(t->name, sizeof t->name, "%s", name);
@@ -301,52 +585,91 @@ static void add_tensor(synth_plan *pl, const char *name, int32_t n_dims, int64_t
     t->shape[0] = d0;
     t->shape[1] = n_dims == 2 ? d1 : 0;
     t->n_elems = (uint64_t)d0 * (uint64_t)(n_dims == 2 ? d1 : 1);
-    t->half_width = n_dims == 2 ? (float)sqrt(3.0 / (double)d1) : 0.0f;
+    t->half_width = a;
     t->key = XXH3_64bits_withSeed(name, strlen(name), pl->p.seed);
+}
+
+/* A (rows, cols) matrix named by fmt ("%d" the layer l, then the expert e). */
+static void add_matrix(synth_plan *pl, const char *fmt, int32_t l, int32_t e, int64_t rows,
+                       int64_t cols)
+{
+    char name[SYNTH_NAME_CAP];
+    snprintf(name, sizeof name, fmt, (int)l, (int)e);
+    add_tensor(pl, name, 2, rows, cols, half_width(cols));
+}
+
+/* A vector of n named by fmt ("%d" the layer): a norm (fan_in 0: ones) or a bias. */
+static void add_vector(synth_plan *pl, const char *fmt, int32_t l, int64_t n, int64_t fan_in)
+{
+    char name[SYNTH_NAME_CAP];
+    snprintf(name, sizeof name, fmt, (int)l);
+    add_tensor(pl, name, 1, n, 0, fan_in ? half_width(fan_in) : 0.0f);
+}
+
+/* A SwiGLU MLP of width ff named by fmt (gate, up, down; "%d" the layer, then the expert),
+ * written gate, down, up (Mixtral's w1, w2, w3). */
+static void add_mlp(synth_plan *pl, const char *const fmt[3], int32_t l, int32_t e, int64_t ff)
+{
+    const int64_t d = pl->p.d_model;
+    add_matrix(pl, fmt[0], l, e, ff, d);
+    add_matrix(pl, fmt[2], l, e, d, ff);
+    add_matrix(pl, fmt[1], l, e, ff, d);
 }
 
 static ferry_status plan_tensors(synth_plan *pl)
 {
     const ferry_synth_params *p = &pl->p;
-    int64_t n = 3 + (int64_t)p->n_layers * (7 + 3 * (int64_t)p->n_experts);
+    const ferry_arch *a = pl->arch;
+    int64_t n = 3 + (int64_t)p->n_layers * (16 + 3 * (int64_t)p->n_experts);
     if (n > SYNTH_MAX_TENSORS)
         return ferry_fail(FERRY_ERR_INVALID, "%d layers x %d experts make %lld tensors, more "
                           "than the %d ferry synth writes", (int)p->n_layers, (int)p->n_experts,
                           (long long)n, SYNTH_MAX_TENSORS);
     pl->tensors = calloc((size_t)n, sizeof *pl->tensors);
-    if (!pl->tensors)
+    pl->dense = calloc((size_t)p->n_layers, 1);
+    if (!pl->tensors || !pl->dense)
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory for %lld tensor records", (long long)n);
     pl->cap_tensors = (int32_t)n;
-    const int64_t d = p->d_model, ff = p->d_ff, V = p->n_vocab;
-    const int64_t head_dim = d / p->n_heads, kv = (int64_t)p->n_kv_heads * head_dim;
-    char name[SYNTH_NAME_CAP];
-    add_tensor(pl, "model.embed_tokens.weight", 2, V, d);
+    TRY(check_family_options(p, a, pl->dense));
+    const int64_t d = p->d_model, V = p->n_vocab;
+    const int64_t q = (int64_t)p->n_heads * pl->head_dim;
+    const int64_t kv = (int64_t)p->n_kv_heads * pl->head_dim;
+    const int qkv_bias = a->bias == FERRY_BIAS_QKV || p->attention_bias;
+    static const char *const proj[4] = {"q", "k", "v", "o"};
+    const int64_t rows[4] = {q, kv, kv, d}, cols[4] = {d, d, d, q};
+    char fmt[SYNTH_NAME_CAP];
+    add_tensor(pl, "model.embed_tokens.weight", 2, V, d, half_width(d));
     for (int32_t l = 0; l < p->n_layers; l++) {
-#define LAYER(suffix, nd, a, b)                                                                 \
-    do {                                                                                        \
-        snprintf(name, sizeof name, "model.layers.%d.%s", (int)l, suffix);                      \
-        add_tensor(pl, name, nd, a, b);                                                         \
-    } while (0)
-        LAYER("input_layernorm.weight", 1, d, 0);
-        LAYER("self_attn.q_proj.weight", 2, d, d);
-        LAYER("self_attn.k_proj.weight", 2, kv, d);
-        LAYER("self_attn.v_proj.weight", 2, kv, d);
-        LAYER("self_attn.o_proj.weight", 2, d, d);
-        LAYER("post_attention_layernorm.weight", 1, d, 0);
-        LAYER("block_sparse_moe.gate.weight", 2, p->n_experts, d);
-        for (int32_t e = 0; e < p->n_experts; e++) {
-            char sfx[64];
-            snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w1.weight", (int)e);
-            LAYER(sfx, 2, ff, d);
-            snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w2.weight", (int)e);
-            LAYER(sfx, 2, d, ff);
-            snprintf(sfx, sizeof sfx, "block_sparse_moe.experts.%d.w3.weight", (int)e);
-            LAYER(sfx, 2, ff, d);
+        add_vector(pl, "model.layers.%d.input_layernorm.weight", l, d, 0);
+        for (int k = 0; k < 4; k++) {
+            snprintf(fmt, sizeof fmt, "model.layers.%%d.self_attn.%s_proj.weight", proj[k]);
+            add_matrix(pl, fmt, l, 0, rows[k], cols[k]);
+            if (k < 3 ? qkv_bias : p->attention_bias) {
+                snprintf(fmt, sizeof fmt, "model.layers.%%d.self_attn.%s_proj.bias", proj[k]);
+                add_vector(pl, fmt, l, rows[k], cols[k]);
+            }
         }
-#undef LAYER
+        if (a->qk_norm != FERRY_QK_NORM_NONE) {
+            int head = a->qk_norm == FERRY_QK_NORM_HEAD;
+            add_vector(pl, a->q_norm, l, head ? pl->head_dim : q, 0);
+            add_vector(pl, a->k_norm, l, head ? pl->head_dim : kv, 0);
+        }
+        add_vector(pl, "model.layers.%d.post_attention_layernorm.weight", l, d, 0);
+        if (pl->dense[l]) {
+            add_mlp(pl, a->dense_mlp, l, 0, p->d_ff_dense);
+            continue;
+        }
+        add_matrix(pl, a->router, l, 0, p->n_experts, d);
+        for (int32_t e = 0; e < p->n_experts; e++)
+            add_mlp(pl, a->expert, l, e, p->d_ff);
+        if (a->shared[0]) {
+            add_mlp(pl, a->shared, l, 0, p->d_ff_shared);
+            add_matrix(pl, a->shared_gate, l, 0, 1, d);
+        }
     }
-    add_tensor(pl, "model.norm.weight", 1, d, 0);
-    add_tensor(pl, "lm_head.weight", 2, V, d);
+    add_tensor(pl, "model.norm.weight", 1, d, 0, 0.0f);
+    if (!p->tie_embeddings)
+        add_tensor(pl, "lm_head.weight", 2, V, d, half_width(d));
     for (int32_t i = 0; i < pl->n_tensors; i++)
         pl->n_params += (int64_t)pl->tensors[i].n_elems;
     return FERRY_OK;
@@ -462,11 +785,12 @@ static ferry_status plan_build(const ferry_synth_params *p, synth_plan *pl)
     memset(pl, 0, sizeof *pl);
     if (!p)
         return ferry_fail(FERRY_ERR_INVALID, "ferry_synth: NULL parameters");
-    if ((st = check_params(p)))
+    if ((st = check_params(p, &pl->arch, &pl->fam, &pl->head_dim)))
         return st;
     pl->p = *p;
     pl->elem_bytes = p->dtype == FERRY_SYNTH_F32 ? 4 : 2;
-    if ((st = check_tokenizer(p, &pl->bos_id, &pl->eos_id)) || (st = plan_tensors(pl)) ||
+    if ((st = check_tokenizer(p, pl->fam, &pl->n_bpe, &pl->bos_id, &pl->eos_id)) ||
+        (st = plan_tensors(pl)) ||
         (st = plan_shards(pl)) || (st = plan_headers(pl)) || (st = plan_chunks(pl)))
         plan_free(pl);
     return st;
@@ -741,13 +1065,322 @@ static ferry_status copy_tokenizer(const synth_plan *pl, synth_files *f)
     return FERRY_OK;
 }
 
-static ferry_status write_config(const synth_plan *pl, synth_files *f)
+/* ---- the generated tokenizer (see the top of the file) ------------------------------------ */
+
+/* GPT-2's bytes_to_unicode in its id order: ids 0..187 the printable bytes ('!'..'~',
+ * U+00A1..U+00AC, U+00AE..U+00FF) as themselves, ids 188..255 the others in byte order as
+ * U+0100 onwards (the space, 0x20, is U+0120 'Ġ'). cp[id] is the code point, byte[id] the
+ * byte it stands for. */
+static void byte_symbols(uint32_t cp[256], uint8_t byte[256])
+{
+    int n = 0, extra = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int b = 0; b < 256; b++) {
+            int printable = (b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || b >= 0xae;
+            if (printable != (pass == 0))
+                continue;
+            byte[n] = (uint8_t)b;
+            cp[n++] = pass == 0 ? (uint32_t)b : 256u + (uint32_t)extra++;
+        }
+}
+
+/* The vocabulary being built: every token's text (GPT-2 symbols, UTF-8) and a hash set of
+ * them, the merges, and which tokens a merge may take as its left or right part. */
+typedef struct {
+    int32_t n, cap;
+    char *text;            /* token i is text[off[i] .. off[i + 1]) */
+    uint32_t *off;         /* (cap + 1) */
+    uint8_t *raw;          /* (cap) bytes of text token i stands for */
+    int32_t *starts;       /* (cap) 'Ġ' and the pieces that start with it: a word's start */
+    int32_t *pieces;       /* (cap) the pieces of lowercase letters */
+    int32_t n_starts, n_pieces;
+    int32_t *merges;       /* (cap) x 2: token i >= 256 is merges[2i] + merges[2i + 1] */
+    int32_t *slots;        /* hash set of the tokens' texts, -1 empty */
+    uint64_t mask;
+} synth_bpe;
+
+static void bpe_free(synth_bpe *b)
+{
+    free(b->text);
+    free(b->off);
+    free(b->raw);
+    free(b->starts);
+    free(b->pieces);
+    free(b->merges);
+    free(b->slots);
+}
+
+/* The slot holding text s (n bytes), or the empty slot where it would go. */
+static int32_t *bpe_slot(const synth_bpe *b, const char *s, size_t n)
+{
+    for (uint64_t h = XXH3_64bits(s, n);; h++) {
+        int32_t *slot = &b->slots[h & b->mask], id = *slot;
+        if (id < 0 || (b->off[id + 1] - b->off[id] == n && !memcmp(b->text + b->off[id], s, n)))
+            return slot;
+    }
+}
+
+/* Appends the token whose text is s (n bytes, not yet in the vocabulary). */
+static void bpe_add(synth_bpe *b, const char *s, size_t n, uint8_t raw, int32_t *slot)
+{
+    int32_t id = b->n++;
+    memcpy(b->text + b->off[id], s, n);
+    b->off[id + 1] = b->off[id] + (uint32_t)n;
+    b->raw[id] = raw;
+    *slot = id;
+}
+
+/* An index in [0, n), early ones likelier (u^3 of a uniform u: short tokens merge more,
+ * as in a trained BPE), from the stream *s. */
+static int32_t bpe_pick(uint64_t *s, int32_t n)
+{
+    *s += SYNTH_GOLDEN;
+    double u = (double)(mix64(*s) >> 11) * 0x1p-53;
+    return (int32_t)(u * u * u * (double)n);
+}
+
+/* Builds n_bpe tokens: the 256 byte symbols, then the merges. */
+static ferry_status bpe_build(synth_bpe *b, int32_t n_bpe)
+{
+    uint64_t n_slots = 1;
+    while (n_slots < 2 * (uint64_t)n_bpe)
+        n_slots *= 2;
+    memset(b, 0, sizeof *b);
+    b->cap = n_bpe;
+    b->mask = n_slots - 1;
+    b->text = malloc((size_t)n_bpe * 2 * SYNTH_BPE_MAX_LEN);
+    b->off = calloc((size_t)n_bpe + 1, sizeof *b->off);
+    b->raw = malloc((size_t)n_bpe);
+    b->starts = malloc((size_t)n_bpe * sizeof *b->starts);
+    b->pieces = malloc((size_t)n_bpe * sizeof *b->pieces);
+    b->merges = malloc((size_t)n_bpe * 2 * sizeof *b->merges);
+    b->slots = malloc(n_slots * sizeof *b->slots);
+    if (!b->text || !b->off || !b->raw || !b->starts || !b->pieces || !b->merges || !b->slots)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for a tokenizer of %d tokens",
+                          (int)n_bpe);
+    memset(b->slots, 0xff, n_slots * sizeof *b->slots);
+    uint32_t cp[256];
+    uint8_t byte[256];
+    byte_symbols(cp, byte);
+    for (int i = 0; i < 256; i++) {
+        char s[2];
+        size_t n = 1;
+        if (cp[i] < 0x80) {
+            s[0] = (char)cp[i];
+        } else {
+            s[0] = (char)(0xc0 | (cp[i] >> 6));
+            s[1] = (char)(0x80 | (cp[i] & 0x3f));
+            n = 2;
+        }
+        bpe_add(b, s, n, 1, bpe_slot(b, s, n));
+        if (byte[i] >= 'a' && byte[i] <= 'z')
+            b->pieces[b->n_pieces++] = i;
+        else if (byte[i] == ' ')
+            b->starts[b->n_starts++] = i;
+    }
+    uint64_t stream = SYNTH_BPE_SEED;
+    int64_t tries = 0, max_tries = 64 * (int64_t)n_bpe + 1000000;
+    char s[4 * SYNTH_BPE_MAX_LEN];
+    while (b->n < n_bpe) {
+        if (++tries > max_tries)
+            return ferry_fail(FERRY_ERR_INVALID, "generating the tokenizer: %d merges found in "
+                              "%lld tries, %d wanted", (int)(b->n - 256), (long long)tries,
+                              (int)(n_bpe - 256));
+        /* half the merges make a word's start, half a piece inside a word */
+        stream += SYNTH_GOLDEN;
+        int start = (int)(mix64(stream) >> 63);
+        int32_t x = start ? b->starts[bpe_pick(&stream, b->n_starts)]
+                          : b->pieces[bpe_pick(&stream, b->n_pieces)];
+        int32_t y = b->pieces[bpe_pick(&stream, b->n_pieces)];
+        if (b->raw[x] + b->raw[y] > SYNTH_BPE_MAX_LEN)
+            continue;
+        size_t nx = b->off[x + 1] - b->off[x], ny = b->off[y + 1] - b->off[y];
+        memcpy(s, b->text + b->off[x], nx);
+        memcpy(s + nx, b->text + b->off[y], ny);
+        int32_t *slot = bpe_slot(b, s, nx + ny);
+        if (*slot >= 0)
+            continue;
+        int32_t id = b->n;
+        b->merges[2 * id] = x;
+        b->merges[2 * id + 1] = y;
+        bpe_add(b, s, nx + ny, (uint8_t)(b->raw[x] + b->raw[y]), slot);
+        if (start)
+            b->starts[b->n_starts++] = id;
+        else
+            b->pieces[b->n_pieces++] = id;
+    }
+    return FERRY_OK;
+}
+
+/* A JSON string of n bytes of s: the vocabulary's texts need only '"' and '\' escaped. */
+static void sb_json(sbuf *o, const char *s, size_t n)
+{
+    sb_put(o, "\"", 1);
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] == '"' || s[i] == '\\')
+            sb_put(o, "\\", 1);
+        sb_put(o, s + i, 1);
+    }
+    sb_put(o, "\"", 1);
+}
+
+/* Qwen2's pre-tokenizer regex, as tokenizer.json spells it (JSON escapes). */
+#define SYNTH_QWEN_REGEX                                                                       \
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}| "          \
+    "?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+"
+
+/* tokenizer.json, laid out as the family's real one (compact). */
+static ferry_status tokenizer_json(const synth_plan *pl, const synth_bpe *b, sbuf *o)
+{
+    const synth_family *fam = pl->fam;
+    const char *bl = fam->qwen_pretok ? "{\"type\":\"ByteLevel\",\"add_prefix_space\":false,"
+                                        "\"trim_offsets\":false,\"use_regex\":false}"
+                                      : "{\"type\":\"ByteLevel\",\"add_prefix_space\":false,"
+                                        "\"trim_offsets\":true,\"use_regex\":true}";
+    sb_printf(o, "{\"version\":\"1.0\",\"truncation\":null,\"padding\":null,\"added_tokens\":[");
+    for (int k = 0; k < SYNTH_N_SPECIAL; k++)
+        sb_printf(o, "%s{\"id\":%d,\"content\":\"%s\",\"single_word\":false,\"lstrip\":false,"
+                  "\"rstrip\":false,\"normalized\":false,\"special\":true}", k ? "," : "",
+                  (int)(b->n + k), fam->special[k]);
+    sb_printf(o, "],\"normalizer\":{\"type\":\"NFC\"},\"pre_tokenizer\":");
+    if (fam->qwen_pretok)
+        sb_printf(o, "{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\",\"pattern\":"
+                  "{\"Regex\":\"" SYNTH_QWEN_REGEX "\"},\"behavior\":\"Isolated\",\"invert\":"
+                  "false},%s]}", bl);
+    else
+        sb_printf(o, "%s", bl);
+    sb_printf(o, ",\"post_processor\":%s,\"decoder\":%s,\"model\":{\"type\":\"BPE\",\"dropout\":"
+              "null,\"unk_token\":null,\"continuing_subword_prefix\":\"\",\"end_of_word_suffix\":"
+              "\"\",\"fuse_unk\":false,\"byte_fallback\":false,\"ignore_merges\":false,"
+              "\"vocab\":{", bl, bl);
+    for (int32_t i = 0; i < b->n; i++) {
+        char id[16];
+        if (i)
+            sb_put(o, ",", 1);
+        sb_json(o, b->text + b->off[i], b->off[i + 1] - b->off[i]);
+        sb_put(o, id, (size_t)snprintf(id, sizeof id, ":%d", (int)i));
+    }
+    sb_put(o, "},\"merges\":[", 12);
+    for (int32_t i = 256; i < b->n; i++) {
+        int32_t x = b->merges[2 * i], y = b->merges[2 * i + 1];
+        size_t nx = b->off[x + 1] - b->off[x], ny = b->off[y + 1] - b->off[y];
+        char s[4 * SYNTH_BPE_MAX_LEN + 1];
+        memcpy(s, b->text + b->off[x], nx);
+        s[nx] = ' ';
+        memcpy(s + nx + 1, b->text + b->off[y], ny);
+        if (i > 256)
+            sb_put(o, ",", 1);
+        sb_json(o, s, nx + 1 + ny);
+    }
+    sb_put(o, "]}}", 3);
+    if (o->failed)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for tokenizer.json");
+    return FERRY_OK;
+}
+
+/* tokenizer_config.json: no BOS added, the special tokens, the family's tokenizer class. */
+static char *tokenizer_config_json(const synth_plan *pl)
+{
+    const synth_family *fam = pl->fam;
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddBoolToObject(c, "add_bos_token", 0);
+    if (fam->qwen_pretok)
+        cJSON_AddBoolToObject(c, "add_prefix_space", 0);
+    else
+        cJSON_AddBoolToObject(c, "add_eos_token", 0);
+    cJSON *dec = cJSON_AddObjectToObject(c, "added_tokens_decoder");
+    for (int k = 0; k < SYNTH_N_SPECIAL && dec; k++) {
+        char id[16];
+        snprintf(id, sizeof id, "%d", (int)(pl->n_bpe + k));
+        cJSON *t = cJSON_AddObjectToObject(dec, id);
+        cJSON_AddStringToObject(t, "content", fam->special[k]);
+        cJSON_AddBoolToObject(t, "lstrip", 0);
+        cJSON_AddBoolToObject(t, "normalized", 0);
+        cJSON_AddBoolToObject(t, "rstrip", 0);
+        cJSON_AddBoolToObject(t, "single_word", 0);
+        cJSON_AddBoolToObject(t, "special", 1);
+    }
+    if (fam->qwen_pretok) {
+        cJSON *extra = cJSON_AddArrayToObject(c, "additional_special_tokens");
+        for (int k = 1; k < SYNTH_N_SPECIAL && extra; k++)
+            cJSON_AddItemToArray(extra, cJSON_CreateString(fam->special[k]));
+    }
+    cJSON_AddNullToObject(c, "bos_token"); /* as the real ones: config.json has the BOS */
+    cJSON_AddBoolToObject(c, "clean_up_tokenization_spaces", 0);
+    cJSON_AddStringToObject(c, "eos_token", fam->special[fam->eos]);
+    if (fam->qwen_pretok)
+        cJSON_AddStringToObject(c, "errors", "replace");
+    cJSON_AddNumberToObject(c, "model_max_length", pl->p.max_positions);
+    if (fam->qwen_pretok) {
+        cJSON_AddStringToObject(c, "pad_token", fam->special[0]);
+        cJSON_AddBoolToObject(c, "split_special_tokens", 0);
+    } else {
+        cJSON_AddNullToObject(c, "pad_token");
+    }
+    cJSON_AddStringToObject(c, "tokenizer_class", fam->tokenizer_class);
+    cJSON_AddNullToObject(c, "unk_token");
+    char *text = cJSON_Print(c);
+    cJSON_Delete(c);
+    return text;
+}
+
+/* Writes the generated tokenizer.json and tokenizer_config.json. */
+static ferry_status write_tokenizer(const synth_plan *pl, synth_files *f)
+{
+    synth_bpe b;
+    sbuf o = {0};
+    char *config = NULL;
+    const char *tmp;
+    ferry_status st = bpe_build(&b, pl->n_bpe);
+    if (st)
+        goto fail;
+    if ((st = tokenizer_json(pl, &b, &o)) || (st = files_add(f, "tokenizer.json", &tmp)) ||
+        (st = write_small_file(tmp, o.s, o.len)))
+        goto fail;
+    if (!(config = tokenizer_config_json(pl))) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for tokenizer_config.json");
+        goto fail;
+    }
+    if ((st = files_add(f, "tokenizer_config.json", &tmp)))
+        goto fail;
+    st = write_small_file(tmp, config, strlen(config));
+fail:
+    free(config);
+    free(o.s);
+    bpe_free(&b);
+    return st;
+}
+
+/* ---- config.json -------------------------------------------------------------------------- */
+
+static int cmp_keys(const void *a, const void *b)
+{
+    return strcmp((*(cJSON *const *)a)->string, (*(cJSON *const *)b)->string);
+}
+
+/* Sorts o's keys as transformers writes config.json (sort_keys). */
+static ferry_status sort_keys(cJSON *o)
+{
+    int n = cJSON_GetArraySize(o), i = 0;
+    cJSON **items = malloc((size_t)(n > 0 ? n : 1) * sizeof *items);
+    if (!items)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for config.json");
+    while (o->child)
+        items[i++] = cJSON_DetachItemViaPointer(o, o->child);
+    qsort(items, (size_t)n, sizeof *items, cmp_keys);
+    for (i = 0; i < n; i++)
+        cJSON_AddItemToArray(o, items[i]);
+    free(items);
+    return FERRY_OK;
+}
+
+/* Mixtral's config.json, as ferry synth has always written it. */
+static void mixtral_config(const synth_plan *pl, cJSON *c)
 {
     const ferry_synth_params *p = &pl->p;
-    cJSON *c = cJSON_CreateObject();
     cJSON *arch = cJSON_AddArrayToObject(c, "architectures");
     if (arch)
-        cJSON_AddItemToArray(arch, cJSON_CreateString("MixtralForCausalLM"));
+        cJSON_AddItemToArray(arch, cJSON_CreateString(pl->arch->architecture));
     cJSON_AddStringToObject(c, "model_type", "mixtral");
     cJSON_AddNumberToObject(c, "attention_dropout", 0.0);
     if (pl->bos_id >= 0 && pl->bos_id < p->n_vocab)
@@ -758,6 +1391,8 @@ static ferry_status write_config(const synth_plan *pl, synth_files *f)
         cJSON_AddNumberToObject(c, "eos_token_id", pl->eos_id);
     else
         cJSON_AddNullToObject(c, "eos_token_id");
+    if (p->head_dim && (int64_t)p->head_dim * p->n_heads != p->d_model)
+        cJSON_AddNumberToObject(c, "head_dim", p->head_dim);
     cJSON_AddStringToObject(c, "hidden_act", "silu");
     cJSON_AddNumberToObject(c, "hidden_size", p->d_model);
     cJSON_AddNumberToObject(c, "initializer_range", 0.02);
@@ -771,12 +1406,101 @@ static ferry_status write_config(const synth_plan *pl, synth_files *f)
     cJSON_AddBoolToObject(c, "output_router_logits", 0);
     cJSON_AddNumberToObject(c, "rms_norm_eps", p->rms_eps);
     cJSON_AddNumberToObject(c, "rope_theta", p->rope_theta);
-    cJSON_AddNumberToObject(c, "router_aux_loss_coef", 0.02);
+    cJSON_AddNumberToObject(c, "router_aux_loss_coef", pl->fam->aux_loss);
     cJSON_AddNullToObject(c, "sliding_window");
-    cJSON_AddBoolToObject(c, "tie_word_embeddings", 0);
+    cJSON_AddBoolToObject(c, "tie_word_embeddings", p->tie_embeddings);
     cJSON_AddStringToObject(c, "torch_dtype", g_torch_dtypes[p->dtype]);
     cJSON_AddBoolToObject(c, "use_cache", 1);
     cJSON_AddNumberToObject(c, "vocab_size", p->n_vocab);
+}
+
+/* The other families' config.json: the keys their real one has (keys sorted afterwards). */
+static void family_config(const synth_plan *pl, cJSON *c)
+{
+    const ferry_synth_params *p = &pl->p;
+    const ferry_arch *a = pl->arch;
+    const synth_family *fam = pl->fam;
+    cJSON *arch = cJSON_AddArrayToObject(c, "architectures");
+    if (arch)
+        cJSON_AddItemToArray(arch, cJSON_CreateString(a->architecture));
+    cJSON_AddStringToObject(c, "model_type", a->model_type);
+    if (a->bias == FERRY_BIAS_CONFIG_ALL)
+        cJSON_AddBoolToObject(c, "attention_bias", p->attention_bias);
+    cJSON_AddNumberToObject(c, "attention_dropout", 0.0);
+    if (fam->writes_bos && pl->bos_id >= 0 && pl->bos_id < p->n_vocab)
+        cJSON_AddNumberToObject(c, "bos_token_id", pl->bos_id);
+    else if (fam->writes_bos)
+        cJSON_AddNullToObject(c, "bos_token_id");
+    if (a->clip_qkv && p->clip_qkv > 0)
+        cJSON_AddNumberToObject(c, "clip_qkv", p->clip_qkv);
+    else if (a->clip_qkv)
+        cJSON_AddNullToObject(c, "clip_qkv");
+    if (pl->eos_id >= 0 && pl->eos_id < p->n_vocab)
+        cJSON_AddNumberToObject(c, "eos_token_id", pl->eos_id);
+    else
+        cJSON_AddNullToObject(c, "eos_token_id");
+    if (fam->writes_head_dim == 1)
+        cJSON_AddNumberToObject(c, "head_dim", pl->head_dim);
+    cJSON_AddStringToObject(c, "hidden_act", "silu");
+    cJSON_AddNumberToObject(c, "hidden_size", p->d_model);
+    cJSON_AddNumberToObject(c, "initializer_range", 0.02);
+    cJSON_AddNumberToObject(c, a->key_expert_ff, p->d_ff);
+    cJSON_AddNumberToObject(c, "max_position_embeddings", p->max_positions);
+    cJSON_AddBoolToObject(c, "norm_topk_prob", p->norm_topk_prob);
+    cJSON_AddNumberToObject(c, "num_attention_heads", p->n_heads);
+    cJSON_AddNumberToObject(c, a->key_n_experts, p->n_experts);
+    cJSON_AddNumberToObject(c, "num_experts_per_tok", p->n_experts_used);
+    cJSON_AddNumberToObject(c, "num_hidden_layers", p->n_layers);
+    cJSON_AddNumberToObject(c, "num_key_value_heads", p->n_kv_heads);
+    cJSON_AddBoolToObject(c, "output_router_logits", 0);
+    if (fam->pad_token_id >= 0 && fam->pad_token_id < p->n_vocab)
+        cJSON_AddNumberToObject(c, "pad_token_id", fam->pad_token_id);
+    cJSON_AddNumberToObject(c, "rms_norm_eps", p->rms_eps);
+    if (fam->writes_rope_scaling)
+        cJSON_AddNullToObject(c, "rope_scaling");
+    cJSON_AddNumberToObject(c, "rope_theta", p->rope_theta);
+    cJSON_AddNumberToObject(c, "router_aux_loss_coef", fam->aux_loss);
+    cJSON_AddBoolToObject(c, "tie_word_embeddings", p->tie_embeddings);
+    cJSON_AddStringToObject(c, "torch_dtype", g_torch_dtypes[p->dtype]);
+    cJSON_AddBoolToObject(c, "use_cache", 1);
+    cJSON_AddNumberToObject(c, "vocab_size", p->n_vocab);
+    if (a->key_dense_ff) { /* Qwen */
+        cJSON_AddNumberToObject(c, "decoder_sparse_step", 1);
+        cJSON_AddNumberToObject(c, "intermediate_size", p->d_ff_dense);
+        int32_t window = fam->max_window_layers ? fam->max_window_layers : p->n_layers;
+        cJSON_AddNumberToObject(c, "max_window_layers", window < p->n_layers ? window
+                                                                             : p->n_layers);
+        if (fam->writes_empty_mlp_only || p->n_dense_layers > 0) {
+            cJSON *only = cJSON_AddArrayToObject(c, "mlp_only_layers");
+            for (int32_t l = 0; l < p->n_layers && only; l++)
+                if (pl->dense[l])
+                    cJSON_AddItemToArray(only, cJSON_CreateNumber(l));
+        }
+        if (fam->sliding_window)
+            cJSON_AddNumberToObject(c, "sliding_window", fam->sliding_window);
+        else
+            cJSON_AddNullToObject(c, "sliding_window");
+        cJSON_AddBoolToObject(c, "use_sliding_window", 0);
+    }
+    if (a->key_shared_ff)
+        cJSON_AddNumberToObject(c, a->key_shared_ff, p->d_ff_shared);
+}
+
+static ferry_status write_config(const synth_plan *pl, synth_files *f)
+{
+    const ferry_synth_params *p = &pl->p;
+    ferry_status st = FERRY_OK;
+    char *text = NULL;
+    cJSON *c = cJSON_CreateObject();
+    if (!c)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for config.json");
+    if (!strcmp(pl->arch->model_type, "mixtral")) {
+        mixtral_config(pl, c);
+    } else {
+        family_config(pl, c);
+        if ((st = sort_keys(c)))
+            goto fail;
+    }
     /* Says the weights are random (and how to make them again); loaders ignore it. */
     cJSON *synth = cJSON_AddObjectToObject(c, "ferry_synth");
     char seed[32];
@@ -785,15 +1509,16 @@ static ferry_status write_config(const synth_plan *pl, synth_files *f)
         cJSON_AddStringToObject(synth, "weights", "random");
         cJSON_AddStringToObject(synth, "seed", seed);
     }
-    char *text = cJSON_Print(c);
-    cJSON_Delete(c);
-    if (!text)
-        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for config.json");
+    if (!(text = cJSON_Print(c))) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for config.json");
+        goto fail;
+    }
     const char *tmp;
-    ferry_status st = files_add(f, "config.json", &tmp);
-    if (!st)
+    if (!(st = files_add(f, "config.json", &tmp)))
         st = write_small_file(tmp, text, strlen(text));
+fail:
     free(text);
+    cJSON_Delete(c);
     return st;
 }
 
@@ -904,8 +1629,8 @@ static void write_task(void *arg, int32_t k)
         fill_chunk(t, ch->first, ch->count, pl->p.dtype, &j->workers[k], j->workers[k].buf);
         uint64_t bytes = ch->count * pl->elem_bytes;
         uint64_t at = pl->shards[t->shard].header_bytes + t->offset + ch->first * pl->elem_bytes;
-        ferry_status st = ferry_pwrite_all(j->fds[t->shard], j->tmp_paths[t->shard], j->workers[k].buf,
-                                    bytes, at);
+        ferry_status st = ferry_pwrite_all(j->fds[t->shard], j->tmp_paths[t->shard],
+                                           j->workers[k].buf, bytes, at);
         if (st) {
             job_fail(j, st);
             return;
@@ -1044,7 +1769,8 @@ ferry_status ferry_synth(const ferry_synth_params *p, const char *out_dir)
         goto done;
     }
     if ((st = prepare_dir(out_dir, &f)) || (st = check_space(&pl, out_dir)) ||
-        (st = copy_tokenizer(&pl, &f)) || (st = write_config(&pl, &f)) ||
+        (st = pl.n_bpe ? write_tokenizer(&pl, &f) : copy_tokenizer(&pl, &f)) ||
+        (st = write_config(&pl, &f)) ||
         (st = write_shards(&pl, &f)))
         goto done;
     if (pl.n_shards > 1 && (st = write_index(&pl, &f)))

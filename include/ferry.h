@@ -1,6 +1,6 @@
 /*
  * ferry.h: the public C API of libferry, an inference engine for Mixture-of-Experts
- * language models (Mixtral-style checkpoints in the Hugging Face layout).
+ * language models (Hugging Face checkpoints of Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE).
  *
  * This is the only header a user includes. Every object is an opaque handle; every
  * fallible call returns a ferry_status and, on failure, leaves a message that
@@ -155,7 +155,8 @@ typedef struct {
 
 ferry_model_params ferry_model_params_default(void);
 
-/* Opens a Hugging Face Mixtral-style checkpoint directory: config.json, one
+/* Opens a Hugging Face checkpoint directory of a family ferry runs (mixtral, qwen3_moe,
+ * qwen2_moe, olmoe; format/arch.h): config.json, one
  * model.safetensors or shards listed in model.safetensors.index.json, tokenizer.json
  * (and tokenizer_config.json when present). Tensors are memory-mapped and validated
  * (offsets, sizes, dtypes, shapes against config.json) before use. On success *out owns
@@ -205,18 +206,49 @@ typedef enum { FERRY_SYNTH_BF16 = 0, FERRY_SYNTH_F16 = 1, FERRY_SYNTH_F32 = 2 } 
 typedef void (*ferry_synth_progress_fn)(uint64_t bytes_done, uint64_t bytes_total, void *user);
 
 typedef struct {
-    /* the shape, written to config.json as the names in parentheses */
+    /* the shape, written to config.json as the names in parentheses (the family's own keys:
+       Mixtral's num_local_experts is Qwen's and OLMoE's num_experts, Mixtral's and OLMoE's
+       expert intermediate_size is Qwen's moe_intermediate_size) */
+    const char *model_type; /* the family, config.json's model_type: "mixtral", "qwen3_moe",
+                               "qwen2_moe" or "olmoe" (format/arch.h); NULL = "mixtral" */
     int32_t n_vocab;        /* vocab_size; at least the tokenizer's vocabulary */
-    int32_t d_model;        /* hidden_size; n_heads divides it and d_model / n_heads is even */
-    int32_t d_ff;           /* intermediate_size (one expert) */
+    int32_t d_model;        /* hidden_size */
+    int32_t d_ff;           /* one expert's width: intermediate_size (mixtral, olmoe),
+                               moe_intermediate_size (qwen3_moe, qwen2_moe) */
     int32_t n_layers;       /* num_hidden_layers */
     int32_t n_heads;        /* num_attention_heads */
     int32_t n_kv_heads;     /* num_key_value_heads; divides n_heads */
-    int32_t n_experts;      /* num_local_experts */
+    int32_t head_dim;       /* head_dim, even; 0 = d_model / n_heads (n_heads must divide
+                               d_model). Written for qwen3_moe always, for mixtral when it
+                               is not d_model / n_heads; qwen2_moe and olmoe have no such key,
+                               so for them it must be 0 or d_model / n_heads */
+    int32_t n_experts;      /* experts per sparse layer (num_local_experts, num_experts) */
     int32_t n_experts_used; /* num_experts_per_tok (top-k), 1..n_experts */
     int32_t max_positions;  /* max_position_embeddings */
     double rope_theta;      /* rope_theta, > 0 */
     double rms_eps;         /* rms_norm_eps, > 0 */
+    int32_t d_ff_dense;     /* qwen3_moe, qwen2_moe: intermediate_size, the width of a dense
+                               layer's MLP, >= 1; mixtral, olmoe: 0 (they have no dense MLP) */
+    const int32_t *dense_layers; /* Qwen's mlp_only_layers: the layers (each in
+                                    [0, n_layers), not all of them) whose MLP is dense, of
+                                    width d_ff_dense; borrowed; NULL when n_dense_layers is 0 */
+    int32_t n_dense_layers;
+    int32_t d_ff_shared;    /* qwen2_moe: shared_expert_intermediate_size, the width of every
+                               sparse layer's shared expert, >= 1; other families: 0 */
+    int32_t norm_topk_prob; /* 1: the top-k routing weights are renormalised to sum to 1.
+                               Written as norm_topk_prob for qwen3_moe, qwen2_moe and olmoe;
+                               mixtral always renormalises, so it must be 1 there */
+    int32_t attention_bias; /* qwen3_moe, olmoe: attention_bias, biases on the q, k, v and o
+                               projections; must be 0 for mixtral and qwen2_moe (which always
+                               has q, k and v biases, and no o bias) */
+    double clip_qkv;        /* olmoe: clip_qkv, > 0 clamps q, k, v; 0 = null. Other
+                               families: 0 */
+    int32_t tie_embeddings; /* tie_word_embeddings: 1 = no lm_head.weight, the output head is
+                               the embedding */
+    int32_t n_bpe_tokens;   /* the tokenizer ferry_synth writes when tokenizer_dir is NULL
+                               (every family but mixtral): its byte and merged tokens, ids
+                               0..n_bpe_tokens-1, >= 256; its special tokens follow. 0 = as
+                               many as the vocabulary leaves room for */
     int32_t dtype;          /* ferry_synth_dtype of every tensor */
     uint64_t seed;          /* a tensor's values depend on the seed and its name only */
     int32_t n_threads;      /* writer threads; 0 = every online core */
@@ -224,20 +256,38 @@ typedef struct {
                                its own); one shard: model.safetensors, no index */
     const char *tokenizer_dir; /* copied from: tokenizer.json (required), and
                                   tokenizer_config.json, special_tokens_map.json,
-                                  tokenizer.model when present */
+                                  tokenizer.model when present. NULL: required for mixtral;
+                                  for the other families ferry_synth writes a byte-level BPE
+                                  tokenizer.json and tokenizer_config.json of its own (the
+                                  256 GPT-2 byte symbols, n_bpe_tokens - 256 deterministic
+                                  merges, then the family's special tokens, whose ids are the
+                                  BOS/EOS in config.json) */
     ferry_synth_progress_fn progress; /* may be NULL */
     void *progress_user;
 } ferry_synth_params;
 
 /* The mixtral-8x7b shape, bf16, seed 0, every core, 4 GiB shards, no tokenizer_dir (it
- * must be set), no progress callback. */
+ * must be set for mixtral), no progress callback. */
 ferry_synth_params ferry_synth_params_default(void);
 
-/* Sets the shape fields of *p (n_vocab .. rms_eps) to a named shape and leaves the
- * others: "mixtral-8x7b" (32 layers, 8 experts of 14336 over hidden 4096, top-2, GQA 32/8,
- * vocab 32000) or "tiny" (the bundled models/tiny-moe-code: 6 layers, 8 experts of 384
- * over hidden 192, top-2, 6/2 heads, vocab 4096). FERRY_ERR_INVALID for another name
- * (naming it and the known ones) or NULL. Thread-safe. */
+/* Sets the shape fields of *p (model_type .. n_bpe_tokens) to a real model's, from its
+ * Hugging Face config.json, and leaves the others:
+ *   "mixtral-8x7b"     mixtral: 32 layers, 8 experts of 14336 over hidden 4096, top-2,
+ *                      32/8 heads, vocab 32000
+ *   "tiny"             mixtral: the bundled models/tiny-moe-code, 6 layers, 8 experts of
+ *                      384 over hidden 192, top-2, 6/2 heads, vocab 4096
+ *   "qwen3-30b-a3b"    qwen3_moe: 48 layers, 128 experts of 768 over hidden 2048, top-8
+ *                      renormalised, 32/4 heads of head_dim 128, q/k norms, dense width
+ *                      6144 (no dense layer), vocab 151936, untied
+ *   "qwen3-235b-a22b"  qwen3_moe: 94 layers, 128 experts of 1536 over hidden 4096, top-8,
+ *                      64/4 heads of 128, dense width 12288 (no dense layer), vocab 151936
+ *   "qwen1.5-moe-a2.7b" qwen2_moe: 24 layers, 60 experts of 1408 over hidden 2048, top-4
+ *                      not renormalised, a shared expert of 5632, 16/16 heads, q/k/v
+ *                      biases, vocab 151936
+ *   "olmoe-1b-7b"      olmoe: 16 layers, 64 experts of 1024 over hidden 2048, top-8 not
+ *                      renormalised, 16/16 heads, q/k norms over the whole projections,
+ *                      vocab 50304
+ * FERRY_ERR_INVALID for another name (naming it and the known ones) or NULL. Thread-safe. */
 ferry_status ferry_synth_preset(const char *name, ferry_synth_params *p);
 
 typedef struct {
@@ -253,11 +303,13 @@ typedef struct {
 ferry_status ferry_synth_plan(const ferry_synth_params *p, ferry_synth_info *out);
 
 /* Writes a checkpoint of p's shape with random weights into out_dir, which must not exist
- * (it is created; its parent must exist) or be empty: config.json (model_type mixtral,
- * torch_dtype), the tensors ferry_model_open binds, in model.safetensors or in shards
- * model-0000i-of-0000N.safetensors listed by model.safetensors.index.json, and the
- * tokenizer files. Values are uniform with standard deviation 1/sqrt(columns) (norms are
- * 1), a function of p->seed and the tensor's name, so the same seed gives the same bytes
+ * (it is created; its parent must exist) or be empty: config.json (the family's keys, as
+ * its real config.json has them, and torch_dtype), the tensors ferry_model_open binds
+ * under the family's names (q/k norms, biases, shared experts, dense MLPs included), in
+ * model.safetensors or in shards model-0000i-of-0000N.safetensors listed by
+ * model.safetensors.index.json, and the tokenizer files (copied, or written: see
+ * tokenizer_dir). Values are uniform with standard deviation 1/sqrt(fan-in) (norms are 1),
+ * a function of p->seed and the tensor's name, so the same seed gives the same bytes
  * whatever the thread count. Files are written under temporary names ("NAME.tmp"),
  * fsynced and renamed, model.safetensors or the index last: a run that stops early never
  * leaves a checkpoint that opens, and a failing run removes what it wrote. Returns

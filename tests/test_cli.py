@@ -642,6 +642,82 @@ class CliTest(unittest.TestCase):
             self.assertEqual(p.returncode, 2, args)
             self.assertIn(msg, p.stderr.decode(), args)
 
+    def test_tokenize_encodes_and_decodes(self):
+        case = self.ref[0]
+        out = ferry("tokenize", MODEL, "-p", case["prompt"]).stdout.decode()
+        self.assertEqual(out, " ".join(map(str, case["ids"])) + "\n")
+        plain = ferry("tokenize", MODEL, "-p", case["prompt"], "--no-special").stdout.decode()
+        self.assertEqual(plain.split(), [str(i) for i in case["ids"][1:]])  # no BOS
+        j = json.loads(ferry("tokenize", MODEL, "-p", case["prompt"], "--json").stdout)
+        self.assertEqual(j["ids"], case["ids"])
+        self.assertEqual(j["pieces"][0], "<s>")
+        self.assertEqual(len(j["pieces"]), len(j["ids"]))
+        ids = ",".join(map(str, case["ids"]))
+        self.assertEqual(ferry("tokenize", MODEL, "--decode", ids).stdout.decode(),
+                         "<s> " + case["prompt"] + "\n")  # Strip drops the first space only
+        self.assertEqual(ferry("tokenize", MODEL, "--decode", ids, "--no-special").stdout
+                         .decode(), case["prompt"] + "\n")
+        j = json.loads(ferry("tokenize", MODEL, "--decode", ids.replace(",", " "), "--json",
+                             "--no-special").stdout)
+        self.assertEqual(j, {"ids": case["ids"], "text": case["prompt"]})
+        with tempfile.TemporaryDirectory() as tmp:
+            text = os.path.join(tmp, "in.txt")
+            with open(text, "w") as f:
+                f.write(case["prompt"])
+            self.assertEqual(ferry("tokenize", MODEL, "-f", text).stdout.decode(), out)
+            # a tokenizer.json file: its tokenizer_config.json beside it is read
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(os.path.join(MODEL, name), tmp)
+            self.assertEqual(ferry("tokenize", os.path.join(tmp, "tokenizer.json"), "-p",
+                                   case["prompt"]).stdout.decode(), out)
+
+    def test_tokenize_byte_level(self):
+        qwen = os.path.join(ROOT, "..", "shared", "fixtures", "moe-families", "tiny-qwen3_moe")
+        if not os.path.isdir(qwen):
+            self.skipTest("no shared fixtures")
+        out = ferry("tokenize", qwen, "-p", "Hello world<|im_start|>\u00e9").stdout.decode()
+        self.assertEqual(out, "9707 1879 151644 963\n")
+        j = json.loads(ferry("tokenize", os.path.join(qwen, "tokenizer.json"), "-p",
+                             "Hello world", "--json").stdout)
+        self.assertEqual(j, {"ids": [9707, 1879], "pieces": ["Hello", "\u0120world"]})
+        self.assertEqual(ferry("tokenize", qwen, "--decode", "9707,1879,151644,963")
+                         .stdout.decode(), "Hello world<|im_start|>\u00e9\n")
+        self.assertEqual(ferry("tokenize", qwen, "--decode", "151644,963", "--no-special")
+                         .stdout.decode(), "\u00e9\n")
+
+    def test_tokenize_errors(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            bad = os.path.join(tmp, "tokenizer.json")
+            with open(bad, "w") as f:
+                f.write("{\"model\": ")
+            for args, code, msg in [
+                ([MODEL, "-p", "a", "-f", "b"], 2, "give one of -p, -f and --decode"),
+                ([MODEL, "-p", "a", "--decode", "1"], 2, "give one of -p, -f and --decode"),
+                ([MODEL], 2, "usage: ferry tokenize"),
+                ([], 2, "usage: ferry tokenize"),
+                ([MODEL, "-p"], 2, "-p needs a value"),
+                ([MODEL, "-p", "a", "-p", "b"], 2, "-p given twice"),
+                ([MODEL, "--decode", "1,x"], 2, "--decode expects ids such as 1,2,3"),
+                ([MODEL, "--decode", "1.5"], 2, "--decode expects ids such as 1,2,3"),
+                ([MODEL, "--decode", "1,99999"], 1, "ids[1] = 99999 is outside the vocab"),
+                ([MODEL, "--decode", "-1"], 1, "ids[0] = -1 is outside the vocab"),
+                ([MODEL, "--frobnicate", "-p", "a"], 2, "unknown option '--frobnicate'"),
+                ([MODEL, MODEL, "-p", "a"], 2, "one tokenizer path"),
+                ([os.path.join(tmp, "none"), "-p", "a"], 1, "none: No such file or directory"),
+                ([tmp + "/", "-p", "a"], 1, "invalid JSON"),
+                ([bad, "-p", "a"], 1, "invalid JSON"),
+                ([ROOT, "-p", "a"], 1, "tokenizer.json: cannot open"),
+                ([MODEL, "-f", os.path.join(tmp, "none.txt")], 1, "cannot open"),
+            ]:
+                p = ferry("tokenize", *args, check=False)
+                self.assertEqual(p.returncode, code, (args, p.stderr.decode()))
+                self.assertIn(msg, p.stderr.decode(), args)
+            p = ferry("tokenize", MODEL, "-p", "\udcff".encode("utf-8", "surrogateescape"),
+                      check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("invalid UTF-8 at byte 0", p.stderr.decode())
+            self.assertEqual(ferry("tokenize", "--help").returncode, 0)
+
 
 if __name__ == "__main__":
     FERRY = os.path.abspath(sys.argv.pop(1))
