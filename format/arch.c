@@ -25,6 +25,7 @@ static const ferry_arch g_arches[] = {
                    LAYER "block_sparse_moe.experts.%d.w2.weight"},
         .topk = FERRY_TOPK_ALWAYS,
         .default_rope_theta = 1e6f,
+        .default_rms_eps = 1e-5f,
     },
     {
         .model_type = "qwen3_moe",
@@ -44,6 +45,7 @@ static const ferry_arch g_arches[] = {
         .sparse_rule = 1,
         .window_rule = 1,
         .default_rope_theta = 1e4f,
+        .default_rms_eps = 1e-6f,
     },
     {
         .model_type = "qwen2_moe",
@@ -65,6 +67,7 @@ static const ferry_arch g_arches[] = {
         .sparse_rule = 1,
         .window_rule = 1,
         .default_rope_theta = 1e4f,
+        .default_rms_eps = 1e-6f,
     },
     {
         .model_type = "olmoe",
@@ -80,6 +83,7 @@ static const ferry_arch g_arches[] = {
         .bias = FERRY_BIAS_CONFIG_ALL,
         .clip_qkv = 1,
         .default_rope_theta = 1e4f,
+        .default_rms_eps = 1e-5f,
     },
 };
 

@@ -56,6 +56,8 @@ typedef struct {
     int window_rule;             /* sliding_window applies only with use_sliding_window, from
                                     layer max_window_layers on; else always when set */
     float default_rope_theta;    /* rope_theta when config.json leaves it out */
+    float default_rms_eps;       /* rms_norm_eps when config.json leaves it out (the
+                                    configuration class's default; OLMoE-1B-7B-0924 omits it) */
 } ferry_arch;
 
 /* The row whose model_type is name, or NULL. Thread-safe. */

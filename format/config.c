@@ -10,7 +10,8 @@
  *                                                     num_local_experts / intermediate_size;
  *                                                     Qwen num_experts / moe_intermediate_size;
  *                                                     OLMoE num_experts / intermediate_size)
- *   rms_norm_eps                                       required number > 0
+ *   rms_norm_eps                                       number > 0, default the family's
+ *                                                      (the configuration class's)
  *   num_key_value_heads                                integer, default num_attention_heads
  *   head_dim                                           integer or null, default
  *                                                      hidden_size / num_attention_heads
@@ -314,7 +315,8 @@ ferry_status ferry_config_parse(const char *json, size_t len, const char *origin
                       &c.max_positions)) != FERRY_OK ||
         (st = get_int(root, origin, "sliding_window", 0, 0, 0, INT32_MAX, &c.sliding_window)) !=
             FERRY_OK ||
-        (st = get_positive(root, origin, "rms_norm_eps", 1, 0, &c.rms_eps)) != FERRY_OK ||
+        (st = get_positive(root, origin, "rms_norm_eps", 0, c.arch->default_rms_eps,
+                          &c.rms_eps)) != FERRY_OK ||
         (st = get_positive(root, origin, "rope_theta", 0, c.arch->default_rope_theta,
                           &c.rope_theta)) != FERRY_OK ||
         (st = get_token_ids(root, origin, c.vocab_size, &c)) != FERRY_OK)

@@ -100,8 +100,9 @@ int32_t *tu_json_ints(const cJSON *a, int32_t *n)
     *n = cJSON_GetArraySize(a);
     int32_t *v = malloc(((size_t)*n + 1) * sizeof *v);
     ck_assert(v != NULL);
-    for (int32_t i = 0; i < *n; i++)
-        v[i] = (int32_t)cJSON_GetArrayItem(a, i)->valuedouble;
+    int32_t i = 0; /* walk the list once: cJSON_GetArrayItem(a, i) is O(i) */
+    for (const cJSON *e = a ? a->child : NULL; e && i < *n; e = e->next)
+        v[i++] = (int32_t)e->valuedouble;
     return v;
 }
 
@@ -110,8 +111,9 @@ float *tu_json_floats(const cJSON *a, int32_t *n)
     *n = cJSON_GetArraySize(a);
     float *v = malloc(((size_t)*n + 1) * sizeof *v);
     ck_assert(v != NULL);
-    for (int32_t i = 0; i < *n; i++)
-        v[i] = (float)cJSON_GetArrayItem(a, i)->valuedouble;
+    int32_t i = 0;
+    for (const cJSON *e = a ? a->child : NULL; e && i < *n; e = e->next)
+        v[i++] = (float)e->valuedouble;
     return v;
 }
 

@@ -195,7 +195,6 @@ static const bad_field g_bad_fields[] = {
      "required field 'num_experts_per_tok' is missing"},
     {"max_position_embeddings", NULL, FERRY_ERR_FORMAT,
      "required field 'max_position_embeddings' is missing"},
-    {"rms_norm_eps", NULL, FERRY_ERR_FORMAT, "required field 'rms_norm_eps' is missing"},
     {"hidden_size", "null", FERRY_ERR_FORMAT, "required field 'hidden_size' is missing"},
     {"hidden_size", "\"192\"", FERRY_ERR_FORMAT, "field 'hidden_size' is not an integer"},
     {"hidden_size", "192.5", FERRY_ERR_FORMAT, "field 'hidden_size' is not an integer"},

@@ -266,6 +266,25 @@ static void check_reference(int f)
         for (int32_t j = 0; j < N_GREEDY; j++)
             ck_assert_msg(gen[j] == want_g[j], "%s case %d greedy token %d: %d, reference %d",
                           g_families[f], i, j, gen[j], want_g[j]);
+
+        /* the tokenizer: the prompt's ids (no BOS: none of these tokenizers adds one), and
+         * the prompt and continuation decoded with special tokens skipped */
+        const char *prompt = cJSON_GetObjectItem(rc, "prompt")->valuestring;
+        int32_t tids[MAX_POS], n_t;
+        ck_assert_msg(ferry_tokenize(m, prompt, strlen(prompt), 1, tids, MAX_POS, &n_t) ==
+                          FERRY_OK, "%s", ferry_last_error());
+        ck_assert_msg(n_t == n && memcmp(tids, ids, (size_t)n * sizeof *ids) == 0,
+                      "%s case %d: the prompt tokenizes to other ids", g_families[f], i);
+        int32_t both[MAX_POS + N_GREEDY];
+        memcpy(both, ids, (size_t)n * sizeof *ids);
+        memcpy(both + n, gen, sizeof gen);
+        char text[4096];
+        size_t len;
+        ck_assert_msg(ferry_detokenize(m, both, n + N_GREEDY, 1, text, sizeof text, &len) ==
+                          FERRY_OK, "%s", ferry_last_error());
+        const char *want_text = cJSON_GetObjectItem(rc, "greedy_text")->valuestring;
+        ck_assert_msg(strcmp(text, want_text) == 0, "%s case %d: text '%s', reference '%s'",
+                      g_families[f], i, text, want_text);
         free(want_g);
         free(am);
         free(last);
@@ -380,6 +399,26 @@ static void check_offload(int f)
         expect_same(f, modes[i].what, &base, &r, V);
         free_run(&r);
     }
+    /* perplexity of the prompts' text: resident and offloaded through top-k slots agree */
+    const char *text = cJSON_GetObjectItem(ref_case(ref, 2), "greedy_text")->valuestring;
+    double ppl[2];
+    for (int off = 0; off < 2; off++) {
+        ferry_model_params p = cpu_params();
+        if (off) {
+            p.gpu_mem_bytes = 256ull << 20;
+            p.max_slots = k;
+            p.prefetch = 1;
+        }
+        ferry_model *pm = open_family(f, &p);
+        ferry_perplexity_result pr;
+        ck_assert_msg(ferry_perplexity(pm, text, strlen(text), 16, &pr) == FERRY_OK, "%s",
+                      ferry_last_error());
+        ck_assert(pr.n_scored > 8 && isfinite(pr.perplexity) && pr.perplexity > 1);
+        ppl[off] = pr.perplexity;
+        ferry_model_close(pm);
+    }
+    ck_assert_msg(ppl[0] == ppl[1], "%s: perplexity %.17g resident, %.17g offloaded",
+                  g_families[f], ppl[0], ppl[1]);
     remove(pack);
     free_run(&base);
     cJSON_Delete(ref);
@@ -462,6 +501,25 @@ START_TEST(test_families_config_errors)
                          cases[i].st);
         ck_assert_msg(strstr(ferry_last_error(), cases[i].msg), "%s", ferry_last_error());
     }
+    /* rms_norm_eps and rope_theta left out: the configuration class's defaults (the
+     * OLMoE-1B-7B-0924 config.json has no rms_norm_eps) */
+    const char *bare[] = {"olmoe", "qwen3_moe", "qwen2_moe", "mixtral"};
+    const char *key_ff[] = {"intermediate_size", "moe_intermediate_size", "moe_intermediate_size",
+                            "intermediate_size"};
+    const float eps[] = {1e-5f, 1e-6f, 1e-6f, 1e-5f}, theta[] = {1e4f, 1e4f, 1e4f, 1e6f};
+    for (int i = 0; i < 4; i++) {
+        char json[512];
+        snprintf(json, sizeof json, "{\"model_type\":\"%s\",\"vocab_size\":64,"
+                 "\"hidden_size\":32,\"%s\":32,\"num_hidden_layers\":2,"
+                 "\"num_attention_heads\":2,\"%s\":4,\"num_experts_per_tok\":2,"
+                 "\"max_position_embeddings\":64,\"shared_expert_intermediate_size\":8}",
+                 bare[i], key_ff[i], i == 3 ? "num_local_experts" : "num_experts");
+        ferry_config c;
+        ck_assert_msg(ferry_config_parse(json, strlen(json), "x", &c) == FERRY_OK, "%s: %s",
+                      bare[i], ferry_last_error());
+        ck_assert_msg(c.rms_eps == eps[i] && c.rope_theta == theta[i], "%s: eps %g theta %g",
+                      bare[i], (double)c.rms_eps, (double)c.rope_theta);
+    }
     /* a qwen3_moe config whose every layer is dense, and one naming a layer it lacks */
     const char *base = "{\"model_type\":\"qwen3_moe\",\"vocab_size\":64,\"hidden_size\":32,"
                        "\"intermediate_size\":64,\"moe_intermediate_size\":32,"
@@ -498,6 +556,174 @@ START_TEST(test_families_config_errors)
 }
 END_TEST
 
+/* Scale of many small experts: a Qwen3-30B-A3B-shaped checkpoint (48 layers x 128 experts,
+ * top-8) with tiny matrices, two of its layers dense. Offloaded through 64 slots (one
+ * percent of the 6,144 experts) with prefetching by the gate predictor, hybrid, and from
+ * q8 and q4 packs on the NVMe tier, it gives the resident run's bits. */
+static void synth_family(const char *dir, const char *preset, const int32_t *dense,
+                         int32_t n_dense)
+{
+    ferry_synth_params sp = ferry_synth_params_default();
+    ck_assert_int_eq(ferry_synth_preset(preset, &sp), FERRY_OK);
+    sp.n_vocab = 4096;
+    sp.d_model = 64;
+    sp.d_ff = 32;
+    sp.d_ff_dense = sp.d_ff_dense ? 96 : 0;
+    sp.d_ff_shared = sp.d_ff_shared ? 64 : 0;
+    sp.n_heads = 4;
+    sp.n_kv_heads = sp.n_kv_heads < sp.n_heads ? 2 : 4;
+    sp.head_dim = strcmp(sp.model_type, "qwen3_moe") == 0 ? 32 : 0;
+    sp.max_positions = 256;
+    sp.dense_layers = dense;
+    sp.n_dense_layers = n_dense;
+    sp.tokenizer_dir = FERRY_SOURCE_DIR "/models/tiny-moe-code";
+    sp.shard_bytes = 8u << 20;
+    sp.seed = 7;
+    ck_assert_msg(ferry_synth(&sp, dir) == FERRY_OK, "%s: %s", preset, ferry_last_error());
+}
+
+/* Greedy tokens and last logits of fixed prompts, to compare runs with. */
+static void synth_run(const char *dir, const ferry_model_params *mp, int32_t gen[2][N_GREEDY],
+                      float *logits[2])
+{
+    static const int32_t prompts[2][6] = {{1, 17, 300, 4000, 9, 12}, {1, 3000, 2, 2, 2, 511}};
+    ferry_model *m;
+    ck_assert_msg(ferry_model_open(dir, mp, &m) == FERRY_OK, "%s", ferry_last_error());
+    for (int i = 0; i < 2; i++)
+        greedy(m, prompts[i], 6, N_GREEDY, gen[i], logits[i]);
+    ferry_model_close(m);
+}
+
+START_TEST(test_families_many_small_experts)
+{
+    char dir[1024], pack[1100];
+    tu_scratch_dir(dir, "families_qwen3_scale");
+    const int32_t dense[2] = {0, 30};
+    synth_family(dir, "qwen3-30b-a3b", dense, 2);
+    ferry_model_params mp = cpu_params();
+    ferry_model *m;
+    ck_assert_msg(ferry_model_open(dir, &mp, &m) == FERRY_OK, "%s", ferry_last_error());
+    ck_assert_int_eq(m->cfg.n_layers, 48);
+    ck_assert_int_eq(m->cfg.n_moe_layers, 46);
+    ck_assert_int_eq(m->cfg.n_experts, 128);
+    ck_assert_int_eq(m->cfg.n_experts_per_tok, 8);
+    /* layers 1..29 are MoE layers 0..28, layer 30 is dense, 31..47 are 29..45 */
+    ck_assert_int_eq(m->cfg.moe_index[0], -1);
+    ck_assert_int_eq(m->cfg.moe_index[30], -1);
+    ck_assert_int_eq(m->cfg.moe_layer[29], 31);
+    ck_assert_int_eq(m->cfg.moe_index[47], 45);
+    ferry_model_close(m);
+
+    int32_t base_gen[2][N_GREEDY], gen[2][N_GREEDY];
+    float *base_logits[2], *logits[2];
+    for (int i = 0; i < 2; i++) {
+        base_logits[i] = malloc(4096 * sizeof(float));
+        logits[i] = malloc(4096 * sizeof(float));
+    }
+    synth_run(dir, &mp, base_gen, base_logits);
+
+    struct {
+        const char *what;
+        int32_t offload, hybrid, prefetch, predictor, pack;
+    } modes[] = {
+        {"ram, 64 slots, gate prefetch", FERRY_OFFLOAD_RAM, FERRY_HYBRID_OFF, 1,
+         FERRY_PREDICT_GATE, -1},
+        {"ram, 64 slots, hybrid auto", FERRY_OFFLOAD_RAM, FERRY_HYBRID_AUTO, 1,
+         FERRY_PREDICT_RECENCY, -1},
+        {"nvme, as stored", FERRY_OFFLOAD_NVME, FERRY_HYBRID_OFF, 1, FERRY_PREDICT_GATE,
+         FERRY_PACK_AS_STORED},
+    };
+    snprintf(pack, sizeof pack, "%s/experts.pack", dir);
+    for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++) {
+        ferry_model_params p = cpu_params();
+        p.gpu_mem_bytes = 64ull << 20;
+        p.max_slots = 64;
+        p.offload = modes[i].offload;
+        p.hybrid = modes[i].hybrid;
+        p.prefetch = modes[i].prefetch;
+        p.predictor = modes[i].predictor;
+        if (modes[i].pack >= 0) {
+            ferry_pack_params pk = {.format = modes[i].pack};
+            ck_assert_msg(ferry_pack_model(dir, pack, &pk) == FERRY_OK, "%s", ferry_last_error());
+            p.pack_path = pack;
+        }
+        synth_run(dir, &p, gen, logits);
+        for (int c = 0; c < 2; c++)
+            ck_assert_msg(memcmp(gen[c], base_gen[c], sizeof gen[c]) == 0 &&
+                              memcmp(logits[c], base_logits[c], 4096 * sizeof(float)) == 0,
+                          "%s: prompt %d differs from the resident run", modes[i].what, c);
+    }
+    /* quantized packs: offloaded from the NVMe tier, the resident run of the same pack */
+    for (int32_t q = FERRY_PACK_Q8; q <= FERRY_PACK_Q4; q++) {
+        ferry_pack_params pk = {.format = q};
+        ck_assert_msg(ferry_pack_model(dir, pack, &pk) == FERRY_OK, "%s", ferry_last_error());
+        ferry_model_params p = cpu_params();
+        p.pack_path = pack;
+        synth_run(dir, &p, base_gen, base_logits);
+        p.gpu_mem_bytes = 64ull << 20;
+        p.max_slots = 64;
+        p.offload = FERRY_OFFLOAD_NVME;
+        p.prefetch = 1;
+        p.hybrid = FERRY_HYBRID_OFF;
+        synth_run(dir, &p, gen, logits);
+        for (int c = 0; c < 2; c++)
+            ck_assert_msg(memcmp(gen[c], base_gen[c], sizeof gen[c]) == 0 &&
+                              memcmp(logits[c], base_logits[c], 4096 * sizeof(float)) == 0,
+                          "q%d pack on the NVMe tier: prompt %d differs from resident",
+                          q == FERRY_PACK_Q8 ? 8 : 4, c);
+    }
+    remove(pack);
+    for (int i = 0; i < 2; i++) {
+        free(base_logits[i]);
+        free(logits[i]);
+    }
+}
+END_TEST
+
+/* Qwen2-MoE and OLMoE shapes through q8 and q4 packs (the fixtures' hidden 48 cannot be
+ * quantized in groups of 32): resident and offloaded runs of one pack agree bit for bit. */
+START_TEST(test_families_quantized_packs)
+{
+    const char *presets[] = {"qwen1.5-moe-a2.7b", "olmoe-1b-7b"};
+    for (int f = 0; f < 2; f++) {
+        char dir[1024], pack[1100], name[64];
+        snprintf(name, sizeof name, "families_pack_%d", f);
+        tu_scratch_dir(dir, name);
+        synth_family(dir, presets[f], NULL, 0);
+        snprintf(pack, sizeof pack, "%s/experts.pack", dir);
+        int32_t base_gen[2][N_GREEDY], gen[2][N_GREEDY];
+        float *base_logits[2], *logits[2];
+        for (int i = 0; i < 2; i++) {
+            base_logits[i] = malloc(4096 * sizeof(float));
+            logits[i] = malloc(4096 * sizeof(float));
+        }
+        for (int32_t q = FERRY_PACK_Q8; q <= FERRY_PACK_Q4; q++) {
+            ferry_pack_params pk = {.format = q};
+            ck_assert_msg(ferry_pack_model(dir, pack, &pk) == FERRY_OK, "%s",
+                          ferry_last_error());
+            ferry_model_params p = cpu_params();
+            p.pack_path = pack;
+            synth_run(dir, &p, base_gen, base_logits);
+            p.gpu_mem_bytes = 64ull << 20;
+            p.max_slots = 8;
+            p.offload = q == FERRY_PACK_Q8 ? FERRY_OFFLOAD_RAM : FERRY_OFFLOAD_NVME;
+            p.hybrid = FERRY_HYBRID_AUTO;
+            synth_run(dir, &p, gen, logits);
+            for (int c = 0; c < 2; c++)
+                ck_assert_msg(memcmp(gen[c], base_gen[c], sizeof gen[c]) == 0 &&
+                                  memcmp(logits[c], base_logits[c], 4096 * sizeof(float)) == 0,
+                              "%s q%d pack offloaded: prompt %d differs from resident",
+                              presets[f], q == FERRY_PACK_Q8 ? 8 : 4, c);
+        }
+        remove(pack);
+        for (int i = 0; i < 2; i++) {
+            free(base_logits[i]);
+            free(logits[i]);
+        }
+    }
+}
+END_TEST
+
 static Suite *families_suite(void)
 {
     Suite *s = suite_create("families");
@@ -513,6 +739,11 @@ static Suite *families_suite(void)
     tcase_add_test(tc, test_families_olmoe_offload_equal);
     tcase_add_test(tc, test_families_batch_matches_reference);
     suite_add_tcase(s, tc);
+    TCase *scale = tcase_create("synthetic");
+    tcase_set_timeout(scale, 600);
+    tcase_add_test(scale, test_families_many_small_experts);
+    tcase_add_test(scale, test_families_quantized_packs);
+    suite_add_tcase(s, scale);
     return s;
 }
 

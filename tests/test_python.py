@@ -228,6 +228,25 @@ class ModelTest(unittest.TestCase):
         self.assertEqual(cm.exception.status, "FERRY_ERR_INVALID")
 
 
+FAMILIES = os.path.join(ROOT, "..", "shared", "fixtures", "moe-families")
+
+
+class FamiliesTest(unittest.TestCase):
+    """The other MoE families through the same API: nothing in Python names a family."""
+
+    def test_generate_matches_reference(self):
+        for name in ("tiny-qwen3_moe", "tiny-qwen2_moe", "tiny-olmoe"):
+            with open(os.path.join(FAMILIES, name + ".ref.json")) as f:
+                case = json.load(f)["cases"][0]
+            want = case["greedy_text"][len(case["prompt"]):]
+            for kw in ({}, {"gpu_mem": "64M", "slots": 2, "hybrid": "off"}):
+                with ferry.Model(os.path.join(FAMILIES, name), threads=2, backend="cpu",
+                                 **kw) as m:
+                    self.assertEqual(m.tokenize(case["prompt"]), case["ids"], name)
+                    text = m.generate(case["prompt"], max_tokens=16, stop_at_eos=False)
+                    self.assertEqual(text, want, "%s %s" % (name, kw))
+
+
 class ErrorTest(unittest.TestCase):
     def test_missing_model_dir_names_config_json(self):
         missing = os.path.join(tempfile.gettempdir(), "no-such-model-ferry")
