@@ -2,10 +2,13 @@
  * offload/prefetch.h: the fetch pipeline that fills expert cache slots.
  *
  * Requests name a slot the cache assigned to (layer, expert). One worker thread serves
- * them, demand misses first (in arrival order), then prefetches by score: it gets the
- * expert's bytes from the store (RAM, or NVMe through the host cache), copies them into
- * the device slot on the backend's copy queue, waits for the copy, and marks the slot
- * ready (or failed, keeping the message). A wrong prefetch costs bandwidth, never
+ * them, demand misses first (in arrival order), then prefetches by score, in batches (every
+ * queued demand, or two prefetches): for each it gets the expert's bytes from the store
+ * (RAM, or NVMe through the host cache) and submits the copy into the device slot on the
+ * backend's copy queue; then it waits for the copies in order and marks each slot ready as
+ * its copy lands (or failed, keeping the message). Submitting a layer's misses together
+ * keeps the copy engine busy from one expert to the next, so small experts still move at
+ * the bus's bandwidth. A wrong prefetch costs bandwidth, never
  * correctness: the data in a slot is always the expert the cache says it is.
  *
  * Threads: ferry_prefetch_demand, _promote, _hint and _cancel are called by the one
@@ -40,7 +43,7 @@ typedef struct {
 ferry_status ferry_prefetch_create(const ferry_prefetch_params *p, ferry_backend *be,
                                    ferry_store *store, ferry_cache *cache, ferry_prefetch **out);
 
-/* Cancels queued prefetches, waits for the request in service, stops the worker.
+/* Cancels queued prefetches, waits for the batch in service, stops the worker.
  * NULL-safe. */
 void ferry_prefetch_destroy(ferry_prefetch *pf);
 
@@ -76,8 +79,9 @@ typedef struct {
     uint64_t fills;            /* slots filled (demand + prefetch) */
     uint64_t prefetch_cancelled;
     uint64_t prefetch_skipped; /* hints dropped by the byte bound or a full cache */
-    double copy_seconds;       /* from each copy's submission to its landing: the fetch rate
-                                  is bytes_to_device / copy_seconds */
+    double copy_seconds;       /* while a copy was in flight (from a copy's submission, or
+                                  the previous one's landing, to its landing): the fetch
+                                  rate is bytes_to_device / copy_seconds */
 } ferry_prefetch_stats;
 
 void ferry_prefetch_get_stats(ferry_prefetch *pf, ferry_prefetch_stats *out);
