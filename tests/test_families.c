@@ -209,6 +209,9 @@ static void check_reference(int f)
         float *last = tu_json_floats(cJSON_GetObjectItem(rc, "last_logits"), &n_ref);
         ck_assert_int_eq(n_ref, V);
         double err = tu_rel_l2(all + (size_t)(n - 1) * (size_t)V, last, (size_t)V);
+        printf("test_families: %s case %d: last logits rel L2 %.3g against float64\n",
+               g_families[f], i, err);
+        fflush(stdout);
         ck_assert_msg(err < LOGITS_TOL, "%s case %d: last logits relative error %.3g",
                       g_families[f], i, err);
 
