@@ -166,7 +166,7 @@ int main(int argc, char **argv)
                     double t = ferry_now_seconds() - t0;
                     best = t < best ? t : best;
                 }
-                printf("%-6s %-11s %6ld %10.3f %10.2f %12.2f\n", name,
+                printf("%-6s %-11s %6ld %10.3f %10.3g %12.3g\n", name,
                        ferry_cpu_isa_name((ferry_cpu_isa)isa), tokens[i], best * 1e3,
                        bytes / best / 1e9, (double)rows * (double)cols / best / 1e9);
                 fflush(stdout);

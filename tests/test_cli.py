@@ -619,7 +619,7 @@ class CliTest(unittest.TestCase):
 
     def test_bench_matmul_prints_every_format_and_kernel(self):
         exe = os.path.join(os.path.dirname(FERRY), "bench_matmul")
-        p = subprocess.run([exe, "--rows", "40", "--cols", "64", "--tokens", "1,5",
+        p = subprocess.run([exe, "--rows", "256", "--cols", "1024", "--tokens", "1,5",
                             "--repeat", "1", "--threads", "2"], capture_output=True, timeout=120)
         self.assertEqual(p.returncode, 0, p.stderr.decode())
         rows = [l.split() for l in p.stdout.decode().splitlines()[2:]]
