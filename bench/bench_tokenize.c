@@ -16,33 +16,17 @@
 
 #include "core/clock.h"
 #include "core/error.h"
+#include "core/fileio.h"
 #include "format/tokenizer.h"
 
+/* The whole file, NUL-terminated; NULL (the reason on stderr) when it cannot be read. */
 static char *read_all(const char *path, size_t *len)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    char *buf;
+    if (ferry_read_small_file(path, 1ull << 30, 0, &buf, len) != FERRY_OK) {
+        fprintf(stderr, "%s: %s\n", "bench_tokenize", ferry_last_error());
         return NULL;
-    char *buf = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n == cap) {
-            cap = cap ? cap * 2 : 1 << 20;
-            char *p = realloc(buf, cap);
-            if (!p) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = p;
-        }
-        size_t got = fread(buf + n, 1, cap - n, f);
-        n += got;
-        if (got == 0)
-            break;
     }
-    fclose(f);
-    *len = n;
     return buf;
 }
 

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/error.h"
@@ -64,5 +65,64 @@ ferry_status ferry_replace_file(const char *path, const ferry_file_part *parts, 
         unlink(tmp);
 done:
     free(tmp);
+    return st;
+}
+
+ferry_status ferry_read_small_file(const char *path, uint64_t limit, int optional,
+                                   char **buf_out, size_t *len_out)
+{
+    ferry_status st;
+    char *buf = NULL;
+    struct stat sb;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 && optional && errno == ENOENT) {
+        *buf_out = NULL;
+        *len_out = 0;
+        return FERRY_OK;
+    }
+    if (fd < 0)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (fstat(fd, &sb) != 0) {
+        st = ferry_fail(FERRY_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        st = ferry_fail(FERRY_ERR_IO, "%s: not a regular file", path);
+        goto fail;
+    }
+    if ((uint64_t)sb.st_size > limit) {
+        st = ferry_fail(FERRY_ERR_FORMAT, "%s: file is %lld bytes, more than the %llu allowed",
+                        path, (long long)sb.st_size, (unsigned long long)limit);
+        goto fail;
+    }
+    size_t len = (size_t)sb.st_size;
+    buf = malloc(len + 1);
+    if (!buf) {
+        st = ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory for %zu bytes", path, len);
+        goto fail;
+    }
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = read(fd, buf + got, len - got);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            st = ferry_fail(FERRY_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
+            goto fail;
+        }
+        if (r == 0) {
+            st = ferry_fail(FERRY_ERR_IO, "%s: file shrank while being read", path);
+            goto fail;
+        }
+        got += (size_t)r;
+    }
+    buf[len] = 0;
+    close(fd);
+    *buf_out = buf;
+    *len_out = len;
+    return FERRY_OK;
+fail:
+    free(buf);
+    close(fd);
     return st;
 }

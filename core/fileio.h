@@ -1,6 +1,7 @@
 /*
  * core/fileio.h: file writing shared by the modules that write large files (the packed
- * expert file, synthetic checkpoints).
+ * expert file, synthetic checkpoints), and the one reader of small whole files (config.json,
+ * the shard index, tokenizer files).
  */
 #ifndef FERRY_CORE_FILEIO_H
 #define FERRY_CORE_FILEIO_H
@@ -27,5 +28,13 @@ typedef struct {
  * write. On failure the .tmp is removed and path is untouched. FERRY_ERR_NOMEM,
  * FERRY_ERR_IO naming the file and strerror. */
 ferry_status ferry_replace_file(const char *path, const ferry_file_part *parts, int32_t n_parts);
+
+/* Reads the whole regular file at path into a NUL-terminated buffer the caller frees
+ * (*len_out bytes before the NUL). optional: a file that does not exist is FERRY_OK with
+ * *buf_out NULL and *len_out 0. FERRY_ERR_IO (cannot open, not a regular file, a read
+ * error, a file that shrank: each naming path), FERRY_ERR_FORMAT (larger than limit bytes),
+ * FERRY_ERR_NOMEM. Thread-safe. */
+ferry_status ferry_read_small_file(const char *path, uint64_t limit, int optional,
+                                   char **buf_out, size_t *len_out);
 
 #endif

@@ -34,16 +34,13 @@
 #include "format/config.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "core/error.h"
+#include "core/fileio.h"
 
 
 #define FERRY_CONFIG_MAX_FILE (16u * 1024 * 1024)
@@ -379,52 +376,15 @@ fail:
 
 ferry_status ferry_config_load(const char *dir, ferry_config *out)
 {
-    ferry_status st;
     char path[4096];
-    char *buf = NULL;
-    struct stat sb;
-    int fd = -1;
+    char *buf;
+    size_t len;
     if (!dir || !out)
         return ferry_fail(FERRY_ERR_INVALID, "ferry_config_load: NULL argument");
     if ((size_t)snprintf(path, sizeof path, "%s/config.json", dir) >= sizeof path)
         return ferry_fail(FERRY_ERR_INVALID, "%s: path too long", dir);
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return ferry_fail(FERRY_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    if (fstat(fd, &sb) != 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: not a regular file", path);
-        goto fail;
-    }
-    if ((uint64_t)sb.st_size > FERRY_CONFIG_MAX_FILE) {
-        st = ferry_fail(FERRY_ERR_FORMAT, "%s: file is %lld bytes, more than the %u allowed",
-                        path, (long long)sb.st_size, FERRY_CONFIG_MAX_FILE);
-        goto fail;
-    }
-    size_t len = (size_t)sb.st_size, got = 0;
-    buf = malloc(len + 1);
-    if (!buf) {
-        st = ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
-        goto fail;
-    }
-    while (got < len) {
-        ssize_t r = read(fd, buf + got, len - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0) {
-            st = ferry_fail(FERRY_ERR_IO, "%s: cannot read: %s", path,
-                            r < 0 ? strerror(errno) : "file shrank");
-            goto fail;
-        }
-        got += (size_t)r;
-    }
-    buf[len] = 0;
-    st = ferry_config_parse(buf, len, path, out);
-fail:
+    TRY(ferry_read_small_file(path, FERRY_CONFIG_MAX_FILE, 0, &buf, &len));
+    ferry_status st = ferry_config_parse(buf, len, path, out);
     free(buf);
-    close(fd);
     return st;
 }

@@ -41,6 +41,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/fileio.h"
 
 #define FERRY_ST_MAX_HEADER (100ull * 1000 * 1000)
 #define FERRY_ST_MAX_INDEX (64ull * 1024 * 1024)
@@ -570,61 +571,6 @@ static char *join_path(const char *dir, const char *name)
     return p;
 }
 
-/* Reads a whole (small) file into a NUL-terminated buffer the caller frees. */
-static ferry_status read_small_file(const char *path, uint64_t limit, char **buf_out,
-                                    size_t *len_out)
-{
-    ferry_status st;
-    char *buf = NULL;
-    struct stat sb;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return ferry_fail(FERRY_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    if (fstat(fd, &sb) != 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: not a regular file", path);
-        goto fail;
-    }
-    if ((uint64_t)sb.st_size > limit) {
-        st = ferry_fail(FERRY_ERR_FORMAT, "%s: file is %lld bytes, more than the %llu allowed",
-                        path, (long long)sb.st_size, (unsigned long long)limit);
-        goto fail;
-    }
-    size_t len = (size_t)sb.st_size;
-    buf = malloc(len + 1);
-    if (!buf) {
-        st = ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory for %zu bytes", path, len);
-        goto fail;
-    }
-    size_t got = 0;
-    while (got < len) {
-        ssize_t r = read(fd, buf + got, len - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            st = ferry_fail(FERRY_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
-            goto fail;
-        }
-        if (r == 0) {
-            st = ferry_fail(FERRY_ERR_IO, "%s: file shrank while being read", path);
-            goto fail;
-        }
-        got += (size_t)r;
-    }
-    buf[len] = 0;
-    close(fd);
-    *buf_out = buf;
-    *len_out = len;
-    return FERRY_OK;
-fail:
-    free(buf);
-    close(fd);
-    return st;
-}
-
 static int plain_file_name(const char *name)
 {
     return name[0] != 0 && strchr(name, '/') == NULL && strcmp(name, ".") != 0 &&
@@ -642,7 +588,7 @@ static ferry_status open_index(const char *dir, const char *index_path, ferry_st
     ferry_st_set *s = set_new(index_path);
     if (!s)
         return ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", index_path);
-    if ((st = read_small_file(index_path, FERRY_ST_MAX_INDEX, &text, &len)) != FERRY_OK)
+    if ((st = ferry_read_small_file(index_path, FERRY_ST_MAX_INDEX, 0, &text, &len)) != FERRY_OK)
         goto fail;
     root = cJSON_ParseWithLength(text, len);
     if (!root) {

@@ -34,12 +34,12 @@
 #include "format/tokenizer.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/error.h"
+#include "core/fileio.h"
 #include "format/pretokenize.h"
 #include "format/unicode.h"
 
@@ -398,17 +398,8 @@ static const uint32_t tk_word_ranges[][2] = {
 
 static int is_word(uint32_t c)
 {
-    size_t lo = 0, hi = sizeof tk_word_ranges / sizeof tk_word_ranges[0];
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (c < tk_word_ranges[mid][0])
-            hi = mid;
-        else if (c > tk_word_ranges[mid][1])
-            lo = mid + 1;
-        else
-            return 1;
-    }
-    return 0;
+    return ferry_unicode_in_ranges(tk_word_ranges, sizeof tk_word_ranges / sizeof tk_word_ranges[0],
+                                   c);
 }
 
 /* ---- hash tables ------------------------------------------------------------------ */
@@ -2668,40 +2659,8 @@ ferry_status ferry_tokenizer_load_json(const char *tok_json, size_t tok_len,
     return load_impl(tok_json, tok_len, config_json, config_len, origin, cfg_origin, out);
 }
 
-/* Reads a whole file. *missing is set (and FERRY_OK returned with *data NULL) when the file
- * does not exist and may be absent. */
-static ferry_status read_file(const char *path, int optional, char **data, size_t *len)
-{
-    tk_buf b;
-    memset(&b, 0, sizeof b);
-    *data = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        if (optional && errno == ENOENT)
-            return FERRY_OK;
-        return ferry_fail(FERRY_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    }
-    for (;;) {
-        if (buf_reserve(&b, 1 << 16)) {
-            fclose(f);
-            free(b.p);
-            return ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
-        }
-        size_t got = fread(b.p + b.n, 1, b.cap - b.n, f);
-        b.n += got;
-        if (got == 0)
-            break;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (err) {
-        free(b.p);
-        return ferry_fail(FERRY_ERR_IO, "%s: read error", path);
-    }
-    *data = b.p ? b.p : malloc(1);
-    *len = b.n;
-    return *data ? FERRY_OK : ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
-}
+/* The largest tokenizer.json or tokenizer_config.json read: real ones are tens of MB. */
+#define TK_MAX_FILE (1ull << 30)
 
 ferry_status ferry_tokenizer_load(const char *dir, ferry_tokenizer **out)
 {
@@ -2714,10 +2673,10 @@ ferry_status ferry_tokenizer_load(const char *dir, ferry_tokenizer **out)
         snprintf(cfg_path, sizeof cfg_path, "%s/tokenizer_config.json", dir) >=
             (int)sizeof cfg_path)
         return ferry_fail(FERRY_ERR_INVALID, "%s: path too long", dir);
-    ferry_status st = read_file(tok_path, 0, &tok, &tok_len);
+    ferry_status st = ferry_read_small_file(tok_path, TK_MAX_FILE, 0, &tok, &tok_len);
     if (st)
         goto fail;
-    st = read_file(cfg_path, 1, &cfg, &cfg_len);
+    st = ferry_read_small_file(cfg_path, TK_MAX_FILE, 1, &cfg, &cfg_len);
     if (st)
         goto fail;
     st = load_impl(tok, tok_len, cfg, cfg_len, tok_path, cfg_path, out);

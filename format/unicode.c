@@ -46,10 +46,10 @@ static const uint32_t second_ranges[][2] = {
     {0x11930, 0x11930},
 };
 
-static int in_ranges(const uint32_t (*r)[2], size_t n, uint32_t c)
+int ferry_unicode_in_ranges(const uint32_t (*r)[2], size_t n, uint32_t c)
 {
     size_t lo = 0, hi = n;
-    if (c < r[0][0])
+    if (n == 0 || c < r[0][0])
         return 0;
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
@@ -65,7 +65,7 @@ static int in_ranges(const uint32_t (*r)[2], size_t n, uint32_t c)
 
 static int is_inert(uint32_t c)
 {
-    return in_ranges(inert_ranges, sizeof inert_ranges / sizeof inert_ranges[0], c);
+    return ferry_unicode_in_ranges(inert_ranges, sizeof inert_ranges / sizeof inert_ranges[0], c);
 }
 
 /* Nothing before c can reorder or compose across it, and c alone is NFC. */
@@ -76,8 +76,8 @@ static int is_safe(uint32_t c)
     const utf8proc_property_t *p = utf8proc_get_property((utf8proc_int32_t)c);
     if (p->combining_class != 0 || (p->decomp_seqindex != UINT16_MAX && p->decomp_type == 0))
         return 0;
-    return !in_ranges(second_ranges, sizeof second_ranges / sizeof second_ranges[0], c) &&
-           !is_inert(c);
+    size_t n_second = sizeof second_ranges / sizeof second_ranges[0];
+    return !ferry_unicode_in_ranges(second_ranges, n_second, c) && !is_inert(c);
 }
 
 static uint32_t decode_at(const uint8_t *u, size_t i, size_t *len)

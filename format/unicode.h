@@ -10,10 +10,15 @@
 #define FERRY_FORMAT_UNICODE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* NFC of the valid UTF-8 s[0..n). On success returns 0 and either sets *out to NULL when s
  * is already in that form (nothing to copy), or to a malloc'd string of *out_len bytes the
  * caller frees. Returns -1 when out of memory. Thread-safe. */
 int ferry_unicode_nfc(const char *s, size_t n, char **out, size_t *out_len);
+
+/* Whether c lies in one of the n inclusive ranges r, sorted and disjoint (binary search).
+ * Thread-safe. */
+int ferry_unicode_in_ranges(const uint32_t (*r)[2], size_t n, uint32_t c);
 
 #endif

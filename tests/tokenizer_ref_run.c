@@ -21,35 +21,17 @@
 #include <string.h>
 
 #include "core/error.h"
+#include "core/fileio.h"
 #include "format/tokenizer.h"
 
+/* The whole file, NUL-terminated; NULL (the reason on stderr) when it cannot be read. */
 static char *read_all(const char *path, size_t *len)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    char *buf;
+    if (ferry_read_small_file(path, 1ull << 30, 0, &buf, len) != FERRY_OK) {
+        fprintf(stderr, "%s: %s\n", "tokenizer_ref_run", ferry_last_error());
         return NULL;
-    size_t cap = 1 << 20, n = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (!buf)
-            break;
-        if (n == cap) {
-            char *p = realloc(buf, cap * 2);
-            if (!p) {
-                free(buf);
-                buf = NULL;
-                break;
-            }
-            buf = p;
-            cap *= 2;
-        }
-        size_t got = fread(buf + n, 1, cap - n, f);
-        n += got;
-        if (got == 0)
-            break;
     }
-    fclose(f);
-    *len = n;
     return buf;
 }
 
