@@ -35,12 +35,13 @@ test-sanitize: deps
 	ctest --test-dir build-asan --output-on-failure -j $(JOBS)
 
 # The multithreaded parts (thread pool, copy engine, expert cache, prefetch pipeline and its
-# replays, NVMe reader, hybrid worker) under ThreadSanitizer; test_packed_model, whose perplexity
+# replays, NVMe reader, hybrid worker, the continuous batcher and the server) under
+# ThreadSanitizer; test_packed_model, whose perplexity
 # runs would take many minutes there, runs in the other builds.
 test-tsan: deps
 	cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFERRY_SANITIZE=thread -DFERRY_CUDA=OFF
 	cmake --build build-tsan -j $(JOBS)
-	ctest --test-dir build-tsan --output-on-failure -j $(JOBS) -R 'kernels|cache|pack|offload|sim|hybrid' -E packed_model
+	ctest --test-dir build-tsan --output-on-failure -j $(JOBS) -R 'kernels|cache|pack|offload|sim|hybrid|batcher|serve' -E packed_model
 
 # The CUDA backend without a GPU: kernels/cuda compiled with g++ against the emulated CUDA
 # platform (cudaemu/). Runs test_cuda (also with asynchronous streams and in reverse thread

@@ -9,6 +9,8 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,7 +18,9 @@
 #include <time.h>
 
 #include "ferry.h"
+#include "format/chat.h"
 #include "format/tokenizer.h"
+#include "serve/server.h"
 
 static void usage_run(FILE *f)
 {
@@ -39,6 +43,10 @@ static void usage_run(FILE *f)
             "      --backend B     auto (default: the GPU when there is a usable one, else\n"
             "                      the CPU), cpu or cuda; $FERRY_BACKEND sets the default\n"
             "      --ignore-eos    keep generating after the end-of-sequence token\n"
+            "      --chat          the prompt is a user message: render it with the model's\n"
+            "                      chat template (tokenizer_config.json) and the generation\n"
+            "                      prompt, as ferry serve's /v1/chat/completions does\n"
+            "      --chat-template FILE  with --chat: the template in FILE instead\n"
             "      --stats         print prefill and decode speed to stderr\n"
             "      --json          print one JSON object (prompt_ids, ids, text, stats) instead\n"
             "                      of streaming text\n"
@@ -121,6 +129,8 @@ static void usage(FILE *f)
                "  trace     write the routing trace of a text (ferry trace --help)\n"
                "  sim       replay a routing trace through the expert cache (ferry sim --help)\n"
                "  batch     generate for many prompts at once (ferry batch --help)\n"
+               "  serve     an OpenAI-compatible HTTP server with continuous batching\n"
+               "            (ferry serve --help)\n"
                "  bench     measure bandwidths and speed against their bound (ferry bench --help)\n"
                "  perplexity  perplexity on a text file (ferry perplexity --help)\n"
                "  predictor fit routing statistics, evaluate predictors (ferry predictor --help)\n"
@@ -1472,11 +1482,242 @@ done:
     return rc;
 }
 
+static void usage_serve(FILE *f)
+{
+    fprintf(f,
+            "usage: ferry serve MODEL_DIR [options]\n"
+            "\n"
+            "Serves the model over HTTP with the OpenAI API: GET /health, GET /v1/models,\n"
+            "POST /v1/completions, POST /v1/chat/completions (streaming with \"stream\": true),\n"
+            "GET /metrics (Prometheus). Requests in flight are batched continuously: each\n"
+            "step runs every sequence's next token with chunks of pending prompts, each MoE\n"
+            "layer loading every expert once for all of them. A greedy request's text is the\n"
+            "same as ferry run's for its prompt alone, whatever else is in flight.\n"
+            "\n"
+            "      --host H        address to bind (default 127.0.0.1; 0.0.0.0 or :: for all)\n"
+            "      --port P        port (default 8080; 0 = any free one, printed at start)\n"
+            "      --api-key KEY   require 'Authorization: Bearer KEY' ($FERRY_API_KEY too)\n"
+            "      --max-seqs N    sequences in flight, each with its own KV cache (default 8)\n"
+            "      --max-queue N   requests waiting for a sequence; more get 429 (default 64)\n"
+            "      --ctx C         positions per sequence, prompt + generated (default: the\n"
+            "                      model's maximum, capped at 4096)\n"
+            "      --chunk N       prompt tokens a sequence feeds per step (default 64)\n"
+            "      --step-tokens N most tokens in one step, decode tokens included; pending\n"
+            "                      prompts compete for the rest (default 256; 0 = no limit)\n"
+            "      --max-batch N   tokens per MoE layer-batch (default 16)\n"
+            "      --max-wait N    steps a pending prompt may be passed over (default 4)\n"
+            "      --select on|off choose the prompt chunks that join a step for fewer\n"
+            "                      distinct experts (on, default) or take them in arrival order\n"
+            "      --max-body SIZE largest request body (default 1M); larger ones get 413\n"
+            "      --chat-template FILE  the chat template to use instead of the model's\n"
+            "      --served-model-name NAME  the model id (default: MODEL_DIR's name)\n"
+            "      --stats         print the batching counters to stderr at exit\n"
+            "  -v, --verbose       log what the library does to stderr\n"
+            "\n"
+            "and ferry run's model options: --threads --backend --gpu-mem --offload --pack\n"
+            "--host-cache --reader --policy --prefetch --predictor --predictor-stats --lookahead\n"
+            "--slots --hybrid --cpu-kernels --quant-dense. Sampling comes from each request\n"
+            "(temperature, top_p, top_k, seed); ferry run's --temp etc. are not taken here.\n"
+            "SIGINT or SIGTERM stops the server: requests in flight get a 503.\n");
+}
+
+static int cmd_serve(int argc, char **argv)
+{
+    const char *model_dir = NULL;
+    ferry_server_params sp = ferry_server_params_default();
+    ferry_model_params mp;
+    ferry_context_params cp = ferry_context_params_default();
+    long long n, n_ctx = 0;
+    int want_stats = 0, rc;
+    const char *env_key = getenv("FERRY_API_KEY");
+    if (env_key && env_key[0])
+        sp.api_key = env_key;
+    if (cli_model_params(&mp))
+        return 2;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--temp") || !strcmp(a, "--top-k") || !strcmp(a, "--top-p") ||
+            !strcmp(a, "--seed")) {
+            fprintf(stderr, "ferry serve: %s is not an option here: each request gives its "
+                    "own sampling (temperature, top_k, top_p, seed)\n", a);
+            return 2;
+        }
+        if ((rc = parse_model_option("serve", argc, argv, &i, &mp, &cp)) >= 0) {
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage_serve(stdout);
+            return 0;
+        }
+        if (!strcmp(a, "--stats")) {
+            want_stats = 1;
+            continue;
+        }
+        if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
+            ferry_set_log(FERRY_LOG_DEBUG, NULL, NULL);
+            continue;
+        }
+        if (a[0] != '-' || !a[1]) {
+            if (model_dir) {
+                fprintf(stderr, "ferry serve: unexpected argument '%s'\n", a);
+                return 2;
+            }
+            model_dir = a;
+            continue;
+        }
+        if (!v) {
+            fprintf(stderr, "ferry serve: %s needs a value (see ferry serve --help)\n", a);
+            return 2;
+        }
+        i++;
+        if (!strcmp(a, "--host")) {
+            sp.host = v;
+        } else if (!strcmp(a, "--port")) {
+            if ((rc = parse_i64(a, v, 0, 65535, &n)))
+                return rc;
+            sp.port = (int32_t)n;
+        } else if (!strcmp(a, "--api-key")) {
+            sp.api_key = v;
+        } else if (!strcmp(a, "--max-seqs")) {
+            if ((rc = parse_i64(a, v, 1, 65536, &n)))
+                return rc;
+            sp.max_seqs = (int32_t)n;
+        } else if (!strcmp(a, "--max-queue")) {
+            if ((rc = parse_i64(a, v, 0, 1 << 20, &n)))
+                return rc;
+            sp.max_queue = (int32_t)n;
+        } else if (!strcmp(a, "--ctx")) {
+            if ((rc = parse_i64(a, v, 2, INT32_MAX, &n_ctx)))
+                return rc;
+        } else if (!strcmp(a, "--chunk")) {
+            if ((rc = parse_i64(a, v, 1, 1 << 16, &n)))
+                return rc;
+            sp.chunk = (int32_t)n;
+        } else if (!strcmp(a, "--step-tokens")) {
+            if ((rc = parse_i64(a, v, 0, 1 << 24, &n)))
+                return rc;
+            sp.step_tokens = (int32_t)n;
+        } else if (!strcmp(a, "--max-batch")) {
+            if ((rc = parse_i64(a, v, 1, 1 << 16, &n)))
+                return rc;
+            sp.max_batch = (int32_t)n;
+        } else if (!strcmp(a, "--max-wait")) {
+            if ((rc = parse_i64(a, v, 1, 1 << 20, &n)))
+                return rc;
+            sp.max_wait = (int32_t)n;
+        } else if (!strcmp(a, "--select")) {
+            if (strcmp(v, "on") && strcmp(v, "off"))
+                return bad_value(a, v, "on or off");
+            sp.select = !strcmp(v, "on");
+        } else if (!strcmp(a, "--max-body")) {
+            unsigned long long bytes;
+            if ((rc = parse_size(a, v, &bytes)))
+                return rc;
+            if (bytes < 1)
+                return bad_value(a, v, "a size of at least 1 byte");
+            sp.max_body = (size_t)bytes;
+        } else if (!strcmp(a, "--chat-template")) {
+            sp.chat_template = v;
+        } else if (!strcmp(a, "--served-model-name")) {
+            if (!v[0] || strlen(v) > 200)
+                return bad_value(a, v, "a name of 1 to 200 bytes");
+            sp.model_name = v;
+        } else {
+            fprintf(stderr, "ferry serve: unknown option '%s' (see ferry serve --help)\n", a);
+            return 2;
+        }
+    }
+    if (!model_dir) {
+        usage_serve(stderr);
+        return 2;
+    }
+    if (mp.gpu_mem_bytes == 0 && mp.offload != FERRY_OFFLOAD_RAM) {
+        fprintf(stderr, "ferry serve: --offload needs a device budget (--gpu-mem SIZE)\n");
+        return 2;
+    }
+    /* SIGINT and SIGTERM wait for sigwait below: blocked before any thread starts, so every
+     * thread inherits the mask; a write to a closed socket is an error, not a signal */
+    sigset_t stop_set;
+    sigemptyset(&stop_set);
+    sigaddset(&stop_set, SIGINT);
+    sigaddset(&stop_set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop_set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    ferry_model *m = NULL;
+    ferry_server *srv = NULL;
+    ferry_status st;
+    if ((st = ferry_model_open(model_dir, &mp, &m)))
+        return fail_lib("cannot load the model", st);
+    ferry_model_info info;
+    ferry_model_get_info(m, &info);
+    sp.n_ctx = n_ctx ? (int32_t)n_ctx : (info.max_positions < 4096 ? info.max_positions : 4096);
+    if ((st = ferry_server_start(m, model_dir, &sp, &srv))) {
+        rc = fail_lib("serve", st);
+        ferry_model_close(m);
+        return rc;
+    }
+    const char *host = sp.host ? sp.host : "127.0.0.1";
+    int v6 = strchr(host, ':') != NULL;
+    fprintf(stderr, "ferry serve: listening on http://%s%s%s:%d\n", v6 ? "[" : "", host,
+            v6 ? "]" : "", (int)ferry_server_port(srv));
+    fflush(stderr);
+    int sig = 0;
+    sigwait(&stop_set, &sig);
+    fprintf(stderr, "ferry serve: %s, stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    if (want_stats) {
+        char summary[2048];
+        ferry_server_summary(srv, summary, sizeof summary);
+        fputs(summary, stderr);
+    }
+    ferry_server_stop(srv);
+    ferry_model_close(m);
+    return 0;
+}
+
+/* Renders one user message (text, len bytes) with the model's chat template (or the file
+ * template_path) and the generation prompt, as the server's /v1/chat/completions does, into
+ * *out (malloc'd). 0, or an exit status after saying why. */
+static int render_chat(const char *model_dir, const char *template_path, const char *text,
+                       size_t len, char **out, size_t *out_len)
+{
+    ferry_chat_template *t = NULL;
+    ferry_status st = ferry_chat_template_load(model_dir, template_path, &t);
+    if (st)
+        return fail_lib("chat template", st);
+    cJSON *msgs = cJSON_CreateArray(), *msg = cJSON_CreateObject();
+    char *content = malloc(len + 1);
+    if (content) {
+        memcpy(content, text, len);
+        content[len] = 0;
+    }
+    int rc = 1;
+    if (!msgs || !msg || !content || !cJSON_AddStringToObject(msg, "role", "user") ||
+        !cJSON_AddStringToObject(msg, "content", content)) {
+        fprintf(stderr, "ferry run: out of memory\n");
+    } else {
+        cJSON_AddItemToArray(msgs, msg);
+        msg = NULL;
+        if ((st = ferry_chat_template_render(t, msgs, 1, NULL, out, out_len)))
+            rc = fail_lib("chat template", st);
+        else
+            rc = 0;
+    }
+    cJSON_Delete(msg);
+    cJSON_Delete(msgs);
+    free(content);
+    ferry_chat_template_free(t);
+    return rc;
+}
+
 static int cmd_run(int argc, char **argv)
 {
     const char *model_dir = NULL, *prompt = NULL, *prompt_file = NULL, *logits_path = NULL;
     long long n_predict = 64, n_ctx = 0;
-    int want_stats = 0, want_json = 0, ignore_eos = 0;
+    int want_stats = 0, want_json = 0, ignore_eos = 0, chat = 0;
+    const char *chat_template = NULL;
     ferry_model_params mp;
     ferry_context_params cp = ferry_context_params_default();
     int rc;
@@ -1522,6 +1763,11 @@ static int cmd_run(int argc, char **argv)
             want_json = 1;
         } else if (!strcmp(a, "--ignore-eos")) {
             ignore_eos = 1;
+        } else if (!strcmp(a, "--chat")) {
+            chat = 1;
+        } else if (!strcmp(a, "--chat-template")) {
+            NEED_VALUE();
+            chat_template = v;
         } else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
             ferry_set_log(FERRY_LOG_DEBUG, NULL, NULL);
         } else if (a[0] == '-' && a[1]) {
@@ -1543,6 +1789,10 @@ static int cmd_run(int argc, char **argv)
         fprintf(stderr, "ferry run: give the prompt with exactly one of -p or -f\n");
         return 2;
     }
+    if (chat_template && !chat) {
+        fprintf(stderr, "ferry run: --chat-template applies to --chat only\n");
+        return 2;
+    }
 
     char *file_text = NULL;
     size_t prompt_len = prompt ? strlen(prompt) : 0;
@@ -1561,6 +1811,8 @@ static int cmd_run(int argc, char **argv)
     int32_t n_prompt = 0, n_gen = 0;
     ferry_model_info info;
     ferry_status st;
+    char *rendered = NULL;
+    int add_special = 1;
     rc = 1;
 
     if (mp.gpu_mem_bytes == 0 && mp.offload != FERRY_OFFLOAD_RAM) {
@@ -1578,7 +1830,15 @@ static int cmd_run(int argc, char **argv)
         rc = fail_lib("context", st);
         goto done;
     }
-    st = ferry_tokenize(m, prompt, prompt_len, 1, NULL, 0, &n_prompt);
+    if (chat) { /* the prompt is the user's message, through the model's chat template */
+        if ((rc = render_chat(model_dir, chat_template, prompt, prompt_len, &rendered,
+                              &prompt_len)))
+            goto done;
+        rc = 1;
+        prompt = rendered;
+        add_special = 0; /* the template writes them */
+    }
+    st = ferry_tokenize(m, prompt, prompt_len, add_special, NULL, 0, &n_prompt);
     if (st != FERRY_OK && st != FERRY_ERR_INVALID) {
         rc = fail_lib("tokenize", st);
         goto done;
@@ -1590,7 +1850,8 @@ static int cmd_run(int argc, char **argv)
         fprintf(stderr, "ferry run: out of memory\n");
         goto done;
     }
-    if ((st = ferry_tokenize(m, prompt, prompt_len, 1, prompt_ids, n_prompt, &n_prompt))) {
+    if ((st = ferry_tokenize(m, prompt, prompt_len, add_special, prompt_ids, n_prompt,
+                             &n_prompt))) {
         rc = fail_lib("tokenize", st);
         goto done;
     }
@@ -1651,6 +1912,7 @@ static int cmd_run(int argc, char **argv)
     }
     rc = 0;
 done:
+    free(rendered);
     free(sink.text);
     free(prompt_ids);
     free(ids);
@@ -2191,6 +2453,8 @@ int main(int argc, char **argv)
     }
     if (!strcmp(argv[1], "run"))
         return cmd_run(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "serve"))
+        return cmd_serve(argc - 2, argv + 2);
     if (!strcmp(argv[1], "pack"))
         return cmd_pack(argc - 2, argv + 2);
     if (!strcmp(argv[1], "synth"))

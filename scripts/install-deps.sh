@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(build-essential cmake pkg-config libcjson-dev check liburing-dev libhwloc-dev libxxhash-dev
-          libpcre2-dev libutf8proc-dev python3)
+          libpcre2-dev libutf8proc-dev libmicrohttpd-dev python3 python3-jinja2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
