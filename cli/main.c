@@ -1496,7 +1496,8 @@ static void usage_serve(FILE *f)
             "\n"
             "      --host H        address to bind (default 127.0.0.1; 0.0.0.0 or :: for all)\n"
             "      --port P        port (default 8080; 0 = any free one, printed at start)\n"
-            "      --api-key KEY   require 'Authorization: Bearer KEY' ($FERRY_API_KEY too)\n"
+            "      --api-key KEY   require 'Authorization: Bearer KEY' on every endpoint\n"
+            "                      ($FERRY_API_KEY too)\n"
             "      --max-seqs N    sequences in flight, each with its own KV cache (default 8)\n"
             "      --max-queue N   requests waiting for a sequence; more get 429 (default 64)\n"
             "      --ctx C         positions per sequence, prompt + generated (default: the\n"
@@ -1509,6 +1510,8 @@ static void usage_serve(FILE *f)
             "      --select on|off choose the prompt chunks that join a step for fewer\n"
             "                      distinct experts (on, default) or take them in arrival order\n"
             "      --max-body SIZE largest request body (default 1M); larger ones get 413\n"
+            "      --max-tokens-default N  tokens for a request without max_tokens (default\n"
+            "                      0: until EOS or the end of --ctx)\n"
             "      --chat-template FILE  the chat template to use instead of the model's\n"
             "      --served-model-name NAME  the model id (default: MODEL_DIR's name)\n"
             "      --stats         print the batching counters to stderr at exit\n"
@@ -1621,6 +1624,10 @@ static int cmd_serve(int argc, char **argv)
             sp.max_body = (size_t)bytes;
         } else if (!strcmp(a, "--chat-template")) {
             sp.chat_template = v;
+        } else if (!strcmp(a, "--max-tokens-default")) {
+            if ((rc = parse_i64(a, v, 0, INT32_MAX, &n)))
+                return rc;
+            sp.max_tokens_default = (int32_t)n;
         } else if (!strcmp(a, "--served-model-name")) {
             if (!v[0] || strlen(v) > 200)
                 return bad_value(a, v, "a name of 1 to 200 bytes");

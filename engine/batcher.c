@@ -385,16 +385,11 @@ static void choose(ferry_batcher *b)
     int64_t base = 0; /* the decode tokens' experts, as their last step's */
     for (size_t i = 0; i < sz; i++)
         base += b->uni[i];
-    /* arrival order's choice, for the record */
-    memcpy(b->uni2, b->uni, sz);
-    double arrival = 0;
-    int32_t left = budget;
-    for (int32_t j = 0; j < n_cand && left > 0; j++) {
-        int32_t n = chunk_len(b, &b->slot[b->cand[j]], left);
-        arrival += take(b, &b->slot[b->cand[j]], b->uni2, n);
-        left -= n;
-    }
-    int competed = left <= 0 && n_cand > 1;
+    /* prompts compete when the budget cannot take a chunk of each */
+    int32_t want = 0;
+    for (int32_t j = 0; j < n_cand; j++)
+        want += chunk_len(b, &b->slot[b->cand[j]], -1);
+    int competed = want > budget && n_cand > 1;
     /* the prompts passed over max_wait times go first: within the budget, but a token at
      * least */
     double planned = 0;
@@ -410,7 +405,7 @@ static void choose(ferry_batcher *b)
      * the greedy choice stands where it is estimated to add fewer experts */
     memcpy(b->uni3, b->uni, sz);
     double fifo = 0, greedy = 0;
-    left = budget;
+    int32_t left = budget;
     for (int32_t j = 0; j < n_cand; j++) {
         slot_state *s = &b->slot[b->cand[j]];
         b->pick_fifo[j] = s->n_step || left <= 0 ? 0 : chunk_len(b, s, left);
@@ -451,6 +446,7 @@ static void choose(ferry_batcher *b)
         if (!s->n_step)
             s->n_step = use_greedy ? b->pick_greedy[j] : b->pick_fifo[j];
     }
+    double arrival = planned + fifo; /* what --select off would have taken here */
     planned += use_greedy ? greedy : fifo;
     int any = n_decode > 0;
     for (int32_t j = 0; j < n_cand; j++)

@@ -11,10 +11,13 @@
  * prompts compete for it. With `select`, the batcher prefers chunks whose experts overlap
  * those the step already activates: each sequence's signature is the set of (layer, expert)
  * pairs its tokens routed to in its last step, a sequence with no signature yet is costed
- * by the experts that uniform routing would be expected to add. A prompt passed over
- * max_wait times joins the next step whatever it costs, so none starves. The statistics
- * keep the estimate for the chosen chunks beside the same estimate for arrival order, and
- * the distinct experts each step actually activated.
+ * by the experts that uniform routing would be expected to add; the greedy choice
+ * (cheapest chunk first) stands where it is estimated to add fewer experts than arrival
+ * order would. A prompt passed over max_wait times joins the next step (within the budget,
+ * a token at least), so none starves. The statistics keep the estimate for the chosen
+ * chunks beside the same estimate for arrival order in the same state, and the distinct
+ * experts each step actually activated (the measure to compare runs with select on and
+ * off by).
  *
  * ferry_batch_generate (engine/batch.c) is this with every prompt admitted at once and no
  * budget. Not thread-safe: one thread drives a batcher; it holds the model's lock during a
@@ -72,8 +75,11 @@ typedef struct {
     int64_t layer_batches, expert_loads; /* MoE block runs; distinct experts summed over them */
     int64_t step_experts;        /* distinct (layer, expert) pairs each step activated */
     int64_t step_experts_planned; /* estimated for the prompt chunks chosen (steps where
-                                     prompts competed for the budget) */
-    int64_t step_experts_arrival; /* the same estimate had arrival order chosen */
+                                     prompts competed for the budget), the decode tokens'
+                                     included */
+    int64_t step_experts_arrival; /* the same estimate for what arrival order (select off)
+                                     would have taken in the same state: the prompts due
+                                     after max_wait, then the oldest first */
     int64_t selected_steps;      /* steps where the choice was made (prompts competed) */
     int64_t selected_step_experts; /* step_experts over those steps only */
     int32_t max_waited;          /* the most consecutive steps a pending prompt was passed

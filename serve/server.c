@@ -769,6 +769,9 @@ static enum MHD_Result completions(ferry_server *s, struct MHD_Connection *c, in
         return send_error(s, c, ep, &e);
     }
     r->sp.max_tokens = a->max_tokens > 0 ? a->max_tokens : ctx - r->n_ids;
+    if (a->max_tokens <= 0 && s->p.max_tokens_default > 0 &&
+        s->p.max_tokens_default < r->sp.max_tokens)
+        r->sp.max_tokens = s->p.max_tokens_default;
     r->sp.temperature = (float)a->temperature;
     r->sp.top_k = a->top_k > 0 ? a->top_k : 0;
     r->sp.top_p = (float)a->top_p;
@@ -896,7 +899,7 @@ static enum MHD_Result route(ferry_server *s, struct MHD_Connection *c, const ch
                                   !strcmp(method, "HEAD")))
         return send_errorf(s, c, ep, 405, "invalid_request_error", "method_not_allowed", "",
                            "%s takes %s, not %.20s", url, want, method);
-    if (ep != EP_HEALTH && !authorized(s, c))
+    if (!authorized(s, c)) /* every endpoint, /health and /metrics too */
         return send_errorf(s, c, ep, 401, "authentication_error", "invalid_api_key", "",
                            "a valid API key is required: send 'Authorization: Bearer KEY'");
     if (cs->too_big)

@@ -35,6 +35,8 @@ typedef struct {
     int32_t max_wait;          /* steps a pending prompt may be passed over */
     int32_t select;            /* choose prompt chunks for fewer distinct experts */
     size_t max_body;           /* largest request body; larger ones get 413 */
+    int32_t max_tokens_default; /* tokens for a request without max_tokens; 0: until EOS
+                                   or the context's end */
 } ferry_server_params;
 
 /* 127.0.0.1:8080, 8 sequences, queue 64, n_ctx 4096 (or the model's positions, if fewer),

