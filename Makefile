@@ -8,7 +8,7 @@ JOBS ?= $(shell nproc)
 MODEL ?= models/tiny-moe-code
 PROMPT ?= def fibonacci(n):
 
-.PHONY: all deps build demo test test-sanitize test-tsan test-cuda-emu clean
+.PHONY: all deps build demo test install test-sanitize test-tsan test-cuda-emu clean
 
 all: build
 
@@ -24,6 +24,12 @@ demo: build
 
 test: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+# bin/ferry, lib/libferry.so.MAJOR and libferry.a, include/ferry.h, lib/pkgconfig/ferry.pc and
+# lib/cmake/ferry (find_package(ferry)) under PREFIX.
+PREFIX ?= /usr/local
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
 
 # The same tests built with AddressSanitizer and UndefinedBehaviorSanitizer. The sanitizer
 # builds check the C code and leave the CUDA backend out (compute-sanitizer checks that one:

@@ -74,7 +74,7 @@ class LookupTest(unittest.TestCase):
             p = run_python(self.PRINT_PATH, python_env(FERRY_LIBRARY_PATH=value,
                                                        PYTHONPATH=os.path.dirname(PACKAGE)))
             self.assertEqual(p.returncode, 0, p.stderr)
-            self.assertEqual(p.stdout.strip(), lib)
+            self.assertEqual(os.path.realpath(p.stdout.strip()), lib)
 
     def test_env_missing_file_is_a_clear_error(self):
         missing = os.path.join(tempfile.gettempdir(), "no-such-dir-ferry", "libferry.so")
