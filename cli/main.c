@@ -977,22 +977,34 @@ static int cmd_sim(int argc, char **argv)
     return 0;
 }
 
+static void usage_predictor(FILE *f)
+{
+    fprintf(f, "usage: ferry predictor fit TRACE... --out FILE\n"
+               "       ferry predictor eval MODEL_DIR (--text FILE | --trace TRACE)\n"
+               "                            [--predictor gate|stats|combined]\n"
+               "                            [--predictor-stats FILE] [--seq-len N]\n"
+               "                            [--slots N] [--policy P] [--lookahead D]\n"
+               "                            [--expert-bytes SIZE]\n\n"
+               "fit: routing statistics from traces, for the stats and combined predictors.\n"
+               "eval: precision@k and recall@k of a predictor at lookahead 1, 2, 3 (live\n"
+               "over a text, or over a trace for the stats predictor), and the hit rate of\n"
+               "an expert cache of N slots (default: a quarter of all experts) without and\n"
+               "with its prefetches (lookahead D, default 1), by replaying the routing\n"
+               "through ferry's cache and prefetch pipeline.\n");
+}
+
+static int has_help(int argc, char **argv)
+{
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help"))
+            return 1;
+    return 0;
+}
+
 static int cmd_predictor(int argc, char **argv)
 {
-    if (argc < 1 || !strcmp(argv[0], "-h") || !strcmp(argv[0], "--help")) {
-        FILE *f = argc < 1 ? stderr : stdout;
-        fprintf(f, "usage: ferry predictor fit TRACE... --out FILE\n"
-                   "       ferry predictor eval MODEL_DIR (--text FILE | --trace TRACE)\n"
-                   "                            [--predictor gate|stats|combined]\n"
-                   "                            [--predictor-stats FILE] [--seq-len N]\n"
-                   "                            [--slots N] [--policy P] [--lookahead D]\n"
-                   "                            [--expert-bytes SIZE]\n\n"
-                   "fit: routing statistics from traces, for the stats and combined predictors.\n"
-                   "eval: precision@k and recall@k of a predictor at lookahead 1, 2, 3 (live\n"
-                   "over a text, or over a trace for the stats predictor), and the hit rate of\n"
-                   "an expert cache of N slots (default: a quarter of all experts) without and\n"
-                   "with its prefetches (lookahead D, default 1), by replaying the routing\n"
-                   "through ferry's cache and prefetch pipeline.\n");
+    if (argc < 1 || has_help(argc, argv)) { /* ferry predictor [fit|eval] --help */
+        usage_predictor(argc < 1 ? stderr : stdout);
         return argc < 1 ? 2 : 0;
     }
     int rc;
@@ -2452,12 +2464,68 @@ static int cmd_tokenize(int argc, char **argv)
     return rc;
 }
 
+/* The options that take a value, of every command (--json takes one in perplexity but is a
+ * flag elsewhere: not listed, so the argument after it may be split). */
+static const char *const valued_options[] = {
+    "--api-key", "--backend", "--bandwidth-size", "--batch", "--chat-template", "--chunk",
+    "--cpu-kernels", "--ctx", "--decode", "--dense-intermediate", "--dtype", "--expert-bytes",
+    "--experts", "--file", "--gen-len", "--gpu-mem", "--head-dim", "--heads", "--hidden",
+    "--host", "--host-cache", "--hybrid", "--input", "--intermediate", "--kv-heads",
+    "--layers", "--logits", "--lookahead", "--max-batch", "--max-body", "--max-queue",
+    "--max-seqs", "--max-tokens-default", "--max-wait", "--mode", "--n-predict", "--offload",
+    "--out", "--pack", "--policy", "--port", "--predictor", "--predictor-stats", "--prefetch",
+    "--preset", "--prompt", "--prompt-len", "--prompts", "--quant", "--quant-dense", "--reader",
+    "--reorder", "--repeat", "--seed", "--select", "--seq-len", "--served-model-name",
+    "--shard-size", "--shared-intermediate", "--slots", "--step-tokens", "--temp", "--text",
+    "--threads", "--tokenizer", "--top-k", "--top-p", "--trace", "--vocab", "--window", "-f",
+    "-n", "-p"};
+
+static int is_valued_option(const char *a, size_t len)
+{
+    for (size_t i = 0; i < sizeof valued_options / sizeof valued_options[0]; i++)
+        if (strlen(valued_options[i]) == len && !strncmp(a, valued_options[i], len))
+            return 1;
+    return 0;
+}
+
+/* GNU style "--opt=value" as "--opt" "value", for the options that take a value; an
+ * argument that is itself the value of the option before it (-p "--ctx=3") stays whole.
+ * NULL when out of memory. */
+static char **split_equals(int *argc, char **argv)
+{
+    char **out = calloc((size_t)*argc * 2 + 1, sizeof *out);
+    if (!out)
+        return NULL;
+    int n = 0;
+    for (int i = 0; i < *argc; i++) {
+        const char *a = argv[i], *eq = strchr(a, '=');
+        int is_value = i > 0 && is_valued_option(argv[i - 1], strlen(argv[i - 1]));
+        if (!is_value && a[0] == '-' && eq && is_valued_option(a, (size_t)(eq - a))) {
+            out[n] = strndup(a, (size_t)(eq - a));
+            if (!out[n])
+                return NULL;
+            n++;
+            out[n++] = (char *)eq + 1;
+        } else {
+            out[n++] = argv[i];
+        }
+    }
+    *argc = n;
+    return out;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
         usage(stderr);
         return 2;
     }
+    char **split = split_equals(&argc, argv); /* lives as long as the process */
+    if (!split) {
+        fprintf(stderr, "ferry: out of memory\n");
+        return 1;
+    }
+    argv = split;
     if (!strcmp(argv[1], "run"))
         return cmd_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "serve"))

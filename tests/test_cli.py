@@ -464,6 +464,29 @@ class CliTest(unittest.TestCase):
             self.assertEqual(p.returncode, 2, args)
             self.assertIn(msg, p.stderr.decode(), args)
 
+    def test_options_with_equals_and_help_everywhere(self):
+        case = self.ref[0]
+        spaced = ferry("run", MODEL, "-p", case["prompt"], "-n", "8", "--ctx", "64",
+                       "--temp", "0", "--json").stdout
+        joined = ferry("run", MODEL, "-p", case["prompt"], "-n=8", "--ctx=64", "--temp=0",
+                       "--json").stdout
+        self.assertEqual(json.loads(spaced)["ids"], json.loads(joined)["ids"])
+        # the value of an option stays whole, '=' and all
+        p = ferry("run", MODEL, "-p", "--ctx=3", "-n", "2", "--json")
+        self.assertEqual(json.loads(p.stdout)["prompt_ids"][1:],
+                         json.loads(ferry("tokenize", MODEL, "-p", "--ctx=3", "--json",
+                                          "--no-special").stdout)["ids"])
+        p = ferry("run", MODEL, "-p", "x", "--ctx=zero", check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--ctx expects an integer", p.stderr.decode())
+        for cmd in (["run"], ["serve"], ["pack"], ["synth"], ["trace"], ["sim"], ["batch"],
+                    ["bench"], ["perplexity"], ["predictor"], ["predictor", "fit"],
+                    ["predictor", "eval"], ["tokenize"]):
+            for flag in ("-h", "--help"):
+                p = ferry(*cmd, flag, check=False)
+                self.assertEqual(p.returncode, 0, (cmd, flag, p.stderr.decode()))
+                self.assertIn("usage: ferry " + cmd[0], p.stdout.decode(), (cmd, flag))
+
     def test_bench_prints_speeds_and_the_bound(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.json")
