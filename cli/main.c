@@ -21,6 +21,7 @@
 #include "format/chat.h"
 #include "format/tokenizer.h"
 #include "serve/server.h"
+#include "serve/stop.h"
 
 static void usage_run(FILE *f)
 {
@@ -31,7 +32,7 @@ static void usage_run(FILE *f)
             "Qwen2-MoE, OLMoE).\n"
             "\n"
             "  -p, --prompt TEXT   the prompt\n"
-            "  -f, --file FILE     read the prompt from FILE\n"
+            "  -f, --file FILE     read the prompt from FILE ('-': standard input)\n"
             "  -n, --n-predict N   tokens to generate (default 64)\n"
             "      --ctx C         KV cache capacity in tokens (default: the model's maximum,\n"
             "                      capped at 4096)\n"
@@ -47,6 +48,9 @@ static void usage_run(FILE *f)
             "                      chat template (tokenizer_config.json) and the generation\n"
             "                      prompt, as ferry serve's /v1/chat/completions does\n"
             "      --chat-template FILE  with --chat: the template in FILE instead\n"
+            "      --stop STR      end the text before the first STR (repeatable, up to 16),\n"
+            "                      as the server's \"stop\" does\n"
+            "      --no-display-prompt  print only the generated text\n"
             "      --stats         print prefill and decode speed to stderr\n"
             "      --json          print one JSON object (prompt_ids, ids, text, stats) instead\n"
             "                      of streaming text\n"
@@ -361,9 +365,13 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
     return 0;
 }
 
+/* Reads a whole text file, or standard input for "-". */
 static char *read_text_file(const char *path, size_t *len)
 {
-    FILE *f = fopen(path, "rb");
+    int is_stdin = !strcmp(path, "-");
+    FILE *f = is_stdin ? stdin : fopen(path, "rb");
+    if (is_stdin)
+        path = "standard input";
     if (!f) {
         fprintf(stderr, "ferry: cannot open %s: %s\n", path, strerror(errno));
         return NULL;
@@ -391,7 +399,8 @@ static char *read_text_file(const char *path, size_t *len)
         free(buf);
         buf = NULL;
     }
-    fclose(f);
+    if (!is_stdin)
+        fclose(f);
     if (buf) {
         buf[n] = 0;
         *len = n;
@@ -405,12 +414,14 @@ typedef struct {
     int stream;
     char *text; /* generated text, for --json */
     size_t len, cap;
+    ferry_stop *stop; /* --stop strings, or NULL */
+    int stopped;      /* one occurred: the text ends before it */
+    int failed;       /* out of memory */
 } run_sink;
 
-static int on_token(int32_t id, const char *text, size_t len, void *user)
+/* Prints (or keeps, for --json) text. */
+static int sink_put(run_sink *s, const char *text, size_t len)
 {
-    (void)id;
-    run_sink *s = user;
     if (s->stream) {
         fwrite(text, 1, len, stdout);
         fflush(stdout);
@@ -428,6 +439,21 @@ static int on_token(int32_t id, const char *text, size_t len, void *user)
     s->len += len;
     s->text[s->len] = 0;
     return 0;
+}
+
+/* Each generated piece, through the --stop strings when there are any (serve/stop.h: the
+ * text is cut before the first, as the server cuts it); nonzero ends generation. */
+static int on_token(int32_t id, const char *text, size_t len, void *user)
+{
+    (void)id;
+    run_sink *s = user;
+    if (!s->stop)
+        return s->failed = sink_put(s, text, len);
+    ferry_stop_result r;
+    if (ferry_stop_feed(s->stop, text, len, &r) || sink_put(s, r.text, r.len))
+        return s->failed = 1;
+    s->stopped = r.stopped;
+    return r.stopped;
 }
 
 static int fail_lib(const char *what, ferry_status st)
@@ -1735,8 +1761,9 @@ static int cmd_run(int argc, char **argv)
 {
     const char *model_dir = NULL, *prompt = NULL, *prompt_file = NULL, *logits_path = NULL;
     long long n_predict = 64, n_ctx = 0;
-    int want_stats = 0, want_json = 0, ignore_eos = 0, chat = 0;
-    const char *chat_template = NULL;
+    int want_stats = 0, want_json = 0, ignore_eos = 0, chat = 0, display_prompt = 1;
+    const char *chat_template = NULL, *stops[16];
+    int32_t n_stop = 0;
     ferry_model_params mp;
     ferry_context_params cp = ferry_context_params_default();
     int rc;
@@ -1784,6 +1811,15 @@ static int cmd_run(int argc, char **argv)
             ignore_eos = 1;
         } else if (!strcmp(a, "--chat")) {
             chat = 1;
+        } else if (!strcmp(a, "--no-display-prompt")) {
+            display_prompt = 0;
+        } else if (!strcmp(a, "--stop")) {
+            NEED_VALUE();
+            if (!v[0] || n_stop == 16) {
+                fprintf(stderr, "ferry run: --stop takes a non-empty string, at most 16 times\n");
+                return 2;
+            }
+            stops[n_stop++] = v;
         } else if (!strcmp(a, "--chat-template")) {
             NEED_VALUE();
             chat_template = v;
@@ -1874,7 +1910,11 @@ static int cmd_run(int argc, char **argv)
         rc = fail_lib("tokenize", st);
         goto done;
     }
-    if (!want_json) {
+    if (n_stop && ferry_stop_create(stops, n_stop, 0, &sink.stop)) {
+        rc = fail_lib("--stop", FERRY_ERR_NOMEM);
+        goto done;
+    }
+    if (!want_json && display_prompt) {
         fwrite(prompt, 1, prompt_len, stdout);
         fflush(stdout);
     }
@@ -1887,6 +1927,15 @@ static int cmd_run(int argc, char **argv)
         if (!want_json)
             printf("\n");
         rc = fail_lib("generate", st);
+        goto done;
+    }
+    if (sink.stop && !sink.stopped) { /* what a stop string's prefix held back */
+        ferry_stop_result r;
+        if (ferry_stop_flush(sink.stop, &r) || sink_put(&sink, r.text, r.len))
+            sink.failed = 1;
+    }
+    if (sink.failed) {
+        fprintf(stderr, "ferry run: out of memory for the text\n");
         goto done;
     }
     if (!want_json) {
@@ -1931,6 +1980,7 @@ static int cmd_run(int argc, char **argv)
     }
     rc = 0;
 done:
+    ferry_stop_destroy(sink.stop);
     free(rendered);
     free(sink.text);
     free(prompt_ids);
@@ -2476,9 +2526,9 @@ static const char *const valued_options[] = {
     "--out", "--pack", "--policy", "--port", "--predictor", "--predictor-stats", "--prefetch",
     "--preset", "--prompt", "--prompt-len", "--prompts", "--quant", "--quant-dense", "--reader",
     "--reorder", "--repeat", "--seed", "--select", "--seq-len", "--served-model-name",
-    "--shard-size", "--shared-intermediate", "--slots", "--step-tokens", "--temp", "--text",
-    "--threads", "--tokenizer", "--top-k", "--top-p", "--trace", "--vocab", "--window", "-f",
-    "-n", "-p"};
+    "--shard-size", "--shared-intermediate", "--slots", "--step-tokens", "--stop", "--temp",
+    "--text", "--threads", "--tokenizer", "--top-k", "--top-p", "--trace", "--vocab",
+    "--window", "-f", "-n", "-p"};
 
 static int is_valued_option(const char *a, size_t len)
 {

@@ -487,6 +487,26 @@ class CliTest(unittest.TestCase):
                 self.assertEqual(p.returncode, 0, (cmd, flag, p.stderr.decode()))
                 self.assertIn("usage: ferry " + cmd[0], p.stdout.decode(), (cmd, flag))
 
+    def test_stop_strings_stdin_and_no_display_prompt(self):
+        case = self.ref[0]
+        full = json.loads(ferry("run", MODEL, "-p", case["prompt"], "-n", "32", "--ignore-eos",
+                                "--json").stdout)["text"]
+        stop = full[len(full) // 2:len(full) // 2 + 3]
+        cut = full[:full.index(stop)]
+        p = ferry("run", MODEL, "-p", case["prompt"], "-n", "32", "--ignore-eos", "--stop",
+                  "never there", "--stop", stop, "--no-display-prompt")
+        self.assertEqual(p.stdout.decode(), cut + "\n")
+        p = ferry("run", MODEL, "-p", case["prompt"], "-n", "32", "--ignore-eos",
+                  "--stop=" + stop, "--json")
+        self.assertEqual(json.loads(p.stdout)["text"], cut)
+        p = subprocess.run([FERRY, "run", MODEL, "-f", "-", "-n", "32", "--ignore-eos"],
+                           input=case["prompt"].encode(), capture_output=True, timeout=300)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(p.stdout.decode(), case["prompt"] + full + "\n")
+        p = ferry("run", MODEL, "-p", "x", "--stop", "", check=False)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("--stop", p.stderr.decode())
+
     def test_bench_prints_speeds_and_the_bound(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.json")
