@@ -404,6 +404,18 @@ static char *read_text_file(const char *path, size_t *len)
     if (buf) {
         buf[n] = 0;
         *len = n;
+        /* every command reads text as UTF-8: anything else is this error, not a quieter
+         * one later (a text without tokens, a parse error) */
+        for (size_t i = 0; i < n;) {
+            int32_t k = ferry_utf8_seq(buf + i, n - i);
+            if (k <= 0) {
+                fprintf(stderr, "ferry: %s is not UTF-8 text: %s at byte %zu\n", path,
+                        k < 0 ? "an invalid sequence" : "a truncated character", i);
+                free(buf);
+                return NULL;
+            }
+            i += (size_t)k;
+        }
     } else {
         fprintf(stderr, "ferry: cannot read %s\n", path);
     }
@@ -1180,6 +1192,16 @@ typedef struct {
     int32_t *out, n_out;
 } batch_item;
 
+/* The first member of a batch line that is not prompt, max_tokens or id, or NULL. */
+static const char *unknown_field(const cJSON *o)
+{
+    for (const cJSON *f = o->child; f; f = f->next)
+        if (strcmp(f->string, "prompt") && strcmp(f->string, "max_tokens") &&
+            strcmp(f->string, "id"))
+            return f->string;
+    return NULL;
+}
+
 /* Reads IN.jsonl: one object per non-empty line. */
 static batch_item *read_prompts(const char *path, long long default_n, int32_t *n_items)
 {
@@ -1204,6 +1226,11 @@ static batch_item *read_prompts(const char *path, long long default_n, int32_t *
                     mt->valuedouble != (double)(int32_t)mt->valuedouble))) {
             fprintf(stderr, "ferry batch: %s line %d: expected {\"prompt\": \"non-empty text\"%s}\n",
                     path, (int)line_no, mt ? ", \"max_tokens\": a count >= 0" : "");
+            ok = 0;
+        } else if (unknown_field(o)) { /* honoured or refused, never ignored */
+            fprintf(stderr, "ferry batch: %s line %d: the field '%s' is not supported here "
+                    "(prompt, max_tokens, id; sampling comes from the command line)\n", path,
+                    (int)line_no, unknown_field(o));
             ok = 0;
         } else {
             if (n == cap) {
@@ -1908,6 +1935,13 @@ static int cmd_run(int argc, char **argv)
     if ((st = ferry_tokenize(m, prompt, prompt_len, add_special, prompt_ids, n_prompt,
                              &n_prompt))) {
         rc = fail_lib("tokenize", st);
+        goto done;
+    }
+    int64_t need = (int64_t)n_prompt + (n_predict > 0 ? n_predict - 1 : 0);
+    if (need > ferry_context_n_ctx(c)) { /* before the prompt is echoed */
+        fprintf(stderr, "ferry run: a prompt of %d tokens + %lld to generate needs %lld "
+                "positions, the context holds %d (raise --ctx, up to %d)\n", (int)n_prompt,
+                n_predict, (long long)need, (int)ferry_context_n_ctx(c), (int)info.max_positions);
         goto done;
     }
     if (n_stop && ferry_stop_create(stops, n_stop, 0, &sink.stop)) {

@@ -355,6 +355,8 @@ void ferry_context_reset(ferry_context *c)
 
 int32_t ferry_context_n_past(const ferry_context *c) { return c ? c->n_past : 0; }
 
+int32_t ferry_context_n_ctx(const ferry_context *c) { return c ? c->n_ctx : 0; }
+
 void ferry_context_set_observer(ferry_context *c, const ferry_observer *obs)
 {
     if (obs)

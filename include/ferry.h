@@ -398,6 +398,10 @@ void ferry_context_reset(ferry_context *c);
 /* Number of tokens currently held in the KV cache. */
 int32_t ferry_context_n_past(const ferry_context *c);
 
+/* The positions the KV cache holds (its n_ctx): a prompt of n tokens and m to generate
+ * need n + m - 1 of them. 0 for NULL. */
+int32_t ferry_context_n_ctx(const ferry_context *c);
+
 /* Runs the model over n tokens appended after those already in the KV cache (a prompt
  * in one forward, or one token at a time). If logits is not NULL, writes the n_vocab
  * logits of the last of the n tokens to it. FERRY_ERR_INVALID if the tokens would not

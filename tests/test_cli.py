@@ -115,6 +115,35 @@ class CliTest(unittest.TestCase):
         p = ferry("run", MODEL, "-p", "def fibonacci(n):", "-n", "64", "--ctx", "16", check=False)
         self.assertEqual(p.returncode, 1)
         self.assertIn("context holds 16", p.stderr.decode())
+        self.assertEqual(p.stdout, b"")  # the prompt is not echoed first
+
+    def test_invalid_utf8_is_one_error_everywhere(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            bad = os.path.join(tmp, "bad.txt")
+            with open(bad, "wb") as f:
+                f.write(b"def f(x):\n    return x\xff\xfe + 1\n")
+            prompts = os.path.join(tmp, "p.jsonl")
+            with open(prompts, "wb") as f:
+                f.write(b'{"prompt": "ok"}\n{"prompt": "\xc3"}\n')
+            for args in (["run", MODEL, "-f", bad], ["perplexity", MODEL, "--text", bad],
+                         ["trace", MODEL, "--input", bad, "--out", os.path.join(tmp, "t")],
+                         ["batch", MODEL, "--prompts", prompts, "--out",
+                          os.path.join(tmp, "o.jsonl")]):
+                p = ferry(*args, check=False)
+                self.assertNotEqual(p.returncode, 0, args)
+                self.assertIn("is not UTF-8 text", p.stderr.decode(), args)
+                self.assertEqual(p.stdout, b"", args)
+
+    def test_batch_refuses_fields_it_does_not_honour(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            prompts = os.path.join(tmp, "p.jsonl")
+            with open(prompts, "w") as f:
+                f.write('{"prompt": "def f():", "max_tokens": 4}\n'
+                        '{"prompt": "x", "temperature": 0.7}\n')
+            p = ferry("batch", MODEL, "--prompts", prompts, "--out", os.path.join(tmp, "o"),
+                      check=False)
+            self.assertIn(p.returncode, (1, 2))
+            self.assertIn("line 2: the field 'temperature' is not supported", p.stderr.decode())
 
     def test_offloaded_runs_print_the_same_text(self):
         args = ["run", MODEL, "-p", "def fibonacci(n):", "-n", "40", "--ctx", "256"]
