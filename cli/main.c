@@ -2086,7 +2086,9 @@ static int write_bench_json(const char *path, const char *model, const ferry_ben
     cJSON_AddNumberToObject(o, "stall_ms_per_token", r->stall_ms_per_token);
     cJSON_AddNumberToObject(o, "fetch_gbps", r->fetch_gbps);
     cJSON_AddNumberToObject(o, "host_read_gbps", r->bw.host_read_gbps);
-    cJSON_AddNumberToObject(o, "hybrid", r->hybrid);
+    static const char *const hybrids[] = {"auto", "off", "cpu-experts"};
+    cJSON_AddStringToObject(o, "hybrid", r->hybrid >= 0 && r->hybrid < 3 ? hybrids[r->hybrid]
+                                                                           : "unknown");
     cJSON_AddNumberToObject(o, "cpu_experts_per_token", r->cpu_experts_per_token);
     cJSON_AddNumberToObject(o, "cpu_bytes_per_token", r->cpu_bytes_per_token);
     cJSON_AddNumberToObject(o, "cpu_gbps", r->cpu_gbps);

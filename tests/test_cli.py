@@ -562,6 +562,7 @@ class CliTest(unittest.TestCase):
                 r = json.load(f)
             self.assertTrue(r["offload"])
             self.assertGreater(r["moved_bytes_per_token"], 0)
+            self.assertEqual(r["hybrid"], "off")  # names, not enum integers
 
             p = ferry("bench", MODEL, "--backend", "cpu", "--mode", "batch", "--batch", "4",
                       "--prompt-len", "8", "--gen-len", "4", "--repeat", "1",
