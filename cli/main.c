@@ -468,6 +468,27 @@ static int on_token(int32_t id, const char *text, size_t len, void *user)
     return r.stopped;
 }
 
+/* The warning --gpu-mem gets where the CPU backend computes. */
+static void warn_simulated_device(const ferry_model_params *mp, int backend)
+{
+    if (mp->gpu_mem_bytes && backend == FERRY_BACKEND_CPU)
+        fprintf(stderr, "ferry: warning: --gpu-mem on the CPU backend simulates a device: "
+                "expert slots are extra copies in host memory, so it uses more memory and runs "
+                "slower than no budget (it shows offloading at work, not a speedup)\n");
+}
+
+/* ferry_model_open, then the --gpu-mem warning. */
+static ferry_status open_model(const char *dir, const ferry_model_params *mp, ferry_model **m)
+{
+    ferry_status st = ferry_model_open(dir, mp, m);
+    if (st == FERRY_OK) {
+        ferry_model_info info;
+        ferry_model_get_info(*m, &info);
+        warn_simulated_device(mp, info.backend);
+    }
+    return st;
+}
+
 static int fail_lib(const char *what, ferry_status st)
 {
     fprintf(stderr, "ferry: %s: %s (%s)\n", what, ferry_last_error(), ferry_status_name(st));
@@ -1449,7 +1470,7 @@ static int cmd_batch(int argc, char **argv)
     ferry_status st;
     if (!prompts || !n_prompt || !n_pred || !outs || !outs2 || !n_out || !n_out2)
         goto done;
-    if ((st = ferry_model_open(model_dir, &mp, &m))) {
+    if ((st = open_model(model_dir, &mp, &m))) {
         rc = fail_lib("cannot load the model", st);
         goto done;
     }
@@ -1721,7 +1742,7 @@ static int cmd_serve(int argc, char **argv)
     ferry_model *m = NULL;
     ferry_server *srv = NULL;
     ferry_status st;
-    if ((st = ferry_model_open(model_dir, &mp, &m)))
+    if ((st = open_model(model_dir, &mp, &m)))
         return fail_lib("cannot load the model", st);
     ferry_model_info info;
     ferry_model_get_info(m, &info);
@@ -1902,7 +1923,7 @@ static int cmd_run(int argc, char **argv)
         rc = 2;
         goto done;
     }
-    if ((st = ferry_model_open(model_dir, &mp, &m))) {
+    if ((st = open_model(model_dir, &mp, &m))) {
         rc = fail_lib("cannot load the model", st);
         goto done;
     }
@@ -2180,6 +2201,8 @@ static int cmd_bench(int argc, char **argv)
     }
     ferry_bench_result r;
     ferry_status st = ferry_bench_run(model_dir, &mp, &bp, &r);
+    if (st == FERRY_OK)
+        warn_simulated_device(&mp, r.backend);
     if (st)
         return fail_lib("bench", st);
     printf("backend: %s (%s)\n", r.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu", r.device);
@@ -2299,7 +2322,7 @@ static int cmd_perplexity(int argc, char **argv)
     if (!text)
         return 1;
     ferry_model *m;
-    ferry_status st = ferry_model_open(model_dir, &mp, &m);
+    ferry_status st = open_model(model_dir, &mp, &m);
     if (st) {
         free(text);
         return fail_lib("perplexity", st);

@@ -536,6 +536,13 @@ class CliTest(unittest.TestCase):
         self.assertEqual(p.returncode, 2)
         self.assertIn("--stop", p.stderr.decode())
 
+    def test_gpu_mem_on_the_cpu_says_it_simulates(self):
+        warn = "--gpu-mem on the CPU backend simulates a device"
+        p = ferry("run", MODEL, "-p", "x", "-n", "2", "--gpu-mem", "20M", "--backend", "cpu")
+        self.assertEqual(p.stderr.decode().count(warn), 1, p.stderr)
+        p = ferry("run", MODEL, "-p", "x", "-n", "2", "--backend", "cpu")
+        self.assertNotIn(warn, p.stderr.decode())
+
     def test_bench_prints_speeds_and_the_bound(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "bench.json")
