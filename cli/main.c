@@ -2597,6 +2597,10 @@ static int is_valued_option(const char *a, size_t len)
     return 0;
 }
 
+/* The arguments after split_equals: a global, so the process holds them to its end (leak
+ * checkers see them reachable). */
+static char **split_args;
+
 /* GNU style "--opt=value" as "--opt" "value", for the options that take a value; an
  * argument that is itself the value of the option before it (-p "--ctx=3") stays whole.
  * NULL when out of memory. */
@@ -2629,12 +2633,12 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
-    char **split = split_equals(&argc, argv); /* lives as long as the process */
-    if (!split) {
+    split_args = split_equals(&argc, argv); /* lives as long as the process */
+    if (!split_args) {
         fprintf(stderr, "ferry: out of memory\n");
         return 1;
     }
-    argv = split;
+    argv = split_args;
     if (!strcmp(argv[1], "run"))
         return cmd_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "serve"))
