@@ -2589,21 +2589,19 @@ static const char *const valued_options[] = {
     "--text", "--threads", "--tokenizer", "--top-k", "--top-p", "--trace", "--vocab",
     "--window", "-f", "-n", "-p"};
 
-static int is_valued_option(const char *a, size_t len)
+/* The table's spelling of the option a[0..len), or NULL when it takes no value. */
+static const char *valued_option(const char *a, size_t len)
 {
     for (size_t i = 0; i < sizeof valued_options / sizeof valued_options[0]; i++)
         if (strlen(valued_options[i]) == len && !strncmp(a, valued_options[i], len))
-            return 1;
-    return 0;
+            return valued_options[i];
+    return NULL;
 }
-
-/* The arguments after split_equals: a global, so the process holds them to its end (leak
- * checkers see them reachable). */
-static char **split_args;
 
 /* GNU style "--opt=value" as "--opt" "value", for the options that take a value; an
  * argument that is itself the value of the option before it (-p "--ctx=3") stays whole.
- * NULL when out of memory. */
+ * The array is malloc'd (its strings are argv's and the option table's); NULL when out of
+ * memory. */
 static char **split_equals(int *argc, char **argv)
 {
     char **out = calloc((size_t)*argc * 2 + 1, sizeof *out);
@@ -2612,12 +2610,10 @@ static char **split_equals(int *argc, char **argv)
     int n = 0;
     for (int i = 0; i < *argc; i++) {
         const char *a = argv[i], *eq = strchr(a, '=');
-        int is_value = i > 0 && is_valued_option(argv[i - 1], strlen(argv[i - 1]));
-        if (!is_value && a[0] == '-' && eq && is_valued_option(a, (size_t)(eq - a))) {
-            out[n] = strndup(a, (size_t)(eq - a));
-            if (!out[n])
-                return NULL;
-            n++;
+        int is_value = i > 0 && valued_option(argv[i - 1], strlen(argv[i - 1]));
+        const char *name = a[0] == '-' && eq ? valued_option(a, (size_t)(eq - a)) : NULL;
+        if (!is_value && name) {
+            out[n++] = (char *)name; /* the commands only read their arguments */
             out[n++] = (char *)eq + 1;
         } else {
             out[n++] = argv[i];
@@ -2627,18 +2623,12 @@ static char **split_equals(int *argc, char **argv)
     return out;
 }
 
-int main(int argc, char **argv)
+static int run_command(int argc, char **argv)
 {
     if (argc < 2) {
         usage(stderr);
         return 2;
     }
-    split_args = split_equals(&argc, argv); /* lives as long as the process */
-    if (!split_args) {
-        fprintf(stderr, "ferry: out of memory\n");
-        return 1;
-    }
-    argv = split_args;
     if (!strcmp(argv[1], "run"))
         return cmd_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "serve"))
@@ -2677,4 +2667,16 @@ int main(int argc, char **argv)
     fprintf(stderr, "ferry: unknown command '%s'\n", argv[1]);
     usage(stderr);
     return 2;
+}
+
+int main(int argc, char **argv)
+{
+    char **args = split_equals(&argc, argv);
+    if (!args) {
+        fprintf(stderr, "ferry: out of memory\n");
+        return 1;
+    }
+    int rc = run_command(argc, args);
+    free(args);
+    return rc;
 }
