@@ -14,9 +14,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/stat.h>
 #include <time.h>
 
+#include "cli/progress.h"
+#include "core/tempfile.h"
 #include "ferry.h"
 #include "format/chat.h"
 #include "format/tokenizer.h"
@@ -51,12 +54,18 @@ static void usage_run(FILE *f)
             "      --stop STR      end the text before the first STR (repeatable, up to 16),\n"
             "                      as the server's \"stop\" does\n"
             "      --no-display-prompt  print only the generated text\n"
-            "      --stats         print prefill and decode speed to stderr\n"
-            "      --json          print one JSON object (prompt_ids, ids, text, stats) instead\n"
-            "                      of streaming text\n"
+            "      --stats         print to stderr the backend, why generation ended, prefill\n"
+            "                      and decode speed and, offloading, the memory plan, the\n"
+            "                      expert cache, hybrid and predictor figures and a per-layer\n"
+            "                      table\n"
+            "      --json          print one JSON object instead of streaming text: prompt_ids,\n"
+            "                      ids, text, finish_reason (eos, stop, length), backend,\n"
+            "                      device, stats and, offloading, offload (all --stats prints)\n"
             "      --logits FILE   write the prompt's last-position logits (little-endian\n"
             "                      float32, n_vocab values) to FILE\n"
             "  -v, --verbose       log what the library does to stderr\n"
+            "      --quiet         no progress line on the terminal (loading the model,\n"
+            "                      writing the NVMe pack)\n"
             "\n"
             "Expert offloading (the output does not change, only where experts live):\n"
             "      --gpu-mem SIZE  device memory budget (bytes, or with K/M/G suffixes); the\n"
@@ -253,7 +262,7 @@ static int parse_sim_option(const char *cmd, int argc, char **argv, int *i, ferr
 }
 
 /* The options of the model (threads, offloading, cache, predictor) and of sampling, shared
- * by ferry run and ferry batch. Returns -1 when argv[*i] is not one of them, else 0 or a
+ * by ferry run and ferry batch, and --quiet (no progress line). Returns -1 when argv[*i] is not one of them, else 0 or a
  * usage error's exit status; *i moves past the value. */
 static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
                   ferry_model_params *mp, ferry_context_params *sp)
@@ -264,6 +273,10 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
         "--predictor-stats", "--lookahead", "--slots", "--backend", "--hybrid",
         "--cpu-kernels", "--quant-dense"};
     const char *a = argv[*i];
+    if (!strcmp(a, "--quiet")) {
+        cli_progress_quiet();
+        return 0;
+    }
     size_t w = 0, n_with = sizeof with_value / sizeof with_value[0];
     while (w < n_with && strcmp(a, with_value[w]))
         w++;
@@ -518,6 +531,94 @@ static cJSON *ids_json(const int32_t *ids, int32_t n)
 
 #define MIB(x) ((double)(x) / (1024.0 * 1024.0))
 
+static const char *const g_predictor_names[] = {"recency", "gate", "stats", "combined"};
+static const char *const g_hybrid_names[] = {"auto", "off", "cpu-experts"};
+
+/* Everything print_offload_stats prints, as JSON (NULL when nothing is offloaded). */
+static cJSON *offload_json(const ferry_context *c, const ferry_model_info *info)
+{
+    ferry_offload_stats o;
+    ferry_layer_stats *ls = calloc((size_t)info->n_layers, sizeof *ls);
+    if (!ls || ferry_context_get_offload_stats(c, &o, ls, info->n_layers) != FERRY_OK ||
+        !o.enabled) {
+        free(ls);
+        return NULL;
+    }
+    cJSON *r = cJSON_CreateObject();
+    cJSON *plan = cJSON_AddObjectToObject(r, "memory_plan");
+    cJSON_AddNumberToObject(plan, "budget_bytes", (double)o.budget_bytes);
+    cJSON_AddNumberToObject(plan, "dense_bytes", (double)o.dense_bytes);
+    cJSON_AddNumberToObject(plan, "context_bytes", (double)o.context_bytes);
+    cJSON_AddNumberToObject(plan, "n_slots", o.n_slots);
+    cJSON_AddNumberToObject(plan, "slot_bytes", (double)o.slot_bytes);
+    cJSON_AddNumberToObject(plan, "slots_bytes", (double)o.slots_bytes);
+    cJSON *x = cJSON_AddObjectToObject(r, "experts");
+    cJSON_AddStringToObject(x, "tier", o.tier == FERRY_OFFLOAD_NVME ? "nvme" : "ram");
+    if (o.tier == FERRY_OFFLOAD_NVME)
+        cJSON_AddStringToObject(x, "reader", o.uses_uring ? "io_uring" : "pread");
+    cJSON_AddNumberToObject(x, "uses", (double)(o.hits + o.misses + o.cpu_experts));
+    cJSON_AddNumberToObject(x, "hits", (double)o.hits);
+    cJSON_AddNumberToObject(x, "misses", (double)o.misses);
+    cJSON_AddNumberToObject(x, "cpu_experts", (double)o.cpu_experts);
+    cJSON_AddNumberToObject(x, "hit_rate", ferry_expert_hit_rate(o.hits, o.misses,
+                                                                  o.cpu_experts));
+    cJSON_AddNumberToObject(x, "bytes_to_device", (double)o.bytes_to_device);
+    cJSON_AddNumberToObject(x, "bytes_from_disk", (double)o.bytes_from_disk);
+    cJSON_AddNumberToObject(x, "stall_seconds", o.stall_seconds);
+    cJSON_AddNumberToObject(x, "copy_seconds", o.copy_seconds);
+    cJSON_AddNumberToObject(x, "fetch_gbps", o.copy_seconds > 0
+                                                 ? (double)o.bytes_to_device / o.copy_seconds / 1e9
+                                                 : 0.0);
+    cJSON *pf = cJSON_AddObjectToObject(r, "prefetch");
+    cJSON_AddNumberToObject(pf, "issued", (double)o.prefetch_issued);
+    cJSON_AddNumberToObject(pf, "used", (double)o.prefetch_used);
+    cJSON_AddNumberToObject(pf, "wasted", (double)o.prefetch_wasted);
+    cJSON *h = cJSON_AddObjectToObject(r, "hybrid");
+    cJSON_AddStringToObject(h, "mode", o.hybrid >= 0 && o.hybrid < 3 ? g_hybrid_names[o.hybrid]
+                                                                      : "unknown");
+    cJSON_AddNumberToObject(h, "cpu_experts", (double)o.cpu_experts);
+    cJSON_AddNumberToObject(h, "cpu_tokens", (double)o.cpu_tokens);
+    cJSON_AddNumberToObject(h, "cpu_bytes", (double)o.cpu_bytes);
+    cJSON_AddNumberToObject(h, "cpu_seconds", o.cpu_seconds);
+    cJSON_AddNumberToObject(h, "cpu_wait_seconds", o.cpu_wait_seconds);
+    cJSON_AddNumberToObject(h, "cost_fetch_gbps", o.cost_fetch_bytes_per_s / 1e9);
+    cJSON_AddNumberToObject(h, "cost_cpu_gbps", o.cost_cpu_bytes_per_s / 1e9);
+    if (o.predictor > 0 && o.predictor < 4) {
+        cJSON *pr = cJSON_AddObjectToObject(r, "predictor");
+        cJSON_AddStringToObject(pr, "name", g_predictor_names[o.predictor]);
+        cJSON_AddNumberToObject(pr, "k", info->n_experts_used);
+        cJSON *la = cJSON_AddArrayToObject(pr, "lookahead");
+        for (int d = 1; d <= 3; d++) {
+            if (o.predictions[d] <= 0)
+                continue;
+            cJSON *e = cJSON_CreateObject();
+            cJSON_AddNumberToObject(e, "distance", d);
+            cJSON_AddNumberToObject(e, "precision", o.precision[d]);
+            cJSON_AddNumberToObject(e, "recall", o.recall[d]);
+            cJSON_AddNumberToObject(e, "predictions", (double)o.predictions[d]);
+            cJSON_AddItemToArray(la, e);
+        }
+    }
+    cJSON *layers = cJSON_AddArrayToObject(r, "layers");
+    for (int32_t l = 0; l < info->n_layers; l++) {
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddNumberToObject(e, "layer", l);
+        cJSON_AddNumberToObject(e, "hits", (double)ls[l].hits);
+        cJSON_AddNumberToObject(e, "fetched", (double)ls[l].misses);
+        cJSON_AddNumberToObject(e, "on_cpu", (double)ls[l].cpu_experts);
+        cJSON_AddNumberToObject(e, "prefetch_issued", (double)ls[l].prefetch_issued);
+        cJSON_AddNumberToObject(e, "prefetch_used", (double)ls[l].prefetch_used);
+        cJSON_AddNumberToObject(e, "prefetch_wasted", (double)ls[l].prefetch_wasted);
+        cJSON_AddNumberToObject(e, "evictions", (double)ls[l].evictions);
+        cJSON_AddNumberToObject(e, "bytes_to_device", (double)ls[l].bytes_to_device);
+        cJSON_AddNumberToObject(e, "bytes_from_disk", (double)ls[l].bytes_from_disk);
+        cJSON_AddNumberToObject(e, "stall_seconds", ls[l].stall_seconds);
+        cJSON_AddItemToArray(layers, e);
+    }
+    free(ls);
+    return r;
+}
+
 static void print_offload_stats(const ferry_context *c, const ferry_model_info *info)
 {
     ferry_offload_stats o;
@@ -549,13 +650,15 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
                 (long long)o.cpu_experts, (long long)o.cpu_tokens, MIB(o.cpu_bytes),
                 o.cpu_seconds, o.cpu_wait_seconds, o.cost_fetch_bytes_per_s / 1e9,
                 o.cost_cpu_bytes_per_s / 1e9);
-    int64_t lookups = o.hits + o.misses;
     fprintf(stderr,
-            "experts: %s tier%s, %lld lookups, hit rate %.1f%%, %.1f MiB moved to the device, "
-            "%.1f MiB read from disk, stalled %.3f s\n",
+            "experts: %s tier%s, %lld uses: %lld in a slot, %lld fetched, %lld on the CPU; hit "
+            "rate %.1f%%, %.1f MiB moved to the device, %.1f MiB read from disk, stalled "
+            "%.3f s\n",
             o.tier == FERRY_OFFLOAD_NVME ? "nvme" : "ram",
             o.tier == FERRY_OFFLOAD_NVME ? (o.uses_uring ? " (io_uring)" : " (pread)") : "",
-            (long long)lookups, lookups ? 100.0 * (double)o.hits / (double)lookups : 0.0,
+            (long long)(o.hits + o.misses + o.cpu_experts), (long long)o.hits,
+            (long long)o.misses, (long long)o.cpu_experts,
+            100.0 * ferry_expert_hit_rate(o.hits, o.misses, o.cpu_experts),
             MIB(o.bytes_to_device), MIB(o.bytes_from_disk), o.stall_seconds);
     if (o.copy_seconds > 0)
         fprintf(stderr, "fetch rate: %.2f GB/s (%.1f MiB in %.3f s of copies)\n",
@@ -564,9 +667,8 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
     fprintf(stderr, "prefetch: %lld issued, %lld used, %lld wasted\n",
             (long long)o.prefetch_issued, (long long)o.prefetch_used,
             (long long)o.prefetch_wasted);
-    static const char *pred_names[] = {"recency", "gate", "stats", "combined"};
     if (o.predictor > 0 && o.predictor < 4) {
-        fprintf(stderr, "predictor %s, live on decoded tokens:", pred_names[o.predictor]);
+        fprintf(stderr, "predictor %s, live on decoded tokens:", g_predictor_names[o.predictor]);
         for (int d = 1; d <= 3; d++)
             if (o.predictions[d] > 0)
                 fprintf(stderr, "  lookahead %d: precision@%d %.3f recall@%d %.3f (%lld)", d,
@@ -588,7 +690,8 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
     free(ls);
 }
 
-static const char *const pack_usage = "usage: ferry pack MODEL_DIR OUT_FILE [--quant q8|q4]\n";
+static const char *const pack_usage =
+    "usage: ferry pack MODEL_DIR OUT_FILE [--quant q8|q4] [--quiet]\n";
 
 static int cmd_pack(int argc, char **argv)
 {
@@ -600,7 +703,8 @@ static int cmd_pack(int argc, char **argv)
                "                      scale and 32 int8 (8.5 bits per weight), q4 an f16 scale,\n"
                "                      an f16 minimum and 32 x 4 bits (5 bits per weight).\n"
                "                      Without it the experts keep the checkpoint's dtype.\n"
-               "                      The dense weights are not in the pack.\n",
+               "                      The dense weights are not in the pack.\n"
+               "      --quiet         no progress line on the terminal\n",
                pack_usage);
         return 0;
     }
@@ -619,6 +723,8 @@ static int cmd_pack(int argc, char **argv)
                         val ? val : "(nothing)", pack_usage);
                 return 2;
             }
+        } else if (!strcmp(argv[i], "--quiet")) {
+            cli_progress_quiet();
         } else if (argv[i][0] == '-' && argv[i][1]) {
             fprintf(stderr, "ferry pack: unknown option '%s'\n%s", argv[i], pack_usage);
             return 2;
@@ -649,7 +755,8 @@ static void usage_synth(FILE *f)
             "usage: ferry synth OUT_DIR [options]\n"
             "\n"
             "Writes a checkpoint with a real model's shape and random weights (the same seed\n"
-            "gives the same bytes) into OUT_DIR, which must not exist or be empty: config.json,\n"
+            "gives the same bytes) into OUT_DIR, which must not exist or be empty (or hold only\n"
+            "a killed synth's temporaries, which are removed): config.json,\n"
             "safetensors shards and the tokenizer files, for benchmarks at full scale.\n"
             "\n"
             "      --preset P      the shape, from the real model's config.json:\n"
@@ -672,7 +779,8 @@ static void usage_synth(FILE *f)
             "                      special_tokens_map.json, tokenizer.model) from DIR\n"
             "                      (default: Mixtral presets models/tiny-moe-code; the others\n"
             "                      get a byte-level BPE tokenizer written to fill the\n"
-            "                      vocabulary, with the model's special tokens)\n");
+            "                      vocabulary, with the model's special tokens)\n"
+            "      --quiet         no progress line on the terminal\n");
 }
 
 /* "3.43 GB" or "10.6 MB" (decimal units, as disks are sold). */
@@ -682,18 +790,6 @@ static void synth_size(char *buf, size_t cap, double bytes)
         snprintf(buf, cap, "%.2f GB", bytes / 1e9);
     else
         snprintf(buf, cap, "%.1f MB", bytes / 1e6);
-}
-
-/* Progress lines for writes of a gigabyte or more: one per tenth. */
-static void synth_progress(uint64_t done, uint64_t total, void *user)
-{
-    int *tenths = user;
-    int now = (int)(done * 10 / total);
-    if (total >= 1000000000ull && now > *tenths && done < total) {
-        *tenths = now;
-        fprintf(stderr, "ferry synth: %d%% (%.1f of %.1f GB)\n", now * 10, (double)done / 1e9,
-                (double)total / 1e9);
-    }
 }
 
 static int cmd_synth(int argc, char **argv)
@@ -717,6 +813,10 @@ static int cmd_synth(int argc, char **argv)
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage_synth(stdout);
             return 0;
+        }
+        if (!strcmp(a, "--quiet")) {
+            cli_progress_quiet();
+            continue;
         }
         if (a[0] != '-') {
             if (out_dir) {
@@ -826,9 +926,6 @@ static int cmd_synth(int argc, char **argv)
             p.n_layers == 1 ? "" : "s", (int)p.n_experts, (int)info.n_shards,
             info.n_shards == 1 ? "" : "s", out_dir, (int)info.n_threads,
             info.n_threads == 1 ? "" : "s");
-    int tenths = 0;
-    p.progress = synth_progress;
-    p.progress_user = &tenths;
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     st = ferry_synth(&p, out_dir);
@@ -860,6 +957,63 @@ static ferry_model *open_plain(const char *cmd, const char *dir)
     return m;
 }
 
+/* --out - for the binary outputs the library writes to a path: the library writes a private
+ * file in $TMPDIR (or /tmp), then it is copied to stdout and removed. */
+typedef struct {
+    ferry_temp tmp;   /* --out -: the private file (core/tempfile.h: a signal removes it) */
+    const char *path; /* what the library writes: tmp's path, or the --out path itself */
+} out_file;
+
+/* 0, or 1 with the reason printed (stdout a terminal, no temporary). */
+static int out_file_open(out_file *o, const char *cmd, const char *path)
+{
+    memset(&o->tmp, 0, sizeof o->tmp);
+    o->path = path;
+    if (strcmp(path, "-"))
+        return 0;
+    if (isatty(STDOUT_FILENO)) {
+        fprintf(stderr, "ferry %s: --out - writes binary data; redirect stdout to a file or a "
+                        "pipe\n", cmd);
+        return 1;
+    }
+    const char *dir = getenv("TMPDIR");
+    char target[4096];
+    snprintf(target, sizeof target, "%s/ferry-out-%ld", dir && *dir ? dir : "/tmp",
+             (long)getpid());
+    if (ferry_temp_begin(target, &o->tmp)) {
+        fprintf(stderr, "ferry %s: out of memory\n", cmd);
+        return 1;
+    }
+    o->path = o->tmp.path;
+    return 0;
+}
+
+/* After the library wrote o->path: with --out -, its bytes to stdout (when ok), and the
+ * temporary removed either way. 0, or 1 when the copy failed. */
+static int out_file_close(out_file *o, const char *cmd, int ok)
+{
+    if (!o->tmp.path)
+        return 0;
+    int rc = 0;
+    if (ok) {
+        FILE *f = fopen(o->tmp.path, "rb");
+        char buf[1 << 16];
+        size_t n;
+        while (f && (n = fread(buf, 1, sizeof buf, f)) > 0)
+            if (fwrite(buf, 1, n, stdout) != n)
+                break;
+        if (!f || ferror(f) || fflush(stdout) != 0 || ferror(stdout)) {
+            fprintf(stderr, "ferry %s: cannot copy the output to stdout: %s\n", cmd,
+                    strerror(errno));
+            rc = 1;
+        }
+        if (f)
+            fclose(f);
+    }
+    ferry_temp_abort(&o->tmp);
+    return rc;
+}
+
 static int cmd_trace(int argc, char **argv)
 {
     const char *dir = NULL, *input = NULL, *out = NULL;
@@ -869,9 +1023,10 @@ static int cmd_trace(int argc, char **argv)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: ferry trace MODEL_DIR --input TEXT_FILE --out TRACE [--seq-len N] "
-                   "[--probs]\n\nRuns the model over the text in sequences of up to N tokens "
+                   "[--probs] [--quiet]\n\nRuns the model over the text in sequences of up to N tokens "
                    "(default 512, each starting with BOS) and writes its routing trace\n"
-                   "(moe-routing-trace v1); --probs adds the router probabilities.\n");
+                   "(moe-routing-trace v1); --probs adds the router probabilities.\n"
+                   "--input - reads the text from stdin, --out - writes the trace to stdout.\n");
             return 0;
         } else if ((!strcmp(a, "--input") || !strcmp(a, "--out") || !strcmp(a, "--seq-len")) &&
                    !v) {
@@ -886,6 +1041,8 @@ static int cmd_trace(int argc, char **argv)
                 return rc;
         } else if (!strcmp(a, "--probs")) {
             probs = 1;
+        } else if (!strcmp(a, "--quiet")) {
+            cli_progress_quiet();
         } else if (a[0] == '-') {
             fprintf(stderr, "ferry trace: unknown option '%s'\n", a);
             return 2;
@@ -904,17 +1061,25 @@ static int cmd_trace(int argc, char **argv)
     char *text = read_text_file(input, &len);
     if (!text)
         return 1;
+    out_file of;
+    if (out_file_open(&of, "trace", out)) {
+        free(text);
+        return 1;
+    }
     ferry_model *m = open_plain("trace", dir);
     rc = 1;
     if (m) {
         int64_t n = 0;
-        ferry_status st = ferry_trace_text(m, text, len, (int32_t)seq_len, probs, out, &n);
+        ferry_status st = ferry_trace_text(m, text, len, (int32_t)seq_len, probs, of.path, &n);
         if (st)
             fprintf(stderr, "ferry trace: %s (%s)\n", ferry_last_error(), ferry_status_name(st));
         else
-            fprintf(stderr, "ferry trace: %lld tokens routed, written to %s\n", (long long)n, out);
+            fprintf(stderr, "ferry trace: %lld tokens routed, written to %s\n", (long long)n,
+                    strcmp(out, "-") ? out : "stdout");
         rc = st ? 1 : 0;
     }
+    if (out_file_close(&of, "trace", rc == 0))
+        rc = 1;
     ferry_model_close(m);
     free(text);
     return rc;
@@ -922,7 +1087,8 @@ static int cmd_trace(int argc, char **argv)
 
 static void print_sim(const char *what, const ferry_sim_report *r)
 {
-    printf("%s: hit rate %.3f (%lld of %lld lookups), %lld experts moved", what, r->hit_rate,
+    printf("%s: hit rate %.1f%% (%lld of %lld lookups), %lld experts moved", what,
+           100.0 * r->hit_rate,
            (long long)r->hits, (long long)r->lookups, (long long)r->experts_moved);
     if (r->expert_bytes)
         printf(" (%.1f MiB)", (double)r->bytes_moved / 1048576.0);
@@ -951,7 +1117,8 @@ static void print_report(const ferry_predictor_report *r, const ferry_sim_option
     snprintf(what, sizeof what, "  prefetch, lookahead %d, %s", o->lookahead ? (int)o->lookahead : 1,
              policies[o->policy]);
     print_sim(what, b);
-    printf("  Belady (best demand paging, no prefetch): hit rate %.3f\n", a->belady_hit_rate);
+    printf("  Belady (best demand paging, no prefetch): hit rate %.1f%%\n",
+           100.0 * a->belady_hit_rate);
 }
 
 static int cmd_sim(int argc, char **argv)
@@ -1032,7 +1199,8 @@ static int cmd_sim(int argc, char **argv)
         printf(", stats prefetch, lookahead %d", (int)o.lookahead);
     printf("\n");
     print_sim("sim", &r);
-    printf("Belady (best demand paging, no prefetch): hit rate %.3f\n", r.belady_hit_rate);
+    printf("Belady (best demand paging, no prefetch): hit rate %.1f%%\n",
+           100.0 * r.belady_hit_rate);
     return 0;
 }
 
@@ -1043,8 +1211,9 @@ static void usage_predictor(FILE *f)
                "                            [--predictor gate|stats|combined]\n"
                "                            [--predictor-stats FILE] [--seq-len N]\n"
                "                            [--slots N] [--policy P] [--lookahead D]\n"
-               "                            [--expert-bytes SIZE]\n\n"
-               "fit: routing statistics from traces, for the stats and combined predictors.\n"
+               "                            [--expert-bytes SIZE] [--quiet]\n\n"
+               "fit: routing statistics from traces, for the stats and combined predictors\n"
+               "(--out - writes them to stdout).\n"
                "eval: precision@k and recall@k of a predictor at lookahead 1, 2, 3 (live\n"
                "over a text, or over a trace for the stats predictor), and the hit rate of\n"
                "an expert cache of N slots (default: a quarter of all experts) without and\n"
@@ -1089,14 +1258,17 @@ static int cmd_predictor(int argc, char **argv)
             free(paths);
             return 2;
         }
-        ferry_status st = ferry_predictor_fit(paths, n, out);
-        free(paths);
-        if (st) {
-            fprintf(stderr, "ferry predictor fit: %s (%s)\n", ferry_last_error(),
-                    ferry_status_name(st));
+        out_file of;
+        if (out_file_open(&of, "predictor fit", out)) {
+            free(paths);
             return 1;
         }
-        return 0;
+        ferry_status st = ferry_predictor_fit(paths, n, of.path);
+        free(paths);
+        if (st)
+            fprintf(stderr, "ferry predictor fit: %s (%s)\n", ferry_last_error(),
+                    ferry_status_name(st));
+        return out_file_close(&of, "predictor fit", st == FERRY_OK) || st ? 1 : 0;
     }
     if (strcmp(argv[0], "eval") != 0) {
         fprintf(stderr, "ferry predictor: unknown subcommand '%s' (fit or eval)\n", argv[0]);
@@ -1135,6 +1307,8 @@ static int cmd_predictor(int argc, char **argv)
         } else if (!strcmp(a, "--seq-len")) {
             if ((rc = parse_i64(a, argv[++i], 2, 1 << 20, &seq_len)))
                 return rc;
+        } else if (!strcmp(a, "--quiet")) {
+            cli_progress_quiet();
         } else if (a[0] == '-') {
             fprintf(stderr, "ferry predictor eval: unknown option '%s'\n", a);
             return 2;
@@ -1187,8 +1361,12 @@ static void usage_batch(FILE *f)
             "usage: ferry batch MODEL_DIR --prompts IN.jsonl --out OUT.jsonl [options]\n"
             "\n"
             "Offline batch generation. Each line of IN.jsonl is a JSON object with \"prompt\"\n"
-            "(text) and optionally \"max_tokens\" and \"id\"; OUT.jsonl gets one object per\n"
-            "prompt, in input order: id, prompt, text, tokens, finish (\"eos\" or \"length\").\n"
+            "(text) and optionally \"max_tokens\" and \"id\"; OUT.jsonl (- for stdout) gets one\n"
+            "object per prompt, in input order: id, prompt, text, tokens, finish (\"eos\" or\n"
+            "\"length\"). Nothing computed is lost: a text that cannot be decoded is written as\n"
+            "its ids with an \"error\"; if generation fails, what each prompt got so far is\n"
+            "written with finish \"error\"; if OUT cannot be written, the lines go to a file in\n"
+            "$TMPDIR (named on stderr). Any of these exits 1.\n"
             "All prompts advance together; each layer's MoE block runs the step's tokens in\n"
             "layer-batches, and cross-batch reordering puts tokens that route to the same\n"
             "experts into the same layer-batch. Outputs are identical either way.\n"
@@ -1301,9 +1479,9 @@ static void print_batch_stats(const char *what, const ferry_batch_stats *s, cons
             s->layer_batches ? (double)s->expert_loads / (double)s->layer_batches : 0.0,
             (double)s->expert_loads * (double)s->expert_bytes / 1048576.0,
             (double)s->expert_bytes / 1048576.0);
-    if (s->hits + s->misses > 0)
-        fprintf(stderr, "; expert cache: hit rate %.3f, %.1f MiB moved to the device",
-                (double)s->hits / (double)(s->hits + s->misses),
+    if (s->hits + s->misses + s->cpu_experts > 0)
+        fprintf(stderr, "; expert cache: hit rate %.1f%%, %.1f MiB moved to the device",
+                100.0 * ferry_expert_hit_rate(s->hits, s->misses, s->cpu_experts),
                 (double)s->bytes_to_device / 1048576.0);
     if (s->cpu_experts > 0)
         fprintf(stderr, "; %lld expert runs on the CPU (--hybrid)", (long long)s->cpu_experts);
@@ -1315,71 +1493,174 @@ static void print_batch_stats(const char *what, const ferry_batch_stats *s, cons
     fprintf(stderr, "\n");
 }
 
-static int write_batch_output(const char *path, ferry_model *m, batch_item *items, int32_t n,
-                              int stop_at_eos)
+/* ids decoded into a new string (*out, free it); the library's status on failure. */
+static ferry_status detok_alloc(ferry_model *m, const int32_t *ids, int32_t n, char **out,
+                                size_t *len)
 {
-    char tmp[4096];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
-        fprintf(stderr, "ferry batch: output path too long\n");
-        return 1;
-    }
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        fprintf(stderr, "ferry batch: cannot write %s: %s\n", tmp, strerror(errno));
-        return 1;
-    }
-    int rc = 0;
-    for (int32_t i = 0; i < n && rc == 0; i++) {
-        batch_item *it = &items[i];
-        /* the text is decode(prompt + generated) minus decode(prompt), as ferry run prints */
+    *out = NULL;
+    *len = SIZE_MAX;
+    ferry_status st = ferry_detokenize(m, ids, n, 1, NULL, 0, len);
+    if (st && *len == SIZE_MAX)
+        return st; /* not a size problem */
+    if (!(*out = malloc(*len + 1)))
+        return FERRY_ERR_NOMEM;
+    return ferry_detokenize(m, ids, n, 1, *out, *len + 1, len);
+}
+
+/* One line per item into f: the text is decode(prompt + generated) minus decode(prompt), as
+ * ferry run prints. A line whose text cannot be decoded carries its ids and the error
+ * instead; a generation that failed (error not NULL) marks the unfinished lines. Returns 0,
+ * or -1 when writing failed; *n_bad counts the lines with an error. */
+static int write_batch_lines(FILE *f, ferry_model *m, const batch_item *items, int32_t n,
+                             int stop_at_eos, const char *error, int32_t *n_bad)
+{
+    *n_bad = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const batch_item *it = &items[i];
         int32_t all_n = it->n_ids + it->n_out;
         int32_t *all = malloc(((size_t)all_n + 1) * sizeof *all);
-        size_t cap = 64 + (size_t)all_n * 64, a_len = 0, p_len = 0;
-        char *a_txt = malloc(cap), *p_txt = malloc(cap);
-        if (!all || !a_txt || !p_txt) {
-            rc = 1;
+        size_t a_len = 0, p_len = 0;
+        char *a_txt = NULL, *p_txt = NULL;
+        const char *why = NULL;
+        char msg[512];
+        if (!all) {
+            why = "out of memory for the text";
         } else {
             memcpy(all, it->ids, (size_t)it->n_ids * sizeof *all);
             memcpy(all + it->n_ids, it->out, (size_t)it->n_out * sizeof *all);
-            if (ferry_detokenize(m, all, all_n, 1, a_txt, cap, &a_len) ||
-                ferry_detokenize(m, it->ids, it->n_ids, 1, p_txt, cap, &p_len))
-                rc = fail_lib("detokenize", FERRY_ERR_INVALID);
+            ferry_status st = detok_alloc(m, all, all_n, &a_txt, &a_len);
+            if (!st)
+                st = detok_alloc(m, it->ids, it->n_ids, &p_txt, &p_len);
+            if (st == FERRY_ERR_NOMEM) {
+                why = "out of memory for the text";
+            } else if (st) {
+                snprintf(msg, sizeof msg, "detokenize: %s (%s)", ferry_last_error(),
+                         ferry_status_name(st));
+                why = msg;
+            }
         }
-        if (rc == 0) {
+        int eos = 0;
+        for (int32_t j = 0; j < it->n_out && stop_at_eos; j++)
+            eos |= ferry_token_is_eos(m, it->out[j]);
+        int done = eos || it->n_out >= it->max_tokens;
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddItemToObject(o, "id", it->id ? cJSON_Duplicate(it->id, 1)
+                                              : cJSON_CreateNumber((double)i));
+        cJSON_AddStringToObject(o, "prompt", it->prompt);
+        if (why) {
+            cJSON_AddNullToObject(o, "text");
+            cJSON_AddItemToObject(o, "ids", ids_json(it->out, it->n_out));
+        } else {
             const char *gen = a_txt;
             if (p_len <= a_len && !memcmp(a_txt, p_txt, p_len))
                 gen += p_len;
-            cJSON *o = cJSON_CreateObject();
-            cJSON_AddItemToObject(o, "id", it->id ? cJSON_Duplicate(it->id, 1)
-                                                  : cJSON_CreateNumber((double)i));
-            cJSON_AddStringToObject(o, "prompt", it->prompt);
             cJSON_AddStringToObject(o, "text", gen);
-            cJSON_AddNumberToObject(o, "tokens", it->n_out);
-            int eos = 0;
-            for (int32_t j = 0; j < it->n_out && stop_at_eos; j++)
-                eos |= ferry_token_is_eos(m, it->out[j]);
-            cJSON_AddStringToObject(o, "finish", eos ? "eos" : "length");
-            char *js = cJSON_PrintUnformatted(o);
-            if (!js || fprintf(f, "%s\n", js) < 0)
-                rc = 1;
-            free(js);
-            cJSON_Delete(o);
         }
+        cJSON_AddNumberToObject(o, "tokens", it->n_out);
+        cJSON_AddStringToObject(o, "finish", !done && error ? "error" : eos ? "eos" : "length");
+        if (why || (!done && error))
+            cJSON_AddStringToObject(o, "error", why ? why : error);
+        *n_bad += why || (!done && error);
+        char *js = cJSON_PrintUnformatted(o);
+        int bad = !js || fprintf(f, "%s\n", js) < 0;
+        free(js);
+        cJSON_Delete(o);
         free(all);
         free(a_txt);
         free(p_txt);
+        if (bad)
+            return -1;
     }
-    if (fclose(f) != 0 || rc) {
-        fprintf(stderr, "ferry batch: cannot write %s\n", tmp);
-        remove(tmp);
+    return fflush(f) == 0 ? 0 : -1;
+}
+
+/* The output: stdout for "-", else a temporary beside path (opened before any work, so a
+ * path that cannot be written fails at once) renamed over path at the end. */
+typedef struct {
+    const char *path;
+    ferry_temp tmp; /* core/tempfile.h: a signal removes it, a later run sweeps a stale one */
+    FILE *f;
+} batch_out;
+
+static int batch_out_open(batch_out *o, const char *path)
+{
+    o->path = path;
+    memset(&o->tmp, 0, sizeof o->tmp);
+    if (!strcmp(path, "-")) {
+        o->f = stdout;
+        return 0;
+    }
+    ferry_temp_sweep(path);
+    if (ferry_temp_begin(path, &o->tmp)) {
+        fprintf(stderr, "ferry batch: out of memory\n");
         return 1;
     }
-    if (rename(tmp, path) != 0) {
-        fprintf(stderr, "ferry batch: cannot rename %s to %s: %s\n", tmp, path, strerror(errno));
-        remove(tmp);
+    o->f = fopen(o->tmp.path, "wbx");
+    if (!o->f) {
+        fprintf(stderr, "ferry batch: cannot write %s: %s\n", o->tmp.path, strerror(errno));
+        ferry_temp_abort(&o->tmp);
         return 1;
     }
     return 0;
+}
+
+static void batch_out_abandon(batch_out *o)
+{
+    if (o->f && o->f != stdout)
+        fclose(o->f);
+    ferry_temp_abort(&o->tmp);
+    o->f = NULL;
+}
+
+/* Writes every line and puts the file in place. Where that fails, the lines go to a file in
+ * $TMPDIR (or /tmp) instead, named in the message, so nothing computed is lost. 0 when the
+ * output is complete and every line has its text. */
+static int batch_out_finish(batch_out *o, ferry_model *m, const batch_item *items, int32_t n,
+                            int stop_at_eos, const char *error)
+{
+    int32_t n_bad = 0;
+    int wrote = write_batch_lines(o->f, m, items, n, stop_at_eos, error, &n_bad) == 0;
+    int saved = wrote;
+    int err = errno;
+    if (o->f != stdout) {
+        if (fclose(o->f) != 0 && wrote) {
+            wrote = saved = 0;
+            err = errno;
+        }
+        o->f = NULL;
+        if (wrote && ferry_temp_commit(&o->tmp, o->path) != FERRY_OK) {
+            saved = 0;
+            fprintf(stderr, "ferry batch: %s\n", ferry_last_error());
+        } else if (!wrote) {
+            fprintf(stderr, "ferry batch: cannot write %s: %s\n", o->tmp.path, strerror(err));
+        }
+        if (!saved)
+            ferry_temp_abort(&o->tmp);
+    }
+    if (!saved) {
+        const char *dir = getenv("TMPDIR");
+        char rescue[4096];
+        snprintf(rescue, sizeof rescue, "%s/ferry-batch-%ld.jsonl", dir && *dir ? dir : "/tmp",
+                 (long)getpid());
+        FILE *f = fopen(rescue, "wb");
+        int ok = f && write_batch_lines(f, m, items, n, stop_at_eos, error, &n_bad) == 0;
+        if (f && fclose(f) != 0)
+            ok = 0;
+        if (ok) {
+            fprintf(stderr, "ferry batch: the results are in %s instead\n", rescue);
+        } else {
+            if (f)
+                remove(rescue);
+            fprintf(stderr, "ferry batch: cannot write %s either: %s; the results follow on "
+                            "stdout\n", rescue, strerror(errno));
+            write_batch_lines(stdout, m, items, n, stop_at_eos, error, &n_bad);
+        }
+        return 1;
+    }
+    if (n_bad)
+        fprintf(stderr, "ferry batch: %d of %d lines have an error instead of their text\n",
+                (int)n_bad, (int)n);
+    return n_bad ? 1 : 0;
 }
 
 static int cmd_batch(int argc, char **argv)
@@ -1457,6 +1738,15 @@ static int cmd_batch(int argc, char **argv)
     batch_item *items = read_prompts(in_path, n_predict, &n_items);
     if (!items)
         return 1;
+    batch_out bo = {0};
+    if (batch_out_open(&bo, out_path)) {
+        for (int32_t i = 0; i < n_items; i++) {
+            free(items[i].prompt);
+            cJSON_Delete(items[i].id);
+        }
+        free(items);
+        return 1;
+    }
     rc = 1;
     ferry_model *m = NULL;
     const int32_t **prompts = calloc((size_t)n_items, sizeof *prompts);
@@ -1506,7 +1796,14 @@ static int cmd_batch(int argc, char **argv)
     ferry_batch_stats bs, bs2;
     if ((st = ferry_batch_generate(m, prompts, n_prompt, n_pred, n_items, &bp, outs, n_out, &bs,
                                    loads))) {
-        rc = fail_lib("batch", st);
+        /* what the sequences generated before the failure is written, marked */
+        char why[512];
+        snprintf(why, sizeof why, "batch: %s (%s)", ferry_last_error(), ferry_status_name(st));
+        fprintf(stderr, "ferry %s; writing what was generated\n", why);
+        for (int32_t i = 0; i < n_items; i++)
+            items[i].n_out = n_out[i];
+        batch_out_finish(&bo, m, items, n_items, bp.stop_at_eos, why);
+        rc = 1;
         goto done;
     }
     for (int32_t i = 0; i < n_items; i++)
@@ -1526,7 +1823,9 @@ static int cmd_batch(int argc, char **argv)
         other.reorder = !bp.reorder;
         if ((st = ferry_batch_generate(m, prompts, n_prompt, n_pred, n_items, &other, outs2,
                                        n_out2, &bs2, loads2))) {
-            rc = fail_lib("batch", st);
+            fail_lib("batch (--compare)", st);
+            batch_out_finish(&bo, m, items, n_items, bp.stop_at_eos, NULL); /* the first run's */
+            rc = 1;
             goto done;
         }
         print_batch_stats(other.reorder ? "reordered" : "arrival order", &bs2, loads2,
@@ -1544,8 +1843,9 @@ static int cmd_batch(int argc, char **argv)
         if (!same)
             goto done;
     }
-    rc = write_batch_output(out_path, m, items, n_items, bp.stop_at_eos);
+    rc = batch_out_finish(&bo, m, items, n_items, bp.stop_at_eos, NULL);
 done:
+    batch_out_abandon(&bo);
     ferry_model_close(m);
     for (int32_t i = 0; i < n_items; i++) {
         free(items[i].prompt);
@@ -1872,7 +2172,7 @@ static int cmd_run(int argc, char **argv)
             NEED_VALUE();
             chat_template = v;
         } else if (!strcmp(a, "-v") || !strcmp(a, "--verbose")) {
-            ferry_set_log(FERRY_LOG_DEBUG, NULL, NULL);
+            ferry_set_log(FERRY_LOG_DEBUG, cli_log, NULL);
         } else if (a[0] == '-' && a[1]) {
             fprintf(stderr, "ferry run: unknown option '%s' (see ferry run --help)\n", a);
             return 2;
@@ -2010,12 +2310,24 @@ static int cmd_run(int argc, char **argv)
             goto done;
         }
     }
+    /* eos: the model ended it; stop: a --stop string; length: -n ran out */
+    const char *finish = sink.stopped ? "stop"
+                         : n_gen > 0 && !ignore_eos && ferry_token_is_eos(m, ids[n_gen - 1])
+                             ? "eos"
+                             : "length";
     if (want_json) {
         cJSON *root = cJSON_CreateObject();
         cJSON_AddItemToObject(root, "prompt_ids", ids_json(prompt_ids, n_prompt));
         cJSON_AddItemToObject(root, "ids", ids_json(ids, n_gen));
         cJSON_AddStringToObject(root, "text", sink.text ? sink.text : "");
+        cJSON_AddStringToObject(root, "finish_reason", finish);
+        cJSON_AddStringToObject(root, "backend",
+                                info.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu");
+        cJSON_AddStringToObject(root, "device", info.device);
         cJSON_AddItemToObject(root, "stats", stats_json(&stats));
+        cJSON *off = offload_json(c, &info);
+        if (off)
+            cJSON_AddItemToObject(root, "offload", off);
         char *out = cJSON_PrintUnformatted(root);
         if (out)
             printf("%s\n", out);
@@ -2025,6 +2337,7 @@ static int cmd_run(int argc, char **argv)
     if (want_stats) {
         fprintf(stderr, "backend: %s (%s)\n", info.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu",
                 info.device);
+        fprintf(stderr, "finish: %s\n", finish);
         fprintf(stderr,
                 "prefill: %lld tokens in %.3f s (%.1f tokens/s)\n"
                 "decode:  %lld tokens in %.3f s (%.1f tokens/s)\n",
@@ -2113,6 +2426,7 @@ static int write_bench_json(const char *path, const char *model, const ferry_ben
     cJSON_AddNumberToObject(o, "cpu_experts_per_token", r->cpu_experts_per_token);
     cJSON_AddNumberToObject(o, "cpu_bytes_per_token", r->cpu_bytes_per_token);
     cJSON_AddNumberToObject(o, "cpu_gbps", r->cpu_gbps);
+    cJSON_AddNumberToObject(o, "working_set_bytes", (double)r->working_set_bytes);
     cJSON_AddNumberToObject(o, "bound_tokens_per_s", r->bound_tokens_per_s);
     cJSON_AddNumberToObject(o, "fraction_of_bound", r->fraction_of_bound);
     char *text = cJSON_Print(o);
@@ -2210,6 +2524,10 @@ static int cmd_bench(int argc, char **argv)
            "%.2f GB/s, host memory read by all cores %.1f GB/s (%.0f MiB buffers)\n",
            r.bw.device_gbps, r.bw.pinned_h2d_gbps, r.bw.pageable_h2d_gbps, r.bw.host_read_gbps,
            MIB(r.bw.n_bytes));
+    if (r.working_set_bytes)
+        printf("cpu backend: the device is host memory; device bandwidth: the better of the "
+               "copy and all cores reading the decode's %.1f MiB working set\n",
+               MIB(r.working_set_bytes));
     if (r.bw.disk_gbps > 0)
         printf("disk: %.2f GB/s reading %s (%s)\n", r.bw.disk_gbps, r.bw.disk_path,
                r.bw.disk_direct ? "O_DIRECT" : "buffered: the page cache may serve it");
@@ -2676,6 +2994,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "ferry: out of memory\n");
         return 1;
     }
+    /* progress on a terminal; SIGINT, SIGTERM and SIGHUP remove the library's temporary
+     * files before the command dies of them (ferry serve waits for them itself) */
+    cli_progress_install();
+    if (argc < 2 || strcmp(args[1], "serve"))
+        cli_signals_install();
     int rc = run_command(argc, args);
     free(args);
     return rc;

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/tempfile.h"
 
 #define FERRY_MAX_WRITE (1u << 30)
 
@@ -37,34 +38,29 @@ ferry_status ferry_pwrite_all(int fd, const char *path, const void *data, uint64
 
 ferry_status ferry_replace_file(const char *path, const ferry_file_part *parts, int32_t n_parts)
 {
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
-    if (!tmp)
-        return ferry_fail(FERRY_ERR_NOMEM, "%s: out of memory", path);
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    ferry_status st = FERRY_OK;
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    ferry_temp t;
+    ferry_temp_sweep(path);
+    ferry_status st = ferry_temp_begin(path, &t);
+    if (st)
+        return st;
+    int fd = open(t.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+        st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", t.path, strerror(errno));
         goto done;
     }
     uint64_t at = 0;
     for (int32_t i = 0; i < n_parts && st == FERRY_OK; i++) {
-        st = ferry_pwrite_all(fd, tmp, parts[i].data, parts[i].n_bytes, at);
+        st = ferry_pwrite_all(fd, t.path, parts[i].data, parts[i].n_bytes, at);
         at += parts[i].n_bytes;
     }
     if (st == FERRY_OK && fsync(fd) != 0)
-        st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
+        st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", t.path, strerror(errno));
     if (close(fd) != 0 && st == FERRY_OK)
-        st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", tmp, strerror(errno));
-    if (st == FERRY_OK && rename(tmp, path) != 0)
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot rename %s over it: %s", path, tmp,
-                        strerror(errno));
-    if (st)
-        unlink(tmp);
+        st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", t.path, strerror(errno));
+    if (st == FERRY_OK)
+        st = ferry_temp_commit(&t, path);
 done:
-    free(tmp);
+    ferry_temp_abort(&t);
     return st;
 }
 

@@ -23,10 +23,12 @@ typedef struct {
     size_t n_bytes;
 } ferry_file_part;
 
-/* Replaces path atomically with the concatenated parts: writes "<path>.tmp", fsyncs it and
- * renames it over path, so a reader sees the old file or the whole new one, never a torn
- * write. On failure the .tmp is removed and path is untouched. FERRY_ERR_NOMEM,
- * FERRY_ERR_IO naming the file and strerror. */
+/* Replaces path atomically with the concatenated parts: writes the temporary
+ * "<path>.<id>.tmp" (core/tempfile.h: unique to this thread, recorded for
+ * ferry_remove_temporaries; stale ones of path are swept first), fsyncs it and renames it
+ * over path, so a reader sees the old file or the whole new one, never a torn write. On
+ * failure the temporary is removed and path is untouched. FERRY_ERR_NOMEM, FERRY_ERR_IO
+ * naming the file and strerror. Thread-safe. */
 ferry_status ferry_replace_file(const char *path, const ferry_file_part *parts, int32_t n_parts);
 
 /* Reads the whole regular file at path into a NUL-terminated buffer the caller frees

@@ -904,6 +904,12 @@ ferry_status ferry_context_get_stats(const ferry_context *c, ferry_stats *out)
     return FERRY_OK;
 }
 
+double ferry_expert_hit_rate(int64_t hits, int64_t misses, int64_t cpu_experts)
+{
+    int64_t uses = hits + misses + cpu_experts;
+    return uses > 0 ? (double)hits / (double)uses : 0.0;
+}
+
 ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offload_stats *out,
                                              ferry_layer_stats *layers, int32_t n_layers)
 {

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -26,6 +27,7 @@
 
 #include "core/bytes.h"
 #include "core/error.h"
+#include "core/progress.h"
 #include "engine/model.h"
 #include "engine/hybrid.h"
 #include "engine/quantize.h"
@@ -112,7 +114,9 @@ static ferry_status check_hybrid_params(const ferry_model_params *p)
     return FERRY_OK;
 }
 
-/* The RAM tier's source: the experts' host tensors. */
+/* The RAM tier's source: the experts' host tensors. It reports "copying experts" as it is
+ * asked for them, in bytes before the expert asked for (the store asks in order, once to
+ * size them and once to copy them: each pass counts from 0); the caller reports the end. */
 static ferry_status expert_source(void *user, int32_t layer, int32_t expert, const void *parts[3],
                                   ferry_expert_layout *layout)
 {
@@ -124,6 +128,10 @@ static ferry_status expert_source(void *user, int32_t layer, int32_t expert, con
         layout->dtype[k] = w[k]->dtype;
         layout->part_bytes[k] = (size_t)w[k]->rows * ferry_dtype_row_bytes(w[k]->dtype, w[k]->cols);
     }
+    uint64_t n_total = (uint64_t)m->cfg.n_moe_layers * (uint64_t)m->cfg.n_experts;
+    uint64_t i = (uint64_t)layer * (uint64_t)m->cfg.n_experts + (uint64_t)expert;
+    uint64_t one = ferry_expert_layout_bytes(layout);
+    ferry_progress_report("copying experts", i * one, n_total * one, "bytes");
     return FERRY_OK;
 }
 
@@ -183,9 +191,51 @@ ferry_status ferry_model_pack_source(void *user, int32_t layer, int32_t expert, 
     return FERRY_OK;
 }
 
+/* Whether the pack at path exists and is no older than every shard of the checkpoint. */
+static int pack_is_fresh(const ferry_model *m, const char *path)
+{
+    struct stat ps;
+    if (stat(path, &ps) != 0)
+        return 0;
+    for (int32_t i = 0; i < ferry_st_file_count(m->st); i++) {
+        struct stat ss;
+        if (stat(ferry_st_file_path(m->st, i), &ss) != 0 || ss.st_mtime > ps.st_mtime)
+            return 0;
+    }
+    return 1;
+}
+
+/* Holds "<path>.lock" exclusively (flock) in *fd_out, saying once that it waits when another
+ * process (or thread) holds it. The lock goes with the descriptor: close it to let go. */
+static ferry_status lock_pack(const char *path, int *fd_out)
+{
+    char lock[4200];
+    snprintf(lock, sizeof lock, "%s.lock", path);
+    int fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot create the lock file: %s", lock,
+                          strerror(errno));
+    int rc = flock(fd, LOCK_EX | LOCK_NB);
+    if (rc != 0 && errno == EWOULDBLOCK) {
+        ferry_log(FERRY_LOG_WARN, "another process is writing the packed expert file %s: "
+                  "waiting for it", path);
+        while ((rc = flock(fd, LOCK_EX)) != 0 && errno == EINTR)
+            ;
+    }
+    if (rc != 0) {
+        int err = errno;
+        close(fd);
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot lock: %s", lock, strerror(err));
+    }
+    *fd_out = fd;
+    return FERRY_OK;
+}
+
 /* With --offload nvme and no --pack, the pack lives in ferry's cache folder
  * ($FERRY_CACHE_DIR, else $XDG_CACHE_HOME/ferry, else ~/.cache/ferry), named after the
- * model folder's real path, and is (re)written when missing or older than a shard. */
+ * model folder's real path, and is (re)written when missing or older than a shard. Writers
+ * take "<pack>.lock" (flock; the empty file stays) and check again once they hold it, so of
+ * processes starting together one writes and the others wait and use its pack. */
 static ferry_status default_pack(ferry_model *m, const char *dir)
 {
     const char *base = getenv("FERRY_CACHE_DIR");
@@ -211,14 +261,7 @@ static ferry_status default_pack(ferry_model *m, const char *dir)
     if (len < 0 || (size_t)len >= sizeof path)
         return ferry_fail(FERRY_ERR_INVALID, "%s: cache folder path too long", folder);
 
-    struct stat ps;
-    int fresh = stat(path, &ps) == 0;
-    for (int32_t i = 0; fresh && i < ferry_st_file_count(m->st); i++) {
-        struct stat ss;
-        if (stat(ferry_st_file_path(m->st, i), &ss) != 0 || ss.st_mtime > ps.st_mtime)
-            fresh = 0;
-    }
-    if (!fresh) {
+    if (!pack_is_fresh(m, path)) {
         /* create the folder and its parents */
         for (char *q = folder + 1; *q; q++)
             if (*q == '/') {
@@ -229,12 +272,18 @@ static ferry_status default_pack(ferry_model *m, const char *dir)
         if (mkdir(folder, 0755) != 0 && errno != EEXIST)
             return ferry_fail(FERRY_ERR_IO, "%s: cannot create the cache folder: %s", folder,
                               strerror(errno));
-        ferry_log(FERRY_LOG_WARN, "no --pack given: writing the packed expert file %s (once)",
-                  path);
-        ferry_pack_shape shape;
-        ferry_status st = ferry_model_pack_shape(m, &shape);
-        if (!st)
-            st = ferry_pack_write(path, &shape, ferry_model_pack_source, NULL, m);
+        int lock_fd = -1;
+        TRY(lock_pack(path, &lock_fd));
+        ferry_status st = FERRY_OK;
+        if (!pack_is_fresh(m, path)) { /* else another process wrote it while we waited */
+            ferry_log(FERRY_LOG_WARN, "no --pack given: writing the packed expert file %s "
+                      "(once)", path);
+            ferry_pack_shape shape;
+            st = ferry_model_pack_shape(m, &shape);
+            if (!st)
+                st = ferry_pack_write(path, &shape, ferry_model_pack_source, NULL, m);
+        }
+        close(lock_fd);
         if (st)
             return st;
     }
@@ -293,7 +342,12 @@ static ferry_status open_store(ferry_model *m, const char *dir)
 {
     const ferry_config *c = &m->cfg;
     if (m->params.offload == FERRY_OFFLOAD_RAM) {
-        TRY(ferry_store_create_ram(c->n_moe_layers, c->n_experts, expert_source, m, &m->store));
+        uint64_t bytes = (uint64_t)c->n_moe_layers * (uint64_t)c->n_experts *
+                         ferry_model_expert_bytes(m);
+        ferry_status st = ferry_store_create_ram(c->n_moe_layers, c->n_experts, expert_source, m,
+                                                 &m->store);
+        ferry_progress_report("copying experts", bytes, st ? 0 : bytes, "bytes");
+        TRY(st);
         for (int32_t l = 0; m->pack && l < c->n_moe_layers; l++) /* the copies of a --pack */
             for (int32_t e = 0; e < c->n_experts; e++) {
                 const void *bytes;
@@ -706,9 +760,15 @@ static ferry_status open_user_pack(ferry_model *m)
         return FERRY_OK;
     madvise(map, n_bytes, MADV_SEQUENTIAL);
     for (int32_t l = 0; l < c->n_moe_layers; l++)
-        for (int32_t e = 0; e < c->n_experts; e++)
-            TRY(ferry_pack_verify(m->pack, l, e,
-                                  (const char *)map + ferry_pack_get(m->pack, l, e)->offset));
+        for (int32_t e = 0; e < c->n_experts; e++) {
+            const ferry_pack_entry *pe = ferry_pack_get(m->pack, l, e);
+            ferry_progress_report("checking the pack", pe->offset, n_bytes, "bytes");
+            ferry_status st = ferry_pack_verify(m->pack, l, e, (const char *)map + pe->offset);
+            if (st)
+                ferry_progress_report("checking the pack", pe->offset, 0, "bytes");
+            TRY(st);
+        }
+    ferry_progress_report("checking the pack", n_bytes, n_bytes, "bytes");
     madvise(map, n_bytes, MADV_NORMAL);
     return FERRY_OK;
 }
@@ -857,9 +917,15 @@ ferry_status ferry_model_open(const char *dir, const ferry_model_params *p, ferr
         st = ferry_fail(FERRY_ERR_NOMEM, "out of memory for %d layers", (int)c->n_moe_layers);
         goto fail;
     }
-    for (int32_t l = 0; l < c->n_layers; l++)
-        if ((st = bind_layer(m, l)))
+    ferry_progress_report("loading the model", 0, (uint64_t)c->n_layers, "layers");
+    for (int32_t l = 0; l < c->n_layers; l++) {
+        if ((st = bind_layer(m, l))) {
+            ferry_progress_report("loading the model", (uint64_t)l, 0, "layers");
             goto fail;
+        }
+        ferry_progress_report("loading the model", (uint64_t)l + 1, (uint64_t)c->n_layers,
+                              "layers");
+    }
     ferry_pool_destroy(m->bind_pool);
     m->bind_pool = NULL;
     m->dense_bytes = m->be->ops->mem_used(m->be);

@@ -52,11 +52,14 @@
  * Writing: the tensors are cut into chunks of at most SYNTH_CHUNK_BYTES; every thread of
  * a pool claims chunks in order from one atomic counter, converts them into its own
  * buffer and pwrites the buffer at the chunk's place. Memory is one buffer per thread,
- * whatever the model's size. Every file is written as "NAME.tmp" (shards fallocated first,
- * so a full disk fails before the data), fsynced, then renamed: tokenizer files,
- * config.json, the shards, and last the file that makes the folder a checkpoint
- * (model.safetensors, or the index). A failure removes every file written and the folder
- * when this call created it.
+ * whatever the model's size. Every file is written under its temporary name
+ * "NAME.<id>.tmp" (core/tempfile.h: recorded, so ferry_remove_temporaries removes it on a
+ * signal; shards fallocated first, so a full disk fails before the data), fsynced, then
+ * renamed: tokenizer files, config.json, the shards, and last the file that makes the
+ * folder a checkpoint (model.safetensors, or the index). A failure removes every file
+ * written and the folder when this call created it; a folder that holds only the
+ * temporaries of a killed run is emptied and written again. The shards' bytes are reported
+ * as "writing the checkpoint" to the progress callback.
  */
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -77,6 +80,8 @@
 #include "core/error.h"
 #include "core/fileio.h"
 #include "core/pool.h"
+#include "core/progress.h"
+#include "core/tempfile.h"
 #include "format/arch.h"
 #include "format/config.h"
 #include "format/tokenizer.h"
@@ -892,12 +897,13 @@ static void fill_chunk(const synth_tensor *t, uint64_t first, uint64_t count, in
 
 /* ---- files --------------------------------------------------------------------------------- */
 
-/* The files this call has made, to remove on failure: each as its temporary name until
- * renamed, then as its final name. */
+/* The files this call has made, to remove on failure: each as its temporary until renamed,
+ * then as its final name. */
 typedef struct {
     char *dir;
     int created_dir;
-    char **paths; /* dir/NAME.tmp */
+    ferry_temp *temps; /* dir/NAME.<id>.tmp until renamed */
+    char **finals;     /* dir/NAME */
     int *renamed;
     int32_t n, cap;
 } synth_files;
@@ -915,62 +921,63 @@ static char *join(const char *dir, const char *name, const char *suffix)
     return p;
 }
 
-/* Records dir/name.tmp as made by this call; *tmp borrows the path. */
+/* Records dir/name's temporary as made by this call (before it is created); *tmp borrows
+ * its path. */
 static ferry_status files_add(synth_files *f, const char *name, const char **tmp)
 {
     if (f->n == f->cap) {
         int32_t cap = f->cap ? f->cap * 2 : 16;
-        char **paths = realloc(f->paths, (size_t)cap * sizeof *paths);
-        if (!paths)
+        ferry_temp *temps = realloc(f->temps, (size_t)cap * sizeof *temps);
+        if (!temps)
             return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
-        f->paths = paths;
+        f->temps = temps;
+        char **finals = realloc(f->finals, (size_t)cap * sizeof *finals);
+        if (!finals)
+            return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+        f->finals = finals;
         int *renamed = realloc(f->renamed, (size_t)cap * sizeof *renamed);
         if (!renamed)
             return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
         f->renamed = renamed;
         f->cap = cap;
     }
-    char *p = join(f->dir, name, ".tmp");
-    if (!p)
-        return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
-    f->paths[f->n] = p;
-    f->renamed[f->n] = 0;
-    f->n++;
-    *tmp = p;
-    return FERRY_OK;
-}
-
-/* Renames file i from NAME.tmp to NAME. */
-static ferry_status files_commit(synth_files *f, int32_t i)
-{
-    char *path = f->paths[i];
-    size_t n = strlen(path);
-    char *final = strndup(path, n - 4);
+    char *final = join(f->dir, name, "");
     if (!final)
         return ferry_fail(FERRY_ERR_NOMEM, "out of memory");
-    if (rename(path, final) != 0) {
-        ferry_status st = ferry_fail(FERRY_ERR_IO, "%s: cannot rename to %s: %s", path, final,
-                                     strerror(errno));
+    ferry_status st = ferry_temp_begin(final, &f->temps[f->n]);
+    if (st) {
         free(final);
         return st;
     }
-    free(path);
-    f->paths[i] = final;
+    f->finals[f->n] = final;
+    f->renamed[f->n] = 0;
+    *tmp = f->temps[f->n].path;
+    f->n++;
+    return FERRY_OK;
+}
+
+/* Renames file i from its temporary to NAME. */
+static ferry_status files_commit(synth_files *f, int32_t i)
+{
+    TRY(ferry_temp_commit(&f->temps[i], f->finals[i]));
     f->renamed[i] = 1;
     return FERRY_OK;
 }
 
-/* Removes what was made (when `undo`) and frees the records. */
+/* Removes what was made (the renamed files when `undo`, temporaries always) and frees the
+ * records. */
 static void files_finish(synth_files *f, int undo)
 {
     for (int32_t i = 0; i < f->n; i++) {
-        if (undo)
-            unlink(f->paths[i]);
-        free(f->paths[i]);
+        if (undo && f->renamed[i])
+            unlink(f->finals[i]);
+        ferry_temp_abort(&f->temps[i]);
+        free(f->finals[i]);
     }
     if (undo && f->created_dir)
         rmdir(f->dir);
-    free(f->paths);
+    free(f->temps);
+    free(f->finals);
     free(f->renamed);
     free(f->dir);
 }
@@ -1040,6 +1047,51 @@ static ferry_status read_file(const char *path, char **buf, size_t *len, int *mi
     return FERRY_OK;
 }
 
+/* A copied tokenizer.json with fewer tokens than vocab_size gets regular tokens for the
+ * ids after its last ("<synth_ID>": never produced by encoding, decoded as their text), so
+ * every id the model can produce decodes. *out is a new document, or NULL when nothing was
+ * missing. */
+static ferry_status pad_tokenizer(const char *src, const char *data, size_t len,
+                                  int32_t n_vocab, char **out, size_t *out_len)
+{
+    *out = NULL;
+    cJSON *root = cJSON_ParseWithLength(data, len);
+    cJSON *model = root ? cJSON_GetObjectItemCaseSensitive(root, "model") : NULL;
+    cJSON *vocab = model ? cJSON_GetObjectItemCaseSensitive(model, "vocab") : NULL;
+    if (!cJSON_IsObject(vocab)) {
+        cJSON_Delete(root);
+        return ferry_fail(FERRY_ERR_FORMAT, "%s: no model.vocab object to extend to vocab_size "
+                          "%d", src, (int)n_vocab);
+    }
+    double top = -1;
+    for (const cJSON *e = vocab->child; e; e = e->next)
+        top = cJSON_IsNumber(e) && e->valuedouble > top ? e->valuedouble : top;
+    const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens");
+    for (const cJSON *a = cJSON_IsArray(added) ? added->child : NULL; a; a = a->next) {
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(a, "id");
+        top = cJSON_IsNumber(id) && id->valuedouble > top ? id->valuedouble : top;
+    }
+    if (top + 1 >= n_vocab) {
+        cJSON_Delete(root);
+        return FERRY_OK;
+    }
+    for (int32_t id = (int32_t)top + 1; id < n_vocab; id++) {
+        char piece[32];
+        snprintf(piece, sizeof piece, "<synth_%d>", (int)id);
+        if (cJSON_GetObjectItemCaseSensitive(vocab, piece) ||
+            !cJSON_AddNumberToObject(vocab, piece, id)) {
+            cJSON_Delete(root);
+            return ferry_fail(FERRY_ERR_NOMEM, "%s: cannot add token %s", src, piece);
+        }
+    }
+    *out = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    if (!*out)
+        return ferry_fail(FERRY_ERR_NOMEM, "out of memory for %s", src);
+    *out_len = strlen(*out);
+    return FERRY_OK;
+}
+
 static ferry_status copy_tokenizer(const synth_plan *pl, synth_files *f)
 {
     for (int k = 0; k < 4; k++) {
@@ -1052,12 +1104,20 @@ static ferry_status copy_tokenizer(const synth_plan *pl, synth_files *f)
         ferry_status st = read_file(src, &data, &len, &missing);
         if (!st && missing && k == 0)
             st = ferry_fail(FERRY_ERR_IO, "%s: no such file", src);
+        char *padded = NULL;
+        size_t padded_len = 0;
+        if (!st && !missing && k == 0)
+            st = pad_tokenizer(src, data, len, pl->p.n_vocab, &padded, &padded_len);
         free(src);
-        if (st || missing)
+        if (st || missing) {
+            free(data);
             return st;
+        }
         const char *tmp;
         if (!(st = files_add(f, g_tokenizer_files[k], &tmp)))
-            st = write_small_file(tmp, data, len);
+            st = padded ? write_small_file(tmp, padded, padded_len)
+                        : write_small_file(tmp, data, len);
+        free(padded);
         free(data);
         if (st)
             return st;
@@ -1543,7 +1603,35 @@ static ferry_status write_index(const synth_plan *pl, synth_files *f)
     return st;
 }
 
-/* out_dir must be an empty folder, or not exist (then it is made). */
+/* Removes the temporaries a killed ferry synth left in out_dir (every entry: the caller
+ * checked), saying so in one line. */
+static ferry_status remove_leftovers(const char *out_dir, int32_t n, int64_t writer)
+{
+    DIR *d = opendir(out_dir);
+    if (!d)
+        return ferry_fail(FERRY_ERR_IO, "%s: cannot list: %s", out_dir, strerror(errno));
+    const struct dirent *e;
+    ferry_status st = FERRY_OK;
+    while (!st && (e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        char *path = join(out_dir, e->d_name, "");
+        if (!path)
+            st = ferry_fail(FERRY_ERR_NOMEM, "out of memory");
+        else if (unlink(path) != 0 && errno != ENOENT)
+            st = ferry_fail(FERRY_ERR_IO, "%s: cannot remove: %s", path, strerror(errno));
+        free(path);
+    }
+    closedir(d);
+    if (!st)
+        ferry_log(FERRY_LOG_WARN, "%s held only the temporary files of an interrupted ferry "
+                  "synth (process %lld, no longer running): removed %d, starting over", out_dir,
+                  (long long)writer, (int)n);
+    return st;
+}
+
+/* out_dir must be an empty folder, or not exist (then it is made), or hold only the
+ * temporaries ("NAME.<id>.tmp") of writers no longer running: an interrupted run's, removed. */
 static ferry_status prepare_dir(const char *out_dir, synth_files *f)
 {
     struct stat sb;
@@ -1563,16 +1651,43 @@ static ferry_status prepare_dir(const char *out_dir, synth_files *f)
     if (!d)
         return ferry_fail(FERRY_ERR_IO, "%s: cannot list: %s", out_dir, strerror(errno));
     const struct dirent *e;
-    char first[256] = "";
-    while ((e = readdir(d)))
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+    char first[256] = "", live[256] = "";
+    int32_t n_leftovers = 0;
+    int64_t writer = 0, live_writer = 0, self = gettid();
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
+            continue;
+        int64_t id = ferry_temp_parse(e->d_name, NULL);
+        if (id > 0 && id != self && ferry_temp_owner_alive(id)) {
+            snprintf(live, sizeof live, "%s", e->d_name);
+            live_writer = id;
+        } else if (id > 0) {
+            n_leftovers++;
+            writer = id;
+        } else if (!first[0]) {
             snprintf(first, sizeof first, "%s", e->d_name);
-            break;
         }
+    }
     closedir(d);
-    if (first[0])
-        return ferry_fail(FERRY_ERR_INVALID, "%s is not empty (it holds %s); ferry synth writes "
-                          "into a new or empty folder", out_dir, first);
+    if (live[0])
+        return ferry_fail(FERRY_ERR_INVALID, "%s is being written by process %lld (it holds its "
+                          "temporary %s); ferry synth writes into a new or empty folder",
+                          out_dir, (long long)live_writer, live);
+    if (first[0]) {
+        char quoted[600] = "";
+        if (ferry_temp_parse(first, NULL) == 0) { /* an older ferry's "NAME.tmp" */
+            char *path = join(out_dir, first, "");
+            if (path)
+                ferry_temp_shell_quote(path, quoted, sizeof quoted);
+            free(path);
+        }
+        return ferry_fail(FERRY_ERR_INVALID, "%s is not empty (it holds %s%s%s); ferry synth "
+                          "writes into a new or empty folder", out_dir, first,
+                          quoted[0] ? ", a temporary file an older ferry left: rm -f " : "",
+                          quoted);
+    }
+    if (n_leftovers)
+        return remove_leftovers(out_dir, n_leftovers, writer);
     return FERRY_OK;
 }
 
@@ -1603,13 +1718,18 @@ static void job_fail(synth_job *j, ferry_status st)
     atomic_store(&j->failed, 1);
 }
 
+/* To the params' callback, and to the process-wide one short of the total: that one ends
+ * after the fsyncs (write_shards). */
 static void report_progress(synth_job *j, uint64_t total)
 {
     pthread_mutex_lock(&j->mu);
     uint64_t now = atomic_load(&j->bytes_done);
     if (now > j->reported) {
         j->reported = now;
-        j->pl->p.progress(now, total, j->pl->p.progress_user);
+        if (j->pl->p.progress)
+            j->pl->p.progress(now, total, j->pl->p.progress_user);
+        if (now < total)
+            ferry_progress_report("writing the checkpoint", now, total, "bytes");
     }
     pthread_mutex_unlock(&j->mu);
 }
@@ -1636,7 +1756,7 @@ static void write_task(void *arg, int32_t k)
             return;
         }
         uint64_t before = atomic_fetch_add(&j->bytes_done, bytes);
-        if (pl->p.progress && before / step != (before + bytes) / step)
+        if (before / step != (before + bytes) / step)
             report_progress(j, total);
     }
 }
@@ -1714,12 +1834,17 @@ static ferry_status write_shards(const synth_plan *pl, synth_files *f)
     atomic_init(&j.next_chunk, 0);
     atomic_init(&j.bytes_done, 0);
     atomic_init(&j.failed, 0);
+    const uint64_t total = pl->tensor_bytes;
+    if (total)
+        ferry_progress_report("writing the checkpoint", 0, total, "bytes");
     ferry_pool_run(pool, pl->n_threads, write_task, &j);
     if (!atomic_load(&j.failed)) {
-        if (pl->p.progress)
-            report_progress(&j, pl->tensor_bytes);
+        report_progress(&j, total);
         ferry_pool_run(pool, pl->n_shards, sync_task, &j);
     }
+    if (total)
+        ferry_progress_report("writing the checkpoint", atomic_load(&j.bytes_done),
+                              atomic_load(&j.failed) ? 0 : total, "bytes");
     if (atomic_load(&j.failed))
         st = ferry_fail(j.status, "%s", j.error);
 done:

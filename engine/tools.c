@@ -16,6 +16,7 @@
 #include "core/clock.h"
 #include "core/error.h"
 #include "core/pool.h"
+#include "core/progress.h"
 #include "engine/context.h"
 #include "engine/quantize.h"
 #include "engine/sim.h"
@@ -92,17 +93,19 @@ static ferry_status tokenize_all(ferry_model *m, const char *text, size_t len, i
 }
 
 /* Runs every sequence of the text through the model; calls each(user, record, n_positions)
- * after each sequence. */
+ * after each sequence, and reports the tokens run as what (NULL: no progress). */
 typedef ferry_status (*seq_fn)(void *user, const seq_record *r, int32_t n);
 
 static ferry_status run_sequences(ferry_model *m, const char *text, size_t len, int32_t seq_len,
-                                  int with_probs, int with_hidden, seq_fn each, void *user)
+                                  int with_probs, int with_hidden, const char *what, seq_fn each,
+                                  void *user)
 {
     if (seq_len < 2)
         return ferry_fail(FERRY_ERR_INVALID, "sequence length %d: need at least 2 (BOS and a "
                                              "token)", (int)seq_len);
     const ferry_config *cfg = &m->cfg;
-    int32_t *ids = NULL, n_ids = 0, *seq = NULL;
+    int32_t *ids = NULL, n_ids = 0, *seq = NULL, i = 0;
+    int reporting = 0; /* progress reports began: they end at done */
     ferry_context *c = NULL;
     seq_record r = {cfg->n_moe_layers, cfg->n_experts, cfg->n_experts_per_tok, cfg->hidden_size,
                     seq_len, NULL, NULL, NULL, cfg};
@@ -127,7 +130,10 @@ static ferry_status run_sequences(ferry_model *m, const char *text, size_t len, 
         .on_route = record_route, .on_hidden = with_hidden ? record_hidden : NULL, .user = &r};
     ferry_context_set_observer(c, &obs);
     int32_t bos = m->cfg.bos_id >= 0 ? m->cfg.bos_id : ferry_tokenizer_bos_id(m->tok);
-    for (int32_t i = 0; i < n_ids; i += seq_len - 1) {
+    if (what)
+        ferry_progress_report(what, 0, (uint64_t)n_ids, "tokens");
+    reporting = what != NULL;
+    for (; i < n_ids; i += seq_len - 1) {
         int32_t n = n_ids - i < seq_len - 1 ? n_ids - i : seq_len - 1;
         int32_t at = 0;
         if (bos >= 0)
@@ -138,8 +144,12 @@ static ferry_status run_sequences(ferry_model *m, const char *text, size_t len, 
             goto done;
         if ((st = each(user, &r, at + n)))
             goto done;
+        if (reporting)
+            ferry_progress_report(what, (uint64_t)(i + n), (uint64_t)n_ids, "tokens");
     }
 done:
+    if (reporting && st)
+        ferry_progress_report(what, (uint64_t)i, 0, "tokens");
     free(ids);
     free(seq);
     free(r.experts);
@@ -167,7 +177,8 @@ ferry_status ferry_trace_text(ferry_model *m, const char *text, size_t len, int3
                                          m->cfg.n_experts_per_tok, with_probs, m->name, &tr);
     if (st)
         return st;
-    if ((st = run_sequences(m, text, len, seq_len, with_probs, 0, append_to_trace, tr)) == FERRY_OK)
+    if ((st = run_sequences(m, text, len, seq_len, with_probs, 0, "tracing routing",
+                            append_to_trace, tr)) == FERRY_OK)
         st = ferry_trace_save(tr, out_path);
     if (st == FERRY_OK && n_tokens)
         *n_tokens = tr->n_tokens;
@@ -438,7 +449,7 @@ ferry_status ferry_predictor_eval_text(ferry_model *m, const char *text, size_t 
     if ((st = ferry_trace_create(cfg->n_moe_layers, cfg->n_experts, cfg->n_experts_per_tok, 0,
                                  m->name, &le.tr)))
         goto done;
-    if ((st = run_sequences(m, text, len, seq_len, 0, 1, eval_sequence, &le)))
+    if ((st = run_sequences(m, text, len, seq_len, 0, 1, NULL, eval_sequence, &le)))
         goto done;
     report_from_eval(&le.e, cfg->n_experts_per_tok, out);
     out->seconds_per_token = le.tokens ? le.seconds / (double)le.tokens : 0;
@@ -505,7 +516,8 @@ ferry_status ferry_perplexity(ferry_model *m, const char *text, size_t len, int3
                           "model's positions)", (int)window, (int)m->cfg.max_positions);
     int32_t V = m->cfg.vocab_size;
     int32_t bos = m->cfg.bos_id >= 0 ? m->cfg.bos_id : ferry_tokenizer_bos_id(m->tok);
-    int32_t *ids = NULL, n_ids = 0, *seq = NULL;
+    int32_t *ids = NULL, n_ids = 0, *seq = NULL, i = 0;
+    int reporting = 0; /* progress reports began: they end at done */
     float *logits = NULL;
     ferry_context *c = NULL;
     ferry_status st = tokenize_all(m, text, len, &ids, &n_ids);
@@ -528,7 +540,9 @@ ferry_status ferry_perplexity(ferry_model *m, const char *text, size_t len, int3
     int64_t n_scored = 0;
     int32_t n_windows = 0;
     double t0 = ferry_now_seconds();
-    for (int32_t i = 0; i < n_ids; i += per) {
+    ferry_progress_report("computing perplexity", 0, (uint64_t)n_ids, "tokens");
+    reporting = 1;
+    for (; i < n_ids; i += per) {
         int32_t n = n_ids - i < per ? n_ids - i : per, at = 0;
         if (bos >= 0)
             seq[at++] = bos;
@@ -548,6 +562,8 @@ ferry_status ferry_perplexity(ferry_model *m, const char *text, size_t len, int3
             n_scored++;
         }
         n_windows++;
+        ferry_progress_report("computing perplexity", (uint64_t)(i + n), (uint64_t)n_ids,
+                              "tokens");
     }
     if (n_scored == 0) {
         st = ferry_fail(FERRY_ERR_INVALID, "perplexity: the text's %d token(s) leave nothing to "
@@ -561,6 +577,8 @@ ferry_status ferry_perplexity(ferry_model *m, const char *text, size_t len, int3
                                      .window = window,
                                      .seconds = ferry_now_seconds() - t0};
 done:
+    if (reporting && st)
+        ferry_progress_report("computing perplexity", (uint64_t)i, 0, "tokens");
     ferry_context_free(c);
     free(logits);
     free(seq);

@@ -57,6 +57,35 @@ typedef void (*ferry_log_fn)(ferry_log_level level, const char *msg, void *user)
  * before opening models. */
 void ferry_set_log(ferry_log_level level, ferry_log_fn fn, void *user);
 
+/* ---- progress and interruption -------------------------------------------------- */
+
+/* Told how a long operation advances: loading a model ("loading the model", in layers),
+ * copying the experts into the RAM tier or checking a pack ("copying experts", "checking the
+ * pack", bytes), writing a packed expert file (ferry_pack_model, and the first NVMe run's
+ * pack: "packing experts", bytes), ferry_synth ("writing the checkpoint", bytes),
+ * ferry_perplexity ("computing perplexity", tokens) and ferry_trace_text ("tracing routing",
+ * tokens). what and unit are string constants. An operation reports as it goes (from done 0
+ * where it knows its total from the start; a pack's total is known after its first expert),
+ * at a granularity that costs nothing next to its work, and ends with one call where
+ * done == total (finished) or total == 0 (stopped by a failure). Calls come from the
+ * thread doing the work (ferry_synth: any of its writer threads, never two at once). */
+typedef void (*ferry_progress_fn)(void *user, const char *what, uint64_t done, uint64_t total,
+                                  const char *unit);
+
+/* Sends the progress of every long operation of the process to fn (NULL: to nobody, the
+ * default); user goes back to it. The library itself never draws progress. Thread-safe: a
+ * report in flight goes to the function set before it or after it, whole. */
+void ferry_set_progress(ferry_progress_fn fn, void *user);
+
+/* Removes the temporary files the library is writing at this moment (a packed expert file,
+ * a synthetic checkpoint's files, a trace or statistics file: each is written as
+ * "TARGET.<id>.tmp" and renamed over TARGET when complete), so a program stopped by a
+ * signal leaves none behind; those writes then fail. Returns the count removed.
+ * Async-signal-safe: meant for SIGINT and SIGTERM handlers (the ferry command's remove them,
+ * then die of the signal). A temporary a killed process left is removed by the next write
+ * of the same target, which logs that it did. */
+int32_t ferry_remove_temporaries(void);
+
 /* ---- model ------------------------------------------------------------------- */
 
 typedef struct ferry_model ferry_model;
@@ -81,7 +110,8 @@ typedef enum {
  * is usable, else the CPU backend (and the log says why); CPU: always the CPU reference
  * backend; CUDA: the GPU, and ferry_model_open fails (FERRY_ERR_UNSUPPORTED: built without
  * CUDA; FERRY_ERR_DEVICE: no usable device) when there is none. The CUDA backend uses
- * device 0 of those CUDA_VISIBLE_DEVICES leaves visible. */
+ * device 0 of those CUDA_VISIBLE_DEVICES leaves visible. The library reads no environment
+ * variable for this: $FERRY_BACKEND is the ferry command's default only. */
 typedef enum { FERRY_BACKEND_AUTO = 0, FERRY_BACKEND_CPU = 1, FERRY_BACKEND_CUDA = 2 } ferry_backend_id;
 /* Where experts that are not in a device slot are computed (--hybrid).
  * AUTO: with offloading (gpu_mem_bytes > 0), each missing expert is either fetched into a
@@ -308,13 +338,15 @@ ferry_status ferry_synth_plan(const ferry_synth_params *p, ferry_synth_info *out
  * under the family's names (q/k norms, biases, shared experts, dense MLPs included), in
  * model.safetensors or in shards model-0000i-of-0000N.safetensors listed by
  * model.safetensors.index.json, and the tokenizer files (copied, or written: see
- * tokenizer_dir). Values are uniform with standard deviation 1/sqrt(fan-in) (norms are 1),
+ * tokenizer_dir; a copied tokenizer.json with fewer tokens than vocab_size gets regular tokens
+ * "<synth_ID>" up to it, so every id decodes). Values are uniform with standard deviation 1/sqrt(fan-in) (norms are 1),
  * a function of p->seed and the tensor's name, so the same seed gives the same bytes
- * whatever the thread count. Files are written under temporary names ("NAME.tmp"),
- * fsynced and renamed, model.safetensors or the index last: a run that stops early never
- * leaves a checkpoint that opens, and a failing run removes what it wrote. Returns
- * FERRY_ERR_INVALID (a bad parameter, an out_dir that is not an empty folder: the message
- * names it), FERRY_ERR_IO (the tokenizer folder or a file is missing, unreadable or
+ * whatever the thread count. Files are written under temporary names ("NAME.<id>.tmp",
+ * core/tempfile.h), fsynced and renamed, model.safetensors or the index last: a run that
+ * stops early never leaves a checkpoint that opens, and a failing run removes what it wrote.
+ * An out_dir holding only the temporaries of a writer that is no longer running is cleaned
+ * and written. Returns FERRY_ERR_INVALID (a bad parameter, an out_dir that is not an empty
+ * folder: the message names it), FERRY_ERR_IO (the tokenizer folder or a file is missing, unreadable or
  * unwritable, too little disk space), FERRY_ERR_FORMAT/UNSUPPORTED (a tokenizer.json this
  * build cannot read), FERRY_ERR_NOMEM. Thread-safe (for distinct out_dirs). */
 ferry_status ferry_synth(const ferry_synth_params *p, const char *out_dir);
@@ -501,6 +533,13 @@ typedef struct {
 ferry_status ferry_context_get_offload_stats(const ferry_context *c, ferry_offload_stats *out,
                                              ferry_layer_stats *layers, int32_t n_layers);
 
+/* The expert hit rate, as ferry reports it everywhere (run, batch, bench, sim, serve,
+ * Python): the share of expert uses served from a device slot,
+ * hits / (hits + misses + cpu_experts). An expert computed on the CPU (--hybrid) is neither
+ * a hit nor a fetch, and counts against the rate. 0 when there were no uses. Printed as a
+ * percentage with one decimal ("hit rate 87.5%"); JSON carries the fraction. */
+double ferry_expert_hit_rate(int64_t hits, int64_t misses, int64_t cpu_experts);
+
 /* ---- batch generation ------------------------------------------------------------------ */
 
 /* Many prompts at once: every step, each unfinished sequence contributes its next prompt
@@ -581,7 +620,7 @@ ferry_sim_options ferry_sim_options_default(void);
 typedef struct {
     int32_t n_slots, n_experts_total; /* slots, and layers x experts */
     int64_t lookups, hits;            /* demand accesses (tokens x layers x top-k), hits */
-    double hit_rate;
+    double hit_rate;                  /* hits / lookups: ferry_expert_hit_rate (no CPU here) */
     int64_t prefetch_issued, prefetch_used, prefetch_wasted;
     int64_t experts_moved;          /* slots filled: misses and prefetches */
     uint64_t expert_bytes;          /* 0: the byte figures below are 0 too */
@@ -693,7 +732,7 @@ typedef struct {
     uint64_t dense_bytes_per_token, expert_bytes_per_token, kv_bytes_per_token;
     /* offloading (zero when resident), over the decode steps of every run */
     int32_t offload;
-    double hit_rate;
+    double hit_rate;              /* ferry_expert_hit_rate over the decode steps */
     double moved_bytes_per_token; /* expert bytes copied to the device per decoded token */
     double stall_ms_per_token;
     double fetch_gbps;            /* expert bytes over the copy engine's busy time */
@@ -717,6 +756,11 @@ typedef struct {
     double batch_tokens_per_s;
     double batch_expert_loads_per_token;
     double batch_moved_bytes_per_token;
+    /* the CPU backend (decode and prefill modes): the bytes a decode step cycles through
+     * (dense weights, the resident experts or the slots, the KV cache at full length); the
+     * read rate of all compute threads over a buffer this large (at most 256 MiB) is then
+     * bw.device_gbps when faster than the copy */
+    uint64_t working_set_bytes;
 } ferry_bench_result;
 
 /* Opens the model in model_dir with mp, measures the bandwidths, then runs the benchmark:

@@ -41,8 +41,11 @@
  * and after the previous entry, and ends inside the recorded file bytes; the recorded
  * file bytes equal the file's size (a shorter file names the first expert it cuts off).
  *
- * The writer streams each expert to "<path>.tmp" (the gaps are left as holes, which
- * read as zeros), writes the header last, fsyncs, renames over path and fsyncs the folder.
+ * The writer streams each expert to the temporary "<path>.<id>.tmp" (core/tempfile.h; the
+ * gaps are left as holes, which read as zeros), writes the header last, fsyncs, renames over
+ * path and fsyncs the folder. It reports "packing experts" in bytes to the progress
+ * callback after each expert, the total extrapolated from the first expert (exact when all
+ * experts have one size, as they do in every pack ferry writes).
  */
 #include "offload/pack.h"
 
@@ -58,6 +61,8 @@
 #include "core/bytes.h"
 #include "core/error.h"
 #include "core/fileio.h"
+#include "core/progress.h"
+#include "core/tempfile.h"
 
 #define PACK_MAGIC "FERRYPK1"
 #define PACK_FIXED_BYTES 4096u
@@ -170,26 +175,25 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
     const uint64_t header_bytes = header_region_bytes((uint64_t)shape->n_layers,
                                                       (uint64_t)shape->n_experts);
     int fd = -1;
-    int created = 0; /* the .tmp exists and is ours to remove */
-    size_t path_len = strlen(path);
-    char *tmp = malloc(path_len + 5);
+    ferry_temp temp = {0};
+    const char *tmp = NULL;
+    uint64_t pos = header_bytes, est_bytes = 0; /* written so far; the file's size, estimated */
     uint8_t *header = calloc(1, (size_t)header_bytes);
     XXH3_state_t *xs = XXH3_createState();
-    if (!tmp || !header || !xs) {
+    if (!header || !xs) {
         st = ferry_fail(FERRY_ERR_NOMEM, "%s: no memory for the pack header", path);
         goto fail;
     }
-    memcpy(tmp, path, path_len);
-    memcpy(tmp + path_len, ".tmp", 5);
-
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    ferry_temp_sweep(path);
+    if ((st = ferry_temp_begin(path, &temp)))
+        goto fail;
+    tmp = temp.path;
+    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) {
         st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
         goto fail;
     }
-    created = 1;
 
-    uint64_t pos = header_bytes;
     for (int32_t l = 0; l < shape->n_layers; l++) {
         for (int32_t e = 0; e < shape->n_experts; e++) {
             uint8_t *ent = header + PACK_FIXED_BYTES
@@ -224,8 +228,16 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
             ferry_put_u64(ent, start);
             ferry_put_u64(ent + 8, pos - start);
             ferry_put_u64(ent + 16, XXH3_64bits_digest(xs));
+            int32_t n_done = l * shape->n_experts + e + 1;
+            if (n_done == 1) /* the others are as large as the first: exact when they are */
+                est_bytes = header_bytes +
+                            round_up(pos - start, FERRY_PACK_ALIGN) * (uint64_t)(n_total - 1) +
+                            (pos - start);
+            if (n_done < n_total)
+                ferry_progress_report("packing experts", pos, est_bytes > pos ? est_bytes : pos,
+                                      "bytes");
             if (progress)
-                progress(user, l * shape->n_experts + e + 1, n_total);
+                progress(user, n_done, n_total);
         }
     }
 
@@ -252,13 +264,10 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
         st = ferry_fail(FERRY_ERR_IO, "%s: close failed: %s", tmp, strerror(errno));
         goto fail;
     }
-    if (rename(tmp, path) != 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot rename to %s: %s", tmp, path,
-                        strerror(errno));
+    if ((st = ferry_temp_commit(&temp, path)))
         goto fail;
-    }
     sync_parent(path);
-    free(tmp);
+    ferry_progress_report("packing experts", pos, pos, "bytes");
     free(header);
     XXH3_freeState(xs);
     return FERRY_OK;
@@ -266,9 +275,9 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
 fail:
     if (fd >= 0)
         close(fd);
-    if (created)
-        unlink(tmp);
-    free(tmp);
+    ferry_temp_abort(&temp);
+    if (est_bytes) /* reported: end the report */
+        ferry_progress_report("packing experts", pos, 0, "bytes");
     free(header);
     if (xs)
         XXH3_freeState(xs);

@@ -62,11 +62,13 @@ typedef ferry_status (*ferry_pack_source_fn)(void *user, int32_t layer, int32_t 
 typedef void (*ferry_pack_progress_fn)(void *user, int32_t n_done, int32_t n_total);
 
 /* Writes the pack of a model of the given shape to path, pulling every expert from src
- * (layer-major: layer 0 experts 0..E-1, then layer 1, ...). The file is written as
- * "<path>.tmp", fsynced and renamed over path, and the folder is fsynced, so an
- * interrupted or failed write never leaves a file at path that looks valid (a previous
- * file at path stays as it was) and a failed write removes the .tmp. progress may be
- * NULL; user goes to both callbacks. Returns FERRY_ERR_INVALID (NULL arguments, a shape
+ * (layer-major: layer 0 experts 0..E-1, then layer 1, ...). The file is written as the
+ * temporary "<path>.<id>.tmp" (core/tempfile.h: unique to the writing thread, removed by
+ * ferry_remove_temporaries; stale ones of path are swept first), fsynced and renamed over
+ * path, and the folder is fsynced, so an interrupted or failed write never leaves a file at
+ * path that looks valid (a previous file at path stays as it was) and a failed write
+ * removes the temporary. Progress goes to the process-wide callback ("packing experts",
+ * bytes) and to progress, which may be NULL; user goes to src and progress. Returns FERRY_ERR_INVALID (NULL arguments, a shape
  * out of range, a dtype the callback gives that ferry does not know or a quantized one
  * for dimensions that are not multiples of 32), FERRY_ERR_IO
  * (create, write, fsync or rename failed: the message names the path and strerror),

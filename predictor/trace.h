@@ -53,7 +53,7 @@ ferry_status ferry_trace_create(int32_t n_layers, int32_t n_experts, int32_t top
 ferry_status ferry_trace_append(ferry_trace *tr, int64_t n, const uint8_t *experts,
                                 const float *probs);
 
-/* Writes the trace to path (atomically: path.tmp then rename). FERRY_ERR_IO. */
+/* Writes the trace to path (atomically: path.<id>.tmp then rename). FERRY_ERR_IO. */
 ferry_status ferry_trace_save(const ferry_trace *tr, const char *path);
 
 /* A view of tokens [t0, t0 + n) of tr as its own trace, cut at sequence boundaries where

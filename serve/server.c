@@ -521,10 +521,12 @@ static char *metrics_text(ferry_server *s)
     metric(&t, "ferry_step_experts_arrival_total", "counter",
            "Where prompts competed: the same estimate had arrival order chosen.",
            (double)b->step_experts_arrival);
-    int64_t lookups = o->hits + o->misses;
+    int64_t uses = o->hits + o->misses + o->cpu_experts;
     metric(&t, "ferry_expert_hit_rate", "gauge",
-           "Expert cache hits over lookups (1 when every expert is resident).",
-           s->have_ostats && lookups > 0 ? (double)o->hits / (double)lookups : 1.0);
+           "Expert uses served from a device slot: hits / (hits + misses + CPU experts); 1 "
+           "when every expert is resident.",
+           s->have_ostats && uses > 0 ? ferry_expert_hit_rate(o->hits, o->misses,
+                                                              o->cpu_experts) : 1.0);
     metric(&t, "ferry_expert_hits_total", "counter", "Expert cache hits.", (double)o->hits);
     metric(&t, "ferry_expert_misses_total", "counter", "Expert cache misses.",
            (double)o->misses);

@@ -70,6 +70,44 @@ class CliTest(unittest.TestCase):
         self.assertEqual(out["stats"]["prompt_tokens"], len(case["ids"]))
         self.assertEqual(out["stats"]["decode_tokens"], 31)
         self.assertGreater(out["stats"]["decode_tokens_per_s"], 0)
+        self.assertEqual(out["finish_reason"], "length")
+        self.assertIn(out["backend"], ("cpu", "cuda"))
+        self.assertNotIn("offload", out)
+
+    def test_json_carries_everything_stats_prints(self):
+        p = ferry("run", MODEL, "-p", "def f(x):", "-n", "12", "--ctx", "256", "--gpu-mem", "8M",
+                  "--slots", "4", "--hybrid", "auto", "--backend", "cpu", "--json", "--stats")
+        out, err = json.loads(p.stdout), p.stderr.decode()
+        self.assertEqual(out["backend"], "cpu")
+        self.assertIn("backend: cpu (%s)" % out["device"], err)
+        self.assertIn("finish: %s" % out["finish_reason"], err)
+        self.assertIn(out["finish_reason"], ("eos", "length"))
+        o = out["offload"]
+        plan = o["memory_plan"]
+        self.assertIn("memory plan: budget %.1f MiB" % (plan["budget_bytes"] / 2**20), err)
+        self.assertIn("+ %d expert slots x" % plan["n_slots"], err)
+        x = o["experts"]
+        self.assertEqual(x["uses"], x["hits"] + x["misses"] + x["cpu_experts"])
+        self.assertIn("%d uses: %d in a slot, %d fetched, %d on the CPU; hit rate %.1f%%"
+                      % (x["uses"], x["hits"], x["misses"], x["cpu_experts"],
+                         100 * x["hit_rate"]), err)
+        self.assertEqual(o["hybrid"]["mode"], "auto")
+        self.assertIn("hybrid auto: %d experts computed" % o["hybrid"]["cpu_experts"], err)
+        self.assertIn("prefetch: %d issued, %d used, %d wasted"
+                      % (o["prefetch"]["issued"], o["prefetch"]["used"],
+                         o["prefetch"]["wasted"]), err)
+        for la in o["predictor"]["lookahead"]:
+            self.assertIn("lookahead %d: precision@2 %.3f recall@2 %.3f (%d)"
+                          % (la["distance"], la["precision"], la["recall"], la["predictions"]),
+                          err)
+        rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)/(\d+)/(\d+)\s+(\d+)",
+                          err, re.M)
+        self.assertEqual(len(rows), len(o["layers"]))
+        for row, la in zip(rows, o["layers"]):
+            self.assertEqual([int(v) for v in row],
+                             [la[k] for k in ("layer", "hits", "fetched", "on_cpu",
+                                              "prefetch_issued", "prefetch_used",
+                                              "prefetch_wasted", "evictions")])
 
     def test_logits_file_matches_reference(self):
         case = self.ref[2]
@@ -144,6 +182,42 @@ class CliTest(unittest.TestCase):
                       check=False)
             self.assertIn(p.returncode, (1, 2))
             self.assertIn("line 2: the field 'temperature' is not supported", p.stderr.decode())
+
+    def test_batch_out_stdout_and_rescue(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            prompts = os.path.join(tmp, "p.jsonl")
+            with open(prompts, "w") as f:
+                f.write('{"prompt": "def f():", "max_tokens": 4}\n'
+                        '{"prompt": "import os", "max_tokens": 3, "id": "b"}\n')
+            out = os.path.join(tmp, "o.jsonl")
+            ferry("batch", MODEL, "--prompts", prompts, "--out", out)
+            with open(out) as f:
+                want = f.read()
+            p = ferry("batch", MODEL, "--prompts", prompts, "--out", "-")
+            self.assertEqual(p.stdout.decode(), want)
+            self.assertEqual(len(want.splitlines()), 2)
+            # an output path that cannot be written fails before any work ...
+            p = ferry("batch", MODEL, "--prompts", prompts, "--out",
+                      os.path.join(tmp, "no", "such", "dir.jsonl"), check=False)
+            self.assertEqual(p.returncode, 1)
+            self.assertIn("cannot write", p.stderr.decode())
+            self.assertNotIn("backend:", p.stderr.decode())
+            # ... and one that fails at the end (a folder is in the way of the rename) leaves
+            # the results in $TMPDIR, named, and no temporary behind
+            blocked = os.path.join(tmp, "blocked")
+            os.makedirs(os.path.join(blocked, "x"))
+            rescue_dir = os.path.join(tmp, "rescue")
+            os.mkdir(rescue_dir)
+            env = dict(os.environ, TMPDIR=rescue_dir)
+            p = subprocess.run([FERRY, "batch", MODEL, "--prompts", prompts, "--out", blocked],
+                               capture_output=True, timeout=300, env=env)
+            self.assertEqual(p.returncode, 1)
+            m = re.search(r"the results are in (\S+) instead", p.stderr.decode())
+            self.assertIsNotNone(m, p.stderr.decode())
+            with open(m.group(1)) as f:
+                self.assertEqual(f.read(), want)
+            self.assertEqual(sorted(os.listdir(tmp)),
+                             ["blocked", "o.jsonl", "p.jsonl", "rescue"])
 
     def test_offloaded_runs_print_the_same_text(self):
         args = ["run", MODEL, "-p", "def fibonacci(n):", "-n", "40", "--ctx", "256"]
@@ -249,7 +323,17 @@ class CliTest(unittest.TestCase):
                 self.assertRegex(err, r"hybrid auto: \d+ experts computed on the CPU .*cost "
                                       r"model: fetch [0-9.]+ GB/s, CPU [0-9.]+ GB/s", extra)
                 self.assertIn("layer   hits fetched on-cpu", err)
-            else:
+            if "--gpu-mem" in extra and "cpu-experts" not in extra:
+                # one hit rate: experts computed on the CPU count as uses, not as hits
+                m = re.search(r"(\d+) uses: (\d+) in a slot, (\d+) fetched, (\d+) on the CPU; "
+                              r"hit rate ([0-9.]+)%", err)
+                self.assertIsNotNone(m, err)
+                uses, hits, fetched, cpu = (int(m.group(i)) for i in range(1, 5))
+                self.assertEqual(uses, hits + fetched + cpu)
+                cpu_runs = re.search(r"hybrid auto: (\d+) experts computed", err)
+                self.assertEqual(cpu, int(cpu_runs.group(1)) if cpu_runs else 0)
+                self.assertAlmostEqual(float(m.group(5)), 100 * hits / uses, delta=0.05)
+            if "auto" not in extra:
                 self.assertNotIn("hybrid auto", err)
         for extra, msg in [(["--hybrid", "sometimes"], "--hybrid expects auto, off or cpu-experts"),
                            (["--cpu-kernels", "sse"], "--cpu-kernels expects auto, reference"),
@@ -363,8 +447,25 @@ class CliTest(unittest.TestCase):
             self.assertEqual(sum(header["sequence_lengths"]), n)
             self.assertTrue(all(x <= 256 for x in header["sequence_lengths"]))
             self.assertEqual(len(body), n * 6 * 2 + n * 6 * 8 * 4)
+            # the trace through stdin and stdout: the same bytes, no temporary left
+            with open(text, "rb") as f:
+                piped = subprocess.run([FERRY, "trace", MODEL, "--input", "-", "--out", "-",
+                                        "--seq-len", "256", "--probs"], stdin=f,
+                                       capture_output=True, timeout=300,
+                                       env=dict(os.environ, TMPDIR=tmp))
+            self.assertEqual(piped.returncode, 0, piped.stderr.decode())
+            with open(trace, "rb") as f:
+                self.assertEqual(piped.stdout, f.read())
+            self.assertIn("written to stdout", piped.stderr.decode())
             stats = os.path.join(tmp, "r.stats")
             ferry("predictor", "fit", trace, "--out", stats)
+            fitted = subprocess.run([FERRY, "predictor", "fit", trace, "--out", "-"],
+                                    capture_output=True, timeout=300,
+                                    env=dict(os.environ, TMPDIR=tmp))
+            self.assertEqual(fitted.returncode, 0, fitted.stderr.decode())
+            with open(stats, "rb") as f:
+                self.assertEqual(fitted.stdout, f.read())
+            self.assertEqual(sorted(os.listdir(tmp)), ["in.txt", "r.stats", "t.trace"])
             out = ferry("predictor", "eval", "--trace", trace, "--predictor", "stats",
                         "--predictor-stats", stats).stdout.decode()
             for d in (1, 2, 3):
@@ -375,25 +476,28 @@ class CliTest(unittest.TestCase):
             self.assertGreater(recall1, 0.8)
             # the cache replays: 12 of 48 experts, alone and with the gate's prefetches
             self.assertIn("cache of 12 of 48 experts, lru:", out)
-            alone = float(re.search(r"without prefetch: hit rate ([0-9.]+)", out).group(1))
-            pref = float(re.search(r"prefetch, lookahead 1, lru: hit rate ([0-9.]+)", out).group(1))
-            belady = float(re.search(r"Belady .*hit rate ([0-9.]+)", out).group(1))
-            self.assertGreater(pref, alone + 0.15)
+            alone = float(re.search(r"without prefetch: hit rate ([0-9.]+)%", out).group(1))
+            pref = float(re.search(r"prefetch, lookahead 1, lru: hit rate ([0-9.]+)%",
+                                   out).group(1))
+            belady = float(re.search(r"Belady .*hit rate ([0-9.]+)%", out).group(1))
+            self.assertGreater(pref, alone + 15)
             self.assertGreaterEqual(belady, alone)
 
             # ferry sim: the cache alone never beats Belady; the stats predictor's prefetches
             # raise the hit rate; bytes follow --expert-bytes
             out = ferry("sim", trace, "--slots", "12").stdout.decode()
-            alone = float(re.search(r"sim: hit rate ([0-9.]+)", out).group(1))
-            belady = float(re.search(r"Belady .*hit rate ([0-9.]+)", out).group(1))
+            alone = float(re.search(r"sim: hit rate ([0-9.]+)%", out).group(1))
+            belady = float(re.search(r"Belady .*hit rate ([0-9.]+)%", out).group(1))
             self.assertLessEqual(alone, belady)
             out = ferry("sim", trace, "--slots", "12", "--predictor", "stats",
                         "--predictor-stats", stats, "--expert-bytes", "1M").stdout.decode()
-            m = re.search(r"sim: hit rate ([0-9.]+) \((\d+) of (\d+) lookups\), (\d+) experts "
+            m = re.search(r"sim: hit rate ([0-9.]+)% \((\d+) of (\d+) lookups\), (\d+) experts "
                           r"moved \(([0-9.]+) MiB\), prefetches (\d+) issued", out)
             self.assertIsNotNone(m, out)
             self.assertGreater(float(m.group(1)), alone)
             self.assertEqual(int(m.group(3)), n * 6 * 2)
+            self.assertAlmostEqual(float(m.group(1)), 100 * int(m.group(2)) / int(m.group(3)),
+                                   delta=0.05)
             self.assertAlmostEqual(float(m.group(5)), int(m.group(4)), delta=0.1)
             for bad, msg in ((["--slots", "0"], "--slots"), ([], "usage"),
                              (["--slots", "4", "--predictor", "gate"], "no hidden states"),
@@ -445,7 +549,7 @@ class CliTest(unittest.TestCase):
             p = ferry("batch", MODEL, "--prompts", prompts, "--out", out2, "-n", "16",
                       "--max-batch", "8", "--chunk", "16", "--reorder", "off", "--gpu-mem",
                       "64M", "--slots", "4", "--hybrid", "off")
-            self.assertRegex(p.stderr.decode(), r"expert cache: hit rate 0\.\d{3}")
+            self.assertRegex(p.stderr.decode(), r"expert cache: hit rate \d+\.\d%")
             with open(out) as f, open(out2) as g:
                 self.assertEqual(f.read(), g.read())
             # bad input: a malformed line names the file and line; nothing is written
@@ -560,6 +664,11 @@ class CliTest(unittest.TestCase):
             self.assertFalse(r["offload"])
             # one expert per layer and token at least: 6 layers x top-2 x 0.42 MiB
             self.assertEqual(r["expert_bytes_per_token"], 6 * 2 * 3 * 384 * 192 * 2)
+            # the CPU backend's bound reads the decode's working set (every expert of the
+            # resident model and more) as fast as all cores can: never below the decode
+            self.assertIn("cpu backend: the device is host memory", out)
+            self.assertGreater(r["working_set_bytes"], 6 * 8 * 3 * 384 * 192 * 2)
+            self.assertLessEqual(r["fraction_of_bound"], 1.0)
 
             p = ferry("bench", MODEL, "--backend", "cpu", "--gpu-mem", "20M", "--slots", "4",
                       "--hybrid", "off", "--prompt-len", "8", "--gen-len", "6", "--repeat", "1",
@@ -606,7 +715,12 @@ class CliTest(unittest.TestCase):
         self.assertRegex(p.stderr.decode(), r"backend: cpu \(cpu, \d+ threads?, [a-z0-9]+\)")
         version = ferry("version").stdout.decode()
         self.assertIn("cuda: ", version)
-        cuda = "cuda: no usable" not in version and "no CUDA backend" not in version
+        cuda = not any(w in version for w in ("cuda: no usable", "no CUDA backend",
+                                              "no NVIDIA driver / no GPU found"))
+        if "no CUDA backend" not in version and not os.path.exists("/proc/driver/nvidia"):
+            # a CUDA build on a machine without a driver says so, not "driver insufficient"
+            self.assertIn("cuda: no NVIDIA driver / no GPU found", version)
+            self.assertNotIn("insufficient", version)
         p = ferry("run", MODEL, "-p", "def f", "-n", "4", "--backend", "cuda", check=False)
         if cuda:
             self.assertEqual(p.returncode, 0, p.stderr.decode())
@@ -657,6 +771,41 @@ class CliTest(unittest.TestCase):
             run = json.loads(ferry("run", out, "-p", "def f(x):", "-n", "6", "--ignore-eos",
                                    "--json", "--threads", "2").stdout)
             self.assertEqual(len(run["ids"]), 6)
+
+            # a vocabulary larger than the copied tokenizer's: the tokenizer is extended to
+            # it, so every id the model produces decodes, in run, batch and tokenize
+            wide = os.path.join(tmp, "wide")
+            ferry("synth", wide, "--preset", "tiny", "--layers", "1", "--vocab", "6000",
+                  "--shard-size", "2M", "--seed", "5", "--tokenizer", MODEL)
+            with open(os.path.join(wide, "tokenizer.json")) as f:
+                vocab = json.load(f)["model"]["vocab"]
+            self.assertEqual(sorted(vocab.values()), list(range(6000)))
+            self.assertEqual(ferry("tokenize", wide, "--decode", "5999").stdout.decode(),
+                             "<synth_5999>\n")
+            run = json.loads(ferry("run", wide, "-p", "def f(x):", "-n", "40", "--ignore-eos",
+                                   "--temp", "1.5", "--seed", "2", "--json").stdout)
+            self.assertTrue(any(i >= 4096 for i in run["ids"]), run["ids"])
+            self.assertEqual(ferry("tokenize", wide, "--decode",
+                                   ",".join(map(str, run["ids"]))).stdout.decode(),
+                             run["text"] + "\n")
+            prompts = os.path.join(tmp, "p.jsonl")
+            with open(prompts, "w") as f:
+                f.write(json.dumps({"prompt": "def f(x):", "max_tokens": 40}) + "\n")
+            p = ferry("batch", wide, "--prompts", prompts, "--out", "-", "--ignore-eos",
+                      "--temp", "1.5", "--seed", "2")
+            self.assertEqual(json.loads(p.stdout)["text"], run["text"])
+
+            # ferry batch never throws away what it computed: with the old 4,096-token
+            # tokenizer the text cannot be decoded, so the line carries the ids and the error
+            shutil.copy(os.path.join(MODEL, "tokenizer.json"), os.path.join(wide, "tokenizer.json"))
+            p = ferry("batch", wide, "--prompts", prompts, "--out", "-", "--ignore-eos",
+                      "--temp", "1.5", "--seed", "2", check=False)
+            self.assertEqual(p.returncode, 1)
+            line = json.loads(p.stdout)
+            self.assertEqual(line["ids"], run["ids"])
+            self.assertIsNone(line["text"])
+            self.assertIn("outside the vocab", line["error"])
+            self.assertIn("1 of 1 lines have an error", p.stderr.decode())
 
             # the same again, elsewhere: the same bytes; the tokenizer found from the cwd
             again = os.path.join(tmp, "again")

@@ -286,7 +286,8 @@ def cuda_unusable():
     """Why the binary cannot run --backend cuda, or None when it can."""
     out = subprocess.run([FERRY, "--version"], capture_output=True, timeout=60).stdout.decode()
     line = next((l for l in out.splitlines() if l.startswith("cuda: ")), "cuda: (no line)")
-    for why in ("no CUDA backend", "no usable", "compute capability", "(no line)"):
+    for why in ("no CUDA backend", "no usable", "no NVIDIA driver", "compute capability",
+                "(no line)"):
         if why in line:
             return line
     return None

@@ -1,8 +1,10 @@
 """tests/test_python.py: the Python harness (python/ferry, ctypes over libferry.so) against
-the bundled model and the Hugging Face reference outputs: library lookup, tokenizer,
-greedy and sampled generation, streaming and stopping it early, statistics, offloaded
-generation on both tiers, batch generation against generating each prompt alone,
-benchmarks, errors, closing, and the ctypes struct layouts against the C compiler's.
+the bundled model and the Hugging Face reference outputs: library lookup (pkg-config too),
+tokenizer, greedy and sampled generation, streaming and stopping it early, stop strings,
+Ctrl-C (SIGINT) during generation, the llama-cpp-python-style completion call, statistics
+and the hit rate, offloaded generation on both tiers, batch generation against generating
+each prompt alone, benchmarks, errors, closing, and the ctypes struct layouts against the
+C compiler's. tests/test_python_install.py covers `pip install ./python`.
 
 Run by CTest with FERRY_LIBRARY_PATH=<libferry.so> and PYTHONPATH=<source>/python; by hand:
     FERRY_LIBRARY_PATH=build/libferry.so PYTHONPATH=python python3 tests/test_python.py
@@ -13,9 +15,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,16 +109,40 @@ class LookupTest(unittest.TestCase):
     def test_nothing_found_lists_every_place(self):
         with tempfile.TemporaryDirectory() as tmp:
             copy_package(tmp)
+            empty = os.path.join(tmp, "no-pc-files")
+            os.makedirs(empty)
             p = run_python(self.PRINT_PATH, python_env(FERRY_LIBRARY_PATH=None, PYTHONPATH=tmp,
-                                                       LD_LIBRARY_PATH=None))
+                                                       LD_LIBRARY_PATH=None,
+                                                       PKG_CONFIG_PATH=empty))
             if p.returncode == 0:
                 self.skipTest("a libferry.so is installed on the system: %s" % p.stdout.strip())
             self.assertIn("LibraryNotFoundError", p.stderr)
             for place in (os.path.join(tmp, "ferry", "libferry.so"),
                           os.path.join(tmp, "libferry.so"),
                           os.path.join(os.path.dirname(tmp), "build", "libferry.so"),
+                          "pkg-config --variable=libdir ferry",
                           "system's library search path"):
                 self.assertIn(place, p.stderr)
+
+    @unittest.skipIf(shutil.which("pkg-config") is None, "no pkg-config")
+    def test_installed_ferry_through_pkg_config(self):
+        # an installed tree as `cmake --install --prefix P` lays it out: P/lib/libferry.so and
+        # P/lib/pkgconfig/ferry.pc; the package alone finds it through PKG_CONFIG_PATH
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = os.path.join(tmp, "prefix")
+            os.makedirs(os.path.join(prefix, "lib", "pkgconfig"))
+            lib = os.path.join(prefix, "lib", "libferry.so")
+            shutil.copy(ferry.library_path, lib)
+            with open(os.path.join(prefix, "lib", "pkgconfig", "ferry.pc"), "w") as f:
+                f.write("prefix=%s\nlibdir=${prefix}/lib\nName: ferry\nDescription: test\n"
+                        "Version: %s\nLibs: -L${libdir} -lferry\n" % (prefix, ferry.version()))
+            pkg = os.path.join(tmp, "pkg")
+            copy_package(pkg)
+            p = run_python(self.PRINT_PATH, python_env(
+                FERRY_LIBRARY_PATH=None, PYTHONPATH=pkg, LD_LIBRARY_PATH=None,
+                PKG_CONFIG_PATH=os.path.join(prefix, "lib", "pkgconfig")))
+            self.assertEqual(p.returncode, 0, p.stderr)
+            self.assertEqual(p.stdout.strip(), lib)
 
 
 class ModelTest(unittest.TestCase):
@@ -226,6 +255,306 @@ class ModelTest(unittest.TestCase):
         with self.assertRaises(ferry.FerryError) as cm:
             self.m.detokenize([self.m.info.n_vocab + 5])
         self.assertEqual(cm.exception.status, "FERRY_ERR_INVALID")
+
+
+class InterruptTest(unittest.TestCase):
+    """Ctrl-C (SIGINT to this process) in the middle of a long generation: KeyboardInterrupt
+    reaches the caller, the generation stops there, and the Model works afterwards."""
+
+    LONG = 4000  # tokens: seconds of generation, far longer than the delay before the signal
+
+    @classmethod
+    def setUpClass(cls):
+        cls.m = open_model(threads=2)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.m.close()
+
+    def interrupt(self, run):
+        """Runs run() with a SIGINT sent from another thread after a delay; returns the
+        decode steps the interrupted generation made. Retries with a longer delay when the
+        signal came before the generation had decoded anything (a slow machine)."""
+        self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+        for delay in (0.3, 1.0, 3.0):
+            self.m.generate(CASE["prompt"], max_tokens=1)  # stats: no decode step
+            timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            try:
+                with self.assertRaises(KeyboardInterrupt):
+                    run()
+            finally:
+                timer.cancel()
+                timer.join()
+            n = self.m.stats()["n_decode_tokens"]
+            if n > 0:
+                self.assertLess(n, self.LONG - 100)  # stopped, not run to the end
+                # the handler is Python's own again, and the Model gives the normal result
+                self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+                self.assertEqual(self.m.generate(CASE["prompt"], max_tokens=32,
+                                                 stop_at_eos=False), GREEDY)
+                return n
+        self.fail("the generation never started decoding before the signal")
+
+    def test_generate(self):
+        self.interrupt(lambda: self.m.generate(CASE["prompt"], max_tokens=self.LONG,
+                                               stop_at_eos=False))
+
+    def test_generate_with_stop_strings_and_completion(self):
+        self.interrupt(lambda: self.m.generate(CASE["prompt"], max_tokens=self.LONG,
+                                               stop_at_eos=False, stop=["never there"]))
+        self.interrupt(lambda: self.m(CASE["prompt"], max_tokens=self.LONG, temperature=0,
+                                      stop=["never there"]))
+
+    def test_stream(self):
+        def consume_with():
+            with self.m.stream(CASE["prompt"], max_tokens=self.LONG, stop_at_eos=False) as s:
+                for _ in s:
+                    pass
+
+        def consume_for():
+            for _ in self.m.stream(CASE["prompt"], max_tokens=self.LONG, stop_at_eos=False):
+                pass
+
+        def consume_chunks():
+            for _ in self.m(CASE["prompt"], max_tokens=self.LONG, temperature=0, stream=True):
+                pass
+        for consume in (consume_with, consume_for, consume_chunks):
+            self.interrupt(consume)
+
+
+class StopTest(unittest.TestCase):
+    """stop=[...]: the text ends before the first occurrence, generation stops there, and a
+    stream never shows any part of a stop string."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.m = open_model(threads=2)
+        cls.pieces = list(cls.m.stream(CASE["prompt"], max_tokens=32, stop_at_eos=False))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.m.close()
+
+    def generate(self, stop, **kw):
+        return self.m.generate(CASE["prompt"], max_tokens=32, stop_at_eos=False, stop=stop, **kw)
+
+    def test_text_ends_before_the_stop_string(self):
+        p = self.pieces
+        self.assertEqual("".join(p), GREEDY)
+        # a stop string across three pieces
+        stop = p[10][-1:] + p[11] + p[12][:1]
+        cut = GREEDY[:GREEDY.index(stop)]
+        self.assertEqual(self.generate(["never there", stop]), cut)
+        # generation stopped at the token that completed it
+        self.assertLess(self.m.stats()["n_decode_tokens"], 31)
+        self.assertEqual(self.generate(stop), cut)  # one str
+        self.assertEqual(self.generate((stop,)), cut)
+        # the earliest of several
+        later = p[20]
+        self.assertEqual(self.generate([later, stop]), cut)
+        self.assertEqual(self.generate(["never there"]), GREEDY)
+        self.assertEqual(self.generate([]), GREEDY)
+        # the stop string right at the start: nothing
+        self.assertEqual(self.generate([GREEDY[:3]]), "")
+
+    def test_stream_holds_back_partial_matches(self):
+        p = self.pieces
+        stop = p[10][-1:] + p[11] + p[12][:1]
+        cut = GREEDY[:GREEDY.index(stop)]
+        s = self.m.stream(CASE["prompt"], max_tokens=32, stop_at_eos=False, stop=[stop])
+        got = list(s)
+        self.assertEqual("".join(got), cut)  # nothing of the stop string was ever yielded
+        self.assertEqual(s.finish_reason, "stop")
+        self.assertLess(s.n_tokens, 32)
+        # a prefix that never completes is held back while it could, then handed out
+        partial = p[10] + p[11] + "\x01never"
+        s = self.m.stream(CASE["prompt"], max_tokens=32, stop_at_eos=False, stop=partial)
+        got = list(s)
+        self.assertEqual("".join(got), GREEDY)
+        self.assertEqual((s.finish_reason, s.n_tokens), ("length", 32))
+        # p[10] was held back until p[12] showed it was not the stop string
+        self.assertLess(len(got), len(p))
+        self.assertNotIn(p[10], got)
+        # generate(stream=True) passes stop on
+        self.assertEqual("".join(self.m.generate(CASE["prompt"], max_tokens=32,
+                                                 stop_at_eos=False, stream=True,
+                                                 stop=[stop])), cut)
+
+    def test_matcher_across_pieces(self):
+        m = ferry._StopMatcher(("abc", "xyz"))
+        self.assertEqual([m.feed(x) for x in ("1a", "b", "d", "xy", "ab", "c", "9")],
+                         ["1", "", "abd", "", "xy", "", ""])
+        self.assertTrue(m.stopped)
+        self.assertEqual(m.flush(), "")
+        m = ferry._StopMatcher(("abc",))
+        self.assertEqual([m.feed(x) for x in ("zab", "ab")], ["z", "ab"])
+        self.assertEqual(m.flush(), "ab")  # the end: what was held back
+        m = ferry._StopMatcher(("ü€",))  # characters, not bytes
+        self.assertEqual([m.feed(x) for x in ("aü", "b€ü", "€c")], ["a", "üb€", ""])
+
+    def test_bad_stop_strings(self):
+        for stop, error in (("", ValueError), (["a", ""], ValueError), ([1], TypeError),
+                            (b"x", TypeError), ({"a"}, TypeError)):
+            with self.assertRaises(error, msg=repr(stop)):
+                self.generate(stop)
+            with self.assertRaises(error, msg=repr(stop)):
+                self.m.stream(CASE["prompt"], stop=stop)
+            with self.assertRaises(error, msg=repr(stop)):
+                self.m(CASE["prompt"], stop=stop)
+
+
+class CompletionTest(unittest.TestCase):
+    """model(prompt, ...) and Model.create_completion: llama-cpp-python's call, OpenAI's
+    text_completion shape."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.m = open_model(threads=2)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.m.close()
+
+    def check_shape(self, out, text, finish, n_completion, prompt=CASE["prompt"]):
+        self.assertEqual(set(out), {"id", "object", "created", "model", "choices", "usage"})
+        self.assertTrue(out["id"].startswith("cmpl-"), out["id"])
+        self.assertEqual(out["object"], "text_completion")
+        self.assertIsInstance(out["created"], int)
+        self.assertLessEqual(abs(out["created"] - time.time()), 60)
+        self.assertEqual(out["model"], "tiny-moe-code")
+        self.assertEqual(out["choices"], [{"text": text, "index": 0, "logprobs": None,
+                                           "finish_reason": finish}])
+        n_prompt = len(self.m.tokenize(prompt))
+        self.assertEqual(out["usage"], {"prompt_tokens": n_prompt,
+                                        "completion_tokens": n_completion,
+                                        "total_tokens": n_prompt + n_completion})
+
+    def test_greedy_completion(self):
+        out = self.m(CASE["prompt"], max_tokens=32, temperature=0)
+        self.check_shape(out, GREEDY, "length", 32)
+        out2 = self.m.create_completion(CASE["prompt"], max_tokens=32, temperature=0)
+        self.check_shape(out2, GREEDY, "length", 32)
+        self.assertNotEqual(out["id"], out2["id"])
+        self.check_shape(self.m(CASE["ids"], max_tokens=32, temperature=0), GREEDY, "length", 32)
+        self.assertEqual(self.m(CASE["prompt"], max_tokens=4, temperature=0,
+                                model="mine")["model"], "mine")
+
+    def test_stop_string_finishes_with_stop(self):
+        stop = GREEDY[len(GREEDY) // 2:len(GREEDY) // 2 + 3]
+        cut = GREEDY[:GREEDY.index(stop)]
+        out = self.m(CASE["prompt"], max_tokens=32, temperature=0, stop=[stop])
+        self.assertEqual(out["choices"][0]["text"], cut)
+        self.assertEqual(out["choices"][0]["finish_reason"], "stop")
+        self.assertLess(out["usage"]["completion_tokens"], 32)
+
+    def test_end_of_sequence_finishes_with_stop(self):
+        # a sampled run that ends at EOS (found by seed): finish "stop", EOS counted
+        for seed in range(64):
+            out = self.m("x", max_tokens=64, temperature=1.5, seed=seed)
+            if out["choices"][0]["finish_reason"] == "stop":
+                break
+        else:
+            self.fail("no seed below 64 ended at EOS within 64 tokens")
+        n = out["usage"]["completion_tokens"]
+        self.assertLess(n, 64)
+        ids = self.m.generate_batch(["x"], max_tokens=64, temperature=1.5, top_p=0.95, top_k=40,
+                                    seed=seed).ids[0]
+        self.assertEqual(len(ids), n)
+        self.assertEqual(ids[-1], self.m.info.eos_id)
+        self.assertEqual(out["choices"][0]["text"],
+                         self.m.generate("x", max_tokens=64, temperature=1.5, top_p=0.95,
+                                         top_k=40, seed=seed))
+        # EOS as the last allowed token is still "stop"
+        out = self.m("x", max_tokens=n, temperature=1.5, seed=seed)
+        self.assertEqual(out["choices"][0]["finish_reason"], "stop")
+
+    def test_sampling_defaults_and_seed(self):
+        # llama-cpp-python's defaults: temperature 0.8, top_p 0.95, top_k 40
+        a = self.m(CASE["prompt"], max_tokens=16, seed=5)["choices"][0]["text"]
+        self.assertEqual(a, self.m.generate(CASE["prompt"], max_tokens=16, temperature=0.8,
+                                            top_p=0.95, top_k=40, seed=5))
+        self.assertEqual(a, self.m(CASE["prompt"], max_tokens=16, seed=5)["choices"][0]["text"])
+        # seed None draws a seed: it runs, and greedy ignores it
+        self.assertEqual(self.m(CASE["prompt"], max_tokens=8)["usage"]["completion_tokens"], 8)
+        self.assertEqual(self.m(CASE["prompt"], max_tokens=32, temperature=0, seed=None)
+                         ["choices"][0]["text"], GREEDY)
+
+    def test_unlimited_max_tokens_fills_the_context(self):
+        with open_model(ctx=48) as m:
+            n_prompt = len(m.tokenize(CASE["prompt"]))
+            for max_tokens in (None, 0, -1):
+                out = m(CASE["prompt"], max_tokens=max_tokens, temperature=0)
+                self.assertEqual(out["usage"]["completion_tokens"], 48 - n_prompt + 1)
+                self.assertEqual(out["choices"][0]["finish_reason"], "length")
+                self.assertTrue(out["choices"][0]["text"].startswith(GREEDY))
+
+    def test_stream_chunks(self):
+        chunks = list(self.m(CASE["prompt"], max_tokens=32, temperature=0, stream=True))
+        self.assertGreater(len(chunks), 10)
+        self.assertEqual(len({c["id"] for c in chunks}), 1)
+        for c in chunks[:-1]:
+            self.assertEqual(set(c), {"id", "object", "created", "model", "choices"})
+            self.assertEqual(c["object"], "text_completion")
+            self.assertIsNone(c["choices"][0]["finish_reason"])
+            self.assertTrue(c["choices"][0]["text"])
+        self.check_shape(chunks[-1], "", "length", 32)
+        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks), GREEDY)
+        stop = GREEDY[len(GREEDY) // 2:len(GREEDY) // 2 + 3]
+        chunks = list(self.m.create_completion(CASE["prompt"], max_tokens=32, temperature=0,
+                                               stop=stop, stream=True))
+        self.assertEqual("".join(c["choices"][0]["text"] for c in chunks),
+                         GREEDY[:GREEDY.index(stop)])
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+
+    def test_breaking_out_of_a_stream_stops_it(self):
+        for i, _ in enumerate(self.m(CASE["prompt"], max_tokens=2000, temperature=0,
+                                     stream=True)):
+            if i == 2:
+                break
+        self.assertLess(self.m.stats()["n_decode_tokens"], 1000)
+        self.assertEqual(self.m(CASE["prompt"], max_tokens=32, temperature=0)
+                         ["choices"][0]["text"], GREEDY)
+
+    def test_arguments(self):
+        m = self.m
+        with self.assertRaises(TypeError):
+            m(CASE["prompt"], 16)  # llama-cpp-python's second positional is suffix
+        with self.assertRaises(TypeError) as cm:
+            m(CASE["prompt"], max_tokenz=4)
+        self.assertIn("max_tokenz", str(cm.exception))
+        for kw in (dict(min_p=0.05), dict(echo=True), dict(logprobs=3), dict(suffix="x"),
+                   dict(grammar="root ::= x"), dict(mirostat_mode=2), dict(repeat_penalty=1.1),
+                   dict(frequency_penalty=0.5), dict(logit_bias={1: 2.0}),
+                   dict(stopping_criteria=lambda *a: False), dict(typical_p=0.5),
+                   dict(presence_penalty=0.1), dict(tfs_z=0.9),
+                   dict(logits_processor=lambda *a: None)):
+            with self.assertRaises(ValueError, msg=str(kw)) as cm:
+                m(CASE["prompt"], max_tokens=4, **kw)
+            self.assertIn(next(iter(kw)), str(cm.exception))
+            with self.assertRaises(ValueError, msg=str(kw)):
+                m(CASE["prompt"], max_tokens=4, stream=True, **kw)  # checked at the call
+        with self.assertRaises(ValueError) as cm:
+            m(CASE["prompt"], echo=True, min_p=0.1)
+        self.assertIn("echo, min_p", str(cm.exception))
+        # the values that change nothing are accepted
+        out = m(CASE["prompt"], max_tokens=32, temperature=0, suffix=None, min_p=0.0,
+                typical_p=1.0, logprobs=None, echo=False, frequency_penalty=0.0,
+                presence_penalty=0, repeat_penalty=1.0, tfs_z=1.0, mirostat_mode=0,
+                mirostat_tau=5.0, mirostat_eta=0.1, stopping_criteria=None,
+                logits_processor=None, grammar=None, logit_bias={})
+        self.assertEqual(out["choices"][0]["text"], GREEDY)
+        for kw, error in ((dict(max_tokens=2.5), TypeError), (dict(temperature=-1), ValueError),
+                          (dict(top_p=0), ValueError), (dict(seed=-1), ValueError),
+                          (dict(model=3), TypeError), (dict(max_tokens=True), TypeError)):
+            with self.assertRaises(error, msg=str(kw)):
+                m(CASE["prompt"], **kw)
+
+    def test_hit_rate_definition(self):
+        self.assertEqual(ferry.hit_rate(3, 1, 4), 3 / 8)
+        self.assertEqual(ferry.hit_rate(0, 0, 0), 0.0)
+        self.assertEqual(ferry.hit_rate(0, 0, 5), 0.0)
+        self.assertEqual(ferry.hit_rate(2, 0, 0), 1.0)
 
 
 FAMILIES = os.path.join(ROOT, "..", "shared", "fixtures", "moe-families")
@@ -359,7 +688,10 @@ class OffloadTest(unittest.TestCase):
         self.assertGreater(o["hits"] + o["misses"], 0)
         self.assertGreater(o["misses"], 0)
         self.assertGreater(o["bytes_to_device"], 0)
-        self.assertAlmostEqual(o["hit_rate"], o["hits"] / (o["hits"] + o["misses"]))
+        # one definition everywhere: an expert computed on the CPU is not a hit
+        self.assertIn("cpu_experts", o)
+        self.assertAlmostEqual(o["hit_rate"],
+                               o["hits"] / (o["hits"] + o["misses"] + o["cpu_experts"]))
         self.assertEqual(len(o["layers"]), 6)
         self.assertEqual(sum(layer["misses"] for layer in o["layers"]), o["misses"])
         self.assertEqual(len(o["precision"]), 4)
@@ -388,9 +720,13 @@ class OffloadTest(unittest.TestCase):
                 self.assertEqual(o["hybrid"], kw["hybrid"])
                 self.assertEqual(sum(layer["cpu_experts"] for layer in o["layers"]),
                                  o["cpu_experts"])
+                uses = o["hits"] + o["misses"] + o["cpu_experts"]
+                self.assertGreater(uses, 0)
+                self.assertAlmostEqual(o["hit_rate"], o["hits"] / uses)
                 if kw["hybrid"] == "cpu-experts":
                     self.assertGreater(o["cpu_experts"], 0)
                     self.assertEqual(o["hits"] + o["misses"], 0)
+                    self.assertEqual(o["hit_rate"], 0.0)  # every expert on the CPU: no hit
         with self.assertRaises(ValueError):
             open_model(hybrid="sometimes")
         with self.assertRaises(ValueError):
@@ -439,7 +775,7 @@ class OffloadTest(unittest.TestCase):
 
 BATCH_PROMPTS = [case["prompt"] for case in CASES[:3]]  # 11, 14 and 32 tokens
 BATCH_STATS = {"steps", "tokens", "layer_batches", "expert_loads", "expert_bytes",
-               "bytes_to_device", "hits", "misses", "seconds", "cpu_experts"}
+               "bytes_to_device", "hits", "misses", "seconds", "cpu_experts", "hit_rate"}
 
 
 class BatchTest(unittest.TestCase):
@@ -476,6 +812,7 @@ class BatchTest(unittest.TestCase):
         self.assertLessEqual(s["expert_loads"], s["layer_batches"] * 8)
         self.assertGreater(s["expert_bytes"], 0)
         self.assertGreater(s["seconds"], 0)
+        self.assertEqual(s["hit_rate"], ferry.hit_rate(s["hits"], s["misses"], s["cpu_experts"]))
         return r
 
     def test_greedy_matches_each_prompt_alone(self):

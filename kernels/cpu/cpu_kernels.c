@@ -100,13 +100,24 @@ int ferry_cpu_isa_available(ferry_cpu_isa isa)
 {
     int avx2 = 0, avx512 = 0, avx512bf16 = 0;
 #if FERRY_CPU_X86
+    /* CPUID itself rather than __builtin_cpu_supports, whose feature names differ between
+     * compilers (clang 14 knows neither "f16c" nor "avx512bf16") */
     uint64_t xcr0 = os_xcr0();
     int ymm = (xcr0 & 0x6) == 0x6;   /* SSE and AVX state */
     int zmm = (xcr0 & 0xe6) == 0xe6; /* plus opmask, ZMM_Hi256, Hi16_ZMM */
-    avx2 = ymm && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-    avx512 = avx2 && zmm && __builtin_cpu_supports("avx512f") &&
-             __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-    avx512bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+    unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0, a7 = 0, b7 = 0, c7 = 0, d7 = 0;
+    unsigned a71 = 0, b71 = 0, c71 = 0, d71 = 0;
+    __get_cpuid(1, &a1, &b1, &c1, &d1);
+    if (__get_cpuid_max(0, NULL) >= 7) {
+        __cpuid_count(7, 0, a7, b7, c7, d7);
+        if (a7 >= 1) /* the highest subleaf of leaf 7 */
+            __cpuid_count(7, 1, a71, b71, c71, d71);
+    }
+    int f16c = (c1 >> 29) & 1;
+    avx2 = ymm && ((b7 >> 5) & 1) && f16c;
+    avx512 = avx2 && zmm && ((b7 >> 16) & 1) /* F */ && ((b7 >> 30) & 1) /* BW */ &&
+             ((b7 >> 31) & 1) /* VL */;
+    avx512bf16 = avx512 && ((a71 >> 5) & 1);
 #endif
     switch (isa) {
     case FERRY_CPU_ISA_AUTO:

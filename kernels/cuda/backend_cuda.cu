@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kernels/cuda/cuda_common.h"
 
@@ -362,12 +363,21 @@ static ferry_status probe(char *desc, size_t desc_len)
 {
     int n = 0;
     cudaError_t e = cudaGetDeviceCount(&n);
-    if (e != cudaSuccess) {
+    if (e != cudaSuccess)
         cudaGetLastError();
-        return ferry_fail(FERRY_ERR_DEVICE, "no usable CUDA device: %s", cudaGetErrorString(e));
+    /* Without a driver the runtime says "driver version is insufficient", which sends people
+     * looking for a driver update on a machine that has no GPU at all. */
+    int have_driver = access("/proc/driver/nvidia/version", F_OK) == 0;
+    if ((e == cudaErrorInsufficientDriver && !have_driver) || e == cudaErrorNoDevice ||
+        (e == cudaSuccess && n <= 0)) {
+        const char *vis = getenv("CUDA_VISIBLE_DEVICES");
+        return ferry_fail(FERRY_ERR_DEVICE, "no NVIDIA driver / no GPU found (%s%s%s)",
+                          have_driver ? "the driver sees no device" : "no NVIDIA driver is loaded",
+                          have_driver && vis ? "; CUDA_VISIBLE_DEVICES=" : "",
+                          have_driver && vis ? vis : "");
     }
-    if (n <= 0)
-        return ferry_fail(FERRY_ERR_DEVICE, "no usable CUDA device: none visible");
+    if (e != cudaSuccess)
+        return ferry_fail(FERRY_ERR_DEVICE, "no usable CUDA device: %s", cudaGetErrorString(e));
     cudaDeviceProp prop;
     CUDA_TRY(cudaGetDeviceProperties(&prop, 0));
     if (prop.major < 8)

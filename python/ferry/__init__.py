@@ -7,13 +7,21 @@ A ctypes binding of include/ferry.h: no compiled extension, standard library onl
         print(m.generate("def fibonacci(n):\\n", max_tokens=32))
         for piece in m.stream("import os\\n", max_tokens=16):
             print(piece, end="", flush=True)
+        print(m.generate("class Node:\\n", max_tokens=64, stop=["\\n\\n"]))
         print(m.generate_batch(["import os\\n", "class Node:\\n"], max_tokens=16).texts)
+        out = m("def add(a, b):\\n", max_tokens=16, temperature=0)  # llama-cpp-python style
+        print(out["choices"][0]["text"], out["usage"]["completion_tokens"])
     print(ferry.bench("models/tiny-moe-code", backend="cpu")["decode_tokens_per_s"])
 
-libferry.so is found as ferry/_lib.py says: $FERRY_LIBRARY_PATH (a file or a folder), next
-to the package, the source tree's build folder, the system's search path. Importing the
+Installed with `pip install --no-build-isolation ./python` (python/README.md), the package
+carries the libferry.so it built. libferry.so is found as ferry/_lib.py says:
+$FERRY_LIBRARY_PATH (a file or a folder), next to the package, the source tree's build
+folder, an installed ferry through pkg-config, the system's search path. Importing the
 package raises LibraryNotFoundError (an ImportError) listing every place tried when none
 has it.
+
+Ctrl-C during a generation stops it after the current token and raises KeyboardInterrupt
+in the caller; the Model stays usable.
 
 Errors: every failing library call raises FerryError, with the status name
 (FERRY_ERR_IO, ...) in .status and ferry_last_error()'s message in .message. Bad Python
@@ -27,6 +35,7 @@ Model.generate_batch counts as a generation (its prompts run together on context
 own); bench() opens a model of its own.
 """
 import codecs
+import contextlib
 import ctypes
 import dataclasses
 import inspect
@@ -34,13 +43,16 @@ import math
 import os
 import queue
 import re
+import signal
 import threading
+import time
+import uuid
 
 from . import _lib
 from ._lib import LibraryNotFoundError
 
 __all__ = ["Model", "ModelInfo", "BatchResult", "Stream", "FerryError", "LibraryNotFoundError",
-           "bench", "pack_model", "parse_size", "version", "library_path"]
+           "bench", "hit_rate", "pack_model", "parse_size", "version", "library_path"]
 
 _L = _lib.lib
 library_path = _lib.path  # the libferry.so that was loaded
@@ -154,6 +166,17 @@ def _sampling(temperature, top_k, top_p, seed):
     return (float(temperature), top_k, float(top_p), seed)
 
 
+def _neutral(value, neutral):
+    """Whether an unimplemented option's value is the one that changes nothing (an empty
+    logit_bias is as good as None)."""
+    if neutral is None:
+        return value is None or (isinstance(value, (dict, list, tuple)) and not value)
+    if isinstance(neutral, bool):
+        return value is neutral or (type(value) is int and value == int(neutral))
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == neutral)
+
+
 _PACK_FORMATS = {None: 0, "q8": 1, "q4": 2}
 
 
@@ -242,6 +265,15 @@ def _struct_dict(s):
     return out
 
 
+def hit_rate(hits, misses, cpu_experts):
+    """The expert hit rate as ferry reports it everywhere (ferry run, batch, bench, serve,
+    and this package's stats): the share of expert uses served from a device slot,
+    hits / (hits + misses + cpu_experts). An expert computed on the CPU (hybrid) is neither
+    a hit nor a fetch and counts against the rate. 0.0 when there were no uses."""
+    uses = hits + misses + cpu_experts
+    return hits / uses if uses > 0 else 0.0
+
+
 def _name(names, v):
     """The name of enum value v in names, or v itself when out of range."""
     return names[v] if 0 <= v < len(names) else v
@@ -297,7 +329,7 @@ class BatchResult:
     generated after prompts[i] (the text as generate() gives it; the ids include a final
     EOS when it ended the sequence). stats: the ferry_batch_stats fields of the run (steps,
     tokens, layer_batches, expert_loads, expert_bytes, bytes_to_device, hits, misses,
-    seconds, cpu_experts)."""
+    seconds, cpu_experts) and "hit_rate" (see hit_rate(); 0 when resident)."""
     texts: list
     ids: list
     stats: dict
@@ -305,20 +337,136 @@ class BatchResult:
 
 # ---- generation --------------------------------------------------------------------------
 
-def _generate_call(ctx, prompt, gp, emit, stop):
+def _stops(stop):
+    """The stop strings of a stop= argument as a tuple: None or [] for none, one str, or a
+    list/tuple of non-empty str. TypeError/ValueError otherwise."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise TypeError("stop must be a str or a list of str, got %r" % (type(stop).__name__,))
+    for i, s in enumerate(stop):
+        if not isinstance(s, str):
+            raise TypeError("stop[%d] must be a str, got %r" % (i, type(s).__name__))
+        if not s:
+            raise ValueError("stop[%d] is empty: a stop string needs at least one character" % i)
+    return tuple(stop)
+
+
+class _StopMatcher:
+    """Stop strings over text that arrives a piece at a time, as serve/stop.h applies them
+    for the server and `ferry run --stop`: the text ends before the earliest occurrence of
+    any stop string (one that spans pieces too) and never contains it.
+
+    feed() returns the part of the text that is now safe to hand out. It holds back the
+    longest tail that is a proper prefix of some stop string, so streamed text never shows
+    what later turns out to be the start of a stop string. Invariant: no stop string starts
+    in the text already handed out, so only the held-back tail and the new piece are
+    searched."""
+
+    def __init__(self, stops):
+        self.stops = stops
+        self.stopped = False
+        self._held = ""
+
+    def feed(self, piece):
+        if self.stopped:
+            return ""
+        text = self._held + piece
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return text[:min(hits)]
+        keep = 0
+        for k in range(min(len(text), max(map(len, self.stops)) - 1), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                keep = k
+                break
+        self._held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def flush(self):
+        """The end of the text without a stop: what was held back."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held
+
+
+@contextlib.contextmanager
+def _signals_deferred(raised):
+    """While the library runs (and calls back into Python) on the main thread, the Python
+    signal handlers (SIGINT's default_int_handler above all) run inside a wrapper: what a
+    handler raises (KeyboardInterrupt) goes to raised instead of out of the handler.
+
+    Why: a handler runs wherever the main thread next executes Python code, which during
+    ferry_generate is the token callback, possibly at its very first instruction, before
+    any try block in it. ctypes cannot pass an exception raised there to the caller: it
+    prints "Exception ignored on calling ctypes callback function" and returns an undefined
+    value to C, so Ctrl-C was lost and the generation ended as if it had succeeded. With
+    the wrapper the callback sees raised, returns "stop", and the caller raises raised[0]
+    once the library has returned. Handlers are restored on the way out. Elsewhere than the
+    main thread nothing is wrapped: signal handlers only ever run on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def wrap(handler):
+        def deferred(signum, frame):
+            try:
+                handler(signum, frame)
+            except BaseException as e:
+                raised.append(e)
+        return deferred
+
+    saved = {}
+    try:
+        for sig in signal.valid_signals():
+            try:
+                handler = signal.getsignal(sig)
+            except (OSError, ValueError):
+                continue
+            if callable(handler):
+                signal.signal(sig, wrap(handler))
+                saved[sig] = handler
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _generate_call(ctx, prompt, gp, emit, stop, stops=(), is_eos=None):
     """Runs ferry_generate on this thread, giving emit() each non-empty piece of text.
-    Stops after the current token once stop (a threading.Event, or None) is set. Raises
-    FerryError, or what emit raised. Returns the number of tokens generated."""
+    Stops after the current token once stop (a threading.Event, or None) is set. stops:
+    stop strings (the text ends before the first occurrence of any, and generation stops
+    at the token that completes it). is_eos(id): whether a token id ends a sequence, for the
+    finish reason. Raises FerryError, or what emit or a signal handler (KeyboardInterrupt)
+    raised; generation stops after the current token when something is raised. Returns
+    (tokens generated, EOS included; finish reason "stop" (a stop string, or EOS with
+    gp.stop_at_eos) or "length")."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    matcher = _StopMatcher(stops) if stops else None
     raised = []
+    last_id = [-1]
+
+    def put(piece):
+        if matcher is not None:
+            piece = matcher.feed(piece)
+        if piece:
+            emit(piece)
 
     def on_token(token_id, text, length, user):
         # An exception must not cross into C: keep it, stop, and raise it after the call.
         try:
+            if token_id >= 0:
+                last_id[0] = token_id
             if length:
                 piece = decoder.decode(ctypes.string_at(text, length))
                 if piece:
-                    emit(piece)
+                    put(piece)
+            if raised or (matcher is not None and matcher.stopped):
+                return 1
             return 1 if stop is not None and stop.is_set() else 0
         except BaseException as e:  # KeyboardInterrupt too: it stops the generation
             raised.append(e)
@@ -326,20 +474,34 @@ def _generate_call(ctx, prompt, gp, emit, stop):
 
     fn = _lib.TOKEN_FN(on_token)  # referenced here until ferry_generate returns
     n_out = ctypes.c_int32(0)
-    st = _L.ferry_generate(ctx, prompt, len(prompt), ctypes.byref(gp), fn, None, None, 0,
-                           ctypes.byref(n_out))
-    err = _error(st) if st else None  # read the message on the thread that failed
+    with _signals_deferred(raised):
+        st = _L.ferry_generate(ctx, prompt, len(prompt), ctypes.byref(gp), fn, None, None, 0,
+                               ctypes.byref(n_out))
+        err = _error(st) if st else None  # read the message on the thread that failed
     if raised:
         raise raised[0]
     if err:
         raise err
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        emit(tail)
-    return n_out.value
+    put(decoder.decode(b"", final=True))
+    if matcher is not None and not matcher.stopped:
+        rest = matcher.flush()
+        if rest:
+            emit(rest)
+    if matcher is not None and matcher.stopped:
+        finish = "stop"
+    elif gp.stop_at_eos and n_out.value > 0 and is_eos is not None and is_eos(last_id[0]):
+        finish = "stop"
+    else:
+        finish = "length"
+    return n_out.value, finish
 
 
-_END = object()
+class _End:
+    """The last item a Stream's worker queues: how the generation ended."""
+
+    def __init__(self, n_tokens, finish_reason):
+        self.n_tokens = n_tokens
+        self.finish_reason = finish_reason
 
 
 class _Failure:
@@ -347,13 +509,12 @@ class _Failure:
         self.exc = exc
 
 
-def _stream_worker(ctx, prompt, gp, q, stop, lock):
+def _stream_worker(ctx, prompt, gp, q, stop, lock, stops, is_eos):
     """The body of a Stream's thread. It owns the model's lock from the Stream's start and
     releases it when the library is done with the context. It holds no reference to the
     Stream, so dropping the Stream (a `break`) finalizes it and stops this thread."""
     try:
-        _generate_call(ctx, prompt, gp, q.put, stop)
-        q.put(_END)
+        q.put(_End(*_generate_call(ctx, prompt, gp, q.put, stop, stops, is_eos)))
     except BaseException as e:
         q.put(_Failure(e))
     finally:
@@ -367,18 +528,27 @@ class Stream:
     pieces over through a queue. Closing the iterator early (break out of a for loop over
     it, .close(), leaving a `with` block, or dropping it) makes the library's token
     callback return nonzero, so generation stops after the current token, and joins the
-    thread. An error on the worker is raised by next() in the consumer.
+    thread. An error on the worker is raised by next() in the consumer. An exception while
+    next() waits (Ctrl-C's KeyboardInterrupt) closes the stream, so the generation stops,
+    and propagates.
+
+    Once the iterator is exhausted, .finish_reason is "stop" (a stop string, or the
+    end-of-sequence token) or "length" (max_tokens), and .n_tokens the number of tokens
+    generated (EOS included); both are None before, and after an early close.
     """
 
-    def __init__(self, model, prompt, gp, sampling):
+    def __init__(self, model, prompt, gp, sampling, stops=()):
         self._model = model
         self._prompt = prompt
         self._gp = gp
         self._sampling = sampling
+        self._stops = stops
         self._queue = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = None
         self._done = False
+        self.finish_reason = None
+        self.n_tokens = None
 
     def __iter__(self):
         return self
@@ -388,11 +558,17 @@ class Stream:
             raise StopIteration
         if self._thread is None:
             self._start()
-        item = self._queue.get()
+        try:
+            item = self._queue.get()
+        except BaseException:  # Ctrl-C while waiting: stop the generation, then raise
+            self.close()
+            raise
         if self._model._closed:
             self.close()
             raise ValueError("the ferry.Model was closed during streaming")
-        if item is _END:
+        if isinstance(item, _End):
+            self.finish_reason = item.finish_reason
+            self.n_tokens = item.n_tokens
             self.close()
             raise StopIteration
         if isinstance(item, _Failure):
@@ -408,7 +584,8 @@ class Stream:
             m._active_stop = self._stop
             self._thread = threading.Thread(
                 target=_stream_worker, name="ferry-stream",
-                args=(m._ctx, self._prompt, self._gp, self._queue, self._stop, m._lock))
+                args=(m._ctx, self._prompt, self._gp, self._queue, self._stop, m._lock,
+                      self._stops, m._is_eos))
             self._thread.start()
         except BaseException:
             self._done = True
@@ -466,6 +643,9 @@ class Model:
     Raises FerryError when the library fails (a missing config.json is FERRY_ERR_IO),
     ValueError/TypeError for bad arguments. A Model is used by one thread at a time (see
     the package's doc); close() it, or use it as a context manager.
+
+    Generation: generate(), stream(), generate_batch(), and, as llama-cpp-python's Llama,
+    model(prompt, ...) / create_completion(prompt, ...) returning OpenAI-shaped dicts.
     """
 
     def __init__(self, path, *, gpu_mem=None, offload="ram", pack=None, backend="auto",
@@ -487,6 +667,8 @@ class Model:
             quant_dense=quant_dense)
         self._n_ctx = _int("ctx", ctx, 0, _INT32_MAX)
         model_dir = _path("path", path)
+        # what create_completion reports as "model"
+        self._name = os.path.basename(os.path.normpath(os.fsdecode(model_dir)))
 
         handle = ctypes.c_void_p()
         _check(_L.ferry_model_open(model_dir, ctypes.byref(mp), ctypes.byref(handle)))
@@ -501,6 +683,7 @@ class Model:
             # The context now: with a device budget, the first context's KV cache and
             # workspace are placed before the expert slots are planned.
             self._ensure_context((0.0, 0, 1.0, 0))
+            self._n_ctx_used = _L.ferry_context_n_ctx(self._ctx)  # ctx=0 resolved
         except BaseException:
             self.close()
             raise
@@ -659,9 +842,11 @@ class Model:
 
     # -- generation --
 
-    def _prepare(self, prompt, max_tokens, temperature, top_k, top_p, seed, stop_at_eos):
+    def _prepare(self, prompt, max_tokens, temperature, top_k, top_p, seed, stop_at_eos,
+                 stop=None):
         _int("max_tokens", max_tokens, 0, _INT32_MAX)
         sampling = _sampling(temperature, top_k, top_p, seed)
+        stops = _stops(stop)
         self._check_open()
         if isinstance(prompt, str):
             prompt = self._ids_array("prompt", self.tokenize(prompt, add_special=True))
@@ -670,39 +855,149 @@ class Model:
         gp = _L.ferry_generate_params_default()
         gp.n_predict = max_tokens
         gp.stop_at_eos = 1 if stop_at_eos else 0
-        return prompt, gp, sampling
+        return prompt, gp, sampling, stops
 
-    def generate(self, prompt, max_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                 stop_at_eos=True, stream=False):
-        """Generates up to max_tokens tokens after prompt (a str, tokenized with BOS, or a
-        list of token ids) and returns the generated text (without the prompt). Greedy at
-        temperature 0; otherwise sampled with top_k/top_p, and the same seed gives the same
-        text. Stops at the end-of-sequence token when stop_at_eos. With stream=True,
-        returns a Stream as stream() does. Raises FerryError (e.g. FERRY_ERR_INVALID when
-        the prompt and max_tokens do not fit in the context), ValueError for bad
-        arguments, RuntimeError while another generation of this Model runs."""
-        if stream:
-            return self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop_at_eos)
-        prompt, gp, sampling = self._prepare(prompt, max_tokens, temperature, top_k, top_p,
-                                             seed, stop_at_eos)
+    def _is_eos(self, token_id):
+        return bool(_L.ferry_token_is_eos(self._handle, token_id))
+
+    def _run(self, prompt, gp, sampling, stops):
+        """One generation on this thread: (text, tokens generated, finish reason)."""
         self._acquire()
         try:
             self._ensure_context(sampling)
             pieces = []
-            _generate_call(self._ctx, prompt, gp, pieces.append, None)
-            return "".join(pieces)
+            n, finish = _generate_call(self._ctx, prompt, gp, pieces.append, None, stops,
+                                       self._is_eos)
+            return "".join(pieces), n, finish
         finally:
             self._lock.release()
 
+    def generate(self, prompt, max_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 stop_at_eos=True, stream=False, stop=None):
+        """Generates up to max_tokens tokens after prompt (a str, tokenized with BOS, or a
+        list of token ids) and returns the generated text (without the prompt). Greedy at
+        temperature 0; otherwise sampled with top_k/top_p, and the same seed gives the same
+        text. Stops at the end-of-sequence token when stop_at_eos. stop: a str or a list of
+        str; the text ends before the first occurrence of any of them (never containing
+        it), and generation stops at the token that completes it, as `ferry run --stop` and
+        the server's "stop" do. With stream=True, returns a Stream as stream() does.
+
+        Ctrl-C (KeyboardInterrupt), or any exception a signal handler raises, stops the
+        generation after the current token and propagates; the Model stays usable.
+        Raises FerryError (e.g. FERRY_ERR_INVALID when the prompt and max_tokens do not fit
+        in the context), ValueError/TypeError for bad arguments, RuntimeError while another
+        generation of this Model runs."""
+        if stream:
+            return self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop_at_eos,
+                               stop)
+        prompt, gp, sampling, stops = self._prepare(prompt, max_tokens, temperature, top_k,
+                                                    top_p, seed, stop_at_eos, stop)
+        return self._run(prompt, gp, sampling, stops)[0]
+
     def stream(self, prompt, max_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-               stop_at_eos=True):
+               stop_at_eos=True, stop=None):
         """As generate(), but returns a Stream: an iterator of the text pieces as they are
-        generated (their concatenation is generate()'s text). Arguments are checked now;
-        generation starts at the first next(). Close it (or break out of the loop) to stop
-        early."""
-        prompt, gp, sampling = self._prepare(prompt, max_tokens, temperature, top_k, top_p,
-                                             seed, stop_at_eos)
-        return Stream(self, prompt, gp, sampling)
+        generated (their concatenation is generate()'s text). With stop strings, a piece
+        that could be the start of one is held back until the text shows it is not, so
+        nothing of a stop string is ever yielded. Arguments are checked now; generation
+        starts at the first next(). Close it (or break out of the loop) to stop early;
+        Ctrl-C while waiting for a piece stops it too."""
+        prompt, gp, sampling, stops = self._prepare(prompt, max_tokens, temperature, top_k,
+                                                    top_p, seed, stop_at_eos, stop)
+        return Stream(self, prompt, gp, sampling, stops)
+
+    # llama-cpp-python's create_completion arguments that ferry does not implement, with the
+    # value that leaves the result unchanged: any other value is a ValueError naming them.
+    _NOT_IMPLEMENTED = {"suffix": None, "min_p": 0.0, "typical_p": 1.0, "logprobs": None,
+                        "echo": False, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+                        "repeat_penalty": 1.0, "tfs_z": 1.0, "mirostat_mode": 0,
+                        "stopping_criteria": None, "logits_processor": None, "grammar": None,
+                        "logit_bias": None}
+    # accepted whatever their value: they only matter with mirostat_mode (refused above)
+    _IGNORED = frozenset(("mirostat_tau", "mirostat_eta"))
+
+    def create_completion(self, prompt, *, max_tokens=16, temperature=0.8, top_p=0.95,
+                          top_k=40, seed=None, stop=None, stream=False, model=None,
+                          **llama_cpp_options):
+        """A completion in the OpenAI shape, as llama-cpp-python's Llama.create_completion
+        (and Llama.__call__) return it; model(prompt, ...) is the same call.
+
+        prompt: a str (tokenized with BOS) or a list of token ids. max_tokens: up to this
+        many tokens; None or <= 0: until the end-of-sequence token, a stop string or a full
+        context. temperature, top_p, top_k: the sampler, with llama-cpp-python's defaults
+        (0.8, 0.95, 40); temperature 0 is greedy. seed: an int gives the same text for the
+        same arguments; None draws a new seed each call. stop: a str or a list of str, as
+        generate() has it. model: the name the result reports (default: the name of the
+        model's folder). All but prompt are keywords.
+
+        Returns {"id": "cmpl-...", "object": "text_completion", "created": unix time,
+        "model": name, "choices": [{"text": ..., "index": 0, "logprobs": None,
+        "finish_reason": "stop" | "length"}], "usage": {"prompt_tokens", "completion_tokens",
+        "total_tokens"}}: finish_reason is "stop" for a stop string or the end-of-sequence
+        token, "length" for max_tokens or a full context; prompt_tokens counts BOS and
+        completion_tokens the tokens generated (EOS included). With stream=True it returns
+        an iterator of chunks of the same shape, one per text piece with finish_reason None,
+        then one with text "" and the finish reason, which alone carries "usage"; breaking
+        out of it (or closing it) stops the generation.
+
+        Other llama-cpp-python arguments (suffix, min_p, typical_p, logprobs, echo,
+        frequency_penalty, presence_penalty, repeat_penalty, tfs_z, mirostat_mode,
+        stopping_criteria, logits_processor, grammar, logit_bias) are accepted only at the
+        value that leaves the result unchanged (min_p=0.0, echo=False, ...): any other
+        raises ValueError naming them. An unknown keyword raises TypeError. Otherwise raises
+        as generate() does (FerryError, ValueError, TypeError, RuntimeError,
+        KeyboardInterrupt)."""
+        unknown = sorted(set(llama_cpp_options) - set(self._NOT_IMPLEMENTED) - self._IGNORED)
+        if unknown:
+            raise TypeError("create_completion() got unexpected keyword argument%s %s"
+                            % ("s" if len(unknown) > 1 else "", ", ".join(map(repr, unknown))))
+        changed = sorted(name for name, value in llama_cpp_options.items()
+                         if name in self._NOT_IMPLEMENTED
+                         and not _neutral(value, self._NOT_IMPLEMENTED[name]))
+        if changed:
+            raise ValueError("ferry does not implement %s: leave %s at %s" % (
+                ", ".join(changed), "it" if len(changed) == 1 else "them",
+                ", ".join("%s=%r" % (n, self._NOT_IMPLEMENTED[n]) for n in changed)))
+        if model is not None and not isinstance(model, str):
+            raise TypeError("model must be a str, got %r" % (type(model).__name__,))
+        if seed is None:
+            # the seed does not matter to greedy decoding: 0 keeps the context
+            seed = 0 if temperature == 0 else int.from_bytes(os.urandom(8), "little")
+        unlimited = max_tokens is None or (isinstance(max_tokens, int)
+                                           and not isinstance(max_tokens, bool)
+                                           and max_tokens <= 0)
+        prompt, gp, sampling, stops = self._prepare(prompt, 0 if unlimited else max_tokens,
+                                                    temperature, top_k, top_p, seed, True, stop)
+        if unlimited:
+            gp.n_predict = max(self._n_ctx_used - len(prompt) + 1, 0)
+        head = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion",
+                "created": int(time.time()), "model": self._name if model is None else model}
+        n_prompt = len(prompt)
+
+        def usage(n):
+            return {"prompt_tokens": n_prompt, "completion_tokens": n,
+                    "total_tokens": n_prompt + n}
+
+        def choice(text, finish):
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+        if not stream:
+            text, n, finish = self._run(prompt, gp, sampling, stops)
+            return dict(head, choices=[choice(text, finish)], usage=usage(n))
+        s = Stream(self, prompt, gp, sampling, stops)
+
+        def chunks():
+            with s:  # closing the generator (a break) stops the generation
+                for piece in s:
+                    yield dict(head, choices=[choice(piece, None)])
+                yield dict(head, choices=[choice("", s.finish_reason)], usage=usage(s.n_tokens))
+        return chunks()
+
+    def __call__(self, prompt, **kwargs):
+        """model(prompt, max_tokens=16, temperature=0.8, top_p=0.95, top_k=40, seed=None,
+        stop=None, stream=False): create_completion(prompt, ...), as llama-cpp-python's
+        Llama objects are called."""
+        return self.create_completion(prompt, **kwargs)
 
     def generate_batch(self, prompts, max_tokens=64, *, temperature=0.0, top_k=0, top_p=1.0,
                        seed=0, stop_at_eos=True, max_batch=16, chunk=64, reorder=True):
@@ -776,7 +1071,9 @@ class Model:
             texts = [self._continuation(p, g) for p, g in zip(prompt_ids, ids)]
         finally:
             self._lock.release()
-        return BatchResult(texts=texts, ids=ids, stats=_struct_dict(stats))
+        st = _struct_dict(stats)
+        st["hit_rate"] = hit_rate(stats.hits, stats.misses, stats.cpu_experts)
+        return BatchResult(texts=texts, ids=ids, stats=st)
 
     def _continuation(self, prompt_ids, ids):
         """The text ids add after prompt_ids, as ferry_generate's stream gives it:
@@ -797,7 +1094,8 @@ class Model:
         n_decode_tokens, prefill/decode/sample seconds, tokens/s) and, when the model
         offloads experts, "offload": the ferry_offload_stats fields (tier and predictor as
         names, the per-distance predictor arrays as lists) with "hit_rate" and "layers"
-        (one dict of ferry_layer_stats per layer) added."""
+        (one dict of ferry_layer_stats per layer) added; "hit_rate" is hit_rate() of the
+        totals, hits / (hits + misses + cpu_experts)."""
         self._acquire()
         try:
             if self._ctx is None:
@@ -819,8 +1117,7 @@ class Model:
             off["predictor"] = PREDICTORS[o.predictor] if 0 <= o.predictor < 4 else o.predictor
             off["uses_uring"] = bool(o.uses_uring)
             off["hybrid"] = HYBRID[o.hybrid] if 0 <= o.hybrid < 3 else o.hybrid
-            lookups = o.hits + o.misses
-            off["hit_rate"] = o.hits / lookups if lookups else 0.0
+            off["hit_rate"] = hit_rate(o.hits, o.misses, o.cpu_experts)
             off["layers"] = [_struct_dict(layer) for layer in layers]
             out["offload"] = off
         return out

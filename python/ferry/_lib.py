@@ -9,14 +9,20 @@ Lookup order (the first that exists is loaded):
   1. $FERRY_LIBRARY_PATH when set: a file, or a folder holding libferry.so. When it is set
      it is the only place tried, so a wrong value is an error rather than a silent
      fallback to another build.
-  2. next to the package: ferry/libferry.so, then libferry.so in the package's parent
+  2. next to the package: ferry/libferry.so (where `pip install ./python` puts the library
+     it builds), then libferry.so in the package's parent
   3. the source tree's build folder: ../../build/libferry.so from the package
-  4. the system's search path: ctypes.util.find_library("ferry"), then "libferry.so"
+  4. an installed ferry: libferry.so in `pkg-config --variable=libdir ferry` (the ferry.pc
+     that `cmake --install BUILD --prefix P` writes; PKG_CONFIG_PATH=P/lib/pkgconfig)
+  5. the system's search path: ctypes.util.find_library("ferry"), then "libferry.so"
 Nothing found raises LibraryNotFoundError (an ImportError) listing every place tried.
+Places are tried lazily: pkg-config runs only when the places before it have no library.
 """
 import ctypes
 import ctypes.util
 import os
+import shutil
+import subprocess
 
 LIB_NAME = "libferry.so"
 ENV_VAR = "FERRY_LIBRARY_PATH"
@@ -262,6 +268,7 @@ class BenchResult(ctypes.Structure):
         ("batch_tokens_per_s", c_double),
         ("batch_expert_loads_per_token", c_double),
         ("batch_moved_bytes_per_token", c_double),
+        ("working_set_bytes", c_uint64),
     ]
 
 
@@ -312,6 +319,7 @@ _FUNCTIONS = {
     "ferry_context_params_default": (ContextParams, []),
     "ferry_context_create": (c_int, [_p, _P(ContextParams), _P(_p)]),
     "ferry_context_free": (None, [_p]),
+    "ferry_context_n_ctx": (c_int32, [_p]),
     "ferry_generate_params_default": (GenerateParams, []),
     "ferry_generate": (c_int, [_p, _P(c_int32), c_int32, _P(GenerateParams), TOKEN_FN, _p,
                                _P(c_int32), c_int32, _P(c_int32)]),
@@ -335,24 +343,48 @@ def _package_dir():
     return os.path.dirname(os.path.abspath(__file__))
 
 
+def _pkg_config_libdir():
+    """(libdir, None) from `pkg-config --variable=libdir ferry`, or (None, why not)."""
+    exe = shutil.which("pkg-config")
+    if exe is None:
+        return None, "pkg-config is not installed"
+    try:
+        p = subprocess.run([exe, "--variable=libdir", "ferry"], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, "pkg-config failed: %s" % e
+    libdir = p.stdout.strip()
+    if p.returncode != 0 or not libdir:
+        return None, "no ferry.pc on pkg-config's search path (PKG_CONFIG_PATH)"
+    return libdir, None
+
+
 def candidates():
-    """The places to try, in order, as (description, path or bare name) pairs."""
+    """The places to try, in order, as (description, path or bare name) pairs; a generator,
+    so the later places (pkg-config) are only looked at when the earlier ones fail. A place
+    that cannot even be named comes as (description, None) with the reason in the
+    description."""
     env = os.environ.get(ENV_VAR)
     if env:
         path = os.path.abspath(os.path.join(env, LIB_NAME) if os.path.isdir(env) else env)
-        return [("%s=%s" % (ENV_VAR, env), path)]
+        yield ("%s=%s" % (ENV_VAR, env), path)
+        return
     pkg = _package_dir()
-    out = [
-        ("next to the package", os.path.join(pkg, LIB_NAME)),
-        ("the package's parent folder", os.path.join(os.path.dirname(pkg), LIB_NAME)),
-        ("the source tree's build folder",
-         os.path.normpath(os.path.join(pkg, os.pardir, os.pardir, "build", LIB_NAME))),
-    ]
+    yield ("next to the package", os.path.join(pkg, LIB_NAME))
+    yield ("the package's parent folder", os.path.join(os.path.dirname(pkg), LIB_NAME))
+    yield ("the source tree's build folder",
+           os.path.normpath(os.path.join(pkg, os.pardir, os.pardir, "build", LIB_NAME)))
+    libdir, why = _pkg_config_libdir()
+    if libdir:
+        # a relocatable ferry.pc says ${pcfiledir}/../..: normalized for the message
+        yield ("pkg-config --variable=libdir ferry",
+               os.path.normpath(os.path.join(libdir, LIB_NAME)))
+    else:
+        yield ("pkg-config --variable=libdir ferry: %s" % why, None)
     found = ctypes.util.find_library("ferry")
     if found:
-        out.append(('ctypes.util.find_library("ferry")', found))
-    out.append(("the system's library search path", LIB_NAME))
-    return out
+        yield ('ctypes.util.find_library("ferry")', found)
+    yield ("the system's library search path", LIB_NAME)
 
 
 def _declare(lib, path):
@@ -370,6 +402,9 @@ def load():
     """Loads libferry as the lookup order says; returns (CDLL, path loaded)."""
     tried = []
     for what, path in candidates():
+        if path is None:
+            tried.append(what)
+            continue
         bare = os.sep not in path
         if not bare and not os.path.isfile(path):
             tried.append("%s: %s (no such file)" % (what, path))
@@ -382,8 +417,10 @@ def load():
         _declare(lib, path)
         return lib, path
     raise LibraryNotFoundError(
-        "libferry not found; build it (cmake --build build) or set %s to libferry.so or "
-        "its folder. Tried:\n  %s" % (ENV_VAR, "\n  ".join(tried)))
+        "libferry not found; install the package with `pip install ./python` (which builds "
+        "and bundles it), install ferry (cmake --install) where pkg-config finds it, build it "
+        "(cmake --build build) or set %s to libferry.so or its folder. Tried:\n  %s"
+        % (ENV_VAR, "\n  ".join(tried)))
 
 
 lib, path = load()
