@@ -719,7 +719,7 @@ class CliTest(unittest.TestCase):
                                               "no NVIDIA driver / no GPU found"))
         if "no CUDA backend" not in version and not os.path.exists("/proc/driver/nvidia"):
             # a CUDA build on a machine without a driver says so, not "driver insufficient"
-            self.assertIn("cuda: no NVIDIA driver / no GPU found", version)
+            self.assertIn("cuda: no NVIDIA driver / no GPU found for the CUDA backend", version)
             self.assertNotIn("insufficient", version)
         p = ferry("run", MODEL, "-p", "def f", "-n", "4", "--backend", "cuda", check=False)
         if cuda:

@@ -371,7 +371,8 @@ static ferry_status probe(char *desc, size_t desc_len)
     if ((e == cudaErrorInsufficientDriver && !have_driver) || e == cudaErrorNoDevice ||
         (e == cudaSuccess && n <= 0)) {
         const char *vis = getenv("CUDA_VISIBLE_DEVICES");
-        return ferry_fail(FERRY_ERR_DEVICE, "no NVIDIA driver / no GPU found (%s%s%s)",
+        return ferry_fail(FERRY_ERR_DEVICE, "no NVIDIA driver / no GPU found for the CUDA "
+                          "backend (%s%s%s)",
                           have_driver ? "the driver sees no device" : "no NVIDIA driver is loaded",
                           have_driver && vis ? "; CUDA_VISIBLE_DEVICES=" : "",
                           have_driver && vis ? vis : "");
