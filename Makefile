@@ -8,7 +8,8 @@ JOBS ?= $(shell nproc)
 MODEL ?= models/tiny-moe-code
 PROMPT ?= def fibonacci(n):
 
-.PHONY: all deps build demo test install test-sanitize test-tsan test-cuda-emu clean
+.PHONY: all deps build demo test install test-sanitize test-tsan test-cuda-emu test-clang fuzz \
+	clean
 
 all: build
 
@@ -66,5 +67,31 @@ test-cuda-emu: deps
 	ctest --test-dir build-cuda-emu-asan --output-on-failure -j $(JOBS) \
 		-R '^(test_cuda|test_cuda_cli|test_cudaemu|test_cudaemu_blas)$$'
 
+# The whole project built with clang (the other builds use gcc), warnings as errors, without
+# CUDA; then the C suites and the fuzz replays in it (the end-to-end tests driven from Python
+# or npm, and the long perplexity runs of test_packed_model and checkpoint writes of test_synth,
+# run in the gcc builds).
+CLANG_SKIP_E2E = cli|interrupt|serve|serve_openai|python|python_install|install|example
+CLANG_SKIP_SLOW = tokenizer_ref|chat_template|packed_model|synth
+test-clang: deps
+	CC=clang cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release -DFERRY_CUDA=OFF
+	cmake --build build-clang -j $(JOBS)
+	ctest --test-dir build-clang --output-on-failure -j $(JOBS) \
+		-E '^test_($(CLANG_SKIP_E2E)|$(CLANG_SKIP_SLOW))$$'
+
+# Fuzzing (tests/fuzz, README "Fuzzing"): every parser's libFuzzer target built with clang,
+# ASan and UBSan in build-fuzz, seeded from real files (tests/fuzz/seeds.sh), each run for
+# FUZZ_SECONDS (FUZZ_TARGETS="a b" for some, FUZZ_ARGS for more libFuzzer options). Fails,
+# naming the reproducer, when a target finds something; findings land in
+# build-fuzz/fuzz-findings/NAME/.
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFERRY_FUZZ=ON \
+		-DFERRY_CUDA=OFF -DFERRY_TESTS=OFF
+	cmake --build build-fuzz -j $(JOBS) --target fuzz_targets ferry_cli
+	tests/fuzz/seeds.sh build-fuzz/ferry build-fuzz/fuzz-seeds
+	FUZZ_TARGETS="$(FUZZ_TARGETS)" FUZZ_ARGS="$(FUZZ_ARGS)" tests/fuzz/run.sh build-fuzz \
+		$(FUZZ_SECONDS)
+
 clean:
-	rm -rf $(BUILD) build-asan build-tsan build-cuda-emu build-cuda-emu-asan
+	rm -rf $(BUILD) build-asan build-tsan build-cuda-emu build-cuda-emu-asan build-clang build-fuzz

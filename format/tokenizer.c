@@ -1198,7 +1198,10 @@ static ferry_status bpe_cached(const ferry_tokenizer *t, tk_enc *e, const char *
     ferry_status st = bytes ? bpe_bytes(t, e, w, n) : bpe_word(t, e, w, n);
     if (st)
         return st;
-    return cache_put(e, w, n, h, e->ids.p + before, e->ids.n - before) ? nomem(t) : FERRY_OK;
+    /* a word may give no ids (characters outside a vocab without unk): e->ids.p can still
+     * be NULL, and NULL + 0 is undefined */
+    const int32_t *ids = e->ids.n > before ? e->ids.p + before : NULL;
+    return cache_put(e, w, n, h, ids, e->ids.n - before) ? nomem(t) : FERRY_OK;
 }
 
 typedef struct {
@@ -1466,7 +1469,7 @@ static ferry_status decode_steps(const ferry_tokenizer *t, tk_list *l)
     memset(&tmp, 0, sizeof tmp);
     ferry_status rc = FERRY_OK;
     int finished = 0;
-    size_t limit = growth_limit(l->b.n);
+    size_t n_in = l->b.n, limit = growth_limit(n_in); /* the message names the input's size */
     for (int32_t k = t->n_dec_pre; k < t->n_dec && l->n > 0; k++) {
         const tk_step *st = &t->dec[k];
         nl.n = 0;
@@ -1506,7 +1509,7 @@ static ferry_status decode_steps(const ferry_tokenizer *t, tk_list *l)
                 int r = step_token(t, st, l->b.p + l->off[i], l->off[i + 1] - l->off[i], i == 0,
                                    &tmp, limit > nl.b.n ? limit - nl.b.n : 0);
                 if (r > 0) {
-                    rc = too_long(t, "decoder", k, st, l->b.n);
+                    rc = too_long(t, "decoder", k, st, n_in);
                     goto fail;
                 }
                 if (r < 0 || list_push(&nl, tmp.p, tmp.n))

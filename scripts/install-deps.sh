@@ -6,7 +6,9 @@ set -euo pipefail
 packages=(build-essential cmake pkg-config libcjson-dev check liburing-dev libhwloc-dev libxxhash-dev
           libpcre2-dev libutf8proc-dev libmicrohttpd-dev python3 python3-jinja2
           # pip install ./python in a virtual environment, offline (test_python_install)
-          python3-venv python3-pip python3-setuptools python3-wheel)
+          python3-venv python3-pip python3-setuptools python3-wheel
+          # clang and its runtime libraries (libFuzzer, the sanitizers): make test-clang, make fuzz
+          clang libclang-rt-14-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

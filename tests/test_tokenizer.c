@@ -1504,7 +1504,11 @@ START_TEST(test_tokenizer_bytelevel_malformed)
 }
 END_TEST
 
-/* A vocab key "" (blob empty so far) used to add offsets to a NULL base. */
+/* A vocab key "" (blob empty so far) used to add offsets to a NULL base (smap_put from
+ * parse_vocab, blob_at from build_id_table, decode_steps from decode). NULL + 0 is undefined
+ * behaviour that clang's UBSan reports ("applying zero offset to null pointer"); gcc's does not
+ * check it, so this test and test_tokenizer_word_without_ids have teeth in a clang ASan/UBSan
+ * build (and tests/fuzz/regress/tokenizer_json in `make fuzz`). */
 START_TEST(test_tokenizer_empty_token)
 {
     const char *json = "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\":2}}}";
@@ -1525,51 +1529,128 @@ START_TEST(test_tokenizer_empty_token)
 }
 END_TEST
 
-/* Chained Replace steps cannot amplify without bound: the step that passes 16 x the input +
- * 4096 bytes fails, named. */
-START_TEST(test_tokenizer_replace_growth)
+/* A word with characters the vocab lacks (and no unk) gives no ids; its cache entry used to
+ * be made from NULL + 0 (bpe_cached; clang's UBSan, as above). */
+START_TEST(test_tokenizer_word_without_ids)
 {
-    char json[8192];
-    size_t n = (size_t)snprintf(json, sizeof json, "{\"model\": {\"type\": \"BPE\", \"vocab\": "
-                                "{\"a\": 0}, \"merges\": []}, \"normalizer\": {\"type\": "
-                                "\"Sequence\", \"normalizers\": [");
-    for (int i = 0; i < 40; i++)
-        n += (size_t)snprintf(json + n, sizeof json - n, "%s{\"type\": \"Replace\", \"pattern\": "
-                              "{\"String\": \"a\"}, \"content\": \"aa\"}", i ? ", " : "");
-    snprintf(json + n, sizeof json - n, "]}}");
+    const char *json = "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0}}}";
     ferry_tokenizer *t = NULL;
-    ck_assert_int_eq(ferry_tokenizer_load_json(json, strlen(json), NULL, 0, "g.json", &t),
+    ck_assert_int_eq(ferry_tokenizer_load_json(json, strlen(json), NULL, 0, "w.json", &t),
                      FERRY_OK);
-    int32_t ids[8], n_ids;
-    ck_assert_int_eq(ferry_tokenizer_encode(t, "a", 1, 0, ids, 8, &n_ids), FERRY_ERR_FORMAT);
-    /* 1 byte: limit 4112, reached at step 12 (2^13 bytes) */
-    ck_assert_msg(strstr(ferry_last_error(), "normalizer step 12 (Replace 'a' -> 'aa')") &&
-                  strstr(ferry_last_error(), "g.json"), "%s", ferry_last_error());
-    ferry_tokenizer_free(t);
-
-    /* the same chain as decoder steps fails at load, computing the token's piece */
-    n = (size_t)snprintf(json, sizeof json, "{\"model\": {\"type\": \"BPE\", \"vocab\": "
-                         "{\"a\": 0}, \"merges\": []}, \"decoder\": {\"type\": "
-                         "\"Sequence\", \"decoders\": [");
-    for (int i = 0; i < 40; i++)
-        n += (size_t)snprintf(json + n, sizeof json - n, "%s{\"type\": \"Replace\", \"pattern\": "
-                              "{\"String\": \"a\"}, \"content\": \"aa\"}", i ? ", " : "");
-    snprintf(json + n, sizeof json - n, "]}}");
-    expect_fail(json, FERRY_ERR_FORMAT, "decoder step 12 (Replace 'a' -> 'aa')");
-    ck_assert_ptr_nonnull(strstr(ferry_last_error(), "16 x its input + 4096"));
-
-    /* real growth (Llama's ' ' -> U+2581 on a long text) stays within the bound */
-    t = load_model();
-    char *text = malloc(100001);
-    memset(text, ' ', 100000);
-    int32_t *out;
-    n_ids = encode(t, text, 100000, 0, &out);
-    ck_assert_int_gt(n_ids, 0);
-    free(out);
-    free(text);
+    check_encode(t, "b", 0, NULL, 0);
+    check_encode(t, "bab", 0, IDS(0));
+    check_decode(t, NULL, 0, 0, "");
     ferry_tokenizer_free(t);
 }
 END_TEST
+
+/* A tokenizer.json with the vocab {"a": 0} whose normalizer or decoder (key) is a Sequence of
+ * `first` (JSON of one step, or NULL) then n copies of `step`; malloc'd. */
+static char *chain_json(const char *key, const char *first, const char *step, int n)
+{
+    size_t cap = 256 + (first ? strlen(first) : 0) + (size_t)n * (strlen(step) + 2);
+    char *json = malloc(cap);
+    ck_assert_ptr_nonnull(json);
+    static const char head[] = "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, "
+                               "\"merges\": []}, \"%s\": {\"type\": \"Sequence\", \"%ss\": [%s";
+    size_t at = (size_t)snprintf(json, cap, head, key, key, first ? first : "");
+    for (int i = 0; i < n; i++)
+        at += (size_t)snprintf(json + at, cap - at, "%s%s", i || first ? ", " : "", step);
+    snprintf(json + at, cap - at, "]}}");
+    return json;
+}
+
+#define DOUBLE_A "{\"type\": \"Replace\", \"pattern\": {\"String\": \"a\"}, \"content\": \"aa\"}"
+
+/* The normalizer's steps cannot amplify the text without bound (40 x Replace "a" -> "aa"
+ * would make 2^40 bytes of one): the step that passes 16 x the input + 4096 bytes fails
+ * the encode at once, named. */
+START_TEST(test_tokenizer_growth_normalizer)
+{
+    char *json = chain_json("normalizer", NULL, DOUBLE_A, 40);
+    ferry_tokenizer *t = NULL;
+    ck_assert_int_eq(ferry_tokenizer_load_json(json, strlen(json), NULL, 0, "g.json", &t),
+                     FERRY_OK);
+    free(json);
+    int32_t ids[8], n_ids = -1;
+    ck_assert_int_eq(ferry_tokenizer_encode(t, "a", 1, 0, ids, 8, &n_ids), FERRY_ERR_FORMAT);
+    ck_assert_int_eq(n_ids, -1);
+    /* 1 byte: the limit is 4112 bytes, passed at step 12 (2^13 bytes) */
+    const char *msg = ferry_last_error();
+    ck_assert_msg(strncmp(msg, "g.json: normalizer step 12 (Replace 'a' -> 'aa') makes 1 bytes",
+                          62) == 0 && strstr(msg, "longer than 16 x its input + 4096 bytes"),
+                  "%s", msg);
+    /* 1000 bytes: 20096, passed at step 4 (32000 bytes) */
+    char text[1000];
+    memset(text, 'a', sizeof text);
+    ck_assert_int_eq(ferry_tokenizer_encode(t, text, sizeof text, 0, ids, 8, &n_ids),
+                     FERRY_ERR_FORMAT);
+    ck_assert_msg(strstr(ferry_last_error(), "normalizer step 4 (Replace"), "%s",
+                  ferry_last_error());
+    /* text the steps leave alone encodes */
+    check_encode(t, "bbb", 0, NULL, 0);
+    ferry_tokenizer_free(t);
+
+    /* Prepend steps are bounded the same way: 1 + 200 x 21 bytes passes 4112 at step 20 */
+    char prepend[300];
+    snprintf(prepend, sizeof prepend, "{\"type\": \"Prepend\", \"prepend\": \"%0200d\"}", 0);
+    json = chain_json("normalizer", NULL, prepend, 40);
+    ck_assert_int_eq(ferry_tokenizer_load_json(json, strlen(json), NULL, 0, "p.json", &t),
+                     FERRY_OK);
+    free(json);
+    ck_assert_int_eq(ferry_tokenizer_encode(t, "a", 1, 0, ids, 8, &n_ids), FERRY_ERR_FORMAT);
+    ck_assert_msg(strstr(ferry_last_error(), "p.json: normalizer step 20 (Prepend) makes 1 bytes"),
+                  "%s", ferry_last_error());
+    ferry_tokenizer_free(t);
+
+    /* real growth (Llama's ' ' -> U+2581 on a long text) stays within the bound */
+    t = load_model();
+    char *spaces = malloc(100001);
+    memset(spaces, ' ', 100000);
+    int32_t *out;
+    n_ids = encode(t, spaces, 100000, 0, &out);
+    ck_assert_int_gt(n_ids, 0);
+    free(out);
+    free(spaces);
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+/* The decoder's steps are bounded likewise: steps that act on each token are run for every
+ * token at load, so the chain fails the load, named; steps after Fuse run per decode and fail
+ * that decode. */
+START_TEST(test_tokenizer_growth_decoder)
+{
+    char *json = chain_json("decoder", NULL, DOUBLE_A, 40);
+    expect_fail(json, FERRY_ERR_FORMAT, "decoder step 12 (Replace 'a' -> 'aa') makes 1 bytes");
+    ck_assert_ptr_nonnull(strstr(ferry_last_error(), "16 x its input + 4096"));
+    free(json);
+
+    json = chain_json("decoder", "{\"type\": \"Fuse\"}", DOUBLE_A, 40);
+    ferry_tokenizer *t = NULL;
+    ck_assert_int_eq(ferry_tokenizer_load_json(json, strlen(json), NULL, 0, "d.json", &t),
+                     FERRY_OK);
+    free(json);
+    char text[64];
+    size_t len = 0;
+    /* step 0 is Fuse: the text of 1 byte passes 4112 bytes at step 13 (2^13) */
+    ck_assert_int_eq(ferry_tokenizer_decode(t, IDS(0), 0, text, sizeof text, &len),
+                     FERRY_ERR_FORMAT);
+    ck_assert_msg(strstr(ferry_last_error(), "d.json: decoder step 13 (Replace 'a' -> 'aa') "
+                                             "makes 1 bytes of text longer than 16 x its input"),
+                  "%s", ferry_last_error());
+    /* 100 tokens, 100 bytes: 5696, passed at step 6 (6400 bytes) */
+    int32_t ids[100] = {0};
+    ck_assert_int_eq(ferry_tokenizer_decode(t, ids, 100, 0, text, sizeof text, &len),
+                     FERRY_ERR_FORMAT);
+    ck_assert_msg(strstr(ferry_last_error(), "decoder step 6 (Replace"), "%s",
+                  ferry_last_error());
+    check_decode(t, NULL, 0, 0, "");
+    ferry_tokenizer_free(t);
+}
+END_TEST
+
+#undef DOUBLE_A
 
 typedef struct {
     const ferry_tokenizer *t;
@@ -1683,7 +1764,9 @@ static Suite *tokenizer_suite(void)
     tcase_add_test(tc, test_tokenizer_regex_like_oniguruma);
     tcase_add_test(tc, test_tokenizer_bytelevel_malformed);
     tcase_add_test(tc, test_tokenizer_empty_token);
-    tcase_add_test(tc, test_tokenizer_replace_growth);
+    tcase_add_test(tc, test_tokenizer_word_without_ids);
+    tcase_add_test(tc, test_tokenizer_growth_normalizer);
+    tcase_add_test(tc, test_tokenizer_growth_decoder);
     tcase_add_test(tc, test_tokenizer_bytelevel_threads);
     tcase_add_test(tc, test_tokenizer_qwen3_fixture);
     suite_add_tcase(s, tc);
