@@ -31,13 +31,7 @@ static const char k_special[] = "{\"bos_token\": \"<s>\", \"eos_token\": \"</s>\
 static const char k_messages[] = "[{\"role\": \"system\", \"content\": \"Be brief.\"}, "
                                  "{\"role\": \"user\", \"content\": \"Hi {{ x }} \\u00e9\"}]";
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_quiet();
-    return 0;
-}
+FUZZ_INITIALIZE_QUIET()
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

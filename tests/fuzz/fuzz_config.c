@@ -80,13 +80,7 @@ static void check_config(const ferry_config *c)
     check_range("o_bias", c->o_bias, 0, 1);
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_quiet();
-    return 0;
-}
+FUZZ_INITIALIZE_QUIET()
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -181,13 +181,7 @@ static void read_experts(const ferry_pack *p, const char *path, const uint8_t *f
     ferry_reader_destroy(r);
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_quiet();
-    return 0;
-}
+FUZZ_INITIALIZE_QUIET()
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

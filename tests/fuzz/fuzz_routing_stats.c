@@ -77,13 +77,7 @@ static void check_round_trip(const ferry_routing_stats *s, const uint8_t *f, siz
     free(back);
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_quiet();
-    return 0;
-}
+FUZZ_INITIALIZE_QUIET()
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -87,13 +87,7 @@ static void check_tensor(const ferry_st_set *s, const ferry_st_tensor *t, const 
     }
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_quiet();
-    return 0;
-}
+FUZZ_INITIALIZE_QUIET()
 
 /* Opens the file data[0, size) and checks what the open gives. */
 static void open_and_check(const uint8_t *data, size_t size)

@@ -52,25 +52,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
-/* Offset of the first byte of s[0..n) that is not part of well-formed UTF-8, n if none. */
-static size_t utf8_bad(const char *s, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        int32_t k = ferry_utf8_seq(s + i, n - i);
-        if (k <= 0)
-            return i;
-        i += (size_t)k;
-    }
-    return n;
-}
-
 /* Checks a response body and returns it parsed (the caller deletes it). */
 static cJSON *check_json(char *s, const char *what)
 {
     FUZZ_CHECK(s != NULL, "%s: out of memory", what);
     size_t n = strlen(s);
-    FUZZ_CHECK(utf8_bad(s, n) == n, "%s: not UTF-8 at byte %zu: %s", what, utf8_bad(s, n), s);
+    FUZZ_CHECK(fuzz_utf8_bad(s, n) == n, "%s: not UTF-8 at byte %zu: %s", what,
+               fuzz_utf8_bad(s, n), s);
     for (size_t i = 0; i < n; i++)
         FUZZ_CHECK((unsigned char)s[i] >= 0x20, "%s: raw control byte 0x%02x at %zu", what,
                    (unsigned)(unsigned char)s[i], i);
@@ -98,7 +86,7 @@ static const cJSON *path(const cJSON *j, const char *a, int idx, const char *b, 
 static void expect_text(const cJSON *v, const char *text, size_t len, const char *what)
 {
     FUZZ_CHECK(cJSON_IsString(v), "%s: not a string", what);
-    if (utf8_bad(text, len) < len || memchr(text, 0, len))
+    if (fuzz_utf8_bad(text, len) < len || memchr(text, 0, len))
         return;
     FUZZ_CHECK(strlen(v->valuestring) == len && memcmp(v->valuestring, text, len) == 0,
                "%s: the text came back as \"%s\"", what, v->valuestring);
@@ -144,7 +132,7 @@ static void check_request(const ferry_api_request *r, ferry_api_kind kind)
         FUZZ_CHECK(r->messages == NULL && r->template_kwargs == NULL, "chat fields in completions");
         if (r->prompt)
             FUZZ_CHECK(strlen(r->prompt) == r->prompt_len &&
-                           utf8_bad(r->prompt, r->prompt_len) == r->prompt_len,
+                           fuzz_utf8_bad(r->prompt, r->prompt_len) == r->prompt_len,
                        "prompt of %zu bytes is not NUL-terminated UTF-8", r->prompt_len);
         else
             FUZZ_CHECK(r->n_prompt_ids >= 1, "%d prompt ids", (int)r->n_prompt_ids);

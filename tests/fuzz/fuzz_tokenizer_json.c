@@ -25,39 +25,6 @@
 #define MAX_TEXT 1024 /* bytes of an input-derived string that are encoded */
 #define MAX_IDS 64    /* ids decoded from the input */
 
-/* Offset of the first byte of s[0..n) that is not part of well-formed UTF-8 (RFC 3629: no
- * overlongs, no surrogates, nothing past U+10FFFF), n if none. */
-static size_t utf8_bad(const uint8_t *s, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        size_t len = c < 0x80                 ? 1
-                     : c >= 0xC2 && c <= 0xDF ? 2
-                     : c >= 0xE0 && c <= 0xEF ? 3
-                     : c >= 0xF0 && c <= 0xF4 ? 4
-                                              : 0;
-        if (len == 0 || len > n - i)
-            return i;
-        uint8_t lo = 0x80, hi = 0xBF;
-        if (c == 0xE0)
-            lo = 0xA0;
-        else if (c == 0xED)
-            hi = 0x9F;
-        else if (c == 0xF0)
-            lo = 0x90;
-        else if (c == 0xF4)
-            hi = 0x8F;
-        for (size_t k = 1; k < len; k++) {
-            uint8_t d = s[i + k];
-            if (d < (k == 1 ? lo : 0x80) || d > (k == 1 ? hi : 0xBF))
-                return i;
-        }
-        i += len;
-    }
-    return n;
-}
-
 /* Decodes ids whole (checking the length contract) and streamed (checking the piece bound). */
 static void check_decode(const ferry_tokenizer *t, const int32_t *ids, int32_t n, int skip)
 {
@@ -102,7 +69,7 @@ static void check_decode(const ferry_tokenizer *t, const int32_t *ids, int32_t n
 /* Encodes text[0..n) both ways (count first, then with room) and decodes the ids. */
 static void check_encode(const ferry_tokenizer *t, const char *text, size_t n, int add_special)
 {
-    int valid = utf8_bad((const uint8_t *)text, n) == n;
+    int valid = fuzz_utf8_bad((const uint8_t *)text, n) == n;
     int32_t count = -1;
     ferry_status st = ferry_tokenizer_encode(t, text, n, add_special, NULL, 0, &count);
     if (!valid) {
@@ -199,13 +166,7 @@ static void exercise(const ferry_tokenizer *t, const uint8_t *data, size_t size)
     check_decode(t, ids, n_ids, 1);
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_quiet();
-    return 0;
-}
+FUZZ_INITIALIZE_QUIET()
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -55,39 +55,6 @@ typedef struct {
 static fz_tok g_tok[MAX_TOKENIZERS];
 static int32_t g_n_tok;
 
-/* Offset of the first byte of s[0..n) that is not part of well-formed UTF-8 (RFC 3629), n
- * if none. */
-static size_t utf8_bad(const uint8_t *s, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        size_t len = c < 0x80                 ? 1
-                     : c >= 0xC2 && c <= 0xDF ? 2
-                     : c >= 0xE0 && c <= 0xEF ? 3
-                     : c >= 0xF0 && c <= 0xF4 ? 4
-                                              : 0;
-        if (len == 0 || len > n - i)
-            return i;
-        uint8_t lo = 0x80, hi = 0xBF;
-        if (c == 0xE0)
-            lo = 0xA0;
-        else if (c == 0xED)
-            hi = 0x9F;
-        else if (c == 0xF0)
-            lo = 0x90;
-        else if (c == 0xF4)
-            hi = 0x8F;
-        for (size_t k = 1; k < len; k++) {
-            uint8_t d = s[i + k];
-            if (d < (k == 1 ? lo : 0x80) || d > (k == 1 ? hi : 0xBF))
-                return i;
-        }
-        i += len;
-    }
-    return n;
-}
-
 static const char *type_of(const cJSON *o)
 {
     const cJSON *ty = cJSON_GetObjectItemCaseSensitive(o, "type");
@@ -268,9 +235,9 @@ static char *decode(const fz_tok *z, const int32_t *ids, int32_t n, int skip, si
     st = ferry_tokenizer_decode(z->t, ids, n, skip, text, need + 1, len);
     FUZZ_CHECK(st == FERRY_OK && *len == need, "%s: decode gave %s (%s)", z->dir,
                ferry_status_name(st), ferry_last_error());
-    FUZZ_CHECK(utf8_bad((const uint8_t *)text, *len) == *len,
+    FUZZ_CHECK(fuzz_utf8_bad((const uint8_t *)text, *len) == *len,
                "%s: decode gave invalid UTF-8 at byte %zu", z->dir,
-               utf8_bad((const uint8_t *)text, *len));
+               fuzz_utf8_bad((const uint8_t *)text, *len));
     return text;
 }
 
@@ -325,7 +292,7 @@ static void check_text(const fz_tok *z, const char *s, size_t n)
 {
     int32_t count = -1;
     ferry_status st = ferry_tokenizer_encode(z->t, s, n, 0, NULL, 0, &count);
-    size_t bad = utf8_bad((const uint8_t *)s, n);
+    size_t bad = fuzz_utf8_bad((const uint8_t *)s, n);
     if (bad < n) {
         FUZZ_CHECK(st == FERRY_ERR_INVALID && count == -1,
                    "%s: took invalid UTF-8 (byte %zu): %s (%s)", z->dir, bad, ferry_status_name(st),

@@ -169,13 +169,7 @@ static void check_save_and_fit(const ferry_trace *tr)
     ferry_routing_stats_free(s);
 }
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    fuzz_quiet();
-    return 0;
-}
+FUZZ_INITIALIZE_QUIET()
 
 /* Loads the trace data[0, size) and checks what the load gives. */
 static void load_and_check(const uint8_t *data, size_t size)

@@ -69,6 +69,51 @@ static inline void fuzz_silent_log(ferry_log_level level, const char *msg, void 
  * fuzzer's output). Idempotent. */
 static inline void fuzz_quiet(void) { ferry_set_log(FERRY_LOG_ERROR, fuzz_silent_log, NULL); }
 
+/* The LLVMFuzzerInitialize of a target that needs nothing but quiet logs. */
+#define FUZZ_INITIALIZE_QUIET()                                                                \
+    int LLVMFuzzerInitialize(int *argc, char ***argv)                                          \
+    {                                                                                          \
+        (void)argc;                                                                            \
+        (void)argv;                                                                            \
+        fuzz_quiet();                                                                          \
+        return 0;                                                                              \
+    }
+
+/* Offset of the first byte of s[0..n) that is not part of well-formed UTF-8 (RFC 3629: no
+ * overlongs, no surrogates, nothing past U+10FFFF), n if none: the targets' own reference,
+ * independent of the code under test. */
+static inline size_t fuzz_utf8_bad(const void *p, size_t n)
+{
+    const uint8_t *s = p;
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        size_t len = c < 0x80                 ? 1
+                     : c >= 0xC2 && c <= 0xDF ? 2
+                     : c >= 0xE0 && c <= 0xEF ? 3
+                     : c >= 0xF0 && c <= 0xF4 ? 4
+                                              : 0;
+        if (len == 0 || len > n - i)
+            return i;
+        uint8_t lo = 0x80, hi = 0xBF;
+        if (c == 0xE0)
+            lo = 0xA0;
+        else if (c == 0xED)
+            hi = 0x9F;
+        else if (c == 0xF0)
+            lo = 0x90;
+        else if (c == 0xF4)
+            hi = 0x8F;
+        for (size_t k = 1; k < len; k++) {
+            uint8_t d = s[i + k];
+            if (d < (k == 1 ? lo : 0x80) || d > (k == 1 ? hi : 0xBF))
+                return i;
+        }
+        i += len;
+    }
+    return n;
+}
+
 /* An in-memory file holding data[0, size), open for reading and writing; its path
  * ("/proc/self/fd/N") goes to path (cap >= 32). Close the returned descriptor when done. */
 static inline int fuzz_memfd(const uint8_t *data, size_t size, char *path, size_t cap)
