@@ -187,10 +187,13 @@ static int cli_model_params(ferry_model_params *mp)
     return 0;
 }
 
+/* ferry_predict_id and ferry_hybrid_id by name, for parsing and printing alike */
+static const char *const g_predictor_names[] = {"recency", "gate", "stats", "combined"};
+static const char *const g_hybrid_names[] = {"auto", "off", "cpu-experts"};
+
 static int parse_predictor(const char *opt, const char *v, int32_t *out)
 {
-    static const char *const names[] = {"recency", "gate", "stats", "combined"};
-    return parse_name(opt, v, names, 4, "recency, gate, stats or combined", out);
+    return parse_name(opt, v, g_predictor_names, 4, "recency, gate, stats or combined", out);
 }
 
 static int parse_i64(const char *opt, const char *s, long long lo, long long hi, long long *out)
@@ -262,8 +265,8 @@ static int parse_sim_option(const char *cmd, int argc, char **argv, int *i, ferr
 }
 
 /* The options of the model (threads, offloading, cache, predictor) and of sampling, shared
- * by ferry run and ferry batch, and --quiet (no progress line). Returns -1 when argv[*i] is not one of them, else 0 or a
- * usage error's exit status; *i moves past the value. */
+ * by ferry run and ferry batch, and --quiet (no progress line). Returns -1 when argv[*i] is
+ * not one of them, else 0 or a usage error's exit status; *i moves past the value. */
 static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
                   ferry_model_params *mp, ferry_context_params *sp)
 {
@@ -365,8 +368,7 @@ static int parse_model_option(const char *cmd, int argc, char **argv, int *i,
             return rc;
         mp->max_slots = (int32_t)n;
     } else if (!strcmp(a, "--hybrid")) {
-        static const char *const names[] = {"auto", "off", "cpu-experts"};
-        return parse_name(a, v, names, 3, "auto, off or cpu-experts", &mp->hybrid);
+        return parse_name(a, v, g_hybrid_names, 3, "auto, off or cpu-experts", &mp->hybrid);
     } else if (!strcmp(a, "--cpu-kernels")) {
         static const char *const names[] = {"auto", "reference", "avx2", "avx512", "avx512bf16"};
         return parse_name(a, v, names, 5, "auto, reference, avx2, avx512 or avx512bf16",
@@ -531,19 +533,25 @@ static cJSON *ids_json(const int32_t *ids, int32_t n)
 
 #define MIB(x) ((double)(x) / (1024.0 * 1024.0))
 
-static const char *const g_predictor_names[] = {"recency", "gate", "stats", "combined"};
-static const char *const g_hybrid_names[] = {"auto", "off", "cpu-experts"};
-
-/* Everything print_offload_stats prints, as JSON (NULL when nothing is offloaded). */
-static cJSON *offload_json(const ferry_context *c, const ferry_model_info *info)
+/* The offload statistics into *o and a new per-layer array (free it), or NULL when nothing
+ * is offloaded (or out of memory): what --stats prints and --json carries, read once. */
+static ferry_layer_stats *get_offload_stats(const ferry_context *c, const ferry_model_info *info,
+                                            ferry_offload_stats *o)
 {
-    ferry_offload_stats o;
     ferry_layer_stats *ls = calloc((size_t)info->n_layers, sizeof *ls);
-    if (!ls || ferry_context_get_offload_stats(c, &o, ls, info->n_layers) != FERRY_OK ||
-        !o.enabled) {
+    if (!ls || ferry_context_get_offload_stats(c, o, ls, info->n_layers) != FERRY_OK ||
+        !o->enabled) {
         free(ls);
         return NULL;
     }
+    return ls;
+}
+
+/* Everything print_offload_stats prints, as JSON. */
+static cJSON *offload_json(const ferry_offload_stats *op, const ferry_layer_stats *ls,
+                           const ferry_model_info *info)
+{
+    const ferry_offload_stats o = *op;
     cJSON *r = cJSON_CreateObject();
     cJSON *plan = cJSON_AddObjectToObject(r, "memory_plan");
     cJSON_AddNumberToObject(plan, "budget_bytes", (double)o.budget_bytes);
@@ -615,26 +623,19 @@ static cJSON *offload_json(const ferry_context *c, const ferry_model_info *info)
         cJSON_AddNumberToObject(e, "stall_seconds", ls[l].stall_seconds);
         cJSON_AddItemToArray(layers, e);
     }
-    free(ls);
     return r;
 }
 
-static void print_offload_stats(const ferry_context *c, const ferry_model_info *info)
+static void print_offload_stats(const ferry_offload_stats *op, const ferry_layer_stats *ls,
+                                const ferry_model_info *info)
 {
-    ferry_offload_stats o;
-    ferry_layer_stats *ls = calloc((size_t)info->n_layers, sizeof *ls);
-    if (!ls || ferry_context_get_offload_stats(c, &o, ls, info->n_layers) != FERRY_OK ||
-        !o.enabled) {
-        free(ls);
-        return;
-    }
+    const ferry_offload_stats o = *op;
     if (o.hybrid == FERRY_HYBRID_CPU_EXPERTS) {
         fprintf(stderr,
                 "hybrid cpu-experts: every expert on the CPU: %lld expert runs over %lld token "
                 "rows, %.1f MiB of weights read in %.3f s (%.2f GB/s)\n",
                 (long long)o.cpu_experts, (long long)o.cpu_tokens, MIB(o.cpu_bytes),
                 o.cpu_seconds, o.cpu_seconds > 0 ? (double)o.cpu_bytes / o.cpu_seconds / 1e9 : 0.0);
-        free(ls);
         return;
     }
     fprintf(stderr,
@@ -687,7 +688,6 @@ static void print_offload_stats(const ferry_context *c, const ferry_model_info *
                 pre, (long long)ls[l].evictions, MIB(ls[l].bytes_to_device),
                 MIB(ls[l].bytes_from_disk), ls[l].stall_seconds);
     }
-    free(ls);
 }
 
 static const char *const pack_usage =
@@ -1023,8 +1023,8 @@ static int cmd_trace(int argc, char **argv)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             printf("usage: ferry trace MODEL_DIR --input TEXT_FILE --out TRACE [--seq-len N] "
-                   "[--probs] [--quiet]\n\nRuns the model over the text in sequences of up to N tokens "
-                   "(default 512, each starting with BOS) and writes its routing trace\n"
+                   "[--probs] [--quiet]\n\nRuns the model over the text in sequences of up to "
+                   "N tokens (default 512, each starting with BOS) and writes its routing trace\n"
                    "(moe-routing-trace v1); --probs adds the router probabilities.\n"
                    "--input - reads the text from stdin, --out - writes the trace to stdout.\n");
             return 0;
@@ -1590,14 +1590,14 @@ static int batch_out_open(batch_out *o, const char *path)
         o->f = stdout;
         return 0;
     }
-    ferry_temp_sweep(path);
-    if (ferry_temp_begin(path, &o->tmp)) {
-        fprintf(stderr, "ferry batch: out of memory\n");
+    int fd;
+    if (ferry_temp_create(path, &o->tmp, &fd)) {
+        fprintf(stderr, "ferry batch: cannot write the output: %s\n", ferry_last_error());
         return 1;
     }
-    o->f = fopen(o->tmp.path, "wbx");
-    if (!o->f) {
-        fprintf(stderr, "ferry batch: cannot write %s: %s\n", o->tmp.path, strerror(errno));
+    if (!(o->f = fdopen(fd, "wb"))) {
+        fprintf(stderr, "ferry batch: %s: %s\n", o->tmp.path, strerror(errno));
+        close(fd);
         ferry_temp_abort(&o->tmp);
         return 1;
     }
@@ -1739,14 +1739,6 @@ static int cmd_batch(int argc, char **argv)
     if (!items)
         return 1;
     batch_out bo = {0};
-    if (batch_out_open(&bo, out_path)) {
-        for (int32_t i = 0; i < n_items; i++) {
-            free(items[i].prompt);
-            cJSON_Delete(items[i].id);
-        }
-        free(items);
-        return 1;
-    }
     rc = 1;
     ferry_model *m = NULL;
     const int32_t **prompts = calloc((size_t)n_items, sizeof *prompts);
@@ -1759,6 +1751,8 @@ static int cmd_batch(int argc, char **argv)
     int64_t *loads = NULL, *loads2 = NULL;
     ferry_status st;
     if (!prompts || !n_prompt || !n_pred || !outs || !outs2 || !n_out || !n_out2)
+        goto done;
+    if (batch_out_open(&bo, out_path)) /* before the work: a path that cannot be written */
         goto done;
     if ((st = open_model(model_dir, &mp, &m))) {
         rc = fail_lib("cannot load the model", st);
@@ -2315,6 +2309,9 @@ static int cmd_run(int argc, char **argv)
                          : n_gen > 0 && !ignore_eos && ferry_token_is_eos(m, ids[n_gen - 1])
                              ? "eos"
                              : "length";
+    ferry_offload_stats ostats;
+    ferry_layer_stats *lstats = want_json || want_stats ? get_offload_stats(c, &info, &ostats)
+                                                        : NULL;
     if (want_json) {
         cJSON *root = cJSON_CreateObject();
         cJSON_AddItemToObject(root, "prompt_ids", ids_json(prompt_ids, n_prompt));
@@ -2325,9 +2322,8 @@ static int cmd_run(int argc, char **argv)
                                 info.backend == FERRY_BACKEND_CUDA ? "cuda" : "cpu");
         cJSON_AddStringToObject(root, "device", info.device);
         cJSON_AddItemToObject(root, "stats", stats_json(&stats));
-        cJSON *off = offload_json(c, &info);
-        if (off)
-            cJSON_AddItemToObject(root, "offload", off);
+        if (lstats)
+            cJSON_AddItemToObject(root, "offload", offload_json(&ostats, lstats, &info));
         char *out = cJSON_PrintUnformatted(root);
         if (out)
             printf("%s\n", out);
@@ -2344,8 +2340,10 @@ static int cmd_run(int argc, char **argv)
                 (long long)stats.n_prompt_tokens, stats.prefill_seconds,
                 stats.prefill_tokens_per_s, (long long)stats.n_decode_tokens,
                 stats.decode_seconds, stats.decode_tokens_per_s);
-        print_offload_stats(c, &info);
+        if (lstats)
+            print_offload_stats(&ostats, lstats, &info);
     }
+    free(lstats);
     rc = 0;
 done:
     ferry_stop_destroy(sink.stop);
@@ -2420,9 +2418,9 @@ static int write_bench_json(const char *path, const char *model, const ferry_ben
     cJSON_AddNumberToObject(o, "stall_ms_per_token", r->stall_ms_per_token);
     cJSON_AddNumberToObject(o, "fetch_gbps", r->fetch_gbps);
     cJSON_AddNumberToObject(o, "host_read_gbps", r->bw.host_read_gbps);
-    static const char *const hybrids[] = {"auto", "off", "cpu-experts"};
-    cJSON_AddStringToObject(o, "hybrid", r->hybrid >= 0 && r->hybrid < 3 ? hybrids[r->hybrid]
-                                                                           : "unknown");
+    cJSON_AddStringToObject(o, "hybrid", r->hybrid >= 0 && r->hybrid < 3
+                                             ? g_hybrid_names[r->hybrid]
+                                             : "unknown");
     cJSON_AddNumberToObject(o, "cpu_experts_per_token", r->cpu_experts_per_token);
     cJSON_AddNumberToObject(o, "cpu_bytes_per_token", r->cpu_bytes_per_token);
     cJSON_AddNumberToObject(o, "cpu_gbps", r->cpu_gbps);

@@ -39,15 +39,10 @@ ferry_status ferry_pwrite_all(int fd, const char *path, const void *data, uint64
 ferry_status ferry_replace_file(const char *path, const ferry_file_part *parts, int32_t n_parts)
 {
     ferry_temp t;
-    ferry_temp_sweep(path);
-    ferry_status st = ferry_temp_begin(path, &t);
+    int fd;
+    ferry_status st = ferry_temp_create(path, &t, &fd);
     if (st)
         return st;
-    int fd = open(t.path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", t.path, strerror(errno));
-        goto done;
-    }
     uint64_t at = 0;
     for (int32_t i = 0; i < n_parts && st == FERRY_OK; i++) {
         st = ferry_pwrite_all(fd, t.path, parts[i].data, parts[i].n_bytes, at);
@@ -59,7 +54,6 @@ ferry_status ferry_replace_file(const char *path, const ferry_file_part *parts, 
         st = ferry_fail(FERRY_ERR_IO, "%s: write failed: %s", t.path, strerror(errno));
     if (st == FERRY_OK)
         st = ferry_temp_commit(&t, path);
-done:
     ferry_temp_abort(&t);
     return st;
 }

@@ -11,6 +11,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -87,6 +88,21 @@ ferry_status ferry_temp_begin(const char *target, ferry_temp *t)
         ferry_log(FERRY_LOG_DEBUG, "%s: %d temporaries are being written already; an "
                   "interruption will leave this one for the next run to remove", path,
                   FERRY_TEMP_SLOTS);
+    return FERRY_OK;
+}
+
+ferry_status ferry_temp_create(const char *target, ferry_temp *t, int *fd)
+{
+    *fd = -1;
+    ferry_temp_sweep(target);
+    TRY(ferry_temp_begin(target, t));
+    *fd = open(t->path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (*fd < 0) {
+        ferry_status st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", t->path,
+                                     strerror(errno));
+        ferry_temp_abort(t);
+        return st;
+    }
     return FERRY_OK;
 }
 

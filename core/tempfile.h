@@ -35,6 +35,11 @@ typedef struct {
  * Does not sweep (ferry_temp_sweep). FERRY_ERR_NOMEM. Thread-safe. */
 ferry_status ferry_temp_begin(const char *target, ferry_temp *t);
 
+/* The usual start of a write to target: ferry_temp_sweep, ferry_temp_begin, then the
+ * temporary created (O_EXCL) and open for writing in *fd (-1 on failure, when nothing stays
+ * recorded). FERRY_ERR_IO naming the temporary, FERRY_ERR_NOMEM. */
+ferry_status ferry_temp_create(const char *target, ferry_temp *t, int *fd);
+
 /* Renames the temporary over target (an atomic replace) and forgets it. FERRY_ERR_IO naming
  * both paths and strerror; the temporary then stays recorded for ferry_temp_abort. */
 ferry_status ferry_temp_commit(ferry_temp *t, const char *target);

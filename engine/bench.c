@@ -116,26 +116,38 @@ static void host_read_task(void *vp, int32_t task)
     j->sums[task] = a + b + c + d;
 }
 
+/* Every compute thread reading h[0, n) at once. best == 0: the mean rate over
+ * FERRY_BENCH_BW_REPS passes (host memory, as --hybrid's CPU share reads it); best != 0: the
+ * best of twice as many passes, each reading at least 64 MiB (a buffer small enough for the
+ * caches is read several times a pass). */
 static ferry_status measure_host_read(const ferry_model_params *mp, const void *h, size_t n,
-                                      double *gbps)
+                                      int best, double *gbps)
 {
     int32_t n_threads = mp->n_threads ? mp->n_threads : ferry_topology_default_threads();
     ferry_pool *pool;
     TRY(ferry_pool_create(n_threads, &pool));
     host_read_job j = {.words = h, .n_words = n / 8, .n_tasks = 64};
-    ferry_pool_run(pool, j.n_tasks, host_read_task, &j); /* warm */
-    double t0 = ferry_now_seconds();
-    for (int r = 0; r < FERRY_BENCH_BW_REPS; r++)
-        ferry_pool_run(pool, j.n_tasks, host_read_task, &j);
-    double dt = ferry_now_seconds() - t0;
-    ferry_pool_destroy(pool);
     size_t read = j.n_words / (size_t)j.n_tasks * (size_t)j.n_tasks * 8;
-    *gbps = dt > 0 ? (double)read * FERRY_BENCH_BW_REPS / dt / 1e9 : 0;
+    int32_t passes = best ? 2 * FERRY_BENCH_BW_REPS : FERRY_BENCH_BW_REPS, laps = 1;
+    if (best && read < (64u << 20))
+        laps = (int32_t)((64u << 20) / (read ? read : 1)) + 1;
+    ferry_pool_run(pool, j.n_tasks, host_read_task, &j); /* warm */
+    double fastest = 0, total = 0;
+    for (int32_t r = 0; r < passes; r++) {
+        double t0 = ferry_now_seconds();
+        for (int32_t k = 0; k < laps; k++)
+            ferry_pool_run(pool, j.n_tasks, host_read_task, &j);
+        double dt = ferry_now_seconds() - t0, g = dt > 0 ? (double)read * laps / dt / 1e9 : 0;
+        fastest = g > fastest ? g : fastest;
+        total += dt;
+    }
+    ferry_pool_destroy(pool);
+    *gbps = best ? fastest : total > 0 ? (double)read * passes / total / 1e9 : 0;
     return FERRY_OK;
 }
 
-/* The CPU backend's device bandwidth: the best of several timed passes of every compute
- * thread reading an n-byte buffer, each pass reading at least 64 MiB. */
+/* The CPU backend's device bandwidth: the best read rate of every compute thread over an
+ * n-byte buffer (measure_host_read with best). */
 static ferry_status measure_working_set_read(const ferry_model_params *mp, size_t n,
                                              double *gbps)
 {
@@ -144,30 +156,9 @@ static ferry_status measure_working_set_read(const ferry_model_params *mp, size_
     if (!h)
         return ferry_fail(FERRY_ERR_NOMEM, "bench: cannot allocate %zu bytes", n);
     memset(h, 1, n);
-    int32_t n_threads = mp->n_threads ? mp->n_threads : ferry_topology_default_threads();
-    ferry_pool *pool;
-    ferry_status st = ferry_pool_create(n_threads, &pool);
-    if (st) {
-        free(h);
-        return st;
-    }
-    host_read_job j = {.words = h, .n_words = n / 8, .n_tasks = 64};
-    size_t read = j.n_words / (size_t)j.n_tasks * (size_t)j.n_tasks * 8;
-    int32_t laps = read >= (64u << 20) ? 1 : (int32_t)((64u << 20) / read) + 1;
-    ferry_pool_run(pool, j.n_tasks, host_read_task, &j); /* warm */
-    double best = 0;
-    for (int r = 0; r < 2 * FERRY_BENCH_BW_REPS; r++) {
-        double t0 = ferry_now_seconds();
-        for (int32_t k = 0; k < laps; k++)
-            ferry_pool_run(pool, j.n_tasks, host_read_task, &j);
-        double dt = ferry_now_seconds() - t0;
-        double g = dt > 0 ? (double)read * laps / dt / 1e9 : 0;
-        best = g > best ? g : best;
-    }
-    ferry_pool_destroy(pool);
+    ferry_status st = measure_host_read(mp, h, n, 1, gbps);
     free(h);
-    *gbps = best;
-    return FERRY_OK;
+    return st;
 }
 
 ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_bytes,
@@ -188,7 +179,7 @@ ferry_status ferry_measure_bandwidths(const ferry_model_params *mp, uint64_t n_b
     ferry_status st = h ? measure(be, n, h, &bw)
                         : ferry_fail(FERRY_ERR_NOMEM, "cannot allocate %zu bytes", n);
     if (st == FERRY_OK)
-        st = measure_host_read(mp, h, n, &bw.host_read_gbps);
+        st = measure_host_read(mp, h, n, 0, &bw.host_read_gbps);
     free(h);
     ferry_backend_destroy(be);
     if (st == FERRY_OK)

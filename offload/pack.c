@@ -184,15 +184,9 @@ ferry_status ferry_pack_write(const char *path, const ferry_pack_shape *shape,
         st = ferry_fail(FERRY_ERR_NOMEM, "%s: no memory for the pack header", path);
         goto fail;
     }
-    ferry_temp_sweep(path);
-    if ((st = ferry_temp_begin(path, &temp)))
+    if ((st = ferry_temp_create(path, &temp, &fd)))
         goto fail;
     tmp = temp.path;
-    fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        st = ferry_fail(FERRY_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
-        goto fail;
-    }
 
     for (int32_t l = 0; l < shape->n_layers; l++) {
         for (int32_t e = 0; e < shape->n_experts; e++) {
